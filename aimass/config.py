@@ -1,0 +1,316 @@
+"""One typed configuration for every AI Mass process.
+
+Values come from, in rising precedence: the defaults below (which run the embedded
+stack), a TOML file (``--config FILE`` or ``AIMASS_CONFIG``), and ``AIMASS_<SECTION>_<KEY>``
+environment variables (e.g. ``AIMASS_KAFKA_BOOTSTRAP=broker:9092``). A bad value fails
+at start with a ``ConfigError`` naming the key and what it accepts.
+
+Secrets (passwords, tokens, HMAC keys) are never read from the file: each secret field
+names the environment variable that holds it, and ``Config.secret()`` reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict:
+    return {"range": (lo, hi)}
+
+
+@dataclass
+class RunConfig:
+    """Where the local stack keeps PIDs, ports, logs and data."""
+
+    dir: str = ".aimass/run"
+    log_level: str = field(default="INFO", metadata=_choices("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class MqttConfig:
+    """MQTT broker connection (the bridge, the simulator, replay)."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=1883, metadata=_range(1, 65535))
+    username: str = ""
+    password_env: str = "AIMASS_MQTT_PASSWORD"  # name of the env var holding the password
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_insecure: bool = False
+    topic_pattern: str = "aimass/{tenant}/{device_id}/telemetry"
+    labels_pattern: str = "aimass/{tenant}/{device_id}/labels"
+    qos: int = field(default=1, metadata=_choices("0", "1"))
+    keepalive_s: int = field(default=30, metadata=_range(5, 3600))
+
+
+@dataclass
+class KafkaConfig:
+    """Kafka (or Kafka-protocol broker) connection and topic layout."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    partitions: int = field(default=6, metadata=_range(1, 1024))
+    replication: int = field(default=1, metadata=_range(1, 16))
+    topic_prefix: str = "aimass"
+    security_protocol: str = field(
+        default="PLAINTEXT", metadata=_choices("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    sasl_mechanism: str = field(default="PLAIN", metadata=_choices("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    sasl_username: str = ""
+    sasl_password_env: str = "AIMASS_KAFKA_PASSWORD"
+    ssl_ca_file: str = ""
+    session_timeout_ms: int = field(default=6000, metadata=_range(1000, 300000))
+
+
+@dataclass
+class BridgeConfig:
+    """MQTT -> Kafka bridge: validation limits and micro-batch flushing."""
+
+    client_id: str = "aimass-bridge"
+    share_group: str = "aimass"  # MQTT v5 shared subscription group ($share/<group>/...)
+    max_payload_bytes: int = field(default=65536, metadata=_range(64, 16 * 1024 * 1024))
+    flush_readings: int = field(default=5000, metadata=_range(1, 1_000_000))
+    flush_ms: int = field(default=50, metadata=_range(1, 60_000))
+    max_future_s: float = field(default=300.0, metadata=_range(0, None))
+    max_past_days: float = field(default=3650.0, metadata=_range(0, None))
+    receive_maximum: int = field(default=10000, metadata=_range(20, 65535))
+    metrics_port: int = field(default=9101, metadata=_range(0, 65535))
+
+
+@dataclass
+class CleanConfig:
+    """The clean stage: dedup horizon, lateness, clock skew."""
+
+    dedup_horizon_s: float = field(default=600.0, metadata=_range(0, None))
+    allowed_lateness_s: float = field(default=30.0, metadata=_range(0, None))
+    max_clock_skew_s: float = field(default=60.0, metadata=_range(0, None))
+    drop_non_finite: bool = True
+
+
+@dataclass
+class WindowConfig:
+    """The window stage: tumbling window sizes and EWMA / z-score history."""
+
+    sizes_s: str = "10,60"  # comma separated window sizes in seconds
+    ewma_alpha: float = field(default=0.3, metadata=_range(0.0, 1.0))
+    zscore_history: int = field(default=30, metadata=_range(2, 100000))
+
+    def sizes(self) -> list[int]:
+        return [int(s) for s in self.sizes_s.split(",") if s.strip()]
+
+
+@dataclass
+class WorkerConfig:
+    """Faust workers (clean + window agents)."""
+
+    app_id: str = "aimass"
+    data_dir: str = ""  # default: <run dir>/worker-<port>
+    web_port: int = field(default=6066, metadata=_range(0, 65535))
+    metrics_port: int = field(default=9102, metadata=_range(0, 65535))
+
+
+@dataclass
+class TritonConfig:
+    """Triton Inference Server: where it is and how the predict stage talks to it."""
+
+    url: str = "127.0.0.1:8001"  # gRPC
+    http_port: int = field(default=8000, metadata=_range(1, 65535))
+    grpc_port: int = field(default=8001, metadata=_range(1, 65535))
+    metrics_port: int = field(default=8002, metadata=_range(1, 65535))
+    model_repository: str = "triton_repo"
+    timeout_s: float = field(default=2.0, metadata=_range(0.01, 600))
+    max_rows_per_request: int = field(default=4096, metadata=_range(1, 1_000_000))
+    max_in_flight: int = field(default=8, metadata=_range(1, 1024))
+    breaker_failures: int = field(default=3, metadata=_range(1, 1000))
+    breaker_reset_s: float = field(default=5.0, metadata=_range(0.1, 3600))
+
+
+@dataclass
+class PredictConfig:
+    """The predict stage."""
+
+    history_windows: int = field(default=8, metadata=_range(2, 1024))
+    window_s: int = field(default=10, metadata=_range(1, 86400))
+    checkpoint_dir: str = ""  # default: <run dir>/predict
+    checkpoint_every_s: float = field(default=5.0, metadata=_range(0.1, 3600))
+    metrics_port: int = field(default=9103, metadata=_range(0, 65535))
+
+
+@dataclass
+class AlertConfig:
+    """Rules, alarms and notification delivery."""
+
+    rules_path: str = "rules/examples"
+    reload_s: float = field(default=2.0, metadata=_range(0.1, 3600))
+    state_dir: str = ""  # default: <run dir>/alerts
+    api_host: str = "127.0.0.1"
+    api_port: int = field(default=8080, metadata=_range(0, 65535))
+    api_token_env: str = "AIMASS_API_TOKEN"
+    webhook_secret_env: str = "AIMASS_WEBHOOK_SECRET"
+    smtp_password_env: str = "AIMASS_SMTP_PASSWORD"
+    max_attempts: int = field(default=8, metadata=_range(1, 100))
+    backoff_initial_s: float = field(default=0.5, metadata=_range(0.01, 3600))
+    backoff_max_s: float = field(default=30.0, metadata=_range(0.01, 86400))
+    metrics_port: int = field(default=9104, metadata=_range(0, 65535))
+
+
+@dataclass
+class ClickHouseConfig:
+    """The store: embedded chDB (default) or a ClickHouse server URL."""
+
+    url: str = ""  # empty: chDB under <run dir>/chdb; else clickhouse://user:password@host:9000/db
+    database: str = "aimass"
+    password_env: str = "AIMASS_CLICKHOUSE_PASSWORD"
+    secure: bool = False
+    ttl_days: int = field(default=30, metadata=_range(1, 36500))
+    flush_rows: int = field(default=50000, metadata=_range(1, 10_000_000))
+    flush_ms: int = field(default=1000, metadata=_range(10, 600_000))
+    metrics_port: int = field(default=9105, metadata=_range(0, 65535))
+
+
+@dataclass
+class Config:
+    """The whole configuration."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    triton: TritonConfig = field(default_factory=TritonConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    alert: AlertConfig = field(default_factory=AlertConfig)
+    clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir).resolve()
+
+    @staticmethod
+    def secret(env_name: str) -> str:
+        """Read a secret from the environment (never from files, never logged)."""
+        return os.environ.get(env_name, "")
+
+
+def _convert(key: str, raw: Any, typ: Any, meta: dict) -> Any:
+    """Convert a raw file/env value to the field's type, naming the key on failure."""
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif str(raw).strip().lower() in ("1", "true", "yes", "on"):
+                value = True
+            elif str(raw).strip().lower() in ("0", "false", "no", "off"):
+                value = False
+            else:
+                raise ValueError
+        elif typ is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = int(str(raw).strip())
+        elif typ is float:
+            value = float(str(raw).strip())
+        else:
+            value = str(raw)
+    except ValueError:
+        accepted = {bool: "true/false", int: "an integer", float: "a number"}.get(typ, "a string")
+        raise ConfigError(f"config key {key}: {raw!r} is not valid; accepted: {accepted}") from None
+    choices = meta.get("choices")
+    if choices and str(value) not in choices:
+        raise ConfigError(f"config key {key}: {raw!r} is not valid; accepted: {', '.join(choices)}")
+    lo, hi = meta.get("range", (None, None))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        raise ConfigError(f"config key {key}: {raw!r} is out of range; accepted: {bounds}")
+    return value
+
+
+def _section_fields(section: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def _apply(cfg: Config, section_name: str, key: str, raw: Any, origin: str) -> None:
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section_name not in sections:
+        raise ConfigError(f"{origin}: unknown config section {section_name!r}; accepted: {', '.join(sorted(sections))}")
+    section = getattr(cfg, section_name)
+    fields = _section_fields(section)
+    if key not in fields:
+        raise ConfigError(
+            f"{origin}: unknown config key {section_name}.{key}; accepted: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(type(section))
+    typ = hints[key]
+    if get_origin(typ) is Literal:
+        typ = type(get_args(typ)[0])
+    setattr(section, key, _convert(f"{section_name}.{key}", raw, typ, dict(fields[key].metadata)))
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, an optional TOML file and the environment."""
+    env = dict(os.environ if env is None else env)
+    cfg = Config()
+    path = path or env.get("AIMASS_CONFIG")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (from --config or AIMASS_CONFIG)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: {exc}") from None
+        for section_name, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {p}: top-level key {section_name!r} must be a [section]")
+            for key, raw in values.items():
+                if "password" in key and not key.endswith("_env") or key in ("token", "secret"):
+                    raise ConfigError(
+                        f"config file {p}: {section_name}.{key}: secrets are read from the environment only; "
+                        f"set the variable named by {section_name}.{key}_env instead"
+                    )
+                _apply(cfg, section_name, key, raw, f"config file {p}")
+    sections = sorted((f.name for f in dataclasses.fields(Config)), key=len, reverse=True)
+    for name, raw in env.items():
+        if not name.startswith("AIMASS_") or name == "AIMASS_CONFIG":
+            continue
+        rest = name[len("AIMASS_"):].lower()
+        for section_name in sections:
+            if rest.startswith(section_name + "_"):
+                key = rest[len(section_name) + 1:]
+                if key in _section_fields(getattr(cfg, section_name)):
+                    _apply(cfg, section_name, key, raw, f"environment {name}")
+                break
+    return cfg
+
+
+def describe(cfg: Config | None = None) -> list[tuple[str, str, str, str]]:
+    """Rows (key, env var, default/current value, doc) for the configuration reference."""
+    cfg = cfg or Config()
+    rows = []
+    for sf in dataclasses.fields(Config):
+        section = getattr(cfg, sf.name)
+        for f in dataclasses.fields(section):
+            meta = dict(f.metadata)
+            accepted = ", ".join(meta["choices"]) if "choices" in meta else ""
+            if "range" in meta:
+                lo, hi = meta["range"]
+                accepted = f"{lo if lo is not None else ''}..{hi if hi is not None else ''}"
+            rows.append((f"{sf.name}.{f.name}", f"AIMASS_{sf.name.upper()}_{f.name.upper()}",
+                         repr(getattr(section, f.name)), accepted))
+    return rows

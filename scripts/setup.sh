@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what AI Mass needs on a fresh Debian/Ubuntu machine: system packages (mosquitto,
+# Debian's clickhouse-server for the native-protocol tests) and a Python venv in .venv.
+# Sourced by scripts/demo and scripts/test; safe to run again (skips what is there).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+[ -x /usr/sbin/clickhouse-server ] || [ -x /usr/bin/clickhouse-server ] || need+=(clickhouse-server)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing system packages: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $($PY --version)"
+  $PY -m venv .venv || { $SUDO apt-get install -y -qq python3-venv >/dev/null && $PY -m venv .venv; }
+fi
+stamp=.venv/.aimass-installed
+want=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
+  echo "==> installing Python packages into .venv (a few minutes the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "$want" > $stamp
+fi
