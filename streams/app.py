@@ -1,0 +1,79 @@
+"""The Faust application: one app per stage process, configured for the local broker or a cluster.
+
+Each stage (``worker`` for clean + window, ``predict``, ...) runs its own Faust app with its
+own consumer group id, so stages scale and restart independently. Topics carry raw bytes:
+each value is one Arrow IPC micro-batch from ``streams.contract``.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+import faust
+
+from aimass.config import Config
+from streams import contract
+
+
+def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
+    """A Faust app for ``stage``: at-least-once, local-broker-safe timeouts (INFRA.md)."""
+    k = cfg.kafka
+    brokers = ";".join(f"kafka://{b}" for b in k.bootstrap.split(","))
+    data_dir = Path(cfg.worker.data_dir or cfg.run_dir / f"faust-{stage}")
+    settings = dict(
+        broker=brokers,
+        value_serializer="raw",
+        key_serializer="raw",
+        processing_guarantee="at_least_once",
+        # Group joins on the local broker wait ~session timeout / 2; defaults cost 30 s per join.
+        broker_session_timeout=max(1.0, k.session_timeout_ms / 1000),
+        broker_heartbeat_interval=1.0,
+        broker_rebalance_timeout=max(1.0, k.session_timeout_ms / 1000),
+        broker_commit_every=10_000,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        producer_max_request_size=16 * 1024 * 1024,
+        consumer_max_fetch_size=16 * 1024 * 1024,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=k.partitions,
+        topic_replication_factor=k.replication,
+        topic_allow_declare=False,  # `aimass up` / create_topics own the topic layout
+        datadir=str(data_dir),
+        store="memory://",
+        web_enabled=web_port is not None and web_port > 0,
+        web_port=web_port or 6066,
+        web_bind="127.0.0.1",
+        logging_config=None,
+    )
+    credentials = _credentials(cfg)
+    if credentials is not None:
+        settings["broker_credentials"] = credentials
+    return faust.App(f"{k.topic_prefix}-{stage}", **settings)
+
+
+def _credentials(cfg: Config):
+    """SASL/TLS credentials for a real cluster, from config and environment secrets."""
+    k = cfg.kafka
+    if k.security_protocol == "PLAINTEXT":
+        return None
+    context = ssl.create_default_context(cafile=k.ssl_ca_file or None) if "SSL" in k.security_protocol else None
+    if k.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=k.sasl_username, password=cfg.secret(k.sasl_password_env),
+                                     ssl_context=context, mechanism=k.sasl_mechanism)
+    return faust.SSLCredentials(context)
+
+
+def raw_topic(app: faust.App, cfg: Config, topic: contract.Topic) -> faust.TopicT:
+    """The Faust topic of a contract topic (raw bytes keys and values)."""
+    return app.topic(topic.name(cfg.kafka.topic_prefix), key_type=bytes, value_type=bytes,
+                     key_serializer="raw", value_serializer="raw",
+                     partitions=contract.topic_partitions(topic, cfg.kafka.partitions))
+
+
+def run_worker(app: faust.App, cfg: Config) -> int:
+    """Run the app's agents until SIGTERM / SIGINT; returns the exit code."""
+    logging.getLogger("faust").setLevel(max(logging.INFO, logging.getLevelName(cfg.run.log_level)))
+    worker = faust.Worker(app, loglevel=cfg.run.log_level.lower(), quiet=True, override_logging=False)
+    worker.execute_from_commandline()  # exits the process via sys.exit when stopped
+    return 0

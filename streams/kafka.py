@@ -1,0 +1,41 @@
+"""Kafka client settings shared by every confluent-kafka producer and consumer of AI Mass."""
+from __future__ import annotations
+
+from aimass.config import Config
+from aimass.stack import kafka_client_config
+
+
+def producer_config(cfg: Config, **overrides) -> dict:
+    """Durable producer: acks=all, idempotent, short linger so micro-batches leave quickly."""
+    conf = kafka_client_config(cfg)
+    conf.update({
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "compression.type": "none",  # Arrow batches are already compact; CPU is the bottleneck
+        "message.max.bytes": 16 * 1024 * 1024,
+        "queue.buffering.max.kbytes": 1024 * 1024,
+        "delivery.timeout.ms": 120000,
+        # Keys Faust must co-partition are hashed like Faust/aiokafka (INFRA.md).
+        "partitioner": "murmur2_random",
+    })
+    conf.update(overrides)
+    return conf
+
+
+def consumer_config(cfg: Config, group_id: str, **overrides) -> dict:
+    """At-least-once consumer: commits are explicit, after the work they cover is durable."""
+    conf = kafka_client_config(cfg)
+    conf.update({
+        "group.id": group_id,
+        # The local broker's end offsets are wrong (INFRA.md): never start from "latest".
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "session.timeout.ms": cfg.kafka.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, cfg.kafka.session_timeout_ms // 6),
+        "fetch.max.bytes": 64 * 1024 * 1024,
+        "max.partition.fetch.bytes": 16 * 1024 * 1024,
+    })
+    conf.update(overrides)
+    return conf
