@@ -15,6 +15,7 @@ import pwd
 import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -41,8 +42,7 @@ def start_mosquitto(run_dir: Path, port: int, password_file: str = "", acl_file:
     """Start Mosquitto on 127.0.0.1:port with persistence and no queue-limit drops."""
     binary = mosquitto_binary()
     _check_free("mosquitto", port)
-    d = run_dir / f"mosquitto-{port}"
-    d.mkdir(parents=True, exist_ok=True)
+    d = _mosquitto_dir(run_dir / f"mosquitto-{port}")
     lines = [
         f"listener {port} 127.0.0.1",
         f"allow_anonymous {'false' if password_file else 'true'}",
@@ -78,6 +78,18 @@ def start_mosquitto(run_dir: Path, port: int, password_file: str = "", acl_file:
     proc = spawn("mosquitto", [binary, "-c", str(conf)], log)
     wait_until(lambda: port_in_use(port), 10, "mosquitto", proc, log)
     return Server("mosquitto", proc.pid, {"mqtt": port}, str(log), proc.args)
+
+
+def _mosquitto_dir(wanted: Path) -> Path:
+    """Mosquitto's data dir; when root, one that user `mosquitto` can reach (not under a 0700 dir)."""
+    wanted.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or all(os.stat(p).st_mode & 0o001 for p in wanted.parents):
+        return wanted
+    reachable = Path(tempfile.mkdtemp(prefix=f"aimass-{wanted.name}-"))
+    reachable.chmod(0o755)
+    (wanted / "data").unlink(missing_ok=True)
+    (wanted / "data").symlink_to(reachable)
+    return reachable
 
 
 # --- Kafka-protocol broker ------------------------------------------------------------
