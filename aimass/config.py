@@ -89,6 +89,8 @@ class BridgeConfig:
     max_past_days: float = field(default=3650.0, metadata=_range(0, None))
     receive_maximum: int = field(default=10000, metadata=_range(20, 65535))
     metrics_port: int = field(default=9101, metadata=_range(0, 65535))
+    # The broker keeps the bridge's subscription and queues its messages this long while it is down.
+    session_expiry_s: int = field(default=86400, metadata=_range(0, 4294967295))
 
 
 @dataclass
@@ -177,9 +179,16 @@ class ClickHouseConfig:
     password_env: str = "AIMASS_CLICKHOUSE_PASSWORD"
     secure: bool = False
     ttl_days: int = field(default=30, metadata=_range(1, 36500))
+    ttl_overrides: str = ""  # per-table TTL in days, e.g. "readings=7,readings_1h=365"
     flush_rows: int = field(default=50000, metadata=_range(1, 10_000_000))
     flush_ms: int = field(default=1000, metadata=_range(10, 600_000))
     metrics_port: int = field(default=9105, metadata=_range(0, 65535))
+    group_id: str = "aimass-sink"  # Kafka consumer group of the sink
+    retry_initial_s: float = field(default=0.5, metadata=_range(0.01, 3600))
+    retry_max_s: float = field(default=30.0, metadata=_range(0.01, 86400))
+    connect_timeout_s: float = field(default=5.0, metadata=_range(0.1, 600))
+    query_port: int = field(default=9125, metadata=_range(0, 65535))  # sink's read-only SQL endpoint (chDB mode)
+    query_token_env: str = "AIMASS_QUERY_TOKEN"  # optional bearer token for that endpoint
 
 
 @dataclass

@@ -1,0 +1,367 @@
+"""The MQTT -> Kafka bridge (`aimass bridge`).
+
+Subscribes (MQTT v5 shared subscription ``$share/<group>/...``, persistent session, manual
+acks) to device telemetry and labels, validates every message (``streams.payloads``), and
+turns the accepted readings into columnar micro-batches: one Kafka record per (partition,
+flush), the partition chosen explicitly with ``contract.partition_for`` so every reading of a
+device lands in one partition, in arrival order. A flush happens at ``bridge.flush_readings``
+readings or ``bridge.flush_ms`` after its first message.
+
+Nothing is lost: a QoS 1 message is acknowledged to the broker only after Kafka (acks=all,
+idempotent producer) confirmed every record of its flush; a bridge killed before that gets
+the message again from its persistent session (bounded duplicates, removed downstream by
+reading identity). Rejected messages go to the dead-letter topic with the original payload,
+the MQTT topic and a machine-readable reason. One thread drives both clients.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
+import pyarrow as pa
+from confluent_kafka import KafkaError, KafkaException, Producer
+from paho.mqtt.enums import MQTTErrorCode
+from prometheus_client import Counter, Histogram, start_http_server
+
+from aimass.config import Config
+from aimass.procs import StackError
+from streams import contract
+from streams.kafka import producer_config
+from streams.mqtt import connect, make_client
+from streams.payloads import Limits, Rejected, TopicPattern, parse_label, parse_telemetry
+
+log = logging.getLogger(__name__)
+
+MESSAGES = Counter("aimass_bridge_messages", "MQTT messages received by the bridge")
+READINGS_PRODUCED = Counter("aimass_bridge_readings_produced", "readings confirmed by Kafka")
+REJECTED = Counter("aimass_bridge_rejected", "messages sent to the dead-letter topic", ["reason"])
+BATCH_READINGS = Histogram("aimass_bridge_batch_readings", "readings per Kafka record",
+                           buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 50000))
+PUBLISH_TO_KAFKA = Histogram("aimass_bridge_publish_to_kafka_seconds",
+                             "bridge receive -> Kafka confirmation, oldest message of each flush",
+                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+TOPIC_CACHE_MAX = 200_000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ReadingColumns:
+    """Column lists of the READINGS schema for one partition of one flush."""
+
+    __slots__ = ("tenant", "device_id", "metric", "ts_ms", "value", "unit", "received_ms")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, [])
+
+    def add(self, tenant: str, device_id: str, readings: list, received_ms: int) -> None:
+        for metric, ts_ms, value, unit in readings:
+            self.tenant.append(tenant)
+            self.device_id.append(device_id)
+            self.metric.append(metric)
+            self.ts_ms.append(ts_ms)
+            self.value.append(value)
+            self.unit.append(unit)
+            self.received_ms.append(received_ms)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict({name: getattr(self, name) for name in self.__slots__}, schema=contract.READINGS)
+
+
+@dataclass
+class Batch:
+    """Everything received since the last flush, grouped by Kafka partition, and the MQTT ids to ack."""
+
+    readings: dict[int, ReadingColumns] = field(default_factory=dict)
+    labels: list[dict] = field(default_factory=list)
+    rejects: dict[int, list[dict]] = field(default_factory=dict)
+    mids: list[int] = field(default_factory=list)
+    n_messages: int = 0
+    n_readings: int = 0
+    first_ms: int = 0
+
+
+@dataclass
+class Flush:
+    """A batch handed to Kafka: acked to MQTT once ``outstanding`` records are all confirmed."""
+
+    mids: list[int]
+    outstanding: int
+    n_readings: int
+    first_ms: int
+    rejected: dict[str, int]
+
+
+@dataclass
+class Stats:
+    messages: int = 0
+    readings: int = 0
+    rejected: int = 0
+    flushes: int = 0
+
+
+def reject_row(reason: str, detail: str, mqtt_topic: str, payload: bytes, tenant: str | None,
+               device_id: str | None, received_ms: int) -> dict:
+    """One dead-letter row (REJECTS schema) for a whole MQTT message."""
+    return {"stage": "bridge", "reason": reason, "detail": detail, "mqtt_topic": mqtt_topic, "payload": payload,
+            "tenant": tenant, "device_id": device_id, "metric": None, "ts_ms": None, "value": None, "unit": None,
+            "received_ms": received_ms, "rejected_ms": received_ms}
+
+
+class Bridge:
+    """One bridge process: an MQTT session feeding a Kafka producer through micro-batches."""
+
+    def __init__(self, cfg: Config, client_id: str | None = None):
+        self.cfg = cfg
+        self.client_id = client_id or cfg.bridge.client_id
+        self.limits = Limits.from_config(cfg.bridge)
+        self.telemetry = TopicPattern(cfg.mqtt.topic_pattern)
+        self.labels = TopicPattern(cfg.mqtt.labels_pattern) if cfg.mqtt.labels_pattern else None
+        prefix = cfg.kafka.topic_prefix
+        self.raw_topic = contract.RAW.name(prefix)
+        self.dead_topic = contract.DEAD_LETTER.name(prefix)
+        self.label_topic = contract.LABEL_ROWS.name(prefix)
+        self.partitions = cfg.kafka.partitions
+        self.routes: dict[str, tuple[bool, str, str, int]] = {}  # topic -> (is_label, tenant, device, partition)
+        self.batch = Batch()
+        self.in_kafka: deque[Flush] = deque()
+        self.retry: list[tuple[str, int, bytes, Flush]] = []
+        self.stats = Stats()
+        self.stopping = False
+        self.producer = self._new_producer()
+        self.client = make_client(cfg, self.client_id, manual_ack=True)
+        self.client.on_message = self._on_message
+
+    # --- receive ----------------------------------------------------------------------
+
+    def _route(self, topic: str) -> tuple[bool, str, str, int]:
+        """(is_label, tenant, device_id, partition) of an MQTT topic, or ``Rejected``."""
+        route = self.routes.get(topic)
+        if route is None:
+            try:
+                tenant, device_id = self.telemetry.parse(topic)
+                is_label = False
+            except Rejected:
+                if self.labels is None:
+                    raise
+                tenant, device_id = self.labels.parse(topic)
+                is_label = True
+            if len(self.routes) >= TOPIC_CACHE_MAX:
+                self.routes.clear()
+            route = self.routes[topic] = (is_label, tenant, device_id,
+                                          contract.partition_for(tenant, device_id, self.partitions))
+        return route
+
+    def _on_message(self, _client, _userdata, msg: paho.MQTTMessage) -> None:
+        try:
+            self._receive(msg)
+        except Exception as exc:  # noqa: BLE001 - no message may stop the bridge
+            log.exception("unexpected error on a message from %r", msg._topic[:200])
+            self.batch.rejects.setdefault(0, []).append(reject_row(
+                "internal_error", repr(exc)[:500], msg._topic.decode(errors="replace"), msg.payload, None, None,
+                now_ms()))
+
+    def _receive(self, msg: paho.MQTTMessage) -> None:
+        received = now_ms()
+        batch = self.batch
+        if not batch.n_messages:
+            batch.first_ms = received
+        batch.n_messages += 1
+        if msg.qos:
+            batch.mids.append(msg.mid)
+        topic = msg.topic
+        payload = msg.payload
+        tenant = device_id = None
+        try:
+            is_label, tenant, device_id, partition = self._route(topic)
+            if is_label:
+                label = parse_label(payload, received, self.limits)
+                batch.labels.append({"tenant": tenant, "device_id": device_id, "metric": label.metric,
+                                     "start_ms": label.start_ms, "end_ms": label.end_ms, "kind": label.kind,
+                                     "magnitude": label.magnitude, "source": "mqtt"})
+                return
+            readings = parse_telemetry(payload, received, self.limits)
+        except Rejected as r:
+            part = contract.partition_for(tenant, device_id, self.partitions) if device_id else 0
+            batch.rejects.setdefault(part, []).append(
+                reject_row(r.reason, r.detail, topic, payload, tenant, device_id, received))
+            return
+        cols = batch.readings.get(partition)
+        if cols is None:
+            cols = batch.readings[partition] = ReadingColumns()
+        cols.add(tenant, device_id, readings, received)
+        batch.n_readings += len(readings)
+
+    # --- flush to Kafka ---------------------------------------------------------------
+
+    def _due(self, now: int) -> bool:
+        b = self.batch
+        return b.n_messages > 0 and (b.n_readings >= self.cfg.bridge.flush_readings
+                                     or now - b.first_ms >= self.cfg.bridge.flush_ms)
+
+    def flush(self) -> None:
+        """Hand the current batch to Kafka: one record per (topic, partition)."""
+        b, self.batch = self.batch, Batch()
+        if not b.n_messages:
+            return
+        records = [(self.raw_topic, p, contract.encode(cols.table(), contract.READINGS))
+                   for p, cols in b.readings.items()]
+        records += [(self.dead_topic, p, contract.encode(pa.Table.from_pylist(rows, contract.REJECTS),
+                                                          contract.REJECTS)) for p, rows in b.rejects.items()]
+        if b.labels:
+            records.append((self.label_topic, 0, contract.encode(pa.Table.from_pylist(b.labels, contract.LABELS),
+                                                                 contract.LABELS)))
+        rejected: dict[str, int] = {}
+        for rows in b.rejects.values():
+            for row in rows:
+                rejected[row["reason"]] = rejected.get(row["reason"], 0) + 1
+        flush = Flush(b.mids, len(records), b.n_readings, b.first_ms, rejected)
+        self.in_kafka.append(flush)
+        for topic, partition, value in records:
+            self._produce(topic, partition, value, flush)
+        for cols in b.readings.values():
+            BATCH_READINGS.observe(len(cols.ts_ms))
+        self.stats.messages += b.n_messages
+        MESSAGES.inc(b.n_messages)
+
+    def _produce(self, topic: str, partition: int, value: bytes, flush: Flush) -> None:
+        def delivered(err: KafkaError | None, _msg) -> None:
+            if err is None:
+                flush.outstanding -= 1
+            else:
+                log.warning("Kafka did not confirm a record for %s[%d] (%s); producing it again", topic, partition, err)
+                self.retry.append((topic, partition, value, flush))
+
+        while True:
+            try:
+                self.producer.produce(topic, value, partition=partition, on_delivery=delivered)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+            except KafkaException as exc:  # fatal producer state (e.g. the broker lost our producer id)
+                log.warning("Kafka producer failed (%s); starting a new one", exc)
+                self.producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        def on_error(err: KafkaError) -> None:
+            log.warning("Kafka: %s", err)
+
+        return Producer(producer_config(self.cfg, error_cb=on_error))
+
+    def _ack_confirmed(self) -> None:
+        """Ack, in order, the MQTT messages of every flush Kafka has fully confirmed."""
+        while self.in_kafka and self.in_kafka[0].outstanding == 0:
+            flush = self.in_kafka.popleft()
+            for mid in flush.mids:
+                self.client.ack(mid, 1)
+            self.stats.readings += flush.n_readings
+            self.stats.flushes += 1
+            READINGS_PRODUCED.inc(flush.n_readings)
+            PUBLISH_TO_KAFKA.observe((now_ms() - flush.first_ms) / 1000)
+            for reason, n in flush.rejected.items():
+                REJECTED.labels(reason).inc(n)
+                self.stats.rejected += n
+
+    def _service_kafka(self) -> None:
+        self.producer.poll(0)
+        if self.retry:
+            retry, self.retry = self.retry, []
+            time.sleep(0.2)  # the broker is struggling: do not spin
+            for topic, partition, value, flush in retry:
+                self._produce(topic, partition, value, flush)
+        self._ack_confirmed()
+
+    # --- MQTT session -----------------------------------------------------------------
+
+    def _subscriptions(self) -> list[str]:
+        group = self.cfg.bridge.share_group
+        patterns = [self.telemetry] + ([self.labels] if self.labels else [])
+        return [f"$share/{group}/{p.subscription()}" if group else p.subscription() for p in patterns]
+
+    def connect_mqtt(self) -> None:
+        """Connect resuming the persistent session (queued and unacked messages come back) and subscribe."""
+        b = self.cfg.bridge
+        connect(self.client, self.cfg, clean_start=False, session_expiry_s=b.session_expiry_s,
+                receive_maximum=b.receive_maximum)
+        for sub in self._subscriptions():
+            self.client.subscribe(sub, qos=self.cfg.mqtt.qos)
+        log.info("bridge %s subscribed to %s -> Kafka %s", self.client_id, ", ".join(self._subscriptions()),
+                 self.cfg.kafka.bootstrap)
+
+    def _reconnect_mqtt(self) -> None:
+        """After a lost connection the broker redelivers every unacked message: forget the old ids."""
+        self.batch.mids.clear()
+        for flush in self.in_kafka:
+            flush.mids.clear()
+        delay = 0.2
+        while not self.stopping:
+            try:
+                self.connect_mqtt()
+                log.info("reconnected to the MQTT broker")
+                return
+            except StackError as exc:
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # --- main loop --------------------------------------------------------------------
+
+    def run(self, max_seconds: float = 0.0) -> Stats:
+        """Bridge until ``stop()`` (SIGTERM/SIGINT) or ``max_seconds``; then flush, ack and disconnect."""
+        self.connect_mqtt()
+        flush_s = self.cfg.bridge.flush_ms / 1000
+        deadline = time.monotonic() + max_seconds if max_seconds else float("inf")
+        while not self.stopping and time.monotonic() < deadline:
+            busy = self.batch.n_messages or self.in_kafka
+            rc = self.client.loop(timeout=0.001 if busy else flush_s)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                log.warning("MQTT connection lost (%s)", rc)
+                self._reconnect_mqtt()
+            if self._due(now_ms()):
+                self.flush()
+            self._service_kafka()
+        self.close()
+        return self.stats
+
+    def stop(self, *_args) -> None:
+        self.stopping = True
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Flush what was received, wait for Kafka, ack, and leave the session for the next start."""
+        self.flush()
+        deadline = time.monotonic() + timeout_s
+        while self.in_kafka and time.monotonic() < deadline:
+            self.producer.flush(0.1)
+            self._service_kafka()
+        self.client.loop(timeout=0.01)
+        self.client.disconnect()
+        log.info("bridge %s stopped: %d messages, %d readings to Kafka, %d rejected, %d unconfirmed flushes",
+                 self.client_id, self.stats.messages, self.stats.readings, self.stats.rejected, len(self.in_kafka))
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[1]
+    p.add_argument("--client-id", help="MQTT client id of this bridge process (default: bridge.client_id); "
+                                       "each process sharing the load needs its own, stable across restarts")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this many seconds (default: run until "
+                                                                   "SIGTERM/SIGINT)")
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if cfg.bridge.metrics_port:
+        start_http_server(cfg.bridge.metrics_port, addr="127.0.0.1")
+    bridge = Bridge(cfg, args.client_id)
+    signal.signal(signal.SIGTERM, bridge.stop)
+    signal.signal(signal.SIGINT, bridge.stop)
+    bridge.run(args.max_seconds)
+    return 0

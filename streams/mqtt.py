@@ -1,0 +1,131 @@
+"""The one place MQTT clients are built: MQTT v5, username/password from the environment, TLS.
+
+The bridge, the simulator and replay all connect through ``make_client`` + ``connect``.
+``Publisher`` is the windowed QoS 0/1 publisher the simulator and replay share.
+All clients here are driven from the calling thread (no paho background thread).
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from aimass.config import Config
+from aimass.procs import StackError
+
+log = logging.getLogger(__name__)
+
+
+def make_client(cfg: Config, client_id: str, manual_ack: bool = False) -> paho.Client:
+    """A paho MQTT v5 client with this config's credentials and TLS options (not yet connected)."""
+    m = cfg.mqtt
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
+                         manual_ack=manual_ack, reconnect_on_failure=False)
+    if m.username:
+        client.username_pw_set(m.username, Config.secret(m.password_env) or None)
+    if m.tls:
+        client.tls_set(ca_certs=m.tls_ca_file or None, certfile=m.tls_cert_file or None,
+                       keyfile=m.tls_key_file or None, cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(m.tls_insecure)
+    return client
+
+
+def connect(client: paho.Client, cfg: Config, clean_start: bool = True, session_expiry_s: int = 0,
+            receive_maximum: int | None = None, timeout_s: float = 10.0) -> None:
+    """Connect and wait for the CONNACK; ``StackError`` saying what to check when refused or unreachable."""
+    props = Properties(PacketTypes.CONNECT)
+    if session_expiry_s:
+        props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum:
+        props.ReceiveMaximum = receive_maximum
+    result: dict = {}
+
+    def on_connect(_c, _u, _flags, reason_code, _props):
+        result["rc"] = reason_code
+
+    client.on_connect = on_connect
+    where = f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+    try:
+        client.connect(cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.keepalive_s, clean_start=clean_start,
+                       properties=props)
+    except (OSError, ssl.SSLError) as exc:
+        raise StackError(f"cannot reach the MQTT broker at {where}: {exc}; is it running (`aimass up`)?") from None
+    deadline = time.monotonic() + timeout_s
+    while "rc" not in result:
+        if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
+            raise StackError(f"no CONNACK from the MQTT broker at {where} within {timeout_s:.0f}s")
+    if result["rc"].is_failure:
+        raise StackError(f"the MQTT broker at {where} refused the connection: {result['rc']}; "
+                         f"check mqtt.username and the password in ${cfg.mqtt.password_env}")
+
+
+class Publisher:
+    """Publishes with at most ``window`` unacknowledged QoS 1 messages (paho refuses > 65,535)."""
+
+    def __init__(self, cfg: Config, client_id: str, qos: int | None = None, window: int = 10000):
+        self.cfg = cfg
+        self.qos = cfg.mqtt.qos if qos is None else qos
+        self.window = window
+        self.client = make_client(cfg, client_id)
+        self.client.max_inflight_messages_set(window)
+        self.client.max_queued_messages_set(0)
+        self.published = 0
+        self.acked = 0
+        self.client.on_publish = self._on_publish
+        connect(self.client, cfg)
+
+    def _on_publish(self, _c, _u, _mid, _rc, _props) -> None:
+        self.acked += 1  # QoS 1: PUBACK received; QoS 0: written to the socket
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Queue one message, waiting while the window is full; reconnects if the broker went away."""
+        if self.qos:
+            while self.published - self.acked >= self.window:
+                self.service(0.01)
+        info = self.client.publish(topic, payload, qos=self.qos)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            self._reconnect()
+        self.published += 1
+        if self.published % 256 == 0:
+            self.service(0)
+
+    def service(self, timeout_s: float) -> None:
+        """Read acknowledgements and keep the connection alive."""
+        if self.client.loop(timeout=timeout_s) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                self.client.reconnect()
+                return
+            except OSError as exc:
+                log.warning("MQTT broker unreachable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def drain(self, timeout_s: float = 60.0, progress: Callable[[], None] | None = None) -> bool:
+        """Wait until every QoS 1 message is acknowledged. True if all were."""
+        deadline = time.monotonic() + timeout_s
+        while self.acked < self.published and time.monotonic() < deadline:
+            self.service(0.05)
+            if progress:
+                progress()
+        return self.acked >= self.published
+
+    def close(self) -> None:
+        self.drain()
+        self.client.disconnect()
+
+    def __enter__(self) -> "Publisher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
