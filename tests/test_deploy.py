@@ -171,7 +171,7 @@ def test_k8s_manifest_is_valid_strict(file: str, doc: dict) -> None:
 
 
 def test_k8s_schema_check_rejects_a_broken_manifest() -> None:
-    broken = copy.deepcopy(kinds("Deployment")["bridge"])
+    broken = copy.deepcopy(kinds("Deployment")["worker"])
     broken["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
@@ -219,8 +219,9 @@ def test_k8s_triton_gets_a_gpu_and_the_model_volume() -> None:
 
 def test_k8s_scale_out_shape() -> None:
     deployments = kinds("Deployment")
-    assert deployments["bridge"]["spec"]["replicas"] >= 2
-    bridge_env = {e["name"]: e for e in deployments["bridge"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    bridge = kinds("StatefulSet")["bridge"]  # stable pod names = stable MQTT client ids = resumable sessions
+    assert bridge["spec"]["replicas"] >= 2
+    bridge_env = {e["name"]: e for e in bridge["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert bridge_env["AIMASS_BRIDGE_CLIENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     hpa = kinds("HorizontalPodAutoscaler")["worker"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "worker"
