@@ -75,7 +75,8 @@ class Supervisor:
             stage = Stage(name, list(argv), dict(env or {}), self.log_dir / f"{name}.log")
             self.stages[name] = stage
             self._launch(stage)
-            if self.auto_restart and self._monitor is None:
+            if self.auto_restart and (self._monitor is None or not self._monitor.is_alive()):
+                self._stopping.clear()  # a start after stop_all() supervises again
                 self._monitor = threading.Thread(target=self._watch, name="supervisor", daemon=True)
                 self._monitor.start()
             return stage.proc.pid

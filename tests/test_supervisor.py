@@ -100,9 +100,12 @@ def test_auto_restart_after_crash_but_not_after_clean_exit(tmp_path: Path) -> No
         time.sleep(0.5)
         assert sup.stages["help"].proc.returncode == 0 and sup.restarts("help") == 0
         assert "commands:" in sup.stages["help"].log.read_text()
+        assert sup.stop_all(timeout=2)["worker"] == -signal.SIGTERM
+        sup.start("worker", SLEEPER)  # supervised again after stop_all()
+        sup.kill("worker")
+        wait_until(lambda: sup.restarts("worker") == 1 and sup.alive("worker"), 15, "restart after stop_all")
     finally:
-        codes = sup.stop_all(timeout=2)
-    assert codes["worker"] == -signal.SIGTERM
+        sup.stop_all(timeout=2)
 
 
 def test_crash_loop_backs_off(tmp_path: Path) -> None:
