@@ -150,6 +150,7 @@ class PredictConfig:
     checkpoint_dir: str = ""  # default: <run dir>/predict
     checkpoint_every_s: float = field(default=5.0, metadata=_range(0.1, 3600))
     metrics_port: int = field(default=9103, metadata=_range(0, 65535))
+    band_k: float = field(default=3.0, metadata=_range(0.0, 100.0))  # band = forecast +- band_k * residual rms
 
 
 @dataclass
