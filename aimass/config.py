@@ -169,6 +169,10 @@ class AlertConfig:
     backoff_initial_s: float = field(default=0.5, metadata=_range(0.01, 3600))
     backoff_max_s: float = field(default=30.0, metadata=_range(0.01, 86400))
     metrics_port: int = field(default=9104, metadata=_range(0, 65535))
+    outcome_horizon_s: float = field(default=600.0, metadata=_range(1, None))  # how long a prediction waits for its window
+    label_grace_s: float = field(default=60.0, metadata=_range(0, None))  # detections may trail a label's end by this
+    anomaly_threshold: float = field(default=0.8, metadata=_range(0.0, 1.0))  # model detection = score crossing this
+    quality_every_s: float = field(default=10.0, metadata=_range(0.1, 86400))  # how often quality rows are emitted
 
 
 @dataclass

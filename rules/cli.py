@@ -1,0 +1,91 @@
+"""`aimass rules check FILE...` (validate rule files) and `aimass alerts [list|ack ID]` (the alarm API)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+
+from aimass.config import Config
+from aimass.procs import StackError
+from rules.model import RulesInvalid, load_rules
+
+
+def configure_rules(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = sub.add_parser("check", help="validate rule/receiver files; errors as FILE:LINE:COL: message")
+    check.add_argument("files", nargs="+", metavar="FILE", help="rule files or directories of *.yaml")
+
+
+def run_rules(args: argparse.Namespace, cfg: Config) -> int:
+    """Exit 0 when every file is valid, 1 otherwise (each error printed with its location)."""
+    try:
+        ruleset = load_rules(args.files)
+    except RulesInvalid as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print(f"{len(exc.errors)} error(s); the files were not accepted", file=sys.stderr)
+        return 1
+    print(f"OK: {len(ruleset.rules)} rules, {len(ruleset.receivers)} receivers in {len(ruleset.files)} file(s)")
+    return 0
+
+
+def configure_alerts(p: argparse.ArgumentParser) -> None:
+    p.description = ("List and acknowledge alarms through the alerter's API (alert.api_host:alert.api_port), "
+                     "authenticated with the token in the env var named by alert.api_token_env.")
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    lst = sub.add_parser("list", help="active and cleared-unacknowledged alarms (default action)")
+    lst.add_argument("--all", action="store_true", help="include cleared and acknowledged alarms")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ack = sub.add_parser("ack", help="acknowledge an alarm")
+    ack.add_argument("id", help="alarm id (first column of `aimass alerts list`)")
+    ack.add_argument("--by", default="cli", help="who acknowledges (recorded on the alarm)")
+    p.add_argument("--url", help="API base URL (default: http://<alert.api_host>:<alert.api_port>)")
+
+
+def _request(cfg: Config, base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    token = Config.secret(cfg.alert.api_token_env)
+    if not token:
+        raise StackError(f"set {cfg.alert.api_token_env} to the alerter's API token")
+    req = urllib.request.Request(base.rstrip("/") + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except urllib.error.URLError as exc:
+        raise StackError(f"cannot reach the alarm API at {base}: {exc.reason}; is `aimass alerter` running?") from None
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def run_alerts(args: argparse.Namespace, cfg: Config) -> int:
+    base = args.url or f"http://{cfg.alert.api_host}:{cfg.alert.api_port}"
+    if args.action == "ack":
+        status, doc = _request(cfg, base, "POST", f"/alarms/{args.id}/ack", {"by": args.by})
+        if status != 200:
+            print(f"aimass alerts ack: {doc.get('error', status)}", file=sys.stderr)
+            return 1
+        print(f"{doc['alarm_id']} {doc['state']} (acknowledged by {doc['acked_by']})")
+        return 0
+    status, doc = _request(cfg, base, "GET", "/alarms?all=1" if getattr(args, "all", False) else "/alarms")
+    if status != 200:
+        print(f"aimass alerts: {doc.get('error', status)}", file=sys.stderr)
+        return 1
+    alarms = doc["alarms"]
+    if getattr(args, "json", False):
+        print(json.dumps(alarms, indent=2))
+        return 0
+    print(f"{'ID':16}  {'STATE':13}  {'SEVERITY':8}  {'RULE':24}  {'SERIES':40}  {'SINCE (UTC)':19}  MESSAGE")
+    for a in alarms:
+        series = f"{a['tenant']}/{a['device_id']}/{a['metric']}" + (f"@{a['window_s']}s" if a["window_s"] else "")
+        print(f"{a['alarm_id']:16}  {a['state']:13}  {a['severity']:8}  {a['rule'][:24]:24}  {series[:40]:40}  "
+              f"{_when(a['first_ms']):19}  {a['message']}")
+    print(f"{len(alarms)} alarm(s)")
+    return 0
