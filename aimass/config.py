@@ -105,14 +105,31 @@ class CleanConfig:
 
 @dataclass
 class WindowConfig:
-    """The window stage: tumbling window sizes and EWMA / z-score history."""
+    """The window stage: tumbling and sliding window sizes and EWMA / z-score history."""
 
-    sizes_s: str = "10,60"  # comma separated window sizes in seconds
+    sizes_s: str = "10,60"  # comma separated tumbling window sizes in seconds
+    sliding_s: str = "30/10"  # comma separated sliding windows SIZE/HOP in seconds ("" = none)
     ewma_alpha: float = field(default=0.3, metadata=_range(0.0, 1.0))
-    zscore_history: int = field(default=30, metadata=_range(2, 100000))
+    zscore_history: int = field(default=30, metadata=_range(2, 100000))  # in hops of the window
 
     def sizes(self) -> list[int]:
         return [int(s) for s in self.sizes_s.split(",") if s.strip()]
+
+    def specs(self) -> list[tuple[int, int]]:
+        """(size_s, hop_s) of every window: tumbling ones have hop == size."""
+        try:
+            specs = [(s, s) for s in self.sizes()]
+            for item in filter(str.strip, self.sliding_s.split(",")):
+                size, hop = item.split("/")
+                specs.append((int(size), int(hop)))
+        except ValueError:
+            raise ConfigError(f"config key window.sizes_s / window.sliding_s: {self.sizes_s!r} / "
+                              f"{self.sliding_s!r} is not valid; accepted: '10,60' and '30/10,...'") from None
+        sizes = [size for size, _ in specs]
+        if not specs or len(set(sizes)) != len(sizes) or any(h <= 0 or s % h for s, h in specs):
+            raise ConfigError("config keys window.sizes_s / window.sliding_s: every window size must be "
+                              "positive, appear once (it is part of the window key) and be a multiple of its hop")
+        return specs
 
 
 @dataclass

@@ -1,0 +1,375 @@
+"""Numba kernels of the clean and window stages: arrays in, arrays out, no Python objects, no I/O.
+
+A series is (tenant, device_id, metric); ``SeriesIndex`` maps series to dense int64 indices
+(new devices may appear at any time), so every kernel works on flat arrays indexed by series.
+
+Event time: a watermark ``max_ts - lateness`` per partition, advanced reading by reading in
+arrival order, so every decision is a deterministic function of the ordered input (the
+restart mechanism in ``agents.window`` relies on this). A reading is late when its ts is below
+the watermark seen before it.
+
+Windows: each window spec is (size, hop) with size a multiple of hop (tumbling: hop == size).
+Per series and spec a ring of panes (hop-sized sub-windows) holds shifted sums, min, max,
+first/last and bookkeeping; a window ending at pane ``p`` merges panes ``p-k+1 .. p`` and is
+emitted once the watermark passes its end. EWMA and z-score use the series' window means of the
+previous ``history`` hops (time-bounded, so a replay of that span rebuilds them exactly).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from numba import njit, types
+from numba.typed import Dict
+
+NO_TS = -(2 ** 62)  # "no reading seen yet" (far below any real ms timestamp, no overflow on minus)
+
+# Integer fields of a pane (last axis of ``pane_i``).
+P_ID, P_CNT, P_FIRST_TS, P_LAST_TS, P_MAX_RECV, P_FIRST_OFF = range(6)
+PANE_INT_FIELDS = 6
+# Float fields of a pane (last axis of ``pane_f``); sums are shifted by the pane's first value.
+P_REF, P_S1, P_S2, P_MIN, P_MAX, P_FIRST_V, P_LAST_V = range(7)
+PANE_FLOAT_FIELDS = 7
+
+# Columns of emitted windows: out_i[:, O_*] int64, out_f[:, F_*] float64.
+O_SERIES, O_START, O_END, O_COUNT, O_MAX_RECV, O_FIRST_OFF = range(6)
+OUT_INT_COLS = 6
+F_MEAN, F_MIN, F_MAX, F_STD, F_FIRST, F_LAST, F_RATE, F_EWMA, F_ZSCORE = range(9)
+OUT_FLOAT_COLS = 9
+
+# Clean verdicts per reading (int8); the stateless ones are set by the caller before the kernel.
+OK, NON_FINITE, OUT_OF_RANGE, BAD_UNIT, FUTURE, DUPLICATE, LATE = range(7)
+REASONS = ("ok", "non_finite", "out_of_range", "bad_unit", "future", "duplicate", "late")
+
+_TS_BITS = 42            # ms timestamps below 2**42 (year 2109) pack with a series index
+_TS_MASK = (1 << _TS_BITS) - 1
+
+
+# --- series index (outside numba) --------------------------------------------------------
+
+class SeriesIndex:
+    """Dense int64 index per series; indices never move, unseen series get the next one."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, int] = {}
+        self._parts: tuple[list[str], list[str], list[str]] = ([], [], [])
+        self._columns: tuple[np.ndarray, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def lookup(self, tenant: pa.Array, device_id: pa.Array, metric: pa.Array) -> np.ndarray:
+        """Index of every row's series, registering unseen ones (Python work per distinct series)."""
+        if len(tenant) == 0:
+            return np.empty(0, np.int64)
+        encoded = pc.dictionary_encode(pc.binary_join_element_wise(tenant, device_id, metric, "\x1f"))
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        mapping = np.fromiter((self._get(key) for key in encoded.dictionary.to_pylist()), np.int64,
+                              count=len(encoded.dictionary))
+        return mapping[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    def _get(self, key: str) -> int:
+        idx = self._index.get(key)
+        if idx is None:
+            idx = self._index[key] = len(self._index)
+            for part, value in zip(self._parts, key.split("\x1f")):
+                part.append(value)
+            self._columns = None
+        return idx
+
+    def columns(self, indices: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
+        """(tenant, device_id, metric) string arrays of the given series indices."""
+        if self._columns is None:
+            self._columns = tuple(np.array(part, dtype=object) for part in self._parts)
+        return tuple(pa.array(col[indices], pa.string()) for col in self._columns)
+
+
+def grow(array: np.ndarray, rows: int, fill) -> np.ndarray:
+    """``array`` with at least ``rows`` rows (doubling), new rows set to ``fill``."""
+    if array.shape[0] >= rows:
+        return array
+    bigger = np.full((max(rows, 2 * array.shape[0]),) + array.shape[1:], fill, dtype=array.dtype)
+    bigger[:array.shape[0]] = array
+    return bigger
+
+
+# --- clean: dedup and lateness --------------------------------------------------------------
+
+def new_seen() -> Dict:
+    """The dedup set of one partition: packed (series, ts) -> Kafka offset of the reading."""
+    return Dict.empty(key_type=types.int64, value_type=types.int64)
+
+
+@njit(cache=True)
+def clean_update(series, ts, offset, verdict, seen, max_ts, max_ts_offset, lateness_ms, horizon_ms):
+    """Mark duplicates (within the horizon) and late readings in ``verdict``; returns the new
+    (max_ts, offset of the reading that set it). Readings already rejected are skipped."""
+    for i in range(series.shape[0]):
+        if verdict[i] != OK:
+            continue
+        t = ts[i]
+        key = (series[i] << _TS_BITS) | (t & _TS_MASK)
+        if key in seen and t >= max_ts - horizon_ms:
+            verdict[i] = DUPLICATE
+        elif t < max_ts - lateness_ms:
+            verdict[i] = LATE
+        else:
+            seen[key] = offset[i]
+            if t > max_ts:
+                max_ts = t
+                max_ts_offset = offset[i]
+    return max_ts, max_ts_offset
+
+
+@njit(cache=True)
+def clean_prune(seen, max_ts, horizon_ms):
+    """Forget readings older than the horizon; returns the smallest offset still remembered (-1: none)."""
+    oldest = max_ts - horizon_ms
+    stale = []
+    lowest = -1
+    for key, off in seen.items():
+        if (key & _TS_MASK) < oldest:
+            stale.append(key)
+        elif lowest < 0 or off < lowest:
+            lowest = off
+    for key in stale:
+        del seen[key]
+    return lowest
+
+
+# --- window: per-series pane rings ----------------------------------------------------------
+
+@njit(cache=True)
+def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+                 hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters):
+    """Merge panes p-k+1..p of series s into one window row; returns the new row count."""
+    ring = pane_i.shape[1]
+    n = 0
+    ref = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    mn = math.inf
+    mx = -math.inf
+    first_ts = 2 ** 62
+    last_ts = NO_TS
+    first_v = math.nan
+    last_v = math.nan
+    max_recv = NO_TS
+    first_off = 2 ** 62
+    for j in range(p - k + 1, p + 1):
+        slot = j % ring
+        if pane_i[s, slot, P_ID] != j or pane_i[s, slot, P_CNT] == 0:
+            continue
+        c = pane_i[s, slot, P_CNT]
+        r = pane_f[s, slot, P_REF]
+        a1 = pane_f[s, slot, P_S1]
+        a2 = pane_f[s, slot, P_S2]
+        if n == 0:
+            ref = r
+        d = r - ref  # re-shift this pane's sums onto the window's reference value
+        s2 += a2 + 2.0 * d * a1 + c * d * d
+        s1 += a1 + c * d
+        n += c
+        mn = min(mn, pane_f[s, slot, P_MIN])
+        mx = max(mx, pane_f[s, slot, P_MAX])
+        if pane_i[s, slot, P_FIRST_TS] < first_ts:
+            first_ts = pane_i[s, slot, P_FIRST_TS]
+            first_v = pane_f[s, slot, P_FIRST_V]
+        if pane_i[s, slot, P_LAST_TS] >= last_ts:
+            last_ts = pane_i[s, slot, P_LAST_TS]
+            last_v = pane_f[s, slot, P_LAST_V]
+        max_recv = max(max_recv, pane_i[s, slot, P_MAX_RECV])
+        counters[1] += 1
+        first_off = min(first_off, pane_i[s, slot, P_FIRST_OFF])
+    if n == 0:
+        return n_out
+    mean = ref + s1 / n
+    var = s2 / n - (s1 / n) ** 2
+    std = math.sqrt(var) if var > 0.0 else 0.0
+    rate = (last_v - first_v) / ((last_ts - first_ts) / 1000.0) if last_ts > first_ts else 0.0
+
+    # History: this series' window means that ended within the previous `history` hops.
+    cap = hist_mean.shape[1]
+    filled = min(hist_n[s], cap)
+    h_n = 0
+    h_sum = 0.0
+    h_sq = 0.0
+    ewma = math.nan
+    for j in range(filled):
+        pos = (hist_n[s] - filled + j) % cap
+        if hist_end[s, pos] < p - history:
+            continue
+        x = hist_mean[s, pos]
+        ewma = x if h_n == 0 else alpha * x + (1.0 - alpha) * ewma
+        h_n += 1
+        h_sum += x
+        h_sq += x * x
+    ewma = mean if h_n == 0 else alpha * mean + (1.0 - alpha) * ewma
+    zscore = 0.0
+    if h_n >= 2:
+        h_mean = h_sum / h_n
+        h_var = (h_sq - h_n * h_mean * h_mean) / (h_n - 1)
+        if h_var > 1e-24:
+            zscore = (mean - h_mean) / math.sqrt(h_var)
+    pos = hist_n[s] % cap
+    hist_mean[s, pos] = mean
+    hist_end[s, pos] = p
+    hist_off[s, pos] = first_off
+    hist_n[s] += 1
+
+    end = (p + 1) * hop_ms
+    out_i[n_out, O_SERIES] = s
+    out_i[n_out, O_START] = end - size_ms
+    out_i[n_out, O_END] = end
+    out_i[n_out, O_COUNT] = n
+    out_i[n_out, O_MAX_RECV] = max_recv
+    out_i[n_out, O_FIRST_OFF] = first_off
+    out_f[n_out, F_MEAN] = mean
+    out_f[n_out, F_MIN] = mn
+    out_f[n_out, F_MAX] = mx
+    out_f[n_out, F_STD] = std
+    out_f[n_out, F_FIRST] = first_v
+    out_f[n_out, F_LAST] = last_v
+    out_f[n_out, F_RATE] = rate
+    out_f[n_out, F_EWMA] = ewma
+    out_f[n_out, F_ZSCORE] = zscore
+    return n_out + 1
+
+
+@njit(cache=True)
+def _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f, next_close, last_pane,
+                  hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters):
+    """Emit every window of series s ending at panes next_close[s]..target, in order."""
+    ring = pane_i.shape[1]
+    p = next_close[s]
+    while p <= target:
+        if p - k + 1 > last_pane[s]:
+            p = target + 1  # no data left in any window up to target
+            break
+        before = n_out
+        n_out = _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+                             hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters)
+        if n_out == before:
+            # Empty window: jump to the next pane holding data (windows in between are empty too).
+            nxt = 2 ** 62
+            for slot in range(ring):
+                pid = pane_i[s, slot, P_ID]
+                if pid > p and pane_i[s, slot, P_CNT] > 0 and pid < nxt:
+                    nxt = pid
+            p = nxt if nxt <= target else target + 1
+        else:
+            p += 1
+    next_close[s] = p
+    return n_out
+
+
+@njit(cache=True)
+def window_update(series, ts, value, recv, offset, max_ts, closed_through, lateness_ms, hop_ms, size_ms,
+                  k, alpha, history, pane_i, pane_f, next_close, last_pane,
+                  hist_mean, hist_end, hist_off, hist_n, n_series, out_i, out_f, late, counters):
+    """Add a batch to the pane rings and emit windows the watermark closed.
+
+    Returns (rows written to out_i/out_f, new max_ts, new closed_through). ``late[i]`` is set for
+    readings below the watermark (not counted). ``counters`` = [panes created, pane uses by emitted
+    windows]: every pane is used by k windows, so out_* need k * (created + batch) - uses rows.
+    """
+    ring = pane_i.shape[1]
+    n_out = 0
+    for i in range(series.shape[0]):
+        t = ts[i]
+        if t < max_ts - lateness_ms:
+            late[i] = True
+            continue
+        if t > max_ts:
+            max_ts = t
+        s = series[i]
+        v = value[i]
+        q = t // hop_ms
+        slot = q % ring
+        if pane_i[s, slot, P_ID] != q:
+            old = pane_i[s, slot, P_ID]
+            if old >= 0 and old >= next_close[s] - (k - 1):
+                # The slot still holds a needed pane; the ring is sized so it is closable now.
+                n_out = _close_series(s, old + k - 1, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+                                      next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
+                                      out_i, out_f, n_out, counters)
+            pane_i[s, slot, P_ID] = q
+            pane_i[s, slot, P_CNT] = 0
+            pane_i[s, slot, P_FIRST_TS] = 2 ** 62
+            pane_i[s, slot, P_LAST_TS] = NO_TS
+            pane_i[s, slot, P_MAX_RECV] = NO_TS
+            pane_i[s, slot, P_FIRST_OFF] = offset[i]
+            pane_f[s, slot, P_REF] = v
+            pane_f[s, slot, P_S1] = 0.0
+            pane_f[s, slot, P_S2] = 0.0
+            pane_f[s, slot, P_MIN] = math.inf
+            pane_f[s, slot, P_MAX] = -math.inf
+            counters[0] += 1
+            if next_close[s] < 0:
+                next_close[s] = q
+            if q > last_pane[s]:
+                last_pane[s] = q
+        d = v - pane_f[s, slot, P_REF]
+        pane_i[s, slot, P_CNT] += 1
+        pane_f[s, slot, P_S1] += d
+        pane_f[s, slot, P_S2] += d * d
+        if v < pane_f[s, slot, P_MIN]:
+            pane_f[s, slot, P_MIN] = v
+        if v > pane_f[s, slot, P_MAX]:
+            pane_f[s, slot, P_MAX] = v
+        if t < pane_i[s, slot, P_FIRST_TS]:
+            pane_i[s, slot, P_FIRST_TS] = t
+            pane_f[s, slot, P_FIRST_V] = v
+        if t >= pane_i[s, slot, P_LAST_TS]:
+            pane_i[s, slot, P_LAST_TS] = t
+            pane_f[s, slot, P_LAST_V] = v
+        if recv[i] > pane_i[s, slot, P_MAX_RECV]:
+            pane_i[s, slot, P_MAX_RECV] = recv[i]
+    # Panes ending at or before the watermark are final: close them for every series.
+    target = (max_ts - lateness_ms) // hop_ms - 1
+    if target > closed_through:
+        for s in range(n_series):
+            if 0 <= next_close[s] <= target:
+                n_out = _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+                                      next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
+                                      out_i, out_f, n_out, counters)
+        closed_through = target
+    return n_out, max_ts, closed_through
+
+
+@njit(cache=True)
+def window_flush(hop_ms, size_ms, k, alpha, history, pane_i, pane_f, next_close, last_pane,
+                 hist_mean, hist_end, hist_off, hist_n, n_series, out_i, out_f, counters):
+    """Close every remaining window (end of an offline history); returns rows written."""
+    n_out = 0
+    for s in range(n_series):
+        if next_close[s] >= 0:
+            n_out = _close_series(s, last_pane[s] + k - 1, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+                                  next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
+                                  out_i, out_f, n_out, counters)
+    return n_out
+
+
+@njit(cache=True)
+def window_live_offset(pane_i, next_close, hist_end, hist_off, hist_n, n_series, k, history, closed_through):
+    """Smallest Kafka offset whose readings the state still needs (open panes, panes later
+    windows reuse, history means later windows read); -1 when none."""
+    lowest = -1
+    ring = pane_i.shape[1]
+    cap = hist_end.shape[1]
+    for s in range(n_series):
+        for slot in range(ring):
+            pid = pane_i[s, slot, P_ID]
+            if pid >= 0 and pane_i[s, slot, P_CNT] > 0 and pid >= next_close[s] - (k - 1):
+                off = pane_i[s, slot, P_FIRST_OFF]
+                if lowest < 0 or off < lowest:
+                    lowest = off
+        for j in range(min(hist_n[s], cap)):
+            if hist_end[s, j] >= closed_through + 1 - history:
+                off = hist_off[s, j]
+                if lowest < 0 or off < lowest:
+                    lowest = off
+    return lowest
