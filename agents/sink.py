@@ -1,0 +1,476 @@
+"""`aimass sink`: store every result topic in ClickHouse (embedded chDB or a server).
+
+The sink consumes the stored topics (``streams.tables.TABLES``), buffers the decoded Arrow
+batches, and flushes when ``clickhouse.flush_rows`` rows or ``clickhouse.flush_ms`` have
+accumulated: one INSERT per table, then the Kafka offsets are committed. Nothing is lost:
+
+- ClickHouse down (a retryable error): back off and retry the same batch, offsets kept.
+- A record that can never be inserted (or decoded) goes to the dead-letter topic with
+  stage="sink", the error, and the original record bytes as payload.
+- Killed mid-batch: before inserting, the batch's offset ranges are written to a journal;
+  after a restart the same ranges are re-read and re-inserted with the same insert
+  deduplication tokens, so ClickHouse skips what already landed (rollups included).
+  Tables are also ReplacingMergeTree on the row identity: ``FINAL`` hides any duplicate.
+
+In chDB mode the sink owns the store and serves read-only SQL on 127.0.0.1
+(``clickhouse.query_port``) for `aimass query` and the demo.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from prometheus_client import Counter, Histogram, start_http_server
+
+from aimass.clickhouse import ChdbStore, QueryServer, Store, StoreError, fill_nulls, open_store
+from aimass.config import Config
+from aimass.db import migrate
+from aimass.procs import StackError, port_in_use
+from streams import contract, tables
+from streams.kafka import consumer_config, producer_config
+from streams.tables import LEGACY, TableSpec
+
+log = logging.getLogger("aimass.sink")
+
+ROWS = Counter("aimass_sink_rows_total", "Rows stored, per table", ["table"])
+INSERT_SECONDS = Histogram("aimass_sink_insert_seconds", "Duration of one table insert",
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+RETRIES = Counter("aimass_sink_retries_total", "Batch flushes retried after a retryable store error")
+DEAD_LETTERS = Counter("aimass_sink_dead_letter_total", "Kafka records sent to the dead-letter topic by the sink")
+
+
+class Stopping(Exception):
+    """The sink was asked to stop while waiting to retry; the batch stays uncommitted."""
+
+
+# --- pure conversions -----------------------------------------------------------------
+
+@dataclass
+class Record:
+    """One consumed Kafka record: where it came from and its decoded rows."""
+
+    topic: str          # contract topic suffix
+    partition: int
+    offset: int
+    value: bytes
+    rows: pa.Table
+
+    @property
+    def tp(self) -> tuple[str, int]:
+        return self.topic, self.partition
+
+
+def row_ids(topic: str, partition: int, offset: int, n: int) -> np.ndarray:
+    """Stable 64-bit ids of a record's rows: the same on every re-read of that record."""
+    base = int.from_bytes(hashlib.blake2b(f"{topic}/{partition}/{offset}".encode(), digest_size=8).digest(), "little")
+    return np.uint64(base) + np.arange(n, dtype=np.uint64)
+
+
+def to_store_table(spec: TableSpec, records: list[Record], dialect: str) -> pa.Table:
+    """The insert block for ``spec`` from records of its contract schema, in record order."""
+    data = fill_nulls(pa.concat_tables([r.rows for r in records]))
+    columns: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for f in spec.schema:
+        col = data.column(f.name)
+        if tables.is_time_field(f) and dialect != LEGACY:
+            columns[tables.column_name(f.name)] = col.cast(pa.timestamp("ms", tz="UTC"))
+        elif tables.is_time_field(f):
+            columns[f.name] = col
+        else:
+            columns[f.name] = col.cast(pa.uint8()) if dialect == LEGACY and pa.types.is_boolean(f.type) else col
+    if spec.with_row_id:
+        columns["topic"] = pa.array(np.concatenate([np.full(r.rows.num_rows, r.topic, dtype=object) for r in records]),
+                                    pa.string())
+        columns["row_id"] = pa.array(np.concatenate(
+            [row_ids(r.topic, r.partition, r.offset, r.rows.num_rows) for r in records]), pa.uint64())
+    return pa.table(columns)
+
+
+def dead_letter_rows(records: list[Record], reason: str, errors: list[str], now_ms: int) -> pa.Table:
+    """REJECTS rows (stage "sink") carrying each failed record's bytes as payload."""
+    n = len(records)
+    return pa.table({
+        "stage": ["sink"] * n,
+        "reason": [reason] * n,
+        "detail": [f"{r.topic}[{r.partition}]@{r.offset}: {e}" for r, e in zip(records, errors)],
+        "mqtt_topic": [""] * n,
+        "payload": pa.array([r.value for r in records], pa.binary()),
+        "tenant": [""] * n, "device_id": [""] * n, "metric": [""] * n,
+        "ts_ms": pa.array([0] * n, pa.int64()),
+        "value": pa.array([float("nan")] * n),
+        "unit": [""] * n,
+        "received_ms": pa.array([0] * n, pa.int64()),
+        "rejected_ms": pa.array([now_ms] * n, pa.int64()),
+    }, schema=contract.REJECTS)
+
+
+# --- the journal of the batch being inserted ------------------------------------------
+
+@dataclass
+class Manifest:
+    """A batch's id (the dedup token prefix) and its offset range per (topic, partition)."""
+
+    batch_id: str
+    ranges: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"batch_id": self.batch_id,
+                           "ranges": [[t, p, a, b] for (t, p), (a, b) in sorted(self.ranges.items())]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        d = json.loads(text)
+        return cls(d["batch_id"], {(t, p): (a, b) for t, p, a, b in d["ranges"]})
+
+
+class Journal:
+    """The pending batch's manifest on disk: written before the insert, removed after the commit."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> Manifest | None:
+        try:
+            return Manifest.from_json(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable sink journal %s: %s", self.path, exc)
+            return None
+
+    def save(self, manifest: Manifest) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# --- the batch buffer -----------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """Records waiting to be stored, and records that could not be decoded."""
+
+    records: list[Record] = field(default_factory=list)
+    undecodable: list[tuple[Record, str]] = field(default_factory=list)
+    rows: int = 0
+    started: float = 0.0
+
+    def add(self, record: Record) -> None:
+        if not self.records and not self.undecodable:
+            self.started = time.monotonic()
+        self.records.append(record)
+        self.rows += record.rows.num_rows
+
+    def add_undecodable(self, record: Record, error: str) -> None:
+        if not self.records and not self.undecodable:
+            self.started = time.monotonic()
+        self.undecodable.append((record, error))
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.undecodable)
+
+    def manifest(self, batch_id: str) -> Manifest:
+        m = Manifest(batch_id)
+        for r in [*self.records, *(u for u, _ in self.undecodable)]:
+            lo, hi = m.ranges.get(r.tp, (r.offset, r.offset))
+            m.ranges[r.tp] = (min(lo, r.offset), max(hi, r.offset))
+        return m
+
+    def by_table(self) -> dict[str, list[Record]]:
+        """Records per table, ordered by (topic, partition, offset) so a re-read builds the same blocks."""
+        topic_table = tables.table_for_topic()
+        out: dict[str, list[Record]] = {}
+        for r in sorted(self.records, key=lambda r: (r.topic, r.partition, r.offset)):
+            out.setdefault(topic_table[r.topic].name, []).append(r)
+        return out
+
+
+# --- the sink -------------------------------------------------------------------------
+
+class Sink:
+    """Consume, buffer, insert, then commit; see the module docstring for the guarantees."""
+
+    def __init__(self, cfg: Config, store: Store, consumer, producer, journal: Journal):
+        self.cfg = cfg
+        self.store = store
+        self.consumer = consumer
+        self.producer = producer
+        self.journal = journal
+        self.prefix = cfg.kafka.topic_prefix
+        self.topic_table = tables.table_for_topic()
+        self.dead_letter_topic = contract.DEAD_LETTER.name(self.prefix)
+        self.stopping = threading.Event()
+        self.batch = Batch()
+        self.replay: Manifest | None = journal.load()   # a batch a killed sink may have half-inserted
+        self.replay_batch = Batch()
+        self.replay_seen: set[tuple[str, int]] = set()
+        self.stored_rows = 0
+
+    # Kafka topic name <-> contract suffix
+    def _suffix(self, name: str) -> str:
+        return name[len(self.prefix) + 1:]
+
+    def topics(self) -> list[str]:
+        return [t.name(self.prefix) for t in tables.stored_topics()]
+
+    # --- consuming --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until ``stopping`` is set, then flush and commit what is buffered."""
+        from confluent_kafka import KafkaException
+
+        self.consumer.subscribe(self.topics(), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        flush_s = self.cfg.clickhouse.flush_ms / 1000
+        try:
+            while not self.stopping.is_set():
+                for msg in self.consumer.consume(num_messages=2000, timeout=min(0.2, flush_s)):
+                    if msg.error():
+                        log.warning("kafka: %s", msg.error())
+                        continue
+                    self._add(msg)
+                if self.replay is not None:
+                    continue
+                if self.batch and (self.batch.rows >= self.cfg.clickhouse.flush_rows
+                                   or time.monotonic() - self.batch.started >= flush_s):
+                    self.flush(self.batch)
+                    self.batch = Batch()
+            if self.batch and self.replay is None:
+                self.flush(self.batch, retry=False)
+                self.batch = Batch()
+        except (Stopping, StoreError) as exc:
+            log.info("stopped with an uncommitted batch (%s): it is re-read on the next start", exc or "stopping")
+            self.batch = Batch()
+        except KafkaException as exc:
+            raise StackError(f"kafka consumer failed: {exc}") from None
+
+    def _add(self, msg) -> None:
+        suffix = self._suffix(msg.topic())
+        value = msg.value() or b""
+        record = Record(suffix, msg.partition(), msg.offset(), value, contract.empty(contract.READINGS))
+        spec = self.topic_table.get(suffix)
+        error = ""
+        try:
+            record.rows = contract.decode(value, spec.schema)
+        except ValueError as exc:
+            error = str(exc)
+        target = self._target(record)
+        if error:
+            target.add_undecodable(record, error)
+        else:
+            target.add(record)
+        if target is self.replay_batch:
+            self._check_replay_done()
+
+    def _target(self, record: Record) -> Batch:
+        """The replay batch for records inside the journal's ranges, else the normal batch."""
+        if self.replay is None or record.tp not in self.replay.ranges:
+            return self.batch
+        first, last = self.replay.ranges[record.tp]
+        if record.offset < first:  # not what was journaled: fall back to FINAL dedup
+            log.warning("sink journal does not match %s[%d]@%d; dropping the replay", *record.tp, record.offset)
+            self._abandon_replay()
+            return self.batch
+        if record.offset > last:
+            self.replay_seen.add(record.tp)
+            return self.batch
+        if record.offset == last:
+            self.replay_seen.add(record.tp)
+        return self.replay_batch
+
+    def _check_replay_done(self) -> None:
+        if self.replay is not None and self.replay_seen >= set(self.replay.ranges):
+            log.info("re-inserting journaled batch %s (%d rows) with its dedup tokens",
+                     self.replay.batch_id, self.replay_batch.rows)
+            self.flush(self.replay_batch, batch_id=self.replay.batch_id)
+            self.replay, self.replay_batch, self.replay_seen = None, Batch(), set()
+
+    def _abandon_replay(self) -> None:
+        for r in self.replay_batch.records:
+            self.batch.add(r)
+        for r, e in self.replay_batch.undecodable:
+            self.batch.add_undecodable(r, e)
+        self.replay, self.replay_batch, self.replay_seen = None, Batch(), set()
+        self.journal.clear()
+
+    def _on_assign(self, consumer, partitions) -> None:
+        if self.replay is None:
+            return
+        from confluent_kafka import TopicPartition
+
+        assigned = {(self._suffix(p.topic), p.partition) for p in partitions}
+        wanted = [TopicPartition(f"{self.prefix}.{t}", p) for (t, p) in self.replay.ranges if (t, p) in assigned]
+        committed = {(self._suffix(tp.topic), tp.partition): tp.offset
+                     for tp in (consumer.committed(wanted, timeout=10) if wanted else [])}
+        for tp, (first, last) in list(self.replay.ranges.items()):
+            if tp not in assigned or committed.get(tp, -1) > last:
+                del self.replay.ranges[tp]  # stored and committed already, or another sink's now
+        if not self.replay.ranges:
+            log.info("sink journal %s was already committed", self.replay.batch_id)
+            self.replay = None
+            self.journal.clear()
+        else:
+            log.info("sink journal %s: re-reading %d partition range(s)", self.replay.batch_id,
+                     len(self.replay.ranges))
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        """Store what is buffered before giving the partitions away; on failure the new owner re-reads it."""
+        if self.replay is not None or not self.batch:
+            return
+        try:
+            self.flush(self.batch, retry=False)
+        except (StoreError, Stopping) as exc:
+            log.warning("could not store the batch before a rebalance (%s); it will be re-read", exc)
+        self.batch = Batch()
+
+    # --- storing ----------------------------------------------------------------------
+
+    def flush(self, batch: Batch, batch_id: str | None = None, retry: bool = True) -> None:
+        """Insert every table of ``batch``, dead-letter what cannot be stored, commit the offsets.
+
+        Retryable store errors are retried with backoff until stopped (then ``Stopping``); with
+        ``retry=False`` the error is raised. Either way the offsets stay uncommitted.
+        """
+        manifest = batch.manifest(batch_id or uuid.uuid4().hex)
+        self.journal.save(manifest)
+        delay = self.cfg.clickhouse.retry_initial_s
+        while True:
+            try:
+                self._store(batch, manifest.batch_id)
+                break
+            except StoreError as exc:
+                if not retry:
+                    raise
+                RETRIES.inc()
+                log.warning("store unavailable (%s); retrying in %.1fs, offsets kept", exc, delay)
+                if self.stopping.wait(delay):
+                    raise Stopping() from None
+                delay = min(delay * 2, self.cfg.clickhouse.retry_max_s)
+        self._commit(manifest)
+        self.journal.clear()
+
+    def _store(self, batch: Batch, batch_id: str) -> None:
+        failed: list[Record] = [r for r, _ in batch.undecodable]
+        errors: list[str] = [e for _, e in batch.undecodable]
+        for name, records in batch.by_table().items():
+            spec = tables.TABLE_BY_NAME[name]
+            try:
+                self._insert(spec, records, f"{batch_id}-{name}")
+            except StoreError as exc:
+                if exc.retryable:
+                    raise
+                log.error("insert into %s failed permanently (%s); isolating bad records", name, exc)
+                for r in records:  # find the records that cannot be stored, keep the others
+                    try:
+                        self._insert(spec, [r], f"{batch_id}-{name}-{r.topic}-{r.partition}-{r.offset}")
+                    except StoreError as one:
+                        if one.retryable:
+                            raise
+                        failed.append(r)
+                        errors.append(f"insert into {name}: {one}")
+        self._dead_letter(failed, errors)
+
+    def _insert(self, spec: TableSpec, records: list[Record], token: str) -> None:
+        try:
+            data = to_store_table(spec, records, self.store.dialect)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise StoreError(f"cannot convert rows for {spec.name}: {exc}", retryable=False) from None
+        started = time.perf_counter()
+        self.store.insert(spec.name, data, token)
+        INSERT_SECONDS.observe(time.perf_counter() - started)
+        ROWS.labels(spec.name).inc(data.num_rows)
+        self.stored_rows += data.num_rows
+
+    def _dead_letter(self, records: list[Record], errors: list[str]) -> None:
+        """Produce failed records to the dead-letter topic and wait until the broker has them."""
+        keep = [(r, e) for r, e in zip(records, errors) if r.topic != contract.DEAD_LETTER.suffix]
+        for r, e in zip(records, errors):
+            if r.topic == contract.DEAD_LETTER.suffix:  # re-dead-lettering would loop forever
+                log.error("dead-letter record %s[%d]@%d cannot be stored and is skipped: %s",
+                          r.topic, r.partition, r.offset, e)
+        if not keep:
+            return
+        delivery_errors = []
+        rows = dead_letter_rows([r for r, _ in keep], "insert_failed", [e for _, e in keep], int(time.time() * 1000))
+        self.producer.produce(self.dead_letter_topic, contract.encode(rows, contract.REJECTS), key=b"sink",
+                              on_delivery=lambda err, _msg: err and delivery_errors.append(err))
+        if self.producer.flush(30) or delivery_errors:
+            raise StoreError(f"dead-letter topic not reachable: {delivery_errors or 'flush timed out'}", retryable=True)
+        DEAD_LETTERS.inc(len(keep))
+        log.warning("sent %d record(s) to %s: %s", len(keep), self.dead_letter_topic, keep[0][1])
+
+    def _commit(self, manifest: Manifest) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        offsets = [TopicPartition(f"{self.prefix}.{t}", p, last + 1) for (t, p), (_, last) in manifest.ranges.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # partitions moved: the new owner re-reads, FINAL/tokens dedup
+            log.warning("offset commit failed (%s); those records will be stored again", exc)
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flush-rows", type=int, help="override clickhouse.flush_rows (rows per insert)")
+    p.add_argument("--flush-ms", type=int, help="override clickhouse.flush_ms (max buffering time)")
+    p.add_argument("--no-migrate", action="store_true", help="do not create/upgrade the schema at start")
+    p.epilog = ("Stores: clickhouse.url empty = embedded chDB under <run dir>/chdb (the sink then serves "
+                "read-only SQL on 127.0.0.1:clickhouse.query_port); clickhouse://user:password@host:9000/db = "
+                "a ClickHouse server (password from $AIMASS_CLICKHOUSE_PASSWORD when not in the URL).")
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    from confluent_kafka import Consumer, Producer
+
+    ch = cfg.clickhouse
+    ch.flush_rows = args.flush_rows or ch.flush_rows
+    ch.flush_ms = args.flush_ms or ch.flush_ms
+    store = open_store(cfg)
+    if not args.no_migrate:
+        for change in migrate(store, cfg):
+            log.info("schema: %s", change)
+    query_server = None
+    if isinstance(store, ChdbStore) and ch.query_port:
+        if port_in_use(ch.query_port):
+            raise StackError(f"clickhouse.query_port {ch.query_port} is in use (another sink?): stop it or set "
+                             f"AIMASS_CLICKHOUSE_QUERY_PORT")
+        query_server = QueryServer(store, ch.query_port, cfg.secret(ch.query_token_env)).start()
+    if ch.metrics_port:
+        start_http_server(ch.metrics_port, addr="127.0.0.1")
+    # A store outage can outlast the default 5 min poll interval: stay in the group while retrying.
+    consumer = Consumer(consumer_config(cfg, ch.group_id, **{"max.poll.interval.ms": 86_400_000}))
+    producer = Producer(producer_config(cfg))
+    sink = Sink(cfg, store, consumer, producer, Journal(cfg.run_dir / "sink" / f"{ch.group_id}.journal.json"))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sink.stopping.set())
+    where = ch.url.split("@")[-1] if ch.url else f"chDB {store.path}"
+    log.info("sink: %d topics -> %s (%s), flush %d rows / %d ms%s", len(sink.topics()), where, store.dialect,
+             ch.flush_rows, ch.flush_ms, f", SQL on 127.0.0.1:{query_server.port}" if query_server else "")
+    try:
+        sink.run()
+    finally:
+        consumer.close()
+        producer.flush(10)
+        if query_server:
+            query_server.stop()
+        store.close()
+    log.info("sink stopped after storing %d rows", sink.stored_rows)
+    return 0

@@ -1,0 +1,155 @@
+"""The sink on chDB with the real Kafka broker: every topic stored, rollups, dead letters, journal replay."""
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from agents.sink import Journal, Sink
+from aimass.clickhouse import ChdbStore
+from aimass.db import migrate
+from streams import contract, tables
+from streams.kafka import consumer_config, producer_config
+from tests.fixtures_store import (chdb_config, chdb_run_dir, counts, expected_counts, produce, readings,  # noqa: F401
+                                  sample_tables, wait_for)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sink_cfg(cfg, chdb_run_dir):  # noqa: F811
+    return chdb_config(cfg, chdb_run_dir)
+
+
+def make_sink(cfg) -> Sink:
+    store = ChdbStore(cfg.run_dir / "chdb", cfg.clickhouse.database)
+    migrate(store, cfg)
+    consumer = Consumer(consumer_config(cfg, cfg.clickhouse.group_id))
+    return Sink(cfg, store, consumer, Producer(producer_config(cfg)),
+                Journal(cfg.run_dir / "sink" / f"{cfg.clickhouse.database}.journal.json"))
+
+
+class Running:
+    """A sink consuming in a background thread of this process."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.sink.run()
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def __enter__(self) -> Sink:
+        self.thread.start()
+        return self.sink
+
+    def __exit__(self, *exc) -> None:
+        self.sink.stopping.set()
+        self.thread.join(30)
+        self.sink.consumer.close()
+        assert not self.thread.is_alive(), "sink did not stop within 30 s"
+        assert self.error is None, self.error
+
+
+def committed(cfg, topic: contract.Topic) -> int:
+    c = Consumer(consumer_config(cfg, cfg.clickhouse.group_id))
+    try:
+        parts = [TopicPartition(topic.name(cfg.kafka.topic_prefix), p)
+                 for p in range(contract.topic_partitions(topic, cfg.kafka.partitions))]
+        return sum(max(tp.offset, 0) for tp in c.committed(parts, timeout=10))
+    finally:
+        c.close()
+
+
+def test_every_topic_lands_in_its_table_with_rollups_and_commits(sink_cfg):
+    batches = [sample_tables(seed) for seed in range(3)]
+    produce(sink_cfg, [item for b in batches for item in b.items()])
+    want = expected_counts(batches)
+    sink = make_sink(sink_cfg)
+    db = sink_cfg.clickhouse.database
+    with Running(sink):
+        wait_for(lambda: counts(sink.store, db) == want or None, 60, f"counts {want}")
+        wait_for(lambda: committed(sink_cfg, contract.CLEAN) == 3, 30, "committed offsets")
+    assert counts(sink.store, db, final=False) == want  # no duplicates even without FINAL
+    r = sink.store.query(f"SELECT sum(value) AS s, min(ts) AS lo, toTypeName(ts) AS t FROM `{db}`.readings GROUP BY t")
+    produced = pa.concat_tables([b[contract.CLEAN] for b in batches])
+    assert r.column("s")[0].as_py() == pytest.approx(sum(produced.column("value").to_pylist()))
+    assert r.column("t")[0].as_py() == "DateTime64(3, 'UTC')"
+    assert r.column("lo")[0].as_py().timestamp() * 1000 == min(produced.column("ts_ms").to_pylist())
+    for suffix in ("1m", "1h"):
+        roll = sink.store.query(f"SELECT countMerge(n) AS n, sumMerge(value_sum) AS s FROM `{db}`.readings_{suffix}")
+        assert roll.column("n")[0].as_py() == produced.num_rows
+        assert roll.column("s")[0].as_py() == pytest.approx(r.column("s")[0].as_py())
+    rejects = sink.store.query(f"SELECT topic, count() AS n FROM `{db}`.rejects GROUP BY topic ORDER BY topic")
+    assert rejects.to_pydict() == {"topic": ["deadletter", "telemetry.late"], "n": [120, 120]}
+
+
+def test_undecodable_record_goes_to_dead_letter_with_its_bytes(sink_cfg):
+    producer = Producer(producer_config(sink_cfg))
+    bad = b"not arrow at all"
+    producer.produce(contract.WINDOW_ROWS.name(sink_cfg.kafka.topic_prefix), bad, partition=0)
+    producer.flush(10)
+    produce(sink_cfg, [(contract.CLEAN, readings(10))])
+    sink = make_sink(sink_cfg)
+    db = sink_cfg.clickhouse.database
+    with Running(sink):
+        # The sink consumes the dead-letter topic too: its own report lands in `rejects`.
+        row = wait_for(lambda: sink.store.query(
+            f"SELECT stage, reason, detail, hex(payload) AS payload FROM `{db}`.rejects WHERE stage = 'sink'").to_pylist(), 60,
+            "the sink's dead-letter row")
+    assert row[0]["reason"] == "insert_failed"
+    assert row[0]["detail"].startswith("windows[0]@0: not an Arrow IPC stream")
+    assert bytes.fromhex(row[0]["payload"]) == bad
+    assert counts(sink.store, db)["readings"] == 10
+
+
+def test_rows_that_never_fit_are_dead_lettered_and_the_rest_stored(sink_cfg):
+    sink = make_sink(sink_cfg)
+    db = sink_cfg.clickhouse.database
+    # Make one table refuse every insert permanently: a CHECK constraint no row satisfies.
+    sink.store.execute(f"ALTER TABLE `{db}`.windows ADD CONSTRAINT never CHECK `count` < 0")
+    batch = sample_tables(7, n=5)
+    produce(sink_cfg, list(batch.items()))
+    want = expected_counts([batch])
+    want["windows"] = 0
+    want["rejects"] += 1  # the sink's own dead-letter record of the windows record
+    with Running(sink):
+        wait_for(lambda: counts(sink.store, db) == want or None, 60, f"counts {want}")
+    row = sink.store.query(f"SELECT detail, hex(payload) AS payload FROM `{db}`.rejects WHERE stage = 'sink'")
+    detail, payload = row.column("detail")[0].as_py(), row.column("payload")[0].as_py()
+    assert "insert into windows" in detail and "VIOLATED_CONSTRAINT" in detail
+    assert contract.decode(bytes.fromhex(payload), contract.WINDOWS).num_rows == 5  # the record, replayable
+
+
+def test_journaled_batch_is_reinserted_with_the_same_tokens_after_a_crash(sink_cfg):
+    """Simulate a kill between insert and commit: the restarted sink re-reads and dedups by token."""
+    batches = [sample_tables(seed, n=30) for seed in (11, 12)]
+    produce(sink_cfg, [item for b in batches for item in b.items()], partition=0)
+    want = expected_counts(batches)
+    first = make_sink(sink_cfg)
+    db = sink_cfg.clickhouse.database
+    first.consumer.subscribe(first.topics())
+    while first.batch.rows < sum(want.values()):  # consume everything, insert, but "crash" before commit
+        for msg in first.consumer.consume(500, timeout=0.5):
+            first._add(msg)
+    manifest = first.batch.manifest("crashed-batch")
+    first.journal.save(manifest)
+    first._store(first.batch, manifest.batch_id)
+    first.consumer.close()
+    assert counts(first.store, db, final=False) == want
+
+    second = make_sink(sink_cfg)
+    assert second.replay is not None and second.replay.batch_id == "crashed-batch"
+    with Running(second):
+        wait_for(lambda: second.replay is None or None, 60, "the journaled batch to be replayed")
+        wait_for(lambda: committed(sink_cfg, contract.CLEAN) == 2, 30, "committed offsets")
+    assert counts(second.store, db, final=False) == want  # token dedup: nothing inserted twice
+    roll = second.store.query(f"SELECT countMerge(n) AS n FROM `{db}`.readings_1m")
+    assert roll.column("n")[0].as_py() == want["readings"]  # rollups deduplicated too
+    assert not second.journal.path.exists()
