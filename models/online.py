@@ -80,7 +80,7 @@ class OnlinePartition:
         model.learn_one(s.pending_x, target)
         s.residual_sq += RESIDUAL_DECAY * (min(residual * residual, features.Z_CLIP ** 2) - s.residual_sq)
         before = s.adwin.estimation
-        s.adwin.update(max(-RESIDUAL_CLIP, min(RESIDUAL_CLIP, residual)))
+        s.adwin.update(min(abs(residual), RESIDUAL_CLIP) / RESIDUAL_CLIP)  # error rate in [0, 1], as ADWIN assumes
         return (before, s.adwin.estimation) if s.adwin.drift_detected else None
 
     def step(self, keys: list[tuple[str, str, str, int]], end_ms: list[int], means: list[float]) -> OnlineResult:
