@@ -87,16 +87,20 @@ class TritonModels:
         self.models = {"forecaster": forecaster, "anomaly": anomaly}
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s)
-        self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        self.client: grpcclient.InferenceServerClient | None = None  # made in the running event loop
 
     async def close(self) -> None:
-        await self.client.close()
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
 
     async def _call(self, role: str, x: np.ndarray) -> tuple[np.ndarray, str]:
         """One request to one model: its [n] output and name:version."""
         inp = grpcclient.InferInput(onnx_export.INPUT, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         output = onnx_export.FORECAST if role == "forecaster" else onnx_export.SCORE
+        if self.client is None:
+            self.client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         async with self.in_flight:
             t0 = time.perf_counter()
             result = await self.client.infer(self.models[role], [inp], outputs=[grpcclient.InferRequestedOutput(output)],
