@@ -4,17 +4,36 @@
 and turns clean micro-batches into closed window rows with the numba kernels of
 ``agents.kernels``. ``batch_windows`` runs the same engine over a whole history offline (training,
 backtests), so offline and online windows are the same function.
+
+State across restarts and rebalances (no Faust tables, no changelog: ``streams.replay``):
+window rows are a deterministic function of the clean partition read in order, because the
+watermark travels with the data (header ``max_ts_before`` of each clean record) and EWMA and
+z-score read only the series' windows of the last ``window.zscore_history`` hops. The committed
+offset of the clean topic stays at the oldest record that any open pane, any pane a later sliding
+window reuses, or any history window still needed contains. A new owner replays from there:
+records whose outputs were already produced (below the emitted-through marker) only rebuild
+state, later ones emit. So after a crash or rebalance no reading is missing from a window, and
+a window emitted twice (at-least-once after the last commit) has identical values; downstream
+dedupes by (tenant, device_id, metric, window_s, window_start_ms).
 """
 from __future__ import annotations
 
 import math
 
+import faust
 import numpy as np
 import pyarrow as pa
+from prometheus_client import Counter
 
 from agents import kernels as K
-from aimass.config import WindowConfig
+from agents.clean import MAX_TS_HEADER, rejects, unreadable
+from aimass.config import Config, WindowConfig
 from streams import contract
+from streams.app import raw_topic
+from streams.replay import ReplayedPartitions
+
+WINDOW_ROWS = Counter("aimass_window_rows_total", "Window rows emitted")
+WINDOW_LATE = Counter("aimass_window_late_total", "Clean readings below the window watermark (sent to late)")
 
 
 class _SpecState:
@@ -67,27 +86,32 @@ class WindowEngine:
         self.alpha = float(alpha)
         self.specs = [_SpecState(size, hop, self.lateness_ms, history) for size, hop in specs]
         self.max_ts = K.NO_TS
-        self.late = 0  # readings below the watermark (the clean stage already routes these)
 
     @classmethod
     def from_config(cls, window: WindowConfig, lateness_s: float) -> "WindowEngine":
         return cls(window.specs(), int(lateness_s * 1000), window.zscore_history, window.ewma_alpha)
 
-    def update(self, readings: pa.Table, offset: int = 0, max_ts_before: int | None = None) -> pa.Table:
-        """Add one batch (READINGS, arrival order) from Kafka ``offset``; returns windows it closed.
+    def update(self, readings: pa.Table, offset: int = 0, max_ts_before: int | None = None
+               ) -> tuple[pa.Table, np.ndarray]:
+        """Add one batch (READINGS, arrival order) from Kafka ``offset``; returns the windows it
+        closed and the mask of its late readings (not counted). Non-finite values are skipped.
 
         ``max_ts_before`` is the upstream watermark base before this batch; it lets a restarted
         engine take the same lateness decisions as the one it replaces.
         """
         if max_ts_before is not None and max_ts_before > self.max_ts:
             self.max_ts = int(max_ts_before)
+        finite = np.isfinite(readings["value"].to_numpy(zero_copy_only=False))
+        late = np.zeros(readings.num_rows, np.bool_)
+        if not finite.all():
+            closed, late[finite] = self.update(readings.filter(finite), offset)
+            return closed, late
         n = readings.num_rows
         series = self.series.lookup(readings["tenant"], readings["device_id"], readings["metric"])
         ts = readings["ts_ms"].to_numpy()
         value = readings["value"].to_numpy()
         recv = readings["received_ms"].to_numpy()
         offsets = np.full(n, offset, np.int64)
-        late = np.zeros(n, np.bool_)
         parts = []
         max_ts = self.max_ts
         for spec in self.specs:
@@ -100,8 +124,7 @@ class WindowEngine:
                 len(self.series), out_i, out_f, late, spec.counters)
             parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
         self.max_ts = max_ts
-        self.late += int(late.sum())
-        return _concat(parts)
+        return _concat(parts), late
 
     def flush(self) -> pa.Table:
         """Close every open window (end of a finite history)."""
@@ -153,7 +176,56 @@ def batch_windows(readings: pa.Table, window_s: int, hop_s: int | None = None, *
     readings = readings.select(contract.READINGS.names).cast(contract.READINGS)
     if readings.num_rows:
         readings = readings.take(np.argsort(readings["ts_ms"].to_numpy(), kind="stable"))
-    closed = engine.update(readings)
+    closed, _ = engine.update(readings)
     return pa.concat_tables([closed, engine.flush()]).sort_by(
         [("tenant", "ascending"), ("device_id", "ascending"), ("metric", "ascending"),
          ("window_start_ms", "ascending")])
+
+
+def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
+    """The window agent: CLEAN -> WINDOW_ROWS (and LATE for readings below the watermark)."""
+    cfg.window.specs()  # fail at start on a bad window configuration
+    source = raw_topic(app, cfg, contract.CLEAN, acks=False)
+    windows_out = raw_topic(app, cfg, contract.WINDOW_ROWS)
+    late_out = raw_topic(app, cfg, contract.LATE)
+    dead_out = raw_topic(app, cfg, contract.DEAD_LETTER)
+    partitions = ReplayedPartitions(app, cfg, source.get_topic_name(), "window",
+                                    lambda: WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s))
+
+    @app.agent(source, name=f"{app.conf.id}.window")
+    async def window(stream):
+        async for event in stream.events():
+            p, offset = event.message.partition, event.message.offset
+            emit = not partitions.restoring(p, offset)
+            try:
+                readings = contract.decode(event.value, contract.READINGS)
+            except ValueError as exc:
+                if emit:
+                    await dead_out.send(value=contract.encode(unreadable(event.value, str(exc), "window"),
+                                                              contract.REJECTS), partition=p)
+                partitions.processed(p, offset)
+                continue
+            closed, late = partitions.state(p).update(readings, offset, _max_ts_before(event.message.headers))
+            if emit and closed.num_rows:
+                WINDOW_ROWS.inc(closed.num_rows)
+                await windows_out.send(value=contract.encode(closed, contract.WINDOWS), partition=p)
+            if emit and late.any():
+                WINDOW_LATE.inc(int(late.sum()))
+                verdict = np.where(late, K.LATE, K.OK).astype(np.int8)
+                await late_out.send(value=contract.encode(rejects(readings, verdict, late, "window"),
+                                                          contract.REJECTS), partition=p)
+            partitions.processed(p, offset)
+
+    app.on_partitions_assigned.connect(lambda sender, assigned, **_: partitions.on_assigned(assigned))
+    app.timer(1.0, name=f"{app.conf.id}.window.commit")(partitions.commit)
+    app.before_stop(partitions.commit)
+    return partitions
+
+
+def _max_ts_before(headers) -> int | None:
+    """The clean stage's watermark base before this record, from the record headers."""
+    items = headers.items() if isinstance(headers, dict) else (headers or [])
+    for key, value in items:
+        if key == MAX_TS_HEADER:
+            return int(value)
+    return None

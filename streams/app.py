@@ -9,11 +9,31 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import faust
 
 from aimass.config import Config
 from streams import contract
+
+
+class StageApp(faust.App):
+    """A Faust app that runs ``before_stop`` hooks (final flush + commit) while its consumer still runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._before_stop: list[Callable[[], Awaitable[None]]] = []
+
+    def before_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
+        self._before_stop.append(hook)
+
+    async def on_stop(self) -> None:
+        for hook in self._before_stop:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - stopping must go on; replay covers what was not committed
+                logging.getLogger(__name__).exception("stop hook %r failed", hook)
+        await super().on_stop()
 
 
 def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
@@ -49,7 +69,7 @@ def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
     credentials = _credentials(cfg)
     if credentials is not None:
         settings["broker_credentials"] = credentials
-    return faust.App(f"{k.topic_prefix}-{stage}", **settings)
+    return StageApp(f"{k.topic_prefix}-{stage}", **settings)
 
 
 def _credentials(cfg: Config):
@@ -64,10 +84,14 @@ def _credentials(cfg: Config):
     return faust.SSLCredentials(context)
 
 
-def raw_topic(app: faust.App, cfg: Config, topic: contract.Topic) -> faust.TopicT:
-    """The Faust topic of a contract topic (raw bytes keys and values)."""
+def raw_topic(app: faust.App, cfg: Config, topic: contract.Topic, acks: bool = True) -> faust.TopicT:
+    """The Faust topic of a contract topic (raw bytes keys and values).
+
+    ``acks=False``: Faust never commits this topic's offsets; the agent commits them itself
+    (``streams.replay``).
+    """
     return app.topic(topic.name(cfg.kafka.topic_prefix), key_type=bytes, value_type=bytes,
-                     key_serializer="raw", value_serializer="raw",
+                     key_serializer="raw", value_serializer="raw", acks=acks,
                      partitions=contract.topic_partitions(topic, cfg.kafka.partitions))
 
 

@@ -1,0 +1,182 @@
+"""The clean stage: raw reading batches in, clean batches, dead letters and late readings out.
+
+Per batch (vectorised, then one numba pass for the stateful part): non-finite values, unknown
+units and out-of-range values (``streams.units``), readings more than ``clean.max_clock_skew_s``
+after their bridge receive time ("future"), duplicates of (device, metric, ts) within
+``clean.dedup_horizon_s`` (at least the allowed lateness), and late readings (event time below
+the partition watermark: max event time - ``clean.allowed_lateness_s``). Rejects go to the
+dead-letter topic with a reason, late readings to the late topic. Every clean record carries
+header ``max_ts_before`` (the watermark base before it), so the window agent's lateness decisions
+are reproducible after a restart.
+
+State (watermark, dedup set) survives restarts by replay (``streams.replay``): the committed
+offset stays at the oldest raw record still in the dedup horizon or holding the max event time,
+so a new owner rebuilds exactly the dedup set and watermark. One approximation: a reading that
+was late before the restart point and is duplicated later may be reported as "duplicate"
+instead of "late" after a restart (rejected either way; windows are unaffected).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import faust
+import numpy as np
+import pyarrow as pa
+from prometheus_client import Counter
+
+from agents import kernels as K
+from aimass.config import CleanConfig, Config
+from streams import contract
+from streams.app import raw_topic
+from streams.replay import ReplayedPartitions
+from streams.units import UnitTable
+
+log = logging.getLogger(__name__)
+
+READINGS_IN = Counter("aimass_clean_readings_in_total", "Readings the clean stage received")
+READINGS_OUT = Counter("aimass_clean_readings_out_total", "Readings the clean stage passed on")
+REJECTED = Counter("aimass_clean_rejected_total", "Readings sent to the dead-letter topic", ["reason"])
+LATE = Counter("aimass_clean_late_total", "Readings below the watermark, sent to the late topic")
+
+DETAILS = {
+    K.NON_FINITE: "value is NaN or infinite",
+    K.OUT_OF_RANGE: "value outside the metric's valid range (canonical unit)",
+    K.BAD_UNIT: "unit cannot be converted to the metric's canonical unit",
+    K.FUTURE: "timestamp later than bridge receive time + clean.max_clock_skew_s",
+    K.DUPLICATE: "same device, metric and timestamp already seen within clean.dedup_horizon_s",
+    K.LATE: "event time below the partition watermark (max event time - clean.allowed_lateness_s)",
+}
+MAX_TS_HEADER = "max_ts_before"
+
+
+@dataclass
+class CleanResult:
+    """Outputs of one raw batch."""
+
+    clean: pa.Table        # READINGS, canonical units
+    dead: pa.Table         # REJECTS, stage "clean"
+    late: pa.Table         # REJECTS, reason "late"
+    max_ts_before: int     # watermark base before the batch
+
+
+class CleanEngine:
+    """Clean state of one partition: series index, dedup set and watermark."""
+
+    def __init__(self, clean: CleanConfig, units: UnitTable) -> None:
+        self.units = units
+        self.drop_non_finite = clean.drop_non_finite
+        self.lateness_ms = int(clean.allowed_lateness_s * 1000)
+        self.horizon_ms = max(int(clean.dedup_horizon_s * 1000), self.lateness_ms)
+        self.skew_ms = int(clean.max_clock_skew_s * 1000)
+        self.series = K.SeriesIndex()
+        self.seen = K.new_seen()
+        self.max_ts = K.NO_TS
+        self.max_ts_offset = -1
+
+    def process(self, raw: pa.Table, offset: int = 0) -> CleanResult:
+        """Classify every reading of one raw batch (Kafka ``offset``) in arrival order."""
+        ts = raw["ts_ms"].to_numpy()
+        value = raw["value"].to_numpy(zero_copy_only=False)
+        canonical, unit, bad_unit, out_of_range = self.units.apply(raw["metric"], raw["unit"], value)
+        verdict = np.zeros(raw.num_rows, np.int8)
+        verdict[ts > raw["received_ms"].to_numpy() + self.skew_ms] = K.FUTURE
+        verdict[out_of_range] = K.OUT_OF_RANGE
+        verdict[bad_unit] = K.BAD_UNIT
+        if self.drop_non_finite:
+            verdict[~np.isfinite(value)] = K.NON_FINITE
+        series = self.series.lookup(raw["tenant"], raw["device_id"], raw["metric"])
+        max_ts_before = self.max_ts
+        self.max_ts, self.max_ts_offset = K.clean_update(
+            series, ts, np.full(raw.num_rows, offset, np.int64), verdict, self.seen,
+            self.max_ts, self.max_ts_offset, self.lateness_ms, self.horizon_ms)
+        ok = verdict == K.OK
+        clean = raw.set_column(raw.schema.get_field_index("value"), "value", pa.array(canonical)) \
+                   .set_column(raw.schema.get_field_index("unit"), "unit", unit).filter(ok)
+        late = verdict == K.LATE
+        return CleanResult(clean, rejects(raw, verdict, ~ok & ~late), rejects(raw, verdict, late), max_ts_before)
+
+    def live_offset(self) -> int:
+        """Oldest raw offset the dedup set or the watermark depends on (-1: none)."""
+        oldest_seen = K.clean_prune(self.seen, self.max_ts, self.horizon_ms)
+        live = [o for o in (oldest_seen, self.max_ts_offset) if o >= 0]
+        return min(live) if live else -1
+
+
+def rejects(raw: pa.Table, verdict: np.ndarray, mask: np.ndarray, stage: str = "clean") -> pa.Table:
+    """REJECTS rows for the masked readings, reason and detail from their verdict."""
+    rows = raw.filter(pa.array(mask))
+    codes = verdict[mask]
+    n = rows.num_rows
+    reason = np.array(K.REASONS, dtype=object)[codes]
+    detail = np.array([DETAILS.get(c, "") for c in range(len(K.REASONS))], dtype=object)[codes]
+    return pa.table({
+        "stage": pa.array([stage] * n, pa.string()),
+        "reason": pa.array(reason, pa.string()),
+        "detail": pa.array(detail, pa.string()),
+        "mqtt_topic": pa.nulls(n, pa.string()),
+        "payload": pa.nulls(n, pa.binary()),
+        **{name: rows[name] for name in ("tenant", "device_id", "metric", "ts_ms", "value", "unit", "received_ms")},
+        "rejected_ms": pa.array(np.full(n, int(time.time() * 1000), np.int64)),
+    }, schema=contract.REJECTS)
+
+
+def unreadable(value: bytes, error: str, stage: str = "clean") -> pa.Table:
+    """One REJECTS row for a Kafka record that is not a READINGS batch."""
+    row = {name: [None] for name in contract.REJECTS.names}
+    row.update(stage=[stage], reason=["bad_record"], detail=[error[:500]], payload=[value],
+               rejected_ms=[int(time.time() * 1000)])
+    return pa.table(row, schema=contract.REJECTS)
+
+
+def register(app: faust.App, cfg: Config) -> ReplayedPartitions[CleanEngine]:
+    """The clean agent: RAW -> CLEAN / DEAD_LETTER / LATE, same partition numbers."""
+    units = UnitTable.load(cfg.clean.units_file)
+    source = raw_topic(app, cfg, contract.RAW, acks=False)
+    clean_out = raw_topic(app, cfg, contract.CLEAN)
+    dead_out = raw_topic(app, cfg, contract.DEAD_LETTER)
+    late_out = raw_topic(app, cfg, contract.LATE)
+    partitions = ReplayedPartitions(app, cfg, source.get_topic_name(), "clean",
+                                    lambda: CleanEngine(cfg.clean, units))
+
+    @app.agent(source, name=f"{app.conf.id}.clean")
+    async def clean(stream):
+        async for event in stream.events():
+            p, offset = event.message.partition, event.message.offset
+            emit = not partitions.restoring(p, offset)
+            try:
+                raw = contract.decode(event.value, contract.READINGS)
+            except ValueError as exc:
+                if emit:
+                    REJECTED.labels("bad_record").inc()
+                    await dead_out.send(value=contract.encode(unreadable(event.value, str(exc)), contract.REJECTS),
+                                        partition=p)
+                partitions.processed(p, offset)
+                continue
+            result = partitions.state(p).process(raw, offset)
+            if emit:
+                await publish(result, p, clean_out, dead_out, late_out)
+            partitions.processed(p, offset)
+
+    app.on_partitions_assigned.connect(lambda sender, assigned, **_: partitions.on_assigned(assigned))
+    app.timer(1.0, name=f"{app.conf.id}.clean.commit")(partitions.commit)
+    app.before_stop(partitions.commit)
+    return partitions
+
+
+async def publish(result: CleanResult, partition: int, clean_out, dead_out, late_out) -> None:
+    """Send one batch's outputs to the same partition number of each topic; count them."""
+    n_in = result.clean.num_rows + result.dead.num_rows + result.late.num_rows
+    READINGS_IN.inc(n_in)
+    if result.clean.num_rows:
+        READINGS_OUT.inc(result.clean.num_rows)
+        await clean_out.send(value=contract.encode(result.clean, contract.READINGS), partition=partition,
+                             headers=[(MAX_TS_HEADER, str(result.max_ts_before).encode())])
+    if result.dead.num_rows:
+        for reason, count in zip(*np.unique(result.dead["reason"].to_numpy(zero_copy_only=False), return_counts=True)):
+            REJECTED.labels(reason).inc(int(count))
+        await dead_out.send(value=contract.encode(result.dead, contract.REJECTS), partition=partition)
+    if result.late.num_rows:
+        LATE.inc(result.late.num_rows)
+        await late_out.send(value=contract.encode(result.late, contract.REJECTS), partition=partition)

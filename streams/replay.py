@@ -1,0 +1,112 @@
+"""State that survives restarts and rebalances by replay, not by changelogs.
+
+A stateful agent (clean, window) keeps per-partition state that is a deterministic function of
+its input partition, read in order from some restart offset. Two offsets per partition make a
+restart exact:
+
+- the restart offset (the consumer group's committed offset, where Faust resumes): the oldest
+  input record the state still depends on (``state.live_offset()``);
+- the emitted-through offset (committed in the sibling group ``<app id>-<stage>-emitted``):
+  every record below it has had its outputs produced.
+
+After any assignment the agent drops its state, Faust seeks to the restart offset, and records
+below the emitted-through offset are replayed in *restore* mode: they rebuild the state but emit
+nothing. From there on the agent emits exactly what the previous owner would have emitted
+(at-least-once: records after the last commit are emitted again, with identical content).
+The broker's end offsets and Faust table changelogs are not used (broken on the local broker).
+Each commit first flushes the producer, then the marker, then the restart offset.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Generic, Protocol, TypeVar
+
+import faust
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from faust.types import TP
+
+from aimass.config import Config
+from streams.kafka import consumer_config
+
+log = logging.getLogger(__name__)
+
+
+class ReplayableState(Protocol):
+    def live_offset(self) -> int:
+        """Oldest input offset the state depends on; -1 when it depends on none."""
+
+
+S = TypeVar("S", bound=ReplayableState)
+
+
+class ReplayedPartitions(Generic[S]):
+    """Per-partition state of one agent's input topic, rebuilt by replay after each assignment."""
+
+    def __init__(self, app: faust.App, cfg: Config, topic_name: str, stage: str, new_state: Callable[[], S]):
+        self.app = app
+        self.topic_name = topic_name
+        self.new_state = new_state
+        self.states: dict[int, S] = {}
+        self._emitted_through: dict[int, int] = {}  # restore mode below this offset
+        self._next: dict[int, int] = {}              # last processed offset + 1
+        self._committed: dict[int, tuple[int, int]] = {}
+        self._lock = asyncio.Lock()
+        self._markers = Consumer(consumer_config(cfg, f"{app.conf.id}-{stage}-emitted"))
+
+    def state(self, partition: int) -> S:
+        state = self.states.get(partition)
+        if state is None:
+            state = self.states[partition] = self.new_state()
+        return state
+
+    def restoring(self, partition: int, offset: int) -> bool:
+        """True while replaying records whose outputs the previous owner already produced."""
+        return offset < self._emitted_through.get(partition, -1)
+
+    def processed(self, partition: int, offset: int) -> None:
+        self._next[partition] = offset + 1
+
+    async def on_assigned(self, assigned: set[TP]) -> None:
+        """Forget all state (Faust seeks every partition back to its restart offset) and load markers."""
+        async with self._lock:
+            partitions = sorted(tp.partition for tp in assigned if tp.topic == self.topic_name)
+            self.states.clear()
+            self._next.clear()
+            self._committed.clear()
+            self._emitted_through = await asyncio.get_running_loop().run_in_executor(
+                None, self._read_markers, partitions)
+            if self._emitted_through:
+                log.info("%s: replaying up to %s before emitting", self.topic_name, self._emitted_through)
+
+    def _read_markers(self, partitions: list[int]) -> dict[int, int]:
+        if not partitions:
+            return {}
+        found = self._markers.committed([TopicPartition(self.topic_name, p) for p in partitions], timeout=30)
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+
+    async def commit(self) -> None:
+        """Flush outputs, then commit emitted-through markers and restart offsets of every partition."""
+        async with self._lock:
+            marks: dict[int, tuple[int, int]] = {}
+            for partition, nxt in self._next.items():
+                live = self.states[partition].live_offset() if partition in self.states else -1
+                restart = nxt if live < 0 else min(live, nxt)
+                emitted = max(nxt, self._emitted_through.get(partition, -1))
+                if self._committed.get(partition) != (emitted, restart):
+                    marks[partition] = (emitted, restart)
+            if not marks:
+                return
+            await self.app.producer.flush()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, lambda: self._markers.commit(
+                    offsets=[TopicPartition(self.topic_name, p, e) for p, (e, _) in marks.items()],
+                    asynchronous=False))
+            except KafkaException as exc:
+                log.warning("%s: marker commit failed (will retry): %s", self.topic_name, exc)
+                return
+            if await self.app.consumer._commit({TP(self.topic_name, p): r for p, (_, r) in marks.items()}):
+                self._committed.update(marks)
+
+    def close(self) -> None:
+        self._markers.close()
