@@ -1,0 +1,224 @@
+"""`aimass demo`: the whole pipeline on the embedded stack, with simulated devices.
+
+It starts Mosquitto, the Kafka broker and tritonserver (`aimass up`), every stage as its own
+supervised process (bridge, two workers, predict, alerter, sink), a verifying webhook
+receiver for the alerts, and the simulator with injected anomalies. It shows live progress
+(rates per stage, backlog, active alarms), then prints a summary read back from the store.
+The data stays in the store for `aimass query`. Ctrl-C stops everything cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from aimass.clickhouse import open_reader
+from aimass.config import Config
+from aimass.receiver import WebhookReceiver
+from aimass.stack import down, up
+from aimass.supervisor import Supervisor, aimass_argv, scrape
+from rules.groundtruth import QualityTracker
+from streams.simulator import SimSpec, publish
+
+WEBHOOK_PORT = 8099  # the example receivers (rules/examples/receivers.yaml) post here
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One stage process: its `aimass` command and the environment that gives it its own ports."""
+
+    name: str
+    command: str
+    env: dict[str, str]
+    metrics_port: int
+
+
+def stage_plans(cfg: Config, workers: int) -> list[StagePlan]:
+    """The pipeline's stage processes, sink first (it migrates the store), bridge last."""
+    plans = [StagePlan("sink", "sink", {}, cfg.clickhouse.metrics_port),
+             StagePlan("predict", "predict", {}, cfg.predict.metrics_port),
+             StagePlan("alerter", "alerter", {}, cfg.alert.metrics_port)]
+    for i in range(workers):
+        port = cfg.worker.metrics_port + 10 * i
+        plans.append(StagePlan(f"worker-{i + 1}", "worker",
+                               {"AIMASS_WORKER_METRICS_PORT": str(port),
+                                "AIMASS_WORKER_WEB_PORT": str(cfg.worker.web_port + i)}, port))
+    plans.append(StagePlan("bridge", "bridge", {}, cfg.bridge.metrics_port))
+    return plans
+
+
+def start_pipeline(cfg: Config, sup: Supervisor, plans: list[StagePlan], base_env: dict[str, str],
+                   say=print) -> None:
+    """Start every stage and wait until each serves its metrics (it is up and consuming)."""
+    for plan in plans:
+        say(f"starting {plan.name} (`aimass {plan.command}`, log {sup.log_dir / plan.name}.log) ...")
+        sup.start(plan.name, aimass_argv(plan.command), {**base_env, **plan.env})
+    deadline = time.monotonic() + 120
+    waiting = {p.name: p.metrics_port for p in plans}
+    while waiting and time.monotonic() < deadline:
+        for name, port in list(waiting.items()):
+            if scrape(port):
+                del waiting[name]
+            elif not sup.alive(name) and sup.restarts(name) > 3:
+                raise RuntimeError(f"stage {name} keeps crashing: see {sup.log_dir / name}.log")
+        time.sleep(0.5)
+    if waiting:
+        raise RuntimeError(f"stages not up after 120 s: {', '.join(waiting)} (see their logs in {sup.log_dir})")
+
+
+def progress_line(elapsed_s: float, m: dict[str, float], prev: dict[str, float], dt: float, published: int) -> str:
+    """One line of live progress from the stages' metrics."""
+    def rate(name: str) -> float:
+        return (m.get(name, 0.0) - prev.get(name, 0.0)) / dt if dt > 0 else 0.0
+
+    bridged = m.get("aimass_bridge_readings_produced_total", 0)
+    stored = m.get('aimass_sink_rows_total{table="readings"}', 0)
+    return (f"[{elapsed_s:5.0f}s] published {published:>8,d} | bridge {rate('aimass_bridge_readings_produced_total'):7,.0f}/s"
+            f" rejected {m.get('aimass_bridge_rejected_total', 0):,.0f} | clean {rate('aimass_clean_readings_out_total'):7,.0f}/s"
+            f" late {m.get('aimass_clean_late_total', 0):,.0f} | windows {rate('aimass_window_rows_total'):5,.0f}/s"
+            f" | predictions {rate('aimass_predict_rows_total'):5,.0f}/s"
+            f" degraded {m.get('aimass_predict_degraded_rows_total', 0):,.0f}"
+            f" | stored {stored:>8,.0f} backlog {max(0.0, bridged - stored):>7,.0f}"
+            f" | alarms {m.get('aimass_alarms_active', 0):.0f} active")
+
+
+def percentiles(reader, sql_expr: str, table: str, where: str = "1") -> tuple[float, float]:
+    """p50 and p99 of an expression over a table (seconds), NaN when empty."""
+    t = reader.query(f"SELECT quantile(0.5)({sql_expr}) AS p50, quantile(0.99)({sql_expr}) AS p99 "
+                     f"FROM {table} WHERE {where}")
+    return float(t.column("p50")[0].as_py() or float("nan")), float(t.column("p99")[0].as_py() or float("nan"))
+
+
+def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, receiver: WebhookReceiver,
+              say=print) -> dict:
+    """Read the run back from the store and print the summary; returns the figures."""
+    reader = open_reader(cfg)
+    t = f"tenant = '{tenant}'"
+
+    def scalar(sql: str) -> float:
+        value = reader.query(sql).column(0)[0].as_py()
+        return float(value) if value is not None else 0.0
+
+    stored = scalar(f"SELECT count() FROM (SELECT * FROM readings FINAL WHERE {t})")
+    rejects = reader.query(f"SELECT stage, reason, count() AS n FROM rejects FINAL WHERE {t} OR tenant = '' "
+                           "GROUP BY stage, reason ORDER BY n DESC").to_pylist()
+    windows = scalar(f"SELECT count() FROM (SELECT * FROM windows FINAL WHERE {t})")
+    predictions = scalar(f"SELECT count() FROM (SELECT * FROM predictions FINAL WHERE {t})")
+    degraded = scalar(f"SELECT countIf(degraded) FROM (SELECT * FROM predictions FINAL WHERE {t})")
+    alerts = reader.query(f"SELECT * FROM alerts FINAL WHERE {t} ORDER BY event_at").to_pylist()
+    stored_p50, stored_p99 = percentiles(reader, "dateDiff('millisecond', ts, inserted_at) / 1000", "readings", t)
+    alert_p50, alert_p99 = percentiles(
+        reader, "dateDiff('millisecond', source_received_at, event_at) / 1000", "alerts",
+        f"{t} AND transition IN ('raised', 'reraised') AND toUnixTimestamp64Milli(source_received_at) > 0")
+    quality = QualityTracker()
+    if labels_path.exists():
+        quality.add_labels(pq.read_table(labels_path))
+    quality.add_alert_events({**a, "event_ms": _ms(a["event_at"])} for a in alerts)
+    quality.advance(2 ** 62)
+    quality.decide()
+    scores = quality.rows(int(time.time() * 1000))
+
+    say("\n=== AI Mass demo summary ===")
+    say(f"readings published      {published.get('readings', 0):,d} in {published.get('messages', 0):,d} MQTT messages")
+    say(f"readings stored         {stored:,.0f} (ClickHouse, exactly once)")
+    say("rejected / late         " + (", ".join(f"{r['stage']}:{r['reason']}={r['n']}" for r in rejects) or "none"))
+    say(f"windows                 {windows:,.0f}")
+    say(f"predictions             {predictions:,.0f} ({(degraded / predictions if predictions else 0):.1%} degraded)")
+    raised = [a for a in alerts if a["transition"] in ("raised", "reraised")]
+    say(f"alarm events            {len(alerts)} ({len(raised)} raised); webhook received {len(receiver.events)} "
+        f"events in {len(receiver.notifications)} notifications, {receiver.bad_signatures} bad signatures")
+    for s in scores:
+        say(f"detection {s['rule'] or s['model']:<22s} precision {s['precision']:.2f} recall {s['recall']:.2f} "
+            f"mean delay {s['mean_delay_s']:.1f}s (TP {s['true_positives']}, FP {s['false_positives']}, "
+            f"FN {s['false_negatives']})")
+    say(f"latency publish->stored p50 {stored_p50:.2f}s p99 {stored_p99:.2f}s; "
+        f"publish->alert p50 {alert_p50:.2f}s p99 {alert_p99:.2f}s")
+    say("explore: `aimass query --list`, e.g. `aimass query top-anomalous`")
+    return {"stored": stored, "rejects": rejects, "windows": windows, "predictions": predictions,
+            "degraded": degraded, "alerts": len(alerts), "quality": scores,
+            "latency_stored_p50_s": stored_p50, "latency_stored_p99_s": stored_p99,
+            "latency_alert_p50_s": alert_p50, "latency_alert_p99_s": alert_p99}
+
+
+def _ms(value) -> int:
+    return int(value.timestamp() * 1000) if hasattr(value, "timestamp") else int(value)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.add_argument("--minutes", type=float, default=3.0, help="how long the simulator publishes (default 3)")
+    p.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")
+    p.add_argument("--metrics", type=int, default=3, help="metrics per device (default 3)")
+    p.add_argument("--rate", type=float, default=2.0, help="readings per series per second (default 2)")
+    p.add_argument("--anomalies", type=int, default=12, help="anomalies to inject (default 12)")
+    p.add_argument("--format", choices=("json", "multi", "senml"), default="senml",
+                   help="device payload format (default senml packs)")
+    p.add_argument("--workers", type=int, default=2, help="Faust worker processes (default 2)")
+    p.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
+    p.add_argument("--keep-stack", action="store_true",
+                   help="leave mosquitto / kafka / tritonserver running afterwards (`aimass down` stops them)")
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    tenant = f"demo{int(time.time()) % 100000}"
+    run_dir = cfg.run_dir
+    labels_path = run_dir / f"labels-{tenant}.parquet"
+    secret = os.environ.get(cfg.alert.webhook_secret_env) or secrets.token_hex(16)
+    base_env = {cfg.alert.webhook_secret_env: secret, "AIMASS_RUN_DIR": str(run_dir)}
+    say = print
+    say(f"AI Mass demo: {args.devices} devices x {args.metrics} metrics at {args.rate}/s for {args.minutes} min, "
+        f"{args.anomalies} injected anomalies; run dir {run_dir}")
+    up(cfg, say=say)
+    receiver = WebhookReceiver(secret, WEBHOOK_PORT).start()
+    sup = Supervisor(run_dir, auto_restart=True)
+    stop = threading.Event()
+    published: dict = {}
+    try:
+        plans = stage_plans(cfg, args.workers)
+        start_pipeline(cfg, sup, plans, base_env, say)
+        spec = SimSpec(devices=args.devices, metrics=args.metrics, rate_hz=args.rate, duration_s=args.minutes * 60,
+                       seed=args.seed, tenant=tenant, anomalies=args.anomalies, format=args.format,
+                       publish_labels=True)
+        live: dict = {"readings": 0}
+        sim = threading.Thread(target=lambda: published.update(
+            publish(cfg, spec, labels_path=labels_path, progress=live.update, stop=stop.is_set)), daemon=True)
+        sim.start()
+        ports = [p.metrics_port for p in plans]
+        t0 = prev_t = time.monotonic()
+        prev: dict[str, float] = {}
+        drained_since, last_stored = t0, -1.0
+        while True:
+            time.sleep(2)
+            now = time.monotonic()
+            m = scrape(*ports)
+            say(progress_line(now - t0, m, prev, now - prev_t, int(published.get("readings", live["readings"]))))
+            prev, prev_t = m, now
+            stored = m.get("aimass_sink_rows_total", 0)
+            if not sim.is_alive():
+                # Drained: the simulator is done and the sink stored nothing new for 10 s.
+                if stored != last_stored or stored == 0:
+                    last_stored, drained_since = stored, now
+                elif now - drained_since > 10:
+                    break
+            if now - t0 > args.minutes * 60 + 180:
+                say("pipeline did not drain within 3 minutes after the simulator stopped; summarizing anyway")
+                break
+        summarize(cfg, tenant, published, labels_path, receiver, say)
+        return 0
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping the pipeline ...")
+        return 130
+    finally:
+        stop.set()
+        codes = sup.stop_all(timeout=20)
+        receiver.stop()
+        say("stages stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
+        if not args.keep_stack:
+            down(cfg, say=say)
+        say(f"data kept in {run_dir} (`aimass query` reads it)")
