@@ -149,8 +149,8 @@ class Bridge:
             try:
                 tenant, device_id = self.telemetry.parse(topic)
                 is_label = False
-            except Rejected:
-                if self.labels is None:
+            except Rejected as r:
+                if self.labels is None or r.reason != "bad_topic":
                     raise
                 tenant, device_id = self.labels.parse(topic)
                 is_label = True
@@ -291,8 +291,17 @@ class Bridge:
         b = self.cfg.bridge
         connect(self.client, self.cfg, clean_start=False, session_expiry_s=b.session_expiry_s,
                 receive_maximum=b.receive_maximum)
-        for sub in self._subscriptions():
-            self.client.subscribe(sub, qos=self.cfg.mqtt.qos)
+        acked: list = []
+        self.client.on_subscribe = lambda _c, _u, _mid, codes, _p: acked.append(codes)
+        self.client.subscribe([(sub, self.cfg.mqtt.qos) for sub in self._subscriptions()])
+        deadline = time.monotonic() + 10
+        while not acked:
+            if self.client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
+                raise StackError("the MQTT broker did not confirm the subscription")
+        refused = [c for c in acked[0] if c.is_failure]
+        if refused:
+            raise StackError(f"the MQTT broker refused the subscription ({refused[0]}): check the ACL of "
+                             f"mqtt.username for {', '.join(self._subscriptions())}")
         log.info("bridge %s subscribed to %s -> Kafka %s", self.client_id, ", ".join(self._subscriptions()),
                  self.cfg.kafka.bootstrap)
 

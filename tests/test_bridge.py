@@ -1,0 +1,162 @@
+"""The bridge against real Mosquitto and Kafka-protocol brokers, run as real `aimass bridge` processes."""
+from __future__ import annotations
+
+import collections
+import shutil
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from aimass.procs import free_port
+from aimass.stack import start_mosquitto, stop_server
+from streams import contract
+from streams.mqtt import Publisher
+from streams.payloads import TopicPattern, encode_reading
+from streams.simulator import SimSpec, publish
+from tests.fixtures_ingest import BridgeProcess, isolate, read_records, rows_of
+
+pytestmark = pytest.mark.integration
+
+
+def identity(row: dict) -> tuple:
+    return row["tenant"], row["device_id"], row["metric"], row["ts_ms"]
+
+
+def assert_device_order(rows: list[dict], partitions: int) -> None:
+    """Every device sits in its own partition and each series' timestamps rise in Kafka order."""
+    last: dict[tuple, int] = {}
+    for row in rows:
+        assert row["partition"] == contract.partition_for(row["tenant"], row["device_id"], partitions)
+        key = (row["tenant"], row["device_id"], row["metric"])
+        assert row["ts_ms"] > last.get(key, -1), f"out of order for {key}"
+        last[key] = row["ts_ms"]
+
+
+def mosquitto_pub(cfg, topic: str, lines: list[bytes]) -> None:
+    """Publish one message per line with the real `mosquitto_pub` client (QoS 1)."""
+    subprocess.run([shutil.which("mosquitto_pub") or "mosquitto_pub", "-h", cfg.mqtt.host,
+                    "-p", str(cfg.mqtt.port), "-q", "1", "-V", "mqttv5", "-t", topic, "-l"],
+                   input=b"\n".join(lines) + b"\n", check=True, timeout=30)
+
+
+def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_letter_topic(cfg, tmp_path):
+    cfg = isolate(cfg)
+    telemetry = TopicPattern(cfg.mqtt.topic_pattern)
+    now_ms = int(time.time() * 1000)
+    good = [encode_reading("temp", now_ms - 10_000 + i, 20.0 + i / 100, "Cel") for i in range(200)]
+    bad = {
+        b'{"metric": "temp", "value": "hot"}': "bad_value",
+        b'{"metric": "temp", "value": 1, "unit": "furlongs"}': "unknown_unit",
+        b'{"metric": "temp", "value": 1, "ts": 99999999999999}': "future_ts",
+        b"not json": "bad_json",
+        b"[]": "bad_schema",
+    }
+    lines = good[:100] + list(bad) + good[100:]
+    with BridgeProcess(cfg, "b1", tmp_path / "bridge.log") as bridge:
+        sim = publish(cfg, SimSpec(devices=6, metrics=2, rate_hz=25, duration_s=4, tenant="sim", anomalies=2,
+                                   publish_labels=True))
+        packs = publish(cfg, SimSpec(devices=3, metrics=3, rate_hz=50, duration_s=1, tenant="pack", format="senml",
+                                     pack_size=10, seed=1))
+        mosquitto_pub(cfg, telemetry.topic("cli", "cli-1"), lines)
+        mosquitto_pub(cfg, telemetry.topic("cli", "bad$id"), [good[0]])
+        mosquitto_pub(cfg, TopicPattern(cfg.mqtt.labels_pattern).topic("cli", "cli-1"),
+                      [orjson.dumps({"start": now_ms - 5000, "end": now_ms, "kind": "maintenance"})])
+        expected = sim["readings"] + packs["readings"] + len(good)
+        rows = rows_of(read_records(cfg, contract.RAW, expected))
+        dead = rows_of(read_records(cfg, contract.DEAD_LETTER, len(bad) + 1, settle_s=0.2))
+        labels = rows_of(read_records(cfg, contract.LABEL_ROWS, sim["labels_published"] + 1, settle_s=0.2))
+        counts = bridge.terminate()
+
+    assert sim["all_acked"] and packs["all_acked"] and sim["labels_published"] >= 1
+    assert len(rows) == expected and len({identity(r) for r in rows}) == expected  # all, once
+    by_tenant = collections.Counter(r["tenant"] for r in rows)
+    assert by_tenant == {"sim": sim["readings"], "pack": packs["readings"], "cli": len(good)}
+    cli = [(r["ts_ms"], r["value"], r["unit"]) for r in rows if r["tenant"] == "cli"]
+    assert cli == [(now_ms - 10_000 + i, 20.0 + i / 100, "Cel") for i in range(200)]
+    assert_device_order(rows, cfg.kafka.partitions)
+    assert all(r["received_ms"] >= r["ts_ms"] - 1000 for r in rows if r["tenant"] == "sim")
+
+    got = {(r["payload"], r["reason"], r["mqtt_topic"], r["stage"]) for r in dead}
+    want = {(p, reason, telemetry.topic("cli", "cli-1"), "bridge") for p, reason in bad.items()}
+    want.add((good[0], "bad_device_id", telemetry.topic("cli", "bad$id"), "bridge"))
+    assert got == want and len(dead) == len(want)
+    assert all(r["detail"] for r in dead)
+
+    assert {(r["tenant"], r["device_id"], r["kind"], r["source"]) for r in labels} >= {
+        ("cli", "cli-1", "maintenance", "mqtt")}
+    assert len([r for r in labels if r["tenant"] == "sim"]) == sim["labels_published"]
+    assert counts["readings"] == expected and counts["rejected"] == len(want)
+
+
+def publish_sequence(cfg, tenant: str, devices: int, start: int, stop: int, base_ms: int,
+                     publisher: Publisher) -> None:
+    """Readings start..stop-1 of every device, one message each, ts = base_ms + i."""
+    telemetry = TopicPattern(cfg.mqtt.topic_pattern)
+    topics = [telemetry.topic(tenant, f"d{d}") for d in range(devices)]
+    for i in range(start, stop):
+        for topic in topics:
+            publisher.publish(topic, encode_reading("seq", base_ms + i, float(i)))
+
+
+def test_sigkill_mid_stream_loses_no_accepted_reading(cfg, tmp_path):
+    cfg = isolate(cfg)
+    cfg.bridge.receive_maximum = 2000
+    cfg.bridge.flush_readings = 500
+    devices, per_device = 10, 1500
+    base_ms = int(time.time() * 1000) - 60_000
+    log = tmp_path / "bridge.log"
+    with Publisher(cfg, "seq-pub") as pub:
+        with BridgeProcess(cfg, "victim", log) as bridge:
+            publish_sequence(cfg, "kill", devices, 0, 500, base_ms, pub)
+            read_records(cfg, contract.RAW, 1, settle_s=0)  # the first flush is in Kafka: the bridge is busy
+            bridge.kill()  # mid-stream: some flushes confirmed, some in flight, some unacked in MQTT
+        publish_sequence(cfg, "kill", devices, 500, 1000, base_ms, pub)  # queued in the bridge's session
+        assert pub.drain(30)
+        with BridgeProcess(cfg, "victim", log) as bridge:
+            publish_sequence(cfg, "kill", devices, 1000, per_device, base_ms, pub)
+            assert pub.drain(30)
+            rows = rows_of(read_records(cfg, contract.RAW, devices * per_device))
+            bridge.terminate()
+    ids = collections.Counter(identity(r) for r in rows)
+    expected = {("kill", f"d{d}", "seq", base_ms + i) for d in range(devices) for i in range(per_device)}
+    assert expected - set(ids) == set(), "accepted readings missing after SIGKILL"
+    assert set(ids) == expected
+    duplicates = sum(ids.values()) - len(ids)
+    assert duplicates <= cfg.bridge.receive_maximum + cfg.bridge.flush_readings, f"{duplicates} duplicates"
+
+
+def test_two_bridges_share_the_stream(cfg, tmp_path):
+    cfg = isolate(cfg)
+    with BridgeProcess(cfg, "share-1", tmp_path / "b1.log") as b1, \
+            BridgeProcess(cfg, "share-2", tmp_path / "b2.log") as b2:
+        summary = publish(cfg, SimSpec(devices=20, metrics=2, rate_hz=50, duration_s=2, tenant="share"))
+        rows = rows_of(read_records(cfg, contract.RAW, summary["readings"]))
+        c1, c2 = b1.terminate(), b2.terminate()
+    assert len(rows) == len({identity(r) for r in rows}) == summary["readings"]
+    assert c1["messages"] > 0 and c2["messages"] > 0
+    assert c1["messages"] + c2["messages"] == summary["messages"]
+
+
+def test_bridge_survives_an_mqtt_broker_restart(cfg, tmp_path):
+    cfg = isolate(cfg)
+    port = free_port()
+    broker = start_mosquitto(tmp_path, port)
+    cfg.mqtt.port = port
+    base_ms = int(time.time() * 1000) - 60_000
+    try:
+        with BridgeProcess(cfg, "restart", tmp_path / "bridge.log") as bridge:
+            with Publisher(cfg, "before") as pub:
+                publish_sequence(cfg, "mr", 4, 0, 200, base_ms, pub)
+            read_records(cfg, contract.RAW, 800, settle_s=0)
+            stop_server(broker)
+            broker = start_mosquitto(tmp_path, port)  # same directory: the persisted sessions come back
+            bridge.wait_for("reconnected to the MQTT broker")
+            with Publisher(cfg, "after") as pub:
+                publish_sequence(cfg, "mr", 4, 200, 400, base_ms, pub)
+            rows = rows_of(read_records(cfg, contract.RAW, 1600))
+            bridge.terminate()
+    finally:
+        stop_server(broker)
+    assert {identity(r) for r in rows} == {("mr", f"d{d}", "seq", base_ms + i) for d in range(4) for i in range(400)}
