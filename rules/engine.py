@@ -185,8 +185,14 @@ class Engine:
         selected = batch.selected(rule)
         cond = rule.condition.evaluate(batch.columns(rule.condition.fields), batch.n)
         cond = np.asarray(cond, dtype=bool) & selected
-        candidates = cond | (batch.rows_of(states) & selected) if states else cond
-        rows = np.flatnonzero(candidates)
+        if not cond.any() and not states:
+            return []
+        # Every row of a series that is tracked already or turns true in this batch can change state.
+        ids = batch.series_ids()
+        candidates = np.isin(ids, np.unique(ids[cond]))
+        if states:
+            candidates |= batch.rows_of(states)
+        rows = np.flatnonzero(candidates & selected)
         if rows.size == 0:
             return []
         if rule.clear is not None:
@@ -202,6 +208,8 @@ class Engine:
             t = int(ts[i])
             st = states.get(key)
             if st is None:
+                if not cond[i]:
+                    continue
                 st = states[key] = SeriesState()
             elif t <= st.last_ts_ms:
                 continue  # a replayed or out-of-order row: already accounted for

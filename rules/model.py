@@ -207,12 +207,13 @@ def rule_files(path: str | Path) -> list[Path]:
 class _FileLoader:
     """Walks one file's YAML node tree, collecting errors with their marks."""
 
-    def __init__(self, path: Path, errors: list[RuleError]):
+    def __init__(self, path: Path, errors: list[RuleError], declared_receivers: set[str]):
         self.path = path
         self.errors = errors
+        self.declared_receivers = declared_receivers  # valid or not: a bad receiver is reported once
         self.lines: list[str] = []
         self.receiver_nodes: dict[str, tuple[tuple[str, yaml.Node], ...]] = {}  # rule -> its receiver refs
-        self.rule_nodes: dict[str, yaml.Node] = {}  # rule -> its name node
+        self.rule_nodes: list[tuple[str, yaml.Node]] = []  # every rule's name node, valid or not
 
     def error(self, node: yaml.Node | None, message: str, line: int | None = None, col: int | None = None) -> None:
         if node is not None and line is None:
@@ -241,8 +242,9 @@ class _FileLoader:
         if "receivers" in top:
             receivers = self.mapping(top["receivers"][1], "receivers", None)
             for name, (key_node, node) in (receivers or {}).items():
-                if name in ruleset.receivers:
+                if name in self.declared_receivers:
                     self.error(key_node, f"receiver {name!r} is defined twice")
+                self.declared_receivers.add(name)
                 spec = self.receiver(name, node)
                 if spec is not None:
                     ruleset.receivers[name] = spec
@@ -366,6 +368,8 @@ class _FileLoader:
         repeat_s = self.scalar(fields, "repeat", parse_duration, 0.0)
         receivers = self.strings(fields, "receivers")
         flapping = self.flapping(fields)
+        if name:
+            self.rule_nodes.append((name, fields["name"][1]))
         if len(self.errors) > before or condition is None or value is None:
             return None
         rule = Rule(name=name, stream=stream, selector=selector, condition=condition, clear=clear, value=value,
@@ -373,7 +377,6 @@ class _FileLoader:
                     repeat_s=repeat_s, receivers=tuple(r for r, _ in receivers), flapping=flapping,
                     file=str(self.path), line=node.start_mark.line + 1)
         self.receiver_nodes[rule.name] = receivers
-        self.rule_nodes[rule.name] = fields["name"][1]
         return rule
 
     def selector(self, fields: dict) -> Selector:
@@ -479,19 +482,20 @@ def load_rules(paths: list[str | Path] | str | Path) -> RuleSet:
     ruleset = RuleSet(files=[str(f) for f in files])
     receiver_refs: list[tuple[_FileLoader, str, tuple[tuple[str, yaml.Node], ...]]] = []
     seen: dict[str, str] = {}
+    declared: set[str] = set()
     for path in files:
-        loader = _FileLoader(path, errors)
+        loader = _FileLoader(path, errors, declared)
         loader.load(ruleset)
-        for name, node in loader.rule_nodes.items():
+        for name, node in loader.rule_nodes:
             if name in seen:
                 loader.error(node, f"rule {name!r} is already defined in {seen[name]}")
             seen[name] = f"{path}:{node.start_mark.line + 1}"
         receiver_refs += [(loader, n, refs) for n, refs in loader.receiver_nodes.items()]
     for loader, rule_name, refs in receiver_refs:
         for ref, node in refs:
-            if ref not in ruleset.receivers:
+            if ref not in declared:
                 loader.error(node, f"rule {rule_name!r}: unknown receiver {ref!r}; defined: "
-                                   f"{', '.join(sorted(ruleset.receivers)) or 'none'}")
+                                   f"{', '.join(sorted(declared)) or 'none'}")
     if errors:
         raise RulesInvalid(sorted(errors, key=lambda e: (e.file, e.line, e.col)))
     return ruleset

@@ -1,0 +1,142 @@
+"""Alarm lifecycle and acknowledgement, state surviving a restart, and the HTTP API with token auth."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from aimass.procs import free_port
+from rules.alarms import AlarmStore, StateDB
+from rules.api import make_app
+from rules.engine import Engine
+from tests.fixtures_rules import ruleset, windows
+
+RULE = ("rules:\n  - {name: hot, stream: windows, condition: mean > 80, clear: mean < 75, severity: critical,\n"
+        "     flapping: {changes: 10, within: 1m}}\n")
+
+
+def fire_and_clear(engine: Engine, store: AlarmStore, means: list[float], start_s: int = 10) -> list[dict]:
+    rows = [dict(window_end_ms=(start_s + 10 * i) * 1000, mean=m) for i, m in enumerate(means)]
+    return store.apply(engine.process("windows", windows(*rows)))
+
+
+def test_lifecycle_with_acknowledgements(tmp_path):
+    engine = Engine(ruleset(tmp_path, RULE))
+    store = AlarmStore(StateDB(tmp_path / "s.sqlite"))
+    [raised] = fire_and_clear(engine, store, [90])
+    aid = raised["alarm_id"]
+    assert store.alarms[aid].state == "active_unack"
+    assert store.acknowledge(aid, "alice")["state"] == "active_ack"
+    assert store.acknowledge(aid, "bob") is None                        # nothing left to acknowledge
+    [cleared] = fire_and_clear(engine, store, [70], start_s=20)
+    assert cleared["state"] == "cleared"                                # acked, then cleared: done
+    assert store.listing() == []
+    [reraised] = fire_and_clear(engine, store, [95], start_s=30)
+    assert (reraised["transition"], reraised["state"], reraised["count"]) == ("reraised", "active_unack", 2)
+    assert store.alarms[aid].acked_by == ""
+    [cleared] = fire_and_clear(engine, store, [60], start_s=40)
+    assert cleared["state"] == "cleared_unack"                          # cleared before anyone looked
+    assert [a.alarm_id for a in store.listing()] == [aid]
+    event = store.acknowledge(aid, "carol")
+    assert (event["transition"], event["state"]) == ("acknowledged", "cleared")
+    assert store.acknowledge("nope", "x") is None
+
+
+def test_state_survives_a_restart(tmp_path):
+    engine = Engine(ruleset(tmp_path, RULE))
+    db = StateDB(tmp_path / "s.sqlite")
+    store = AlarmStore(db)
+    [raised] = fire_and_clear(engine, store, [90])
+    store.acknowledge(raised["alarm_id"], "alice")
+    with db:
+        store.save()
+        db.put("engine", "{}")
+    db.close()
+
+    db2 = StateDB(tmp_path / "s.sqlite")
+    store2 = AlarmStore(db2)
+    alarm = store2.alarms[raised["alarm_id"]]
+    assert (alarm.state, alarm.acked_by, alarm.count, alarm.severity) == ("active_ack", "alice", 1, "critical")
+    # a replay of the same firing after the restart does not raise it again
+    assert fire_and_clear(Engine(ruleset(tmp_path, RULE)), store2, [90]) == []
+    assert db2.get("engine") == "{}"
+
+
+def test_unsaved_changes_are_not_persisted(tmp_path):
+    db = StateDB(tmp_path / "s.sqlite")
+    store = AlarmStore(db)
+    fire_and_clear(Engine(ruleset(tmp_path, RULE)), store, [90])
+    try:
+        with db:
+            store.save()
+            db.queue("topic", [{"a": 1}])
+            raise RuntimeError("crash inside the transaction")
+    except RuntimeError:
+        pass
+    db.close()
+    db2 = StateDB(tmp_path / "s.sqlite")
+    assert AlarmStore(db2).alarms == {} and db2.queued() == []
+
+
+def test_api_lists_and_acknowledges_with_token(tmp_path):
+    engine = Engine(ruleset(tmp_path, RULE))
+    db = StateDB(tmp_path / "s.sqlite")
+    store = AlarmStore(db)
+    [raised] = fire_and_clear(engine, store, [90])
+    aid = raised["alarm_id"]
+    published: list[dict] = []
+
+    async def on_events(events: list[dict]) -> None:
+        published.extend(events)
+
+    async def scenario() -> None:
+        runner = web.AppRunner(make_app(store, "s3cret", on_events))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": "Bearer s3cret"}
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{base}/healthz") as r:
+                    assert r.status == 200 and (await r.json())["active"] == 1
+                for headers in ({}, {"Authorization": "Bearer wrong"}):
+                    async with s.get(f"{base}/alarms", headers=headers) as r:
+                        assert r.status == 401
+                    async with s.post(f"{base}/alarms/{aid}/ack", headers=headers) as r:
+                        assert r.status == 401
+                assert published == [] and store.alarms[aid].state == "active_unack"
+                async with s.get(f"{base}/alarms", headers=auth) as r:
+                    [doc] = (await r.json())["alarms"]
+                    assert (doc["alarm_id"], doc["state"], doc["rule"]) == (aid, "active_unack", "hot")
+                async with s.post(f"{base}/alarms/{aid}/ack", headers=auth, json={"by": "alice"}) as r:
+                    assert r.status == 200 and (await r.json())["state"] == "active_ack"
+                async with s.post(f"{base}/alarms/{aid}/ack", headers=auth, json={"by": "bob"}) as r:
+                    assert r.status == 409
+                async with s.post(f"{base}/alarms/unknown/ack", headers=auth) as r:
+                    assert r.status == 404
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+    assert [(e["transition"], e["state"], e["alarm_id"]) for e in published] == [
+        ("acknowledged", "active_ack", aid)]
+
+
+def test_api_without_configured_token_refuses_everything(tmp_path):
+    store = AlarmStore(StateDB(tmp_path / "s.sqlite"))
+
+    async def scenario() -> int:
+        runner = web.AppRunner(make_app(store, "", lambda events: asyncio.sleep(0)))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{port}/alarms", headers={"Authorization": "Bearer "}) as r:
+                    return r.status
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(scenario()) == 401
