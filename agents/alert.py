@@ -292,6 +292,7 @@ class AlerterService:
         finally:
             self.stopping.set()
             await delivery
+            await self.alerter.dispatcher.drain()
             await self.flush([])
             consumer.close()
             if runner is not None:

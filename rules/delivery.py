@@ -269,6 +269,11 @@ class Outbox:
                     "SELECT notification_id, receiver, events, attempts, created_ms FROM notifications "
                     "WHERE status = 'pending' AND next_ms <= ? ORDER BY next_ms LIMIT ?", (at_ms, limit))]
 
+    def unsent_receivers(self) -> set[str]:
+        """Receivers with a composed notification not yet attempted (held back by the rate limit)."""
+        return {r for (r,) in self.db.conn.execute(
+            "SELECT DISTINCT receiver FROM notifications WHERE status = 'pending' AND attempts = 0")}
+
     def pending_count(self) -> int:
         return self.db.conn.execute("SELECT (SELECT COUNT(*) FROM notifications WHERE status = 'pending') + "
                                     "(SELECT COUNT(*) FROM notify_waiting)").fetchone()[0]
@@ -292,7 +297,8 @@ class Dispatcher:
         self.receivers = receivers
         self.buckets: dict[str, TokenBucket] = {}
         self.rng = rng or random.Random()
-        self.in_flight: set[str] = set()
+        self.in_flight: dict[str, asyncio.Task] = {}  # notification id -> its send
+        self.results: list[tuple[str, str]] = []
         prefix = cfg.kafka.topic_prefix
         self.notifications_topic = contract.NOTIFICATION_ROWS.name(prefix)
         self.dead_letter_topic = contract.DEAD_LETTER.name(prefix)
@@ -304,42 +310,49 @@ class Dispatcher:
         return b
 
     async def tick(self) -> list[tuple[str, str]]:
-        """One round: compose due groups, send due notifications. Returns (receiver, status) outcomes."""
+        """One round: compose due groups, start sending due ones; (receiver, status) of sends finished since."""
         at = now_ms()
         specs = self.receivers()
+        unsent = self.outbox.unsent_receivers()
         for receiver, (count, oldest) in self.outbox.waiting().items():
             spec = specs.get(receiver)
             if spec is None:
                 self.outbox.compose(receiver, 1000, at)  # dead-lettered below: nowhere to send
-            elif (count >= spec.group_max or at - oldest >= spec.group_wait_s * 1000):
+            elif receiver in unsent and count < spec.group_max:
+                continue  # the last message is still held by the rate limit: keep grouping into the next
+            elif count >= spec.group_max or at - oldest >= spec.group_wait_s * 1000:
                 self.outbox.compose(receiver, spec.group_max, at)
-        due = [n for n in self.outbox.due(at) if n.notification_id not in self.in_flight]
-        sends = []
-        for n in due:
+        for n in self.outbox.due(at):
+            if n.notification_id in self.in_flight:
+                continue
             spec = specs.get(n.receiver)
             if spec is not None and not self.bucket(spec).take():
                 continue  # rate limited: stays due, waiting events keep grouping meanwhile
-            self.in_flight.add(n.notification_id)
-            sends.append(self._attempt(spec, n))
-        return list(await asyncio.gather(*sends))
+            self.in_flight[n.notification_id] = asyncio.create_task(self._attempt(spec, n))
+        await asyncio.sleep(0)
+        results, self.results = self.results, []
+        return results
 
-    async def _attempt(self, spec: ReceiverSpec | None, n: Notification) -> tuple[str, str]:
+    async def drain(self) -> None:
+        """Wait for every send in flight (at shutdown)."""
+        await asyncio.gather(*self.in_flight.values())
+
+    async def _attempt(self, spec: ReceiverSpec | None, n: Notification) -> None:
         attempts = n.attempts + 1
         try:
             if spec is None:
                 raise DeliveryError(f"receiver {n.receiver!r} is no longer configured", permanent=True)
             await self.senders.send(spec, n)
             status, error = "delivered", ""
-        except DeliveryError as exc:
-            error = str(exc)
-            last = exc.permanent or attempts >= self.cfg.alert.max_attempts
+        except Exception as exc:  # noqa: BLE001 - whatever failed, retry then dead-letter; never lose it
+            error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+            last = getattr(exc, "permanent", False) or attempts >= self.cfg.alert.max_attempts
             status = "dead_letter" if last else "failed"
             log.warning("notification %s to %s: attempt %d failed: %s%s", n.notification_id, n.receiver,
                         attempts, error, " (dead letter)" if last else "")
-        finally:
-            self.in_flight.discard(n.notification_id)
         self._record(spec, n, status, attempts, error)
-        return n.receiver, status
+        self.in_flight.pop(n.notification_id, None)
+        self.results.append((n.receiver, status))
 
     def _record(self, spec: ReceiverSpec | None, n: Notification, status: str, attempts: int, error: str) -> None:
         at = now_ms()

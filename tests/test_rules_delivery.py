@@ -1,0 +1,363 @@
+"""Delivery to real local receivers: an aiohttp webhook receiver (signed, down for a while, acting on each
+idempotency key once), an SMS gateway, a real SMTP server (aiosmtpd, STARTTLS + AUTH); retries, dead
+letters, grouping and rate limits through the durable outbox."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import ssl
+import subprocess
+import time
+from email import message_from_bytes
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from aimass.config import Config
+from aimass.procs import free_port
+from rules.alarms import StateDB
+from rules.delivery import Dispatcher, Outbox, Senders, backoff_s
+from rules.model import ReceiverSpec
+from streams import contract
+
+SECRET = "webhook-test-secret"
+
+
+def event(i: int, **extra) -> dict:
+    return {"event_id": f"ev{i:04d}", "event_ms": 1, "rule": "hot", "severity": "warning", "tenant": "acme",
+            "device_id": f"pump-{i}", "metric": "temperature", "state": "active_unack", "transition": "raised",
+            "value": float(i), "message": f"pump-{i} is hot", "labels_json": "{}", "first_ms": 1, "count": 1,
+            "flapping": False, "source_received_ms": 0, "alarm_id": f"a{i}", "ts_ms": 1000 * i, **extra}
+
+
+def make_cfg() -> Config:
+    cfg = Config()
+    cfg.kafka.topic_prefix = "tdeliv"
+    cfg.alert.backoff_initial_s = 0.05
+    cfg.alert.backoff_max_s = 0.2
+    cfg.alert.max_attempts = 200
+    return cfg
+
+
+def verify(secret: str, headers, body: bytes, tolerance_s: int = 300) -> bool:
+    """What a receiver does (docs/webhooks.md): recompute the HMAC over "{timestamp}.{body}"."""
+    ts = headers.get("X-Aimass-Timestamp", "")
+    if not ts.isdigit() or abs(time.time() - int(ts)) > tolerance_s:
+        return False
+    expected = "v1=" + hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, headers.get("X-Aimass-Signature", ""))
+
+
+class HookReceiver:
+    """A real webhook receiver: verifies signatures, acts once per idempotency key, can crash after acting."""
+
+    def __init__(self, port: int, lose_responses: int = 0):
+        self.port = port
+        self.acted: dict[str, list[str]] = {}   # idempotency key -> event ids acted on
+        self.requests = 0
+        self.bad_signatures = 0
+        self.lose_responses = lose_responses    # act on the message, then answer 500 (a lost response)
+        self.runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests += 1
+        if not verify(SECRET, request.headers, body):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        key = request.headers["Idempotency-Key"]
+        doc = json.loads(body)
+        assert doc["notification_id"] == key
+        if key not in self.acted:
+            self.acted[key] = [e["event_id"] for e in doc["events"]]
+        if self.lose_responses:
+            self.lose_responses -= 1
+            return web.Response(status=500, text="crashed after acting")
+        return web.json_response({"ok": True})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def webhook(port: int, **kw) -> ReceiverSpec:
+    return ReceiverSpec("hook", "webhook", {"url": f"http://127.0.0.1:{port}/hook", "secret_env": "HOOK_SECRET",
+                                            "timeout": 2}, **kw)
+
+
+def dispatcher(tmp_path: Path, specs: dict[str, ReceiverSpec], cfg: Config | None = None):
+    db = StateDB(tmp_path / "state.sqlite")
+    outbox = Outbox(db)
+    senders = Senders(secret=lambda name: {"HOOK_SECRET": SECRET, "SMTP_PW": "pw", "SMS_TOKEN": "tok"}.get(name, ""))
+    return db, outbox, Dispatcher(cfg or make_cfg(), db, outbox, senders, lambda: specs), senders
+
+
+async def pump(d: Dispatcher, outbox: Outbox, until: float, done=lambda: False) -> None:
+    """Tick until nothing is pending (or ``done``), at most until the monotonic deadline."""
+    while time.monotonic() < until:
+        await d.tick()
+        if done() or (outbox.pending_count() == 0 and not d.in_flight):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still pending after the deadline: {outbox.pending_count()}")
+
+
+def queued(db: StateDB, topic: contract.Topic) -> list[dict]:
+    return [row for _, t, row in db.queued() if t == topic.name("tdeliv")]
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    import random
+    rng = random.Random(1)
+    delays = [backoff_s(a, 0.5, 4.0, rng) for a in range(1, 8)]
+    for a, d in zip(range(1, 8), delays):
+        cap = min(4.0, 0.5 * 2 ** (a - 1))
+        assert cap / 2 <= d <= cap
+    assert len(set(delays)) == len(delays)
+
+
+def test_webhook_down_then_back_every_notification_once_with_valid_signature(tmp_path):
+    port = free_port()
+    db, outbox, d, senders = dispatcher(tmp_path, {"hook": webhook(port, group_wait_s=0, group_max=1)})
+    receiver = HookReceiver(port, lose_responses=3)
+
+    async def scenario() -> None:
+        with db:
+            for i in range(20):
+                outbox.enqueue(event(i), ("hook",))
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # receiver down: connection refused, retries pile up
+            await d.tick()
+            await asyncio.sleep(0.02)
+        assert receiver.requests == 0
+        await receiver.start()
+        try:
+            await pump(d, outbox, time.monotonic() + 30)
+        finally:
+            await receiver.stop()
+            await senders.close()
+
+    asyncio.run(scenario())
+    assert receiver.bad_signatures == 0
+    acted = sorted(e for ids in receiver.acted.values() for e in ids)
+    assert acted == [f"ev{i:04d}" for i in range(20)]            # every event, each acted on once
+    assert receiver.requests > len(receiver.acted)               # lost responses were retried with the same key
+    rows = queued(db, contract.NOTIFICATION_ROWS)
+    delivered = [r for r in rows if r["status"] == "delivered"]
+    assert sorted(r["event_id"] for r in delivered) == acted
+    assert {r["status"] for r in rows} == {"failed", "delivered"}
+    assert max(r["attempts"] for r in delivered) >= 2
+    assert queued(db, contract.DEAD_LETTER) == []
+
+
+def test_outbox_survives_a_restart_and_resends_the_same_key(tmp_path):
+    port = free_port()
+    specs = {"hook": webhook(port, group_wait_s=0)}
+    db, outbox, d, senders = dispatcher(tmp_path, specs)
+
+    async def first_run() -> None:
+        with db:
+            outbox.enqueue(event(1), ("hook",))
+        for _ in range(5):                       # receiver down
+            await d.tick()
+            await asyncio.sleep(0.05)
+        await d.drain()
+        await senders.close()
+
+    asyncio.run(first_run())
+    [nid] = [n for (n,) in db.conn.execute("SELECT notification_id FROM notifications")]
+    db.close()
+
+    db, outbox, d, senders = dispatcher(tmp_path, specs)
+    receiver = HookReceiver(port)
+
+    async def second_run() -> None:
+        await receiver.start()
+        try:
+            await pump(d, outbox, time.monotonic() + 20)
+        finally:
+            await receiver.stop()
+            await senders.close()
+
+    asyncio.run(second_run())
+    assert list(receiver.acted) == [nid] and receiver.acted[nid] == ["ev0001"]
+
+
+def test_dead_letter_after_last_attempt_and_on_permanent_errors(tmp_path):
+    cfg = make_cfg()
+    cfg.alert.max_attempts = 3
+    closed = free_port()
+    gone_port = free_port()
+    specs = {"hook": webhook(closed, group_wait_s=0),
+             "gone": ReceiverSpec("gone", "webhook", {"url": f"http://127.0.0.1:{gone_port}/hook",
+                                                      "secret_env": "HOOK_SECRET"}, group_wait_s=0)}
+    db, outbox, d, senders = dispatcher(tmp_path, specs, cfg)
+
+    async def gone_handler(request: web.Request) -> web.Response:
+        return web.Response(status=410, text="this endpoint was removed")
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_post("/hook", gone_handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", gone_port).start()
+        with db:
+            outbox.enqueue(event(1), ("hook",))
+            outbox.enqueue(event(2), ("gone",))
+        try:
+            await pump(d, outbox, time.monotonic() + 20)
+        finally:
+            await runner.cleanup()
+            await senders.close()
+
+    asyncio.run(scenario())
+    rows = queued(db, contract.NOTIFICATION_ROWS)
+    assert [(r["receiver"], r["status"], r["attempts"]) for r in rows if r["receiver"] == "hook"] == [
+        ("hook", "failed", 1), ("hook", "failed", 2), ("hook", "dead_letter", 3)]
+    assert [(r["status"], r["attempts"]) for r in rows if r["receiver"] == "gone"] == [("dead_letter", 1)]
+    dead = queued(db, contract.DEAD_LETTER)
+    assert sorted((r["stage"], r["reason"], r["device_id"]) for r in dead) == [
+        ("notify", "delivery_failed", "pump-1"), ("notify", "delivery_failed", "pump-2")]
+    assert "HTTP 410" in [r for r in dead if r["device_id"] == "pump-2"][0]["detail"]
+
+
+def test_bursts_are_grouped_and_rate_limited(tmp_path):
+    port = free_port()
+    spec = webhook(port, group_wait_s=0.3, group_max=50, rate_per_s=1.0, burst=1)
+    db, outbox, d, senders = dispatcher(tmp_path, {"hook": spec})
+    receiver = HookReceiver(port)
+
+    async def scenario() -> None:
+        await receiver.start()
+        try:
+            with db:
+                for i in range(10):                      # a burst: one message after group_wait
+                    outbox.enqueue(event(i), ("hook",))
+            await pump(d, outbox, time.monotonic() + 10)
+            assert [len(ids) for ids in receiver.acted.values()] == [10]
+            started = time.monotonic()
+            for i in range(10, 13):                      # three bursts inside one rate-limit second
+                with db:
+                    outbox.enqueue(event(i), ("hook",))
+                await pump(d, outbox, time.monotonic() + 0.4, done=lambda: True)
+                await asyncio.sleep(0.35)
+            await pump(d, outbox, time.monotonic() + 10)
+            assert time.monotonic() - started >= 0.9     # the token bucket held the second message back
+        finally:
+            await receiver.stop()
+            await senders.close()
+
+    asyncio.run(scenario())
+    sizes = [len(ids) for ids in receiver.acted.values()]
+    assert sum(sizes) == 13 and sizes[0] == 10 and len(sizes) <= 3   # later events grouped while rate limited
+
+
+def test_sms_gateway_request_template(tmp_path):
+    port = free_port()
+    got: list[tuple[dict, dict]] = []
+
+    async def gateway(request: web.Request) -> web.Response:
+        got.append((dict(request.headers), await request.json()))
+        return web.json_response({"queued": True})
+
+    spec = ReceiverSpec("sms", "sms", {"url": f"http://127.0.0.1:{port}/send", "token_env": "SMS_TOKEN",
+                                       "to": ["+15550100", "+15550101"],
+                                       "body": {"recipient": "{to}", "msg": "{summary}", "ref": "{notification_id}"}},
+                        group_wait_s=0)
+    db, outbox, d, senders = dispatcher(tmp_path, {"sms": spec})
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_post("/send", gateway)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        with db:
+            outbox.enqueue(event(7), ("sms",))
+        try:
+            await pump(d, outbox, time.monotonic() + 10)
+        finally:
+            await runner.cleanup()
+            await senders.close()
+
+    asyncio.run(scenario())
+    assert [body["recipient"] for _, body in got] == ["+15550100", "+15550101"]
+    headers, body = got[0]
+    assert headers["Authorization"] == "Bearer tok"
+    assert body["msg"] == "WARNING raised: hot pump-7/temperature"
+    assert headers["Idempotency-Key"] == f"{body['ref']}-0"
+
+
+@pytest.fixture
+def tls_files(tmp_path) -> tuple[str, str]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+class Inbox:
+    """aiosmtpd handler keeping every accepted message."""
+
+    def __init__(self):
+        self.messages: list = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.rcpt_tos, message_from_bytes(envelope.content)))
+        return "250 OK"
+
+
+def test_email_over_starttls_with_auth_to_a_real_smtp_server(tmp_path, tls_files):
+    cert, key = tls_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (b"aimass", b"pw")
+        logins.append((auth_data.login, auth_data.password))
+        return AuthResult(success=ok)
+
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True,
+                            authenticator=authenticator, auth_required=True)
+    controller.start()
+    spec = ReceiverSpec("mail", "email", {"host": "127.0.0.1", "port": port, "tls": "starttls", "ca_file": cert,
+                                          "username": "aimass", "password_env": "SMTP_PW", "from": "aimass@example.com",
+                                          "to": ["ops@example.com"]}, group_wait_s=0)
+    db, outbox, d, senders = dispatcher(tmp_path, {"mail": spec})
+
+    async def scenario() -> None:
+        with db:
+            outbox.enqueue(event(1), ("mail",))
+            outbox.enqueue(event(2, severity="critical"), ("mail",))
+        await pump(d, outbox, time.monotonic() + 20)
+        await senders.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        controller.stop()
+    assert logins == [(b"aimass", b"pw")]
+    [(rcpt, msg)] = inbox.messages
+    assert rcpt == ["ops@example.com"]
+    assert msg["Subject"] == "[aimass] 2 alarm events (hot)"
+    [nid] = [r["notification_id"] for r in queued(db, contract.NOTIFICATION_ROWS)][:1]
+    assert msg["Message-ID"] == f"<{nid}@aimass>"
+    text = msg.get_payload()
+    assert "[WARNING] raised hot acme/pump-1/temperature: pump-1 is hot" in text
+    assert "[CRITICAL] raised hot acme/pump-2/temperature: pump-2 is hot" in text
