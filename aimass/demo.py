@@ -99,27 +99,28 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
               say=print) -> dict:
     """Read the run back from the store and print the summary; returns the figures."""
     reader = open_reader(cfg)
+    db = cfg.clickhouse.database
     t = f"tenant = '{tenant}'"
 
     def scalar(sql: str) -> float:
         value = reader.query(sql).column(0)[0].as_py()
         return float(value) if value is not None else 0.0
 
-    stored = scalar(f"SELECT count() FROM (SELECT * FROM readings FINAL WHERE {t})")
-    rejects = reader.query(f"SELECT stage, reason, count() AS n FROM rejects FINAL WHERE {t} OR tenant = '' "
+    stored = scalar(f"SELECT count() FROM (SELECT * FROM {db}.readings FINAL WHERE {t})")
+    rejects = reader.query(f"SELECT stage, reason, count() AS n FROM {db}.rejects FINAL WHERE {t} OR tenant = '' "
                            "GROUP BY stage, reason ORDER BY n DESC").to_pylist()
-    windows = scalar(f"SELECT count() FROM (SELECT * FROM windows FINAL WHERE {t})")
-    predictions = scalar(f"SELECT count() FROM (SELECT * FROM predictions FINAL WHERE {t})")
-    degraded = scalar(f"SELECT countIf(degraded) FROM (SELECT * FROM predictions FINAL WHERE {t})")
-    alerts = reader.query(f"SELECT * FROM alerts FINAL WHERE {t} ORDER BY event_at").to_pylist()
-    stored_p50, stored_p99 = percentiles(reader, "dateDiff('millisecond', ts, inserted_at) / 1000", "readings", t)
+    windows = scalar(f"SELECT count() FROM (SELECT * FROM {db}.windows FINAL WHERE {t})")
+    predictions = scalar(f"SELECT count() FROM (SELECT * FROM {db}.predictions FINAL WHERE {t})")
+    degraded = scalar(f"SELECT countIf(degraded) FROM (SELECT * FROM {db}.predictions FINAL WHERE {t})")
+    alerts = reader.query(f"SELECT * FROM {db}.alerts FINAL WHERE {t} ORDER BY event_at").to_pylist()
+    stored_p50, stored_p99 = percentiles(reader, "dateDiff('millisecond', ts, inserted_at) / 1000", f"{db}.readings", t)
     alert_p50, alert_p99 = percentiles(
-        reader, "dateDiff('millisecond', source_received_at, event_at) / 1000", "alerts",
+        reader, "dateDiff('millisecond', source_received_at, event_at) / 1000", f"{db}.alerts",
         f"{t} AND transition IN ('raised', 'reraised') AND toUnixTimestamp64Milli(source_received_at) > 0")
     quality = QualityTracker()
     if labels_path.exists():
         quality.add_labels(pq.read_table(labels_path))
-    quality.add_alert_events({**a, "event_ms": _ms(a["event_at"])} for a in alerts)
+    quality.add_alert_events({**a, "ts_ms": _ms(a["ts"])} for a in alerts)
     quality.advance(2 ** 62)
     quality.decide()
     scores = quality.rows(int(time.time() * 1000))

@@ -118,7 +118,8 @@ LABELS = pa.schema([
 # Alarm state changes (one row per transition).
 ALERTS = pa.schema([
     ("event_id", pa.string()),
-    ("event_ms", pa.int64()),
+    ("event_ms", pa.int64()),          # wall-clock time of the transition
+    ("ts_ms", pa.int64()),             # event time of the data row that caused it
     ("rule", pa.string()),
     ("severity", pa.string()),         # info | warning | critical
     ("tenant", pa.string()),
