@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "down": ("aimass.stack", "configure_none", "run_down", "stop exactly what `aimass up` started"),
     "bridge": ("streams.bridge", "configure", "run", "run the MQTT -> Kafka bridge"),
     "simulate": ("streams.simulator", "configure", "run", "publish simulated device telemetry with injected anomalies"),
-    "replay": ("streams.replay", "configure", "run", "publish a CSV/Parquet history through MQTT in event-time order"),
+    "replay": ("streams.history_replay", "configure", "run", "publish a CSV/Parquet history through MQTT in event-time order"),
     "worker": ("agents.worker", "configure", "run", "run a Faust worker (clean + window agents)"),
     "predict": ("agents.predict", "configure", "run", "run the predict stage (Triton + River)"),
     "alerter": ("agents.alert", "configure", "run", "run the rule engine, alarms, notifications and the alarm API"),
