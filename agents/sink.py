@@ -222,6 +222,9 @@ class Sink:
         self.replay: Manifest | None = journal.load()   # a batch a killed sink may have half-inserted
         self.replay_batch = Batch()
         self.replay_seen: set[tuple[str, int]] = set()
+        self.replay_fresh = False       # ranges were given up: insert under a new id
+        self.replay_deadline = float("inf")  # set when partitions are assigned
+        self.assigned: set[tuple[str, int]] = set()
         self.stored_rows = 0
 
     # Kafka topic name <-> contract suffix
@@ -241,34 +244,36 @@ class Sink:
         flush_s = self.cfg.clickhouse.flush_ms / 1000
         try:
             while not self.stopping.is_set():
-                for msg in self.consumer.consume(num_messages=2000, timeout=min(0.2, flush_s)):
+                for msg in self.consumer.consume(num_messages=1000, timeout=min(0.2, flush_s)):
                     if msg.error():
                         log.warning("kafka: %s", msg.error())
                         continue
                     self._add(msg)
+                    if self.replay is None and self.batch.rows >= self.cfg.clickhouse.flush_rows:
+                        self._flush_batch()
                 if self.replay is not None:
-                    continue
-                if self.batch and (self.batch.rows >= self.cfg.clickhouse.flush_rows
-                                   or time.monotonic() - self.batch.started >= flush_s):
-                    self.flush(self.batch)
-                    self.batch = Batch()
+                    self._expire_replay_ranges()
+                elif self.batch and time.monotonic() - self.batch.started >= flush_s:
+                    self._flush_batch()
             if self.batch and self.replay is None:
                 self.flush(self.batch, retry=False)
                 self.batch = Batch()
         except (Stopping, StoreError) as exc:
             log.info("stopped with an uncommitted batch (%s): it is re-read on the next start", exc or "stopping")
-            self.batch = Batch()
         except KafkaException as exc:
             raise StackError(f"kafka consumer failed: {exc}") from None
+
+    def _flush_batch(self) -> None:
+        self.flush(self.batch)
+        self.batch = Batch()
 
     def _add(self, msg) -> None:
         suffix = self._suffix(msg.topic())
         value = msg.value() or b""
         record = Record(suffix, msg.partition(), msg.offset(), value, contract.empty(contract.READINGS))
-        spec = self.topic_table.get(suffix)
         error = ""
         try:
-            record.rows = contract.decode(value, spec.schema)
+            record.rows = contract.decode(value, self.topic_table[suffix].schema)
         except ValueError as exc:
             error = str(exc)
         target = self._target(record)
@@ -276,68 +281,90 @@ class Sink:
             target.add_undecodable(record, error)
         else:
             target.add(record)
-        if target is self.replay_batch:
+        if self.replay is not None:
             self._check_replay_done()
+
+    # --- re-inserting a batch a killed sink may have half-stored ----------------------
+    #
+    # The journal names the batch's offset ranges. After a restart the sink collects exactly
+    # those records again and inserts them under the same batch id, so ClickHouse drops the
+    # blocks it already has (insert_deduplication_token). Until then nothing else is flushed:
+    # committing later offsets first could skip the replayed ones. Ranges of partitions this
+    # sink does not get back within a grace period are given up, and the rest is inserted
+    # under a NEW id (no loss; duplicates, if any, are hidden by ReplacingMergeTree FINAL).
 
     def _target(self, record: Record) -> Batch:
         """The replay batch for records inside the journal's ranges, else the normal batch."""
         if self.replay is None or record.tp not in self.replay.ranges:
             return self.batch
         first, last = self.replay.ranges[record.tp]
-        if record.offset < first:  # not what was journaled: fall back to FINAL dedup
-            log.warning("sink journal does not match %s[%d]@%d; dropping the replay", *record.tp, record.offset)
-            self._abandon_replay()
+        if record.offset < first:  # older than the journal says: it cannot be trusted
+            log.warning("sink journal does not match %s[%d]@%d; storing it as a new batch", *record.tp, record.offset)
+            for r in self.replay_batch.records:
+                self.batch.add(r)
+            for r, e in self.replay_batch.undecodable:
+                self.batch.add_undecodable(r, e)
+            self._reset_replay()
             return self.batch
-        if record.offset > last:
+        if record.offset >= last:
             self.replay_seen.add(record.tp)
-            return self.batch
-        if record.offset == last:
-            self.replay_seen.add(record.tp)
-        return self.replay_batch
+        return self.replay_batch if record.offset <= last else self.batch
 
     def _check_replay_done(self) -> None:
-        if self.replay is not None and self.replay_seen >= set(self.replay.ranges):
-            log.info("re-inserting journaled batch %s (%d rows) with its dedup tokens",
-                     self.replay.batch_id, self.replay_batch.rows)
-            self.flush(self.replay_batch, batch_id=self.replay.batch_id)
-            self.replay, self.replay_batch, self.replay_seen = None, Batch(), set()
+        if self.replay is None or not self.replay_seen >= set(self.replay.ranges):
+            return
+        batch_id = uuid.uuid4().hex if self.replay_fresh else self.replay.batch_id
+        log.info("re-inserting journaled batch %s (%d rows) as %s", self.replay.batch_id, self.replay_batch.rows,
+                 batch_id)
+        self.flush(self.replay_batch, batch_id=batch_id)
+        self._reset_replay()
 
-    def _abandon_replay(self) -> None:
-        for r in self.replay_batch.records:
-            self.batch.add(r)
-        for r, e in self.replay_batch.undecodable:
-            self.batch.add_undecodable(r, e)
-        self.replay, self.replay_batch, self.replay_seen = None, Batch(), set()
-        self.journal.clear()
+    def _reset_replay(self) -> None:
+        self.replay, self.replay_batch, self.replay_seen, self.replay_fresh = None, Batch(), set(), False
+
+    def _expire_replay_ranges(self) -> None:
+        """Give up journal ranges of partitions not assigned back within the grace period."""
+        if self.replay is None or time.monotonic() < self.replay_deadline:
+            return
+        missing = set(self.replay.ranges) - self.assigned
+        if missing:
+            log.warning("partitions %s of journaled batch %s went to another consumer; not waiting for them",
+                        sorted(missing), self.replay.batch_id)
+            for tp in missing:
+                del self.replay.ranges[tp]
+            self.replay_fresh = True
+        self._check_replay_done()
 
     def _on_assign(self, consumer, partitions) -> None:
+        self.assigned = {(self._suffix(p.topic), p.partition) for p in partitions}
         if self.replay is None:
             return
         from confluent_kafka import TopicPartition
 
-        assigned = {(self._suffix(p.topic), p.partition) for p in partitions}
-        wanted = [TopicPartition(f"{self.prefix}.{t}", p) for (t, p) in self.replay.ranges if (t, p) in assigned]
-        committed = {(self._suffix(tp.topic), tp.partition): tp.offset
-                     for tp in (consumer.committed(wanted, timeout=10) if wanted else [])}
-        for tp, (first, last) in list(self.replay.ranges.items()):
-            if tp not in assigned or committed.get(tp, -1) > last:
-                del self.replay.ranges[tp]  # stored and committed already, or another sink's now
-        if not self.replay.ranges:
+        wanted = [TopicPartition(f"{self.prefix}.{t}", p) for (t, p) in self.replay.ranges if (t, p) in self.assigned]
+        committed = consumer.committed(wanted, timeout=10) if wanted else []
+        if any(tp.offset > self.replay.ranges[(self._suffix(tp.topic), tp.partition)][1] for tp in committed):
             log.info("sink journal %s was already committed", self.replay.batch_id)
-            self.replay = None
+            self._reset_replay()
             self.journal.clear()
-        else:
-            log.info("sink journal %s: re-reading %d partition range(s)", self.replay.batch_id,
-                     len(self.replay.ranges))
+            return
+        # A killed sink stays a group member until its session times out: wait for its partitions.
+        self.replay_deadline = time.monotonic() + 3 * self.cfg.kafka.session_timeout_ms / 1000
+        log.info("sink journal %s: re-reading %d partition range(s)", self.replay.batch_id, len(self.replay.ranges))
 
     def _on_revoke(self, consumer, partitions) -> None:
-        """Store what is buffered before giving the partitions away; on failure the new owner re-reads it."""
-        if self.replay is not None or not self.batch:
+        """Store what is buffered before giving the partitions away, else drop it: it is re-read."""
+        self.assigned = set()
+        if self.replay is not None:  # positions go back to the committed offsets: collect again
+            self.replay_batch, self.replay_seen, self.batch = Batch(), set(), Batch()
+            return
+        if not self.batch:
             return
         try:
             self.flush(self.batch, retry=False)
         except (StoreError, Stopping) as exc:
             log.warning("could not store the batch before a rebalance (%s); it will be re-read", exc)
+            self.replay = self.journal.load()
         self.batch = Batch()
 
     # --- storing ----------------------------------------------------------------------
@@ -420,8 +447,12 @@ class Sink:
         from confluent_kafka import KafkaException, TopicPartition
 
         offsets = [TopicPartition(f"{self.prefix}.{t}", p, last + 1) for (t, p), (_, last) in manifest.ranges.items()]
+        if not offsets:
+            return
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
+            log.debug("batch %s committed: %s", manifest.batch_id,
+                      ", ".join(f"{tp.topic}[{tp.partition}]={tp.offset}" for tp in offsets))
         except KafkaException as exc:  # partitions moved: the new owner re-reads, FINAL/tokens dedup
             log.warning("offset commit failed (%s); those records will be stored again", exc)
 
