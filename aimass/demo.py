@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aimass.clickhouse import open_reader
@@ -72,6 +73,45 @@ def start_pipeline(cfg: Config, sup: Supervisor, plans: list[StagePlan], base_en
         raise RuntimeError(f"stages not up after 120 s: {', '.join(waiting)} (see their logs in {sup.log_dir})")
 
 
+class Pipeline:
+    """The embedded stack, a verifying webhook receiver and every stage, as a context manager."""
+
+    def __init__(self, cfg: Config, workers: int = 2, keep_stack: bool = False, say=print):
+        self.cfg, self.workers, self.keep_stack, self.say = cfg, workers, keep_stack, say
+        self.secret = os.environ.get(cfg.alert.webhook_secret_env) or secrets.token_hex(16)
+        self.plans = stage_plans(cfg, workers)
+        self.sup = Supervisor(cfg.run_dir, auto_restart=True)
+        self.receiver = WebhookReceiver(self.secret, WEBHOOK_PORT)
+
+    @property
+    def metrics_ports(self) -> list[int]:
+        return [p.metrics_port for p in self.plans]
+
+    def __enter__(self) -> "Pipeline":
+        up(self.cfg, say=self.say)
+        self.receiver.start()
+        try:
+            start_pipeline(self.cfg, self.sup, self.plans,
+                           {self.cfg.alert.webhook_secret_env: self.secret, "AIMASS_RUN_DIR": str(self.cfg.run_dir)},
+                           self.say)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        codes = self.sup.stop_all(timeout=20)
+        self.receiver.stop()
+        self.say("stages stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
+        if not self.keep_stack:
+            down(self.cfg, say=self.say)
+
+
+def pipeline_running(cfg: Config) -> bool:
+    """True when a pipeline's bridge and sink already serve metrics on this config's ports."""
+    return bool(scrape(cfg.bridge.metrics_port)) and bool(scrape(cfg.clickhouse.metrics_port))
+
+
 def progress_line(elapsed_s: float, m: dict[str, float], prev: dict[str, float], dt: float, published: int) -> str:
     """One line of live progress from the stages' metrics."""
     def rate(name: str) -> float:
@@ -117,13 +157,7 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
     alert_p50, alert_p99 = percentiles(
         reader, "dateDiff('millisecond', source_received_at, event_at) / 1000", f"{db}.alerts",
         f"{t} AND transition IN ('raised', 'reraised') AND toUnixTimestamp64Milli(source_received_at) > 0")
-    quality = QualityTracker()
-    if labels_path.exists():
-        quality.add_labels(pq.read_table(labels_path))
-    quality.add_alert_events({**a, "ts_ms": _ms(a["ts"])} for a in alerts)
-    quality.advance(2 ** 62)
-    quality.decide()
-    scores = quality.rows(int(time.time() * 1000))
+    scores = detection_scores(pq.read_table(labels_path) if labels_path.exists() else None, alerts)
 
     say("\n=== AI Mass demo summary ===")
     say(f"readings published      {published.get('readings', 0):,d} in {published.get('messages', 0):,d} MQTT messages")
@@ -147,6 +181,17 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
             "latency_alert_p50_s": alert_p50, "latency_alert_p99_s": alert_p99}
 
 
+def detection_scores(labels: pa.Table | None, alerts: list[dict]) -> list[dict]:
+    """Precision, recall and mean delay per rule: stored alarm events against labelled intervals."""
+    quality = QualityTracker()
+    if labels is not None:
+        quality.add_labels(labels)
+    quality.add_alert_events({**a, "ts_ms": _ms(a["ts"])} for a in alerts)
+    quality.advance(2 ** 62)  # the run is over: settle every label and detection
+    quality.decide()
+    return quality.rows(int(time.time() * 1000))
+
+
 def _ms(value) -> int:
     return int(value.timestamp() * 1000) if hasattr(value, "timestamp") else int(value)
 
@@ -168,58 +213,50 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     tenant = f"demo{int(time.time()) % 100000}"
-    run_dir = cfg.run_dir
-    labels_path = run_dir / f"labels-{tenant}.parquet"
-    secret = os.environ.get(cfg.alert.webhook_secret_env) or secrets.token_hex(16)
-    base_env = {cfg.alert.webhook_secret_env: secret, "AIMASS_RUN_DIR": str(run_dir)}
+    labels_path = cfg.run_dir / f"labels-{tenant}.parquet"
     say = print
     say(f"AI Mass demo: {args.devices} devices x {args.metrics} metrics at {args.rate}/s for {args.minutes} min, "
-        f"{args.anomalies} injected anomalies; run dir {run_dir}")
-    up(cfg, say=say)
-    receiver = WebhookReceiver(secret, WEBHOOK_PORT).start()
-    sup = Supervisor(run_dir, auto_restart=True)
+        f"{args.anomalies} injected anomalies; run dir {cfg.run_dir}")
     stop = threading.Event()
     published: dict = {}
     try:
-        plans = stage_plans(cfg, args.workers)
-        start_pipeline(cfg, sup, plans, base_env, say)
-        spec = SimSpec(devices=args.devices, metrics=args.metrics, rate_hz=args.rate, duration_s=args.minutes * 60,
-                       seed=args.seed, tenant=tenant, anomalies=args.anomalies, format=args.format,
-                       publish_labels=True)
-        live: dict = {"readings": 0}
-        sim = threading.Thread(target=lambda: published.update(
-            publish(cfg, spec, labels_path=labels_path, progress=live.update, stop=stop.is_set)), daemon=True)
-        sim.start()
-        ports = [p.metrics_port for p in plans]
-        t0 = prev_t = time.monotonic()
-        prev: dict[str, float] = {}
-        drained_since, last_stored = t0, -1.0
-        while True:
-            time.sleep(2)
-            now = time.monotonic()
-            m = scrape(*ports)
-            say(progress_line(now - t0, m, prev, now - prev_t, int(published.get("readings", live["readings"]))))
-            prev, prev_t = m, now
-            stored = m.get("aimass_sink_rows_total", 0)
-            if not sim.is_alive():
-                # Drained: the simulator is done and the sink stored nothing new for 10 s.
-                if stored != last_stored or stored == 0:
-                    last_stored, drained_since = stored, now
-                elif now - drained_since > 10:
-                    break
-            if now - t0 > args.minutes * 60 + 180:
-                say("pipeline did not drain within 3 minutes after the simulator stopped; summarizing anyway")
-                break
-        summarize(cfg, tenant, published, labels_path, receiver, say)
+        with Pipeline(cfg, args.workers, args.keep_stack, say) as pipe:
+            spec = SimSpec(devices=args.devices, metrics=args.metrics, rate_hz=args.rate,
+                           duration_s=args.minutes * 60, seed=args.seed, tenant=tenant, anomalies=args.anomalies,
+                           format=args.format, publish_labels=True)
+            live: dict = {"readings": 0}
+            sim = threading.Thread(target=lambda: published.update(
+                publish(cfg, spec, labels_path=labels_path, progress=live.update, stop=stop.is_set)), daemon=True)
+            sim.start()
+            watch_until_drained(pipe, lambda: not sim.is_alive(),
+                                lambda: int(published.get("readings", live["readings"])), args.minutes * 60 + 180, say)
+            summarize(cfg, tenant, published, labels_path, pipe.receiver, say)
+        say(f"data kept in {cfg.run_dir} (`aimass query` reads it)")
         return 0
     except KeyboardInterrupt:
-        say("\ninterrupted: stopping the pipeline ...")
+        say("\ninterrupted: the pipeline was stopped")
         return 130
     finally:
         stop.set()
-        codes = sup.stop_all(timeout=20)
-        receiver.stop()
-        say("stages stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
-        if not args.keep_stack:
-            down(cfg, say=say)
-        say(f"data kept in {run_dir} (`aimass query` reads it)")
+
+
+def watch_until_drained(pipe: Pipeline, source_done, published, max_s: float, say=print) -> None:
+    """Print progress every 2 s until the source is done and the sink stored nothing new for 10 s."""
+    t0 = prev_t = drained_since = time.monotonic()
+    prev: dict[str, float] = {}
+    last_stored = -1.0
+    while True:
+        time.sleep(2)
+        now = time.monotonic()
+        m = scrape(*pipe.metrics_ports)
+        say(progress_line(now - t0, m, prev, now - prev_t, published()))
+        prev, prev_t = m, now
+        stored = m.get("aimass_sink_rows_total", 0)
+        if source_done():
+            if stored != last_stored or stored == 0:
+                last_stored, drained_since = stored, now
+            elif now - drained_since > 10:
+                return
+        if now - t0 > max_s:
+            say(f"pipeline did not drain within {max_s:.0f}s; summarizing anyway")
+            return
