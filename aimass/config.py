@@ -346,3 +346,15 @@ def describe(cfg: Config | None = None) -> list[tuple[str, str, str, str]]:
             rows.append((f"{sf.name}.{f.name}", f"AIMASS_{sf.name.upper()}_{f.name.upper()}",
                          repr(getattr(section, f.name)), accepted))
     return rows
+
+
+def to_env(cfg: Config) -> dict[str, str]:
+    """``AIMASS_*`` variables that reproduce ``cfg`` in a child process (secrets excluded: they stay in env)."""
+    env = {}
+    for sf in dataclasses.fields(Config):
+        section = getattr(cfg, sf.name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            env[f"AIMASS_{sf.name.upper()}_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) \
+                else str(value)
+    return env

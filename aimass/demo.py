@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aimass.clickhouse import open_reader
-from aimass.config import Config
+from aimass.config import Config, to_env
 from aimass.receiver import WebhookReceiver
 from aimass.stack import down, up
 from aimass.supervisor import Supervisor, aimass_argv, scrape
@@ -92,7 +92,7 @@ class Pipeline:
         self.receiver.start()
         try:
             start_pipeline(self.cfg, self.sup, self.plans,
-                           {self.cfg.alert.webhook_secret_env: self.secret, "AIMASS_RUN_DIR": str(self.cfg.run_dir)},
+                           {**to_env(self.cfg), self.cfg.alert.webhook_secret_env: self.secret},
                            self.say)
         except BaseException:
             self.__exit__()

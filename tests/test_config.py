@@ -77,3 +77,10 @@ def test_describe_lists_every_key_with_its_env_name():
     rows = {r[0]: r for r in describe()}
     assert rows["kafka.bootstrap"][1] == "AIMASS_KAFKA_BOOTSTRAP"
     assert rows["mqtt.port"][3] == "1..65535"
+
+
+def test_to_env_round_trips_every_key(tmp_path):
+    from aimass.config import to_env
+    cfg = load_config(env={"AIMASS_KAFKA_PARTITIONS": "3", "AIMASS_MQTT_TLS": "true", "AIMASS_RUN_DIR": str(tmp_path)})
+    again = load_config(env=to_env(cfg))
+    assert again == cfg
