@@ -8,6 +8,8 @@ breaks from the recent past, and one model serves every device whatever its unit
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 Z_CLIP = 20.0           # |z| beyond this carries no more information and would overflow fp32 tricks
@@ -36,6 +38,20 @@ def normalize(history: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z.astype(np.float32), mu, sigma
 
 
+def normalize_one(means: list[float], k: int) -> tuple[list[float], float, float]:
+    """``normalize`` of one series' last K means (left-padded), in plain Python: per-row numpy
+    calls cost more than the arithmetic for K ~ 8."""
+    m = list(means)[-k:]
+    if not m:
+        raise ValueError("a series needs at least one window mean")
+    m = [m[0]] * (k - len(m)) + m
+    ref = m[:-1] if k > 1 else m
+    mu = sum(ref) / len(ref)
+    var = sum((v - mu) ** 2 for v in ref) / len(ref)
+    sigma = max(math.sqrt(var), ABS_FLOOR + REL_FLOOR * abs(mu))
+    return [min(Z_CLIP, max(-Z_CLIP, (v - mu) / sigma)) for v in m], mu, sigma
+
+
 def normalize_target(target: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """A raw next-window mean in the normalized units of its input row."""
     return np.clip((np.asarray(target, dtype=np.float64) - mu) / sigma, -Z_CLIP, Z_CLIP)
@@ -44,14 +60,6 @@ def normalize_target(target: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> n
 def denormalize(z: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """Raw values from normalized model outputs."""
     return mu + np.asarray(z, dtype=np.float64) * sigma
-
-
-def left_pad(means: list[float] | np.ndarray, k: int) -> np.ndarray:
-    """The last ``k`` means, left-padded with the oldest one while a series is young."""
-    m = np.asarray(means, dtype=np.float64)[-k:]
-    if len(m) == 0:
-        raise ValueError("a series needs at least one window mean")
-    return np.concatenate([np.full(k - len(m), m[0]), m])
 
 
 def training_samples(means: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

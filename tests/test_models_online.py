@@ -19,12 +19,20 @@ def test_normalization_scales_by_older_windows_and_inverts():
                                 sigma[:1]) == pytest.approx([13.0])
 
 
-def test_left_pad_and_training_samples():
-    assert features.left_pad([3.0, 4.0], 4).tolist() == [3.0, 3.0, 3.0, 4.0]
+def test_one_series_normalization_pads_young_series_and_matches_the_batch_form():
+    z, mu, sigma = features.normalize_one([3.0, 5.0], 4)  # padded to [3, 3, 3, 5]
+    assert (mu, z[-1]) == (3.0, features.Z_CLIP) and z[:3] == [0.0, 0.0, 0.0]
+    means = np.random.default_rng(2).normal(50, 4, 8)
+    z, mu, sigma = features.normalize_one(list(means), 8)
+    zb, mub, sigmab = features.normalize(means[None, :])
+    assert z == pytest.approx(zb[0].tolist(), abs=1e-5) and (mu, sigma) == pytest.approx((mub[0], sigmab[0]))
+    with pytest.raises(ValueError):
+        features.normalize_one([], 4)
+
+
+def test_training_samples_slide_over_a_series():
     hist, target = features.training_samples(np.arange(6.0), 4)
     assert hist.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]] and target.tolist() == [4, 5]
-    with pytest.raises(ValueError):
-        features.left_pad([], 4)
 
 
 def test_onnx_graphs_match_numpy():
@@ -109,3 +117,14 @@ def test_a_change_in_predictability_emits_drift_and_stationary_noise_does_not():
     assert drift and 400 < drift[0][0] < 500
     _, before, after = drift[0]
     assert after > before  # the forecast error rate rose
+
+
+def test_river_anomaly_scores_rank_labeled_spikes_high():
+    windows, labels = synthetic_windows(60, 150, spike_every=37, seed=2)
+    res = _feed(online.OnlinePartition(8), windows, 0, windows.num_rows)
+    spikes = set(zip(labels["device_id"].to_pylist(), labels["end_ms"].to_pylist()))
+    is_spike = np.array([(d, e) in spikes for d, e in zip(windows["device_id"].to_pylist(),
+                                                          windows["window_end_ms"].to_pylist())])
+    warm = windows.num_rows // 4  # after the detector's first windows
+    assert ((res.anomaly >= 0) & (res.anomaly <= 1)).all()
+    assert train.auc(res.anomaly[warm:], is_spike[warm:]) > 0.8
