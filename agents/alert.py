@@ -99,10 +99,12 @@ class Alerter:
             if stream == "readings" and not self.engine.ruleset.for_stream("readings"):
                 continue  # no rule watches raw readings: skip decoding them
             try:
-                tables[stream].append(contract.decode(value, self.topics[topic].schema))
+                table = contract.decode(value, self.topics[topic].schema)
             except ValueError as exc:
                 rejects.append({"stage": "alert", "reason": "bad_record", "detail": f"{topic}: {exc}",
                                 "payload": value, "rejected_ms": now_ms()})
+                continue
+            tables[stream].append(table)
         if rejects:
             log.warning("%d undecodable records sent to the dead-letter topic", len(rejects))
             out.append((contract.DEAD_LETTER, pa.Table.from_pylist(rejects, schema=contract.REJECTS)))

@@ -54,10 +54,10 @@ class SeriesState:
     last_ts_ms: int = -(2**62)
 
 
-def rule_fingerprint(rule: Rule) -> tuple:
-    """What a rule's series state depends on; states survive a reload when it is unchanged."""
-    return (rule.stream, rule.selector, rule.condition.source, rule.clear.source if rule.clear else None,
-            rule.for_s, rule.for_windows)
+def rule_fingerprint(rule: Rule) -> str:
+    """What a rule's series state depends on; states survive a reload (or restart) when it is unchanged."""
+    return repr((rule.stream, rule.selector, rule.condition.source, rule.clear.source if rule.clear else None,
+                 rule.for_s, rule.for_windows))
 
 
 class Batch:
@@ -161,13 +161,13 @@ class Engine:
     def __init__(self, ruleset: RuleSet | None = None):
         self.ruleset = ruleset or RuleSet()
         self.states: dict[str, dict[SeriesKey, SeriesState]] = {}
+        self.fingerprints = {r.name: rule_fingerprint(r) for r in self.ruleset.rules}
 
     def set_rules(self, ruleset: RuleSet) -> None:
         """Swap in new rules; series state is kept for rules whose logic did not change."""
-        old = {r.name: rule_fingerprint(r) for r in self.ruleset.rules}
-        keep = {r.name for r in ruleset.rules if old.get(r.name) == rule_fingerprint(r)}
-        self.states = {name: s for name, s in self.states.items() if name in keep}
-        self.ruleset = ruleset
+        new = {r.name: rule_fingerprint(r) for r in ruleset.rules}
+        self.states = {name: s for name, s in self.states.items() if self.fingerprints.get(name) == new.get(name)}
+        self.ruleset, self.fingerprints = ruleset, new
 
     def process(self, stream: str, table: pa.Table) -> list[Signal]:
         """Run every rule of ``stream`` over the batch (rows of each series in event-time order)."""
@@ -246,12 +246,15 @@ class Engine:
 
     def snapshot(self) -> dict:
         """JSON-able series state (persisted with the alarms so `for` progress survives a restart)."""
-        return {name: [[list(k), s.since_ms, s.count, s.active, s.last_notify_ms, s.last_ts_ms]
-                       for k, s in states.items()] for name, states in self.states.items() if states}
+        states = {name: [[list(k), s.since_ms, s.count, s.active, s.last_notify_ms, s.last_ts_ms]
+                         for k, s in series.items()] for name, series in self.states.items() if series}
+        return {"fingerprints": self.fingerprints, "states": states}
 
     def restore(self, snap: dict) -> None:
+        """Series state from ``snapshot``; ``set_rules`` then keeps it only for unchanged rules."""
+        self.fingerprints = dict(snap["fingerprints"])
         self.states = {name: {(k[0], k[1], k[2], int(k[3])): SeriesState(*rest) for k, *rest in rows}
-                       for name, rows in snap.items()}
+                       for name, rows in snap["states"].items()}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 selectors, replays, and hot reload that survives a bad file."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -203,7 +204,12 @@ def test_engine_state_snapshot_round_trip(tmp_path):
     text = "  - {name: hot, stream: windows, condition: mean > 80, for: 3 windows}\n"
     engine = engine_for(tmp_path, text)
     assert run(engine, "windows", windows(*window_rows([90, 90]))) == []
-    restored = engine_for(tmp_path, text)
-    restored.restore(engine.snapshot())
+    restored = Engine()  # a restart: state first, then the rule files are (re)loaded
+    restored.restore(json.loads(json.dumps(engine.snapshot())))
+    restored.set_rules(ruleset(tmp_path, "rules:\n" + text))
     # the third consecutive window fires only if the two before it survived the restart
     assert run(restored, "windows", windows(dict(window_end_ms=30_000, mean=90))) == [("fire", 30_000)]
+    changed = Engine()
+    changed.restore(engine.snapshot())
+    changed.set_rules(ruleset(tmp_path, "rules:\n" + text.replace("mean > 80", "mean > 85")))
+    assert changed.states == {}  # the rule changed while the alerter was down: its progress is void

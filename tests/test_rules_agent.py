@@ -1,0 +1,210 @@
+"""`aimass alerter` as a real process on the real Kafka broker fixture: windows/predictions/labels in,
+alarm events, outcomes, quality rows, notifications and dead letters out; `aimass alerts` list/ack
+through the API; SIGTERM exits 0 and alarm state survives the restart without duplicate raises."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from aimass.procs import free_port, port_in_use, wait_until
+from streams import contract
+from streams.kafka import consumer_config, producer_config
+from tests.fixtures_rules import labels, predictions, windows
+
+pytestmark = pytest.mark.integration
+
+RULES = """
+receivers:
+  hook: {{kind: webhook, url: "http://127.0.0.1:{port}/hook", secret_env: TEST_HOOK_SECRET, group_wait: 0s}}
+rules:
+  - name: hot
+    stream: windows
+    condition: mean > 80
+    for: 2 windows
+    clear: mean < 75
+    severity: critical
+    message: "{{device_id}} mean {{mean:.1f}}"
+    receivers: [hook]
+  - name: residual
+    stream: outcomes
+    condition: abs(forecast_residual()) > 5
+    receivers: [hook]
+"""
+
+
+class Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hook.received.append({"key": self.headers["Idempotency-Key"], **json.loads(body)})
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hook_server():
+    Hook.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def write_config(cfg, tmp_path: Path, hook_port: int) -> Path:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rules.yaml").write_text(RULES.format(port=hook_port))
+    path = tmp_path / "aimass.toml"
+    path.write_text(f"""
+[run]
+dir = "{tmp_path / 'run'}"
+[kafka]
+bootstrap = "{cfg.kafka.bootstrap}"
+topic_prefix = "{cfg.kafka.topic_prefix}"
+partitions = {cfg.kafka.partitions}
+[alert]
+rules_path = "{rules}"
+api_port = {cfg.alert.api_port}
+metrics_port = 0
+reload_s = 0.5
+quality_every_s = 1
+label_grace_s = 0
+backoff_initial_s = 0.1
+""")
+    return path
+
+
+ENV = {**os.environ, "AIMASS_API_TOKEN": "test-token", "TEST_HOOK_SECRET": "hook-secret"}
+
+
+def start_alerter(config: Path, log: Path, api_port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "aimass.cli", "--config", str(config), "alerter"],
+                            stdout=subprocess.DEVNULL, stderr=log.open("a"), env=ENV)
+    wait_until(lambda: port_in_use(api_port), 30, "alerter API", proc, log)
+    return proc
+
+
+def produce(cfg, topic: contract.Topic, table: pa.Table) -> None:
+    producer = Producer(producer_config(cfg))
+    partition = contract.partition_for("acme", "pump-1", contract.topic_partitions(topic, cfg.kafka.partitions))
+    producer.produce(topic.name(cfg.kafka.topic_prefix), contract.encode(table, topic.schema), partition=partition)
+    assert producer.flush(10) == 0
+
+
+class Reader:
+    """Reads a contract topic from the beginning, accumulating rows."""
+
+    def __init__(self, cfg, topic: contract.Topic):
+        self.topic = topic
+        self.consumer = Consumer(consumer_config(cfg, f"reader-{uuid.uuid4().hex[:8]}"))
+        self.consumer.subscribe([topic.name(cfg.kafka.topic_prefix)])
+        self.rows: list[dict] = []
+
+    def until(self, predicate, timeout: float = 60) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.rows):
+            assert time.monotonic() < deadline, f"timed out on {self.topic.suffix}; rows so far: {self.rows}"
+            for m in self.consumer.consume(100, 0.3):
+                if not m.error():
+                    self.rows += contract.decode(m.value(), self.topic.schema).to_pylist()
+        return self.rows
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aimass.cli", "--config", str(config), "alerts", *args],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+
+
+def transitions(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(r["rule"], r["transition"]) for r in rows]
+
+
+def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server):
+    config = write_config(cfg, tmp_path, hook_server.server_address[1])
+    log = tmp_path / "alerter.log"
+    alerts, outcomes = Reader(cfg, contract.ALERT_EVENTS), Reader(cfg, contract.OUTCOME_ROWS)
+    quality, dead = Reader(cfg, contract.QUALITY_ROWS), Reader(cfg, contract.DEAD_LETTER)
+    notifications = Reader(cfg, contract.NOTIFICATION_ROWS)
+    proc = start_alerter(config, log, cfg.alert.api_port)
+    try:
+        produce(cfg, contract.LABEL_ROWS, labels(dict(start_ms=15_000, end_ms=30_000)))
+        produce(cfg, contract.PREDICTION_ROWS, predictions(dict(window_end_ms=10_000, target_end_ms=20_000,
+                                                                forecast=70.0, band_low=65.0, band_high=75.0)))
+        produce(cfg, contract.WINDOW_ROWS, windows(dict(window_end_ms=10_000, mean=85.0),
+                                                   dict(window_end_ms=20_000, mean=90.0, max_received_ms=1)))
+        rows = alerts.until(lambda rs: len(rs) >= 2)
+        assert sorted(transitions(rows)) == [("hot", "raised"), ("residual", "raised")]
+        hot = next(r for r in rows if r["rule"] == "hot")
+        assert (hot["state"], hot["severity"], hot["message"], hot["device_id"]) == (
+            "active_unack", "critical", "pump-1 mean 90.0", "pump-1")
+        [outcome] = outcomes.until(lambda rs: len(rs) >= 1)
+        assert (outcome["target_end_ms"], outcome["actual"], outcome["residual"], outcome["in_band"]) == (
+            20_000, 90.0, 20.0, False)
+        # both alarm events reached the webhook (signed delivery is covered in test_rules_delivery)
+        notified = notifications.until(lambda rs: sum(r["status"] == "delivered" for r in rs) >= 2)
+        assert {r["event_id"] for r in notified if r["status"] == "delivered"} == {r["event_id"] for r in rows}
+        assert sorted(e["rule"] for h in Hook.received for e in h["events"]) == ["hot", "residual"]
+
+        # a record that is not Arrow goes to the dead-letter topic; the alerter keeps running
+        producer = Producer(producer_config(cfg))
+        producer.produce(contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix), b"not arrow", partition=0)
+        producer.flush(10)
+        [bad] = dead.until(lambda rs: len(rs) >= 1)
+        assert (bad["stage"], bad["reason"], bad["payload"]) == ("alert", "bad_record", b"not arrow")
+
+        # the window after the label ends moves the watermark: the rule detected the label 5 s after it began
+        produce(cfg, contract.WINDOW_ROWS, windows(dict(window_end_ms=40_000, mean=78.0)))
+        q = quality.until(lambda rs: any(r["rule"] == "hot" and r["true_positives"] == 1 for r in rs))
+        hot_q = [r for r in q if r["rule"] == "hot" and r["true_positives"] == 1][-1]
+        assert (hot_q["false_negatives"], hot_q["mean_delay_s"]) == (0, 5.0)
+
+        listing = cli(config, "list")
+        assert listing.returncode == 0, listing.stderr
+        assert "hot" in listing.stdout and "active_unack" in listing.stdout
+        [hot_alarm] = [a for a in json.loads(cli(config, "list", "--json").stdout) if a["rule"] == "hot"]
+        acked = cli(config, "ack", hot_alarm["alarm_id"], "--by", "alice")
+        assert acked.returncode == 0, acked.stderr
+        assert "active_ack" in acked.stdout
+        assert cli(config, "ack", hot_alarm["alarm_id"]).returncode == 1  # already acknowledged
+        alerts.until(lambda rs: ("hot", "acknowledged") in transitions(rs))
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+        # restart: the acknowledged alarm is still there; replayed input raises nothing twice
+        proc = start_alerter(config, log, cfg.alert.api_port)
+        [again] = [a for a in json.loads(cli(config, "list", "--json").stdout) if a["rule"] == "hot"]
+        assert (again["state"], again["acked_by"], again["count"]) == ("active_ack", "alice", 1)
+        produce(cfg, contract.WINDOW_ROWS, windows(dict(window_end_ms=50_000, mean=60.0)))
+        rows = alerts.until(lambda rs: ("hot", "cleared") in transitions(rs))
+        cleared = next(r for r in rows if r["transition"] == "cleared")
+        assert cleared["state"] == "cleared"  # acknowledged before it cleared: nothing left to do
+        assert transitions(rows).count(("hot", "raised")) == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        for reader in (alerts, outcomes, quality, dead, notifications):
+            reader.close()
+    assert proc.returncode == 0, log.read_text()[-3000:]
