@@ -40,6 +40,8 @@ RETRYABLE_CODES = frozenset({
     81,   # UNKNOWN_DATABASE
     159,  # TIMEOUT_EXCEEDED
     164,  # READONLY
+    192,  # UNKNOWN_USER (credentials are fixable by an operator; keep the data)
+    193,  # WRONG_PASSWORD
     202,  # TOO_MANY_SIMULTANEOUS_QUERIES
     203,  # NO_FREE_CONNECTION
     209,  # SOCKET_TIMEOUT
@@ -71,7 +73,7 @@ def classify(exc: BaseException) -> StoreError:
     """Wrap any client exception as a StoreError with its code and retryability."""
     if isinstance(exc, StoreError):
         return exc
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = " ".join(str(exc).split("Stack trace")[0].split()) or type(exc).__name__
     code = getattr(exc, "code", None)
     if not isinstance(code, int):
         m = re.search(r"Code: (\d+)", str(exc))
@@ -188,7 +190,10 @@ def parse_url(url: str, password_env_value: str = "") -> dict:
 
 
 class ServerStore:
-    """A ClickHouse server over the native protocol; reconnects on the next call after a failure."""
+    """A ClickHouse server over the native protocol; reconnects on the next call after a failure.
+
+    Thread-safe: one statement at a time on the single connection.
+    """
 
     def __init__(self, url: str, database: str, password: str = "", secure: bool = False,
                  connect_timeout_s: float = 5.0):
@@ -198,6 +203,7 @@ class ServerStore:
         self.database = params.pop("database") or database
         params["secure"] = params["secure"] or secure
         self.address = f"{params['host']}:{params['port']}"
+        self.lock = threading.Lock()
         self.client = Client(**params, connect_timeout=connect_timeout_s, send_receive_timeout=300,
                              settings={"use_numpy": True}, client_name="aimass")
         self.dialect = MODERN if self._version() >= (22, 3) else LEGACY
@@ -208,11 +214,12 @@ class ServerStore:
         return int(major), int(minor)
 
     def _call(self, fn):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - driver, socket and server errors alike
-            self.client.disconnect()
-            raise classify(exc) from exc
+        with self.lock:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - driver, socket and server errors alike
+                self.client.disconnect()
+                raise classify(exc) from exc
 
     def execute(self, sql: str) -> None:
         settings = {"allow_experimental_low_cardinality_type": 1} if self.dialect == LEGACY else {}

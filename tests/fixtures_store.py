@@ -5,6 +5,7 @@ Import the fixtures into a test module with ``from tests.fixtures_store import *
 from __future__ import annotations
 
 import hashlib
+import threading
 import secrets
 import shutil
 import subprocess
@@ -15,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from aimass.config import Config
 from aimass.procs import Server, free_port, port_in_use, spawn, stop_pid, wait_until
 from streams import contract, tables
-from streams.kafka import producer_config
+from agents.sink import Journal, Sink
+from aimass.db import migrate
+from streams.kafka import consumer_config, producer_config
 
 SERVER_USER = "aimass"
 
@@ -196,3 +199,51 @@ def expected_counts(batches: list[dict[contract.Topic, pa.Table]]) -> dict[str, 
 def run_sink_process(cfg_file: Path, log: Path, *extra: str) -> subprocess.Popen:
     """`aimass sink` as a child process (its own session, so it can be killed alone)."""
     return spawn("aimass sink", [shutil.which("aimass") or "aimass", "--config", str(cfg_file), "sink", *extra], log)
+
+
+# --- an in-process sink ---------------------------------------------------------------
+
+def sink_on(cfg: Config, store) -> Sink:
+    """A migrated store and a Sink on it with real Kafka clients."""
+    migrate(store, cfg)
+    consumer = Consumer(consumer_config(cfg, cfg.clickhouse.group_id, **{"max.poll.interval.ms": 86_400_000}))
+    return Sink(cfg, store, consumer, Producer(producer_config(cfg)),
+                Journal(cfg.run_dir / "sink" / f"{cfg.clickhouse.database}.journal.json"))
+
+
+class Running:
+    """A sink consuming in a background thread of this process."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.sink.run()
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def __enter__(self) -> Sink:
+        self.thread.start()
+        return self.sink
+
+    def __exit__(self, *exc) -> None:
+        self.sink.stopping.set()
+        self.thread.join(30)
+        self.sink.consumer.close()
+        assert not self.thread.is_alive(), "sink did not stop within 30 s"
+        assert self.error is None, self.error
+
+
+def committed(cfg, topic: contract.Topic) -> int:
+    c = Consumer(consumer_config(cfg, cfg.clickhouse.group_id))
+    try:
+        parts = [TopicPartition(topic.name(cfg.kafka.topic_prefix), p)
+                 for p in range(contract.topic_partitions(topic, cfg.kafka.partitions))]
+        return sum(max(tp.offset, 0) for tp in c.committed(parts, timeout=10))
+    finally:
+        c.close()
+
+

@@ -1,19 +1,16 @@
 """The sink on chDB with the real Kafka broker: every topic stored, rollups, dead letters, journal replay."""
 from __future__ import annotations
 
-import threading
-
 import pyarrow as pa
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from agents.sink import Journal, Sink
+from agents.sink import Sink
 from aimass.clickhouse import ChdbStore
-from aimass.db import migrate
-from streams import contract, tables
-from streams.kafka import consumer_config, producer_config
-from tests.fixtures_store import (chdb_config, chdb_run_dir, counts, expected_counts, produce, readings,  # noqa: F401
-                                  sample_tables, wait_for)
+from streams import contract
+from streams.kafka import producer_config
+from tests.fixtures_store import (Running, chdb_config, chdb_run_dir, committed, counts,  # noqa: F401
+                                  expected_counts, produce, readings, sample_tables, sink_on, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -25,46 +22,7 @@ def sink_cfg(cfg, chdb_run_dir):  # noqa: F811
 
 def make_sink(cfg) -> Sink:
     store = ChdbStore(cfg.run_dir / "chdb", cfg.clickhouse.database)
-    migrate(store, cfg)
-    consumer = Consumer(consumer_config(cfg, cfg.clickhouse.group_id))
-    return Sink(cfg, store, consumer, Producer(producer_config(cfg)),
-                Journal(cfg.run_dir / "sink" / f"{cfg.clickhouse.database}.journal.json"))
-
-
-class Running:
-    """A sink consuming in a background thread of this process."""
-
-    def __init__(self, sink: Sink):
-        self.sink = sink
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            self.sink.run()
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
-            self.error = exc
-
-    def __enter__(self) -> Sink:
-        self.thread.start()
-        return self.sink
-
-    def __exit__(self, *exc) -> None:
-        self.sink.stopping.set()
-        self.thread.join(30)
-        self.sink.consumer.close()
-        assert not self.thread.is_alive(), "sink did not stop within 30 s"
-        assert self.error is None, self.error
-
-
-def committed(cfg, topic: contract.Topic) -> int:
-    c = Consumer(consumer_config(cfg, cfg.clickhouse.group_id))
-    try:
-        parts = [TopicPartition(topic.name(cfg.kafka.topic_prefix), p)
-                 for p in range(contract.topic_partitions(topic, cfg.kafka.partitions))]
-        return sum(max(tp.offset, 0) for tp in c.committed(parts, timeout=10))
-    finally:
-        c.close()
+    return sink_on(cfg, store)
 
 
 def test_every_topic_lands_in_its_table_with_rollups_and_commits(sink_cfg):
