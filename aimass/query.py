@@ -1,0 +1,255 @@
+"""`aimass query REPORT`: named reports over the store, printed as a table or drawn with --plot.
+
+Reads through the running sink's SQL endpoint in chDB mode (the sink owns the data dir),
+opens chDB directly when no sink runs, or queries the ClickHouse server of clickhouse.url.
+Reports use modern SQL (chDB, ClickHouse >= 22.3). `aimass query --list` shows them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+
+from aimass.clickhouse import Store, StoreError, open_reader
+from aimass.config import Config, ConfigError
+from streams import tables
+
+
+def quote(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass(frozen=True)
+class Report:
+    """A named query: its SQL from the options, and how --plot draws it."""
+
+    name: str
+    help: str
+    sql: Callable[[argparse.Namespace, str], str]
+    plot: Callable[[pa.Table, str, argparse.Namespace], None]
+
+
+# --- SQL ------------------------------------------------------------------------------
+
+def summary_sql(args: argparse.Namespace, db: str) -> str:
+    parts = [f"SELECT '{t.name}' AS table, count() AS rows, max({t.time_column}) AS latest, "
+             f"max(inserted_at) AS last_insert FROM `{db}`.`{t.name}` FINAL" for t in tables.TABLES]
+    return " UNION ALL ".join(parts) + " ORDER BY table"
+
+
+def top_anomalous_sql(args: argparse.Namespace, db: str) -> str:
+    return f"""
+SELECT tenant, device_id, metric, count() AS windows, round(max(anomaly), 3) AS max_anomaly,
+       round(avg(anomaly), 3) AS mean_anomaly, countIf(actual_outside) AS outside_band
+FROM (
+  SELECT p.tenant, p.device_id, p.metric, p.anomaly, o.in_band = false AS actual_outside
+  FROM `{db}`.predictions AS p FINAL
+  LEFT JOIN (SELECT tenant, device_id, metric, window_s, target_end_at, in_band FROM `{db}`.outcomes FINAL
+             WHERE target_end_at >= now64(3) - INTERVAL {args.hours} HOUR) AS o
+    USING (tenant, device_id, metric, window_s, target_end_at)
+  WHERE p.target_end_at >= now64(3) - INTERVAL {args.hours} HOUR {tenant_filter(args, 'p.')}
+)
+GROUP BY tenant, device_id, metric
+ORDER BY max_anomaly DESC, mean_anomaly DESC
+LIMIT {args.limit}"""
+
+
+def device_sql(args: argparse.Namespace, db: str) -> str:
+    if not args.device:
+        raise ConfigError("the device report needs a device id: `aimass query device DEVICE --minutes 30`")
+    where = f"device_id = {quote(args.device)} {tenant_filter(args)}"
+    if args.metric:
+        where += f" AND metric = {quote(args.metric)}"
+    return f"""
+WITH r AS (
+  SELECT metric, toStartOfInterval(ts, INTERVAL {args.window_s} SECOND) AS bucket, count() AS readings,
+         avg(value) AS mean
+  FROM `{db}`.readings FINAL
+  WHERE {where} AND ts >= now64(3) - INTERVAL {args.minutes} MINUTE
+  GROUP BY metric, bucket),
+p AS (
+  SELECT metric, target_end_at - INTERVAL window_s SECOND AS bucket, forecast, band_low, band_high, anomaly
+  FROM `{db}`.predictions FINAL
+  WHERE {where} AND window_s = {args.window_s} AND target_end_at >= now64(3) - INTERVAL {args.minutes} MINUTE)
+SELECT r.metric AS metric, r.bucket AS bucket, r.readings AS readings, round(r.mean, 4) AS mean,
+       round(p.forecast, 4) AS forecast, round(p.band_low, 4) AS band_low, round(p.band_high, 4) AS band_high,
+       round(p.anomaly, 3) AS anomaly
+FROM r LEFT JOIN p ON r.metric = p.metric AND r.bucket = p.bucket
+ORDER BY metric, bucket
+SETTINGS join_use_nulls = 1"""
+
+
+def rejects_sql(args: argparse.Namespace, db: str) -> str:
+    return f"""
+SELECT stage, reason, count() AS rejects, max(rejected_at) AS last_seen, any(detail) AS example
+FROM `{db}`.rejects FINAL
+WHERE rejected_at >= now64(3) - INTERVAL {args.hours} HOUR {tenant_filter(args)}
+GROUP BY stage, reason ORDER BY rejects DESC LIMIT {args.limit}"""
+
+
+def alerts_sql(args: argparse.Namespace, db: str) -> str:
+    return f"""
+SELECT rule, tenant, device_id, metric, argMax(severity, event_at) AS severity, argMax(state, event_at) AS state,
+       count() AS transitions, min(event_at) AS first_event, max(event_at) AS last_event,
+       argMax(message, event_at) AS message
+FROM `{db}`.alerts FINAL
+WHERE event_at >= now64(3) - INTERVAL {args.hours} HOUR {tenant_filter(args)}
+GROUP BY rule, tenant, device_id, metric
+ORDER BY last_event DESC LIMIT {args.limit}"""
+
+
+def models_sql(args: argparse.Namespace, db: str) -> str:
+    return f"""
+SELECT forecaster_model, countMerge(n) AS outcomes, round(sumMerge(in_band_n) / outcomes, 3) AS in_band_share,
+       round(sumMerge(abs_residual_sum) / outcomes, 4) AS mae, round(sqrt(sumMerge(sq_residual_sum) / outcomes), 4) AS rmse
+FROM `{db}`.outcomes_1m
+WHERE bucket >= now() - INTERVAL {args.hours} HOUR
+GROUP BY forecaster_model ORDER BY outcomes DESC LIMIT {args.limit}"""
+
+
+def ingest_sql(args: argparse.Namespace, db: str) -> str:
+    return f"""
+SELECT bucket AS minute, countMerge(n) AS readings, uniqExact(device_id) AS devices
+FROM `{db}`.readings_1m
+WHERE bucket >= now() - INTERVAL {args.minutes} MINUTE {tenant_filter(args)}
+GROUP BY minute ORDER BY minute"""
+
+
+def tenant_filter(args: argparse.Namespace, prefix: str = "") -> str:
+    return f"AND {prefix}tenant = {quote(args.tenant)}" if args.tenant else ""
+
+
+# --- plots ----------------------------------------------------------------------------
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: str, title: str) -> None:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def bar_plot(x: str | tuple[str, ...], y: str) -> Callable[[pa.Table, str, argparse.Namespace], None]:
+    """A horizontal bar chart of ``y`` per ``x`` (columns joined with "/")."""
+    def draw(table: pa.Table, path: str, args: argparse.Namespace) -> None:
+        plt, fig, ax = _figure()
+        cols = (x,) if isinstance(x, str) else x
+        labels = ["/".join(str(table.column(c)[i].as_py()) for c in cols) for i in range(table.num_rows)]
+        ax.barh(labels[::-1], table.column(y).to_pylist()[::-1])
+        ax.set_xlabel(y)
+        _save(plt, fig, ax, path, f"{args.report}: {y}")
+    return draw
+
+
+def line_plot(x: str, ys: tuple[str, ...]) -> Callable[[pa.Table, str, argparse.Namespace], None]:
+    def draw(table: pa.Table, path: str, args: argparse.Namespace) -> None:
+        plt, fig, ax = _figure()
+        for y in ys:
+            ax.plot(table.column(x).to_pylist(), table.column(y).to_pylist(), label=y)
+        ax.legend()
+        _save(plt, fig, ax, path, args.report)
+    return draw
+
+
+def device_plot(table: pa.Table, path: str, args: argparse.Namespace) -> None:
+    """Window means against the forecast and its band, one colour per metric."""
+    plt, fig, ax = _figure()
+    for metric in sorted(set(table.column("metric").to_pylist())):
+        rows = table.filter(pa.compute.equal(table.column("metric"), metric)).to_pydict()
+        t = rows["bucket"]
+        line, = ax.plot(t, rows["mean"], label=f"{metric} mean")
+        ax.plot(t, rows["forecast"], "--", color=line.get_color(), label=f"{metric} forecast")
+        low = [v if v is not None else float("nan") for v in rows["band_low"]]
+        high = [v if v is not None else float("nan") for v in rows["band_high"]]
+        ax.fill_between(t, low, high, color=line.get_color(), alpha=0.15)
+    ax.legend()
+    _save(plt, fig, ax, path, f"device {args.device}: readings vs predictions")
+
+
+REPORTS: dict[str, Report] = {r.name: r for r in (
+    Report("summary", "rows, newest event and last insert per table", summary_sql, bar_plot("table", "rows")),
+    Report("top-anomalous", "devices with the highest anomaly scores (--hours, --limit)", top_anomalous_sql,
+           bar_plot(("device_id", "metric"), "max_anomaly")),
+    Report("device", "one device's readings vs predicted band per window (DEVICE --minutes --metric --window-s)",
+           device_sql, device_plot),
+    Report("rejects", "rejected and late readings by stage and reason (--hours)", rejects_sql,
+           bar_plot(("stage", "reason"), "rejects")),
+    Report("alerts", "alarms and their latest state (--hours)", alerts_sql, bar_plot(("rule", "device_id"), "transitions")),
+    Report("models", "forecast quality per model: MAE, RMSE, in-band share (--hours)", models_sql,
+           bar_plot("forecaster_model", "mae")),
+    Report("ingest", "readings per minute from the 1-minute rollup (--minutes)", ingest_sql,
+           line_plot("minute", ("readings",))),
+)}
+
+
+def run_report(store: Store, args: argparse.Namespace) -> pa.Table:
+    """The report's rows."""
+    return store.query(REPORTS[args.report].sql(args, store.database))
+
+
+def format_table(table: pa.Table) -> str:
+    """A plain-text table, or a note when there are no rows."""
+    if table.num_rows == 0:
+        return "(no rows)"
+    return table.to_pandas().to_string(index=False, max_colwidth=60)
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("report", nargs="?", choices=list(REPORTS), metavar="REPORT",
+                   help="one of: " + ", ".join(REPORTS))
+    p.add_argument("device", nargs="?", help="device id (the device report)")
+    p.add_argument("--list", action="store_true", help="list the reports and exit")
+    p.add_argument("--hours", type=float, default=1.0, help="time range for hour-based reports (default 1)")
+    p.add_argument("--minutes", type=float, default=30.0, help="time range for minute-based reports (default 30)")
+    p.add_argument("--limit", type=int, default=20, help="most rows to show (default 20)")
+    p.add_argument("--tenant", help="only this tenant")
+    p.add_argument("--metric", help="only this metric (device report)")
+    p.add_argument("--window-s", type=int, default=10, help="window size of the device report (default 10)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the report into this PNG file")
+    p.add_argument("--sql", action="store_true", help="print the report's SQL instead of running it")
+    p.epilog = "reports:\n" + "\n".join(f"  {r.name:14s} {r.help}" for r in REPORTS.values())
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.list or not args.report:
+        print("\n".join(f"{r.name:14s} {r.help}" for r in REPORTS.values()))
+        return 0 if args.list else 2
+    if args.sql:
+        print(REPORTS[args.report].sql(args, cfg.clickhouse.database).strip())
+        return 0
+    store = open_reader(cfg)
+    try:
+        table = run_report(store, args)
+    except StoreError as exc:
+        print(f"aimass query {args.report}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if args.format == "csv":
+        table.to_pandas().to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(json.dumps(table.to_pylist(), default=str, indent=1))
+    else:
+        print(format_table(table))
+    if args.plot:
+        REPORTS[args.report].plot(table, args.plot, args)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
