@@ -29,22 +29,29 @@ class Dataset:
     x: np.ndarray          # [N, K] float32 features
     y: np.ndarray          # [N] next mean, normalized like its row
     anomalous: np.ndarray  # [N] bool: the newest input window overlaps a labeled anomaly
+    onset: np.ndarray      # [N] bool: ... and is one of the first ONSET_WINDOWS windows of it
     target_bad: np.ndarray  # [N] bool: the target window overlaps a labeled anomaly
     holdout: np.ndarray    # [N] bool
     info: dict             # data range and sizes for the metadata
 
 
-def _label_mask(ends: np.ndarray, starts: np.ndarray, series: tuple[str, str, str], labels: pa.Table | None) -> np.ndarray:
-    """Windows [starts, ends) of one series that overlap a label of that series (metric "" = any)."""
-    mask = np.zeros(len(ends), dtype=bool)
+ONSET_WINDOWS = 2  # a detector with a K-window memory can only be asked to catch an anomaly's start
+
+
+def _label_mask(ends: np.ndarray, starts: np.ndarray, series: tuple[str, str, str], labels: pa.Table | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(overlap, onset) of one series' windows [starts, ends) with its labels (metric "" = any)."""
+    mask, onset = np.zeros(len(ends), dtype=bool), np.zeros(len(ends), dtype=bool)
     if labels is None or labels.num_rows == 0:
-        return mask
+        return mask, onset
     tenant, device, metric = series
     sel = labels.filter(pc.and_(pc.and_(pc.equal(labels["tenant"], tenant), pc.equal(labels["device_id"], device)),
                                 pc.or_(pc.equal(labels["metric"], metric), pc.equal(labels["metric"], ""))))
     for lo, hi in zip(sel["start_ms"].to_numpy(), sel["end_ms"].to_numpy()):
-        mask |= (starts < hi) & (ends > lo)
-    return mask
+        hit = (starts < hi) & (ends > lo)
+        mask |= hit
+        onset[np.flatnonzero(hit)[:ONSET_WINDOWS]] = True
+    return mask, onset
 
 
 def dataset(windows: pa.Table, k: int, window_s: int, labels: pa.Table | None = None,
@@ -64,18 +71,19 @@ def dataset(windows: pa.Table, k: int, window_s: int, labels: pa.Table | None = 
         hist, target = features.training_samples(means[lo:hi], k)
         if len(hist) == 0:
             continue
-        bad = _label_mask(ends[lo:hi], starts[lo:hi], (keys[0][lo], keys[1][lo], keys[2][lo]), labels)
-        parts.append((hist, target, bad[k - 1:hi - lo - 1], bad[k:], ends[lo + k:hi]))
+        bad, onset = _label_mask(ends[lo:hi], starts[lo:hi], (keys[0][lo], keys[1][lo], keys[2][lo]), labels)
+        parts.append((hist, target, bad[k - 1:hi - lo - 1], onset[k - 1:hi - lo - 1], bad[k:], ends[lo + k:hi]))
     if not parts:
         raise ValueError(f"no series has more than K={k} windows of {window_s}s")
-    hist, target, anomalous, target_bad, target_end = (np.concatenate(p) for p in zip(*parts))
+    hist, target, anomalous, onset, target_bad, target_end = (np.concatenate(p) for p in zip(*parts))
     x, mu, sigma = features.normalize(hist)
     y = features.normalize_target(target, mu, sigma)
     split = np.quantile(target_end, 1.0 - holdout_fraction)
     info = {"from_ms": int(ends.min()), "to_ms": int(ends.max()), "split_ms": int(split), "series": len(parts),
             "windows": int(w.num_rows), "window_s": window_s, "samples": int(len(x)),
-            "holdout_samples": int((target_end > split).sum()), "labeled_anomalous": int(anomalous.sum())}
-    return Dataset(x, y, anomalous, target_bad, target_end > split, info)
+            "holdout_samples": int((target_end > split).sum()), "labeled_anomalous": int(anomalous.sum()),
+            "labeled_onsets": int(onset.sum())}
+    return Dataset(x, y, anomalous, onset, target_bad, target_end > split, info)
 
 
 # --- fitting ----------------------------------------------------------------------------
@@ -136,9 +144,12 @@ def evaluate(name: str, model: bytes | Path, ds: Dataset) -> dict:
         err = np.abs(out[ok] - ds.y[h][ok])
         return {"mae_norm": float(err.mean()), "rmse_norm": float(np.sqrt((err ** 2).mean())),
                 "persistence_mae_norm": float(np.abs(ds.x[h][ok, -1] - ds.y[h][ok]).mean()), "rows": int(ok.sum())}
-    return {"auc": auc(out, ds.anomalous[h]), "mean_score_normal": float(out[~ds.anomalous[h]].mean()),
-            "mean_score_anomalous": float(out[ds.anomalous[h]].mean()) if ds.anomalous[h].any() else None,
-            "rows": int(h.sum())}
+    # Onset windows of labeled anomalies against windows far from any label.
+    onset, normal = ds.onset[h], ~ds.anomalous[h]
+    judged = onset | normal
+    return {"auc": auc(out[judged], onset[judged]), "mean_score_normal": float(out[normal].mean()),
+            "mean_score_onset": float(out[onset].mean()) if onset.any() else None,
+            "rows": int(judged.sum())}
 
 
 # --- one training run -------------------------------------------------------------------

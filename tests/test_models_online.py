@@ -54,7 +54,7 @@ def test_trained_models_beat_baselines_and_a_worse_candidate_is_not_promoted(tmp
     first = train.train(tmp_path, ds, 8, "test", say=lambda _: None)
     fm, am = first["forecaster"]["metrics"], first["anomaly"]["metrics"]
     assert fm["mae_norm"] < fm["persistence_mae_norm"]
-    assert am["auc"] > 0.85 and am["mean_score_anomalous"] > 3 * am["mean_score_normal"]
+    assert am["auc"] > 0.85 and am["mean_score_onset"] > 3 * am["mean_score_normal"]
     # A heavily over-regularized candidate forecasts ~ the series mean: worse, so v1 stays live.
     worse = train.train(tmp_path, ds, 8, "test", ridge=1e7, say=lambda _: None)
     assert worse["forecaster"]["promoted"] is False and worse["forecaster"]["version"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from agents.predict import PredictStage
 from aimass.stack import create_topics
-from models import online
+from models import online, registry
 from streams import contract
 from streams.kafka import consumer_config, producer_config
 from tests.conftest import make_config
@@ -20,6 +21,7 @@ from tests.fixtures_predict import synthetic_windows
 
 pytestmark = pytest.mark.integration
 SERIES, STEPS = 12, 40
+REPO = Path(__file__).resolve().parent.parent / "triton_repo"
 
 
 def _produce_windows(cfg, windows: pa.Table, extra: list[tuple[int, bytes]] = ()) -> dict[int, int]:
@@ -86,8 +88,9 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     assert table.num_rows == SERIES * STEPS
     d = table.to_pydict()
     assert len(set(zip(d["device_id"], d["window_end_ms"]))) == SERIES * STEPS  # one per window
-    assert not any(d["degraded"]) and set(d["forecaster_model"]) == {"forecaster:1"}
-    assert set(d["anomaly_model"]) == {"anomaly:1"}
+    live = {name: f"{name}:{registry.live_version(REPO, name)}" for name in registry.MODELS}
+    assert not any(d["degraded"]) and set(d["forecaster_model"]) == {live["forecaster"]}
+    assert set(d["anomaly_model"]) == {live["anomaly"]}
     assert all(lo <= f <= hi for lo, f, hi in zip(d["band_low"], d["forecast"], d["band_high"]))
     assert all(0 <= a <= 1 for a in d["anomaly"] + d["anomaly_river"])
     assert all(t - e == 10_000 for t, e in zip(d["target_end_ms"], d["window_end_ms"]))
