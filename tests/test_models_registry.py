@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from aimass.cli import main
 from aimass.procs import free_port
 from aimass.stack import start_triton, stop_server
 from models import cli, onnx_export, registry, train
@@ -114,3 +116,28 @@ def test_promotion_that_triton_refuses_keeps_the_old_version_on_disk(explicit_tr
         registry.promote(repo, "anomaly", broken, _http(server))
     assert time.monotonic() - t0 < 60
     assert registry.live_version(repo, "anomaly") == 1
+
+
+def test_train_and_models_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIMASS_TRITON_HTTP_PORT", str(free_port()))  # no Triton there: disk-only promotion
+    windows, labels = synthetic_windows(20, 150, spike_every=23, seed=5)
+    pq.write_table(windows, tmp_path / "windows.parquet")
+    pq.write_table(labels, tmp_path / "labels.parquet")
+    repo = tmp_path / "repo"
+    train_args = ["train", "--repo", str(repo), "--windows", str(tmp_path / "windows.parquet"),
+                  "--labels", str(tmp_path / "labels.parquet")]
+    assert main(train_args) == 0
+    assert main(train_args + ["--ridge", "1e7"]) == 0  # a worse forecaster: written, not promoted
+    out = capsys.readouterr().out
+    assert "forecaster v1" in out and "PROMOTED" in out and "forecaster v2" in out and "kept v1" in out
+    assert main(["models", "--repo", str(repo)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in listing if line.startswith("forecaster")] == [
+        ["forecaster", "1", "*"], ["forecaster", "2", "mae_norm"]]
+    assert main(["models", "show", "forecaster", "2", "--repo", str(repo)]) == 0
+    assert '"promoted": false' in capsys.readouterr().out
+    assert main(["models", "promote", "forecaster", "2", "--repo", str(repo)]) == 0  # by hand: no gate
+    assert registry.live_version(repo, "forecaster") == 2
+    assert main(["models", "promote", "forecaster", "9", "--repo", str(repo)]) == 1
+    assert "no version 9" in capsys.readouterr().err
+    assert main(["train", "--repo", str(repo), "--windows", str(tmp_path / "missing.parquet")]) == 1

@@ -3,7 +3,12 @@ offsets committed after outputs, River state resumed from its checkpoint after a
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from agents.predict import PredictStage
+from aimass.procs import free_port
 from aimass.stack import create_topics
 from models import online, registry
 from streams import contract
@@ -125,3 +131,33 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     assert _read(cfg, contract.PREDICTION_ROWS, predictions, 1, timeout=2) == []  # nothing replayed
     predictions.close()
     dead.close()
+
+
+def test_aimass_predict_command_serves_metrics_and_stops_cleanly_on_sigterm(tmp_path, kafka, triton):
+    cfg = make_config(tmp_path, kafka=kafka, triton=triton)
+    create_topics(cfg)
+    windows, _ = synthetic_windows(SERIES, 10)
+    _produce_windows(cfg, windows)
+    metrics_port = free_port()
+    env = {**os.environ, "AIMASS_KAFKA_BOOTSTRAP": cfg.kafka.bootstrap, "AIMASS_KAFKA_TOPIC_PREFIX": cfg.kafka.topic_prefix,
+           "AIMASS_TRITON_URL": cfg.triton.url, "AIMASS_RUN_DIR": str(tmp_path),
+           "AIMASS_PREDICT_METRICS_PORT": str(metrics_port)}
+    proc = subprocess.Popen([sys.executable, "-m", "aimass.cli", "predict"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        reader = _reader(cfg, contract.PREDICTION_ROWS)
+        got = _read(cfg, contract.PREDICTION_ROWS, reader, SERIES * 10)
+        reader.close()
+        assert sum(t.num_rows for _, t in got) == SERIES * 10
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert f"aimass_predict_rows_total {float(SERIES * 10)}" in text
+        assert "aimass_predict_breaker_open 0.0" in text and "aimass_predict_triton_seconds_count" in text
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert (tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict").is_dir()
