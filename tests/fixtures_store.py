@@ -5,10 +5,10 @@ Import the fixtures into a test module with ``from tests.fixtures_store import *
 from __future__ import annotations
 
 import hashlib
-import threading
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,11 +18,11 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from agents.sink import Journal, Record, Sink, to_store_table
 from aimass.config import Config
+from aimass.db import migrate
 from aimass.procs import Server, free_port, port_in_use, spawn, stop_pid, wait_until
 from streams import contract, tables
-from agents.sink import Journal, Sink
-from aimass.db import migrate
 from streams.kafka import consumer_config, producer_config
 
 SERVER_USER = "aimass"
@@ -245,5 +245,48 @@ def committed(cfg, topic: contract.Topic) -> int:
         return sum(max(tp.offset, 0) for tp in c.committed(parts, timeout=10))
     finally:
         c.close()
+
+
+
+
+# --- data for reports and dashboards --------------------------------------------------
+
+def insert(store, topic: contract.Topic, table: pa.Table, offset: int = 0, token: str = "") -> None:
+    """Store a contract table directly (as the sink would, without Kafka)."""
+    spec = tables.table_for_topic()[topic.suffix]
+    store.insert(spec.name, to_store_table(spec, [Record(topic.suffix, 0, offset, b"", table)], store.dialect), token)
+
+
+def seed_report_data(store) -> None:
+    """Every table filled for the last minutes; devices "calm" and "wild" (tenant acme, metric temp) are consistent."""
+    for batch in (sample_tables(1), sample_tables(2)):
+        for i, (topic, table) in enumerate(batch.items()):
+            insert(store, topic, table, offset=i)
+    start = (NOW_MS - 600_000) // 10_000 * 10_000
+    for device, level in (("calm", 0.1), ("wild", 0.9)):
+        insert(store, contract.CLEAN, readings(600, device=device, start_ms=start, step_ms=1000))
+        n = 60
+        ends = start + 10_000 * (np.arange(n) + 1)
+        preds = pa.table({f.name: [] for f in contract.PREDICTIONS}, schema=contract.PREDICTIONS).to_pydict()
+        preds.update(tenant=["acme"] * n, device_id=[device] * n, metric=["temp"] * n, window_s=[10] * n,
+                     window_end_ms=ends - 10_000, target_end_ms=ends, observed_mean=[20.0] * n,
+                     forecast_triton=[20.0] * n, forecast_river=[20.0] * n, forecast=[20.0] * n,
+                     band_low=[18.0] * n, band_high=[22.0] * n, anomaly_triton=[level] * n,
+                     anomaly_river=[level] * n, anomaly=np.linspace(0, level, n), forecaster_model=["zscore:1"] * n,
+                     anomaly_model=["iforest:1"] * n, degraded=[False] * n, max_received_ms=ends,
+                     predicted_ms=ends - 9_000)
+        insert(store, contract.PREDICTION_ROWS, pa.table(preds, schema=contract.PREDICTIONS))
+        series = {"tenant": ["acme"] * n, "device_id": [device] * n, "metric": ["temp"] * n}
+        insert(store, contract.WINDOW_ROWS, _fill(contract.WINDOWS, n, 50, {
+            **series, "window_s": np.full(n, 10, np.int32), "window_start_ms": ends - 20_000,
+            "window_end_ms": ends - 10_000}))
+        insert(store, contract.OUTCOME_ROWS, _fill(contract.OUTCOMES, n, 51, {
+            **series, "window_s": np.full(n, 10, np.int32), "target_end_ms": ends, "forecaster_model": ["zscore:1"] * n}))
+        events = {**series, "event_id": [f"{device}-{i}" for i in range(n)], "state": ["active_unack"] * n,
+                  "transition": ["raised"] * n, "rule": ["band"] * n, "severity": ["warning"] * n}
+        insert(store, contract.ALERT_EVENTS, _fill(contract.ALERTS, n, 52, events))
+        insert(store, contract.DRIFT_EVENTS, _fill(contract.DRIFT, n, 53, {**series, "window_s": np.full(n, 10, np.int32)}))
+    insert(store, contract.NOTIFICATION_ROWS, _fill(contract.NOTIFICATIONS, 20, 54, {
+        "status": ["delivered"] * 20, "kind": ["webhook"] * 20}))
 
 

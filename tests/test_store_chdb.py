@@ -9,18 +9,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
-from agents.sink import Record, to_store_table
 from aimass.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError, check_read_only
 from aimass.config import Config
 from aimass.db import migrate
 from aimass.procs import free_port
 from aimass.query import REPORTS, format_table, run_report
 from streams import contract, tables
-from tests.fixtures_store import NOW_MS, chdb_config, chdb_run_dir, counts, readings, sample_tables  # noqa: F401
+from tests.fixtures_store import chdb_config, chdb_run_dir, counts, insert, readings, seed_report_data  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,11 +30,6 @@ def store(tmp_path, chdb_run_dir) -> ChdbStore:  # noqa: F811
     migrate(s, cfg)
     s.cfg = cfg
     return s
-
-
-def insert(store: ChdbStore, topic: contract.Topic, table: pa.Table, offset: int = 0, token: str = "") -> None:
-    spec = tables.table_for_topic()[topic.suffix]
-    store.insert(spec.name, to_store_table(spec, [Record(topic.suffix, 0, offset, b"", table)], store.dialect), token)
 
 
 def test_migrate_is_idempotent_and_upgrades_columns_and_ttls(store):
@@ -100,27 +93,6 @@ def test_query_endpoint_serves_read_only_sql_with_a_token(store):
     assert counts(store, store.database)["readings"] == 50
     with pytest.raises(ValueError):
         check_read_only("SELECT 1 INTO OUTFILE '/tmp/x'")
-
-
-def seed_report_data(store: ChdbStore) -> None:
-    """Readings, windows, predictions, outcomes, rejects and alerts of two devices in the last minutes."""
-    for batch in (sample_tables(1), sample_tables(2)):
-        for i, (topic, table) in enumerate(batch.items()):
-            insert(store, topic, table, offset=i)
-    start = (NOW_MS - 600_000) // 10_000 * 10_000
-    for device, level in (("calm", 0.1), ("wild", 0.9)):
-        insert(store, contract.CLEAN, readings(600, device=device, start_ms=start, step_ms=1000))
-        n = 60
-        ends = start + 10_000 * (np.arange(n) + 1)
-        preds = pa.table({f.name: [] for f in contract.PREDICTIONS}, schema=contract.PREDICTIONS).to_pydict()
-        preds.update(tenant=["acme"] * n, device_id=[device] * n, metric=["temp"] * n, window_s=[10] * n,
-                     window_end_ms=ends - 10_000, target_end_ms=ends, observed_mean=[20.0] * n,
-                     forecast_triton=[20.0] * n, forecast_river=[20.0] * n, forecast=[20.0] * n,
-                     band_low=[18.0] * n, band_high=[22.0] * n, anomaly_triton=[level] * n,
-                     anomaly_river=[level] * n, anomaly=np.linspace(0, level, n), forecaster_model=["zscore:1"] * n,
-                     anomaly_model=["iforest:1"] * n, degraded=[False] * n, max_received_ms=ends,
-                     predicted_ms=ends - 9_000)
-        insert(store, contract.PREDICTION_ROWS, pa.table(preds, schema=contract.PREDICTIONS))
 
 
 @pytest.mark.parametrize("name", list(REPORTS))
