@@ -132,3 +132,9 @@ def test_aimass_query_cli_opens_chdb_directly_when_no_sink_runs(tmp_path):
     listing = subprocess.run([*aimass, "query", "--list"], env=env, capture_output=True, text=True, timeout=60,
                              cwd=REPO_ROOT)
     assert listing.returncode == 0 and all(name in listing.stdout for name in REPORTS)
+
+
+def test_committed_schema_sql_is_what_the_specs_generate():
+    for dialect, name in ((tables.MODERN, "schema.sql"), (tables.LEGACY, "schema-legacy.sql")):
+        committed = (REPO_ROOT / "deploy" / "clickhouse" / name).read_text()
+        assert committed == tables.schema_sql("aimass", dialect), f"regenerate with `aimass db sql > {name}`"
