@@ -38,9 +38,45 @@ def _windows_from_readings(readings: pa.Table, window_s: int) -> pa.Table:
     return batch_windows(readings, window_s)
 
 
-def training_data(args: argparse.Namespace, window_s: int, say=print) -> tuple[pa.Table, pa.Table | None, str]:
-    """(windows, labels, source description) from the options: windows file, readings file, or the simulator."""
+def _ms_expr(field_name: str, dialect: str) -> str:
+    """A contract ``X_ms`` field as Int64 ms in SQL (modern: DateTime64 column ``X_at``; legacy: stored as is)."""
+    from streams.tables import MODERN, column_name
+
+    return f"toUnixTimestamp64Milli(`{column_name(field_name)}`)" if dialect == MODERN else f"`{field_name}`"
+
+
+def query_contract(store, table: str, schema: pa.Schema, where: str = "1") -> pa.Table:
+    """Rows of a stored contract table as a table of ``schema`` (time columns back to int64 ms)."""
+    from streams.tables import is_time_field
+
+    cols = ", ".join(f"{_ms_expr(f.name, store.dialect)} AS `{f.name}`" if is_time_field(f) else f"`{f.name}`"
+                     for f in schema)
+    result = store.query(f"SELECT {cols} FROM `{store.database}`.`{table}` FINAL WHERE {where}")
+    return result.select(schema.names).cast(schema)
+
+
+def store_history(cfg: Config, window_s: int, hours: float) -> tuple[pa.Table, pa.Table]:
+    """(windows of ``window_s`` from the last ``hours``, every label) from ClickHouse / chDB."""
+    from aimass.clickhouse import open_reader
+
+    store = open_reader(cfg)
+    try:
+        since_ms = int((time.time() - hours * 3600) * 1000)
+        windows = query_contract(store, "windows", contract.WINDOWS,
+                                 f"window_s = {int(window_s)} AND {_ms_expr('window_end_ms', store.dialect)} >= {since_ms}")
+        return windows, query_contract(store, "labels", contract.LABELS)
+    finally:
+        store.close()
+
+
+def training_data(args: argparse.Namespace, cfg: Config, window_s: int, say=print
+                  ) -> tuple[pa.Table, pa.Table | None, str]:
+    """(windows, labels, source description) from the options: store, windows file, readings file, or the simulator."""
     labels = read_table(args.labels, contract.LABELS) if args.labels else None
+    if args.from_store:
+        say(f"reading the last {args.hours:g} h of {window_s}s windows and the labels from the store ...")
+        windows, stored_labels = store_history(cfg, window_s, args.hours)
+        return windows, labels if labels is not None else stored_labels, f"store {cfg.clickhouse.url or 'chdb'} last {args.hours:g} h"
     if args.windows:
         return read_table(args.windows, contract.WINDOWS), labels, f"windows file {args.windows}"
     if args.readings:
@@ -52,7 +88,7 @@ def training_data(args: argparse.Namespace, window_s: int, say=print) -> tuple[p
         f"(seed {args.seed}, {args.anomalies} anomalies) ...")
     readings, sim_labels = generate(args.devices, args.metrics, args.duration_s, args.rate_hz, seed=args.seed,
                                     anomalies=args.anomalies)
-    return (_windows_from_readings(readings, window_s), labels or sim_labels,
+    return (_windows_from_readings(readings, window_s), labels if labels is not None else sim_labels,
             f"simulator seed={args.seed} devices={args.devices} metrics={args.metrics} duration_s={args.duration_s}")
 
 
@@ -72,8 +108,11 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     p.description = ("Fit the forecaster (ridge AR) and the anomaly scorer (masked linear autoencoder) on the last "
                      "K window means of every series, write a new numbered version of each into the Triton "
                      "repository, and promote each only if it beats the live version on held-out data. "
-                     "Data: --windows, or --readings, else the simulator.")
+                     "Data: --from-store, --windows, or --readings, else the simulator.")
     p.add_argument("--repo", help="Triton model repository (default: triton.model_repository)")
+    p.add_argument("--from-store", action="store_true",
+                   help="train on the stored windows and labels (ClickHouse / chDB, see [clickhouse])")
+    p.add_argument("--hours", type=float, default=24.0, help="with --from-store: how much history (default 24)")
     p.add_argument("--windows", help="Parquet/CSV file of window rows (WINDOWS schema)")
     p.add_argument("--readings", help="Parquet/CSV file of readings (READINGS schema), windowed here")
     p.add_argument("--labels", help="Parquet/CSV file of anomaly labels (LABELS schema) for the anomaly gate")
@@ -91,7 +130,7 @@ def configure_train(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace, cfg: Config) -> int:
     repo = Path(args.repo or cfg.triton.model_repository)
     k, window_s = cfg.predict.history_windows, cfg.predict.window_s
-    windows, labels, source = training_data(args, window_s)
+    windows, labels, source = training_data(args, cfg, window_s)
     print(f"building K={k} samples from {windows.num_rows} window rows ({window_s}s) ...")
     ds = train.dataset(windows, k, window_s, labels, args.holdout)
     print(f"{ds.info['samples']} samples of {ds.info['series']} series, {ds.info['holdout_samples']} held out, "
