@@ -32,7 +32,7 @@ from aimass.config import Config
 from aimass.procs import StackError
 from streams import contract
 from streams.kafka import producer_config
-from streams.mqtt import connect, make_client
+from streams.mqtt import BufferedSocket, connect, make_client, share_property_tables
 from streams.payloads import Limits, Rejected, TopicPattern, parse_label, parse_telemetry
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,9 @@ class Bridge:
         self.retry: list[tuple[str, int, bytes, Flush]] = []
         self.stats = Stats()
         self.stopping = False
+        self.refused = ""  # why the broker refused the subscription
         self.producer = self._new_producer()
+        share_property_tables()
         self.client = make_client(cfg, self.client_id, manual_ack=True)
         self.client.on_message = self._on_message
 
@@ -260,8 +262,7 @@ class Bridge:
         """Ack, in order, the MQTT messages of every flush Kafka has fully confirmed."""
         while self.in_kafka and self.in_kafka[0].outstanding == 0:
             flush = self.in_kafka.popleft()
-            for mid in flush.mids:
-                self.client.ack(mid, 1)
+            self._ack(flush.mids)
             self.stats.readings += flush.n_readings
             self.stats.flushes += 1
             READINGS_PRODUCED.inc(flush.n_readings)
@@ -269,6 +270,18 @@ class Bridge:
             for reason, n in flush.rejected.items():
                 REJECTED.labels(reason).inc(n)
                 self.stats.rejected += n
+
+    def _ack(self, mids: list[int]) -> None:
+        """PUBACK every id, written to the socket in one go."""
+        sock = self.client.socket()
+        if isinstance(sock, BufferedSocket):
+            sock.cork()
+        try:
+            for mid in mids:
+                self.client.ack(mid, 1)
+        finally:
+            if isinstance(sock, BufferedSocket):
+                sock.uncork()
 
     def _service_kafka(self) -> None:
         self.producer.poll(0)
@@ -291,17 +304,17 @@ class Bridge:
         b = self.cfg.bridge
         connect(self.client, self.cfg, clean_start=False, session_expiry_s=b.session_expiry_s,
                 receive_maximum=b.receive_maximum)
-        acked: list = []
-        self.client.on_subscribe = lambda _c, _u, _mid, codes, _p: acked.append(codes)
+        self.client.on_subscribe = self._on_subscribe
+        # SUBACK is not awaited here: a resumed session's backlog arrives before it and must be
+        # flushed as it comes (the main loop does).
         self.client.subscribe([(sub, self.cfg.mqtt.qos) for sub in self._subscriptions()])
-        deadline = time.monotonic() + 10
-        while not acked:
-            if self.client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
-                raise StackError("the MQTT broker did not confirm the subscription")
-        refused = [c for c in acked[0] if c.is_failure]
+
+    def _on_subscribe(self, _client, _userdata, _mid, reason_codes, _props) -> None:
+        refused = [c for c in reason_codes if c.is_failure]
         if refused:
-            raise StackError(f"the MQTT broker refused the subscription ({refused[0]}): check the ACL of "
-                             f"mqtt.username for {', '.join(self._subscriptions())}")
+            self.refused = (f"the MQTT broker refused the subscription ({refused[0]}): check the ACL of "
+                            f"mqtt.username for {', '.join(self._subscriptions())}")
+            return
         log.info("bridge %s subscribed to %s -> Kafka %s", self.client_id, ", ".join(self._subscriptions()),
                  self.cfg.kafka.bootstrap)
 
@@ -331,6 +344,10 @@ class Bridge:
         while not self.stopping and time.monotonic() < deadline:
             busy = self.batch.n_messages or self.in_kafka
             rc = self.client.loop(timeout=0.001 if busy else flush_s)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                rc = self._read_buffered()
+            if self.refused:
+                raise StackError(self.refused)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 log.warning("MQTT connection lost (%s)", rc)
                 self._reconnect_mqtt()
@@ -339,6 +356,17 @@ class Bridge:
             self._service_kafka()
         self.close()
         return self.stats
+
+    def _read_buffered(self) -> MQTTErrorCode:
+        """Handle the packets already read from the socket, without a select() for each."""
+        sock = self.client.socket()
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if not isinstance(sock, BufferedSocket):
+            return rc
+        limit = self.cfg.bridge.flush_readings
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock.pending() and self.batch.n_readings < limit:
+            rc = self.client.loop_read()
+        return rc
 
     def stop(self, *_args) -> None:
         self.stopping = True

@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 import paho.mqtt.client as paho
+from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -22,10 +23,99 @@ from aimass.procs import StackError
 log = logging.getLogger(__name__)
 
 
-def make_client(cfg: Config, client_id: str, manual_ack: bool = False) -> paho.Client:
+class BufferedSocket:
+    """A plain TCP socket that reads in 256 KiB chunks and can hold writes back (``cork``).
+
+    paho reads every packet with three or more ``recv()`` calls and sends every PUBACK with its
+    own ``send()``; this cuts both to one system call per chunk. ``pending()`` (the SSL socket
+    method paho already honours) tells paho's loop that buffered bytes are waiting.
+    """
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._rbuf = b""
+        self._rpos = 0
+        self._corked: bytearray | None = None
+
+    def recv(self, n: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = self._sock.recv(self.CHUNK)  # BlockingIOError when nothing is there
+            if not data:
+                return data
+            self._rbuf, self._rpos = data, 0
+        chunk = self._rbuf[self._rpos:self._rpos + n]
+        self._rpos += len(chunk)
+        return chunk
+
+    def pending(self) -> int:
+        return len(self._rbuf) - self._rpos
+
+    def send(self, data) -> int:
+        if self._corked is not None:
+            self._corked += data
+            return len(data)
+        return self._sock.send(data)
+
+    def cork(self) -> None:
+        """Hold writes until ``uncork()`` sends them in one go."""
+        self._corked = bytearray()
+
+    def uncork(self) -> None:
+        data, self._corked = self._corked, None
+        if data:
+            self._sock.settimeout(10.0)
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:  # the next loop() sees the lost connection; unacked messages come again
+                log.warning("MQTT write failed: %s", exc)
+            finally:
+                self._sock.setblocking(False)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _SharedTableProperties(Properties):
+    """paho's Properties rebuilds three lookup tables for every received PUBLISH (about a quarter
+    of the bridge's receive time); this one shares a single copy of them. Same behaviour."""
+
+    _tables = {k: v for k, v in vars(Properties(PacketTypes.PUBLISH)).items() if k != "packetType"}
+
+    def __init__(self, packetType):  # noqa: N803 - paho's signature
+        object.__setattr__(self, "packetType", packetType)
+        for name, table in self._tables.items():
+            object.__setattr__(self, name, table)
+
+    def clear(self):
+        if len(self.__dict__) > 1 + len(self._tables):  # only scan when a property was set
+            super().clear()
+
+
+def share_property_tables() -> None:
+    """Make paho decode received packets with ``_SharedTableProperties`` (used by the bridge)."""
+    _packet.Properties = _SharedTableProperties
+
+
+class Client(paho.Client):
+    """paho's client with a ``BufferedSocket`` under plain TCP connections and a direct ``on_message``
+    (AI Mass registers no per-topic callbacks, so paho's topic matcher per message is skipped)."""
+
+    def _create_socket(self):
+        sock = super()._create_socket()
+        return sock if self._ssl or self._transport != "tcp" else BufferedSocket(sock)
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        if self.on_message:
+            with self._in_callback_mutex:
+                self.on_message(self, self._userdata, message)
+
+
+def make_client(cfg: Config, client_id: str, manual_ack: bool = False) -> Client:
     """A paho MQTT v5 client with this config's credentials and TLS options (not yet connected)."""
     m = cfg.mqtt
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
+    client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
                          manual_ack=manual_ack, reconnect_on_failure=False)
     if m.username:
         client.username_pw_set(m.username, Config.secret(m.password_env) or None)

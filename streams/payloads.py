@@ -159,21 +159,28 @@ def check_value(raw: Any, metric: str) -> float:
     return value
 
 
+_valid_metrics: set[str] = set()  # names already checked (devices repeat a handful of names)
+
+
 def check_metric(raw: Any) -> str:
+    if isinstance(raw, str) and raw in _valid_metrics:
+        return raw
     if not isinstance(raw, str) or not METRIC_RE.fullmatch(raw):
         raise Rejected("bad_metric", f"metric name {_show(raw)} must match {METRIC_RE.pattern}")
+    if len(_valid_metrics) < 100_000:
+        _valid_metrics.add(raw)
     return raw
+
+
+UNITS = {"": "", **{u: u for u in SENML_UNITS}, **UNIT_ALIASES}  # what devices send -> SenML name
 
 
 def check_unit(raw: Any) -> str:
     """A SenML unit name (common aliases mapped); "" for none."""
-    if raw is None or raw == "":
+    if raw is None:
         return ""
-    if isinstance(raw, str):
-        if raw in SENML_UNITS:
-            return raw
-        if raw in UNIT_ALIASES:
-            return UNIT_ALIASES[raw]
+    if isinstance(raw, str) and raw in UNITS:
+        return UNITS[raw]
     raise Rejected("unknown_unit", f"unit {_show(raw)} is not a SenML unit name (e.g. Cel, %RH, W, V, A, hPa)")
 
 
@@ -208,13 +215,15 @@ def parse_telemetry(payload: bytes, now_ms: int, limits: Limits) -> list[Reading
     raise Rejected("bad_schema", f"expected a JSON object or a SenML array, got {type(doc).__name__}")
 
 
+SINGLE_FIELDS = frozenset(("ts", "metric", "value", "unit"))
+
+
 def _single(doc: dict, now_ms: int, limits: Limits) -> Reading:
-    unknown = doc.keys() - {"ts", "metric", "value", "unit"}
-    if unknown:
-        raise Rejected("bad_schema", f"unknown fields {sorted(unknown)[:5]} in a single reading "
-                                     f"(fields: ts, metric, value, unit)")
     if "value" not in doc:
         raise Rejected("bad_schema", "a single reading needs 'value'")
+    if len(doc) != 2 + ("ts" in doc) + ("unit" in doc):
+        unknown = sorted(doc.keys() - SINGLE_FIELDS)[:5]
+        raise Rejected("bad_schema", f"unknown fields {unknown} in a single reading (fields: ts, metric, value, unit)")
     metric = check_metric(doc["metric"])
     return Reading(metric, normalize_ts(doc.get("ts"), now_ms, limits), check_value(doc["value"], metric),
                    check_unit(doc.get("unit")))

@@ -271,6 +271,7 @@ def publish(cfg: Config, spec: SimSpec, labels_path: str | Path | None = None,
     summary = {"messages": 0, "readings": 0, "labels": 0, "anomalies": len(sig.anomalies)}
     labels_sent = 0
     last_report = start
+    ts = 0
     client_id = client_id or f"aimass-sim-{spec.tenant}-{spec.seed}-{int(start * 1000) % 1_000_000}"
     with Publisher(cfg, client_id, qos=spec.qos) as pub:
         for k in range(n_ticks):
@@ -279,7 +280,7 @@ def publish(cfg: Config, spec: SimSpec, labels_path: str | Path | None = None,
             if spec.rate_hz > 0:
                 while (wait := start + k / spec.rate_hz - time.time()) > 0:
                     pub.service(wait)  # returns early when acks arrive
-            ts = int(time.time() * 1000)
+            ts = max(int(time.time() * 1000), ts + 1)  # a late tick must not repeat a reading's identity
             values, present = sig.values(np.array([ts], dtype=np.int64))
             vals, pres = values[:, 0].tolist(), present[:, 0].tolist()
             for d, topic in enumerate(topics):

@@ -108,6 +108,9 @@ def test_encoders_round_trip():
     ({"metric": "", "value": 1}, "bad_metric"),
     ({"metric": "a b", "value": 1}, "bad_metric"),
     ({"metric": 7, "value": 1}, "bad_metric"),
+    ({"metric": ["temp"], "value": 1}, "bad_metric"),
+    ({"values": {"ok": 1}, "units": {"ok": ["Cel"]}}, "unknown_unit"),
+    ([{"n": "t", "v": 1, "u": {"x": 1}}], "unknown_unit"),
     ({"metric": "t", "value": "21.5"}, "bad_value"),
     ({"metric": "t", "value": True}, "bad_value"),
     ({"metric": "t", "value": None}, "bad_value"),
@@ -166,9 +169,20 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)), max_leaves=20)
 field_names = st.sampled_from(["ts", "metric", "value", "unit", "values", "units", "bn", "bt", "bu", "bv", "n",
                                "v", "t", "u", "vs", "temp", "start", "end", "kind", "magnitude"])
+any_ts = st.one_of(json_values, st.integers(NOW_S - 10**6, NOW_S + 10**3), st.integers(NOW_MS - 10**9, NOW_MS))
+single_readings = st.fixed_dictionaries({"metric": json_values, "value": json_values},
+                                        optional={"ts": any_ts, "unit": json_values})
+senml_records = st.fixed_dictionaries({}, optional={k: json_values for k in ("bn", "bu", "bv", "n", "v", "u", "vs")}
+                                      | {"bt": any_ts, "t": json_values})
 plausible_docs = st.one_of(
     st.dictionaries(field_names, json_values, max_size=6),
     st.lists(st.dictionaries(field_names, json_values, max_size=6), max_size=6),
+    single_readings,
+    st.fixed_dictionaries({"values": st.dictionaries(st.text(max_size=8), json_values, max_size=4)},
+                          optional={"ts": any_ts, "units": json_values}),
+    st.lists(senml_records, min_size=1, max_size=5),
+    st.fixed_dictionaries({"start": any_ts, "kind": json_values},
+                          optional={"end": any_ts, "metric": json_values, "magnitude": json_values}),
 )
 
 
