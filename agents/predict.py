@@ -272,6 +272,7 @@ class PredictStage:
         self.consumer.subscribe([self.topics[contract.WINDOW_ROWS]], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)
         last_commit = last_log = time.monotonic()
+        failed = False
         try:
             while not stop.is_set():
                 messages = await asyncio.to_thread(self.consumer.consume, POLL_MESSAGES, 0.2)
@@ -285,7 +286,12 @@ class PredictStage:
                              self.triton.breaker.state if self.triton else "off (--no-triton)")
                     last_log = time.monotonic()
             self.commit()
+        except BaseException:
+            failed = True
+            raise
         finally:
+            if failed:  # the revoke in close() must not commit offsets whose outputs may be missing
+                self.next_offsets.clear()
             self.consumer.close()
             self.producer.flush(30)
             if self.triton is not None:

@@ -102,6 +102,8 @@ class TritonModels:
         if self.client is None:
             self.client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         async with self.in_flight:
+            if self.breaker.state == "open":  # opened while this request waited for a slot: do not send it
+                raise ConnectionError("circuit breaker open")
             t0 = time.perf_counter()
             result = await self.client.infer(self.models[role], [inp], outputs=[grpcclient.InferRequestedOutput(output)],
                                              client_timeout=self.timeout_s)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from models import features, onnx_export, online, registry, train
+from models.triton_client import CircuitBreaker
 from tests.fixtures_predict import synthetic_windows
 
 
@@ -128,3 +129,22 @@ def test_river_anomaly_scores_rank_labeled_spikes_high():
     warm = windows.num_rows // 4  # after the detector's first windows
     assert ((res.anomaly >= 0) & (res.anomaly <= 1)).all()
     assert train.auc(res.anomaly[warm:], is_spike[warm:]) > 0.8
+
+
+def test_circuit_breaker_opens_probes_once_and_closes():
+    now = [0.0]
+    breaker = CircuitBreaker(failures=3, reset_s=5.0, clock=lambda: now[0])
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failure("refused")
+    assert breaker.state == "closed"
+    breaker.failure("refused")
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 5.0
+    assert breaker.allow() and not breaker.allow()  # exactly one probe in half-open
+    breaker.failure("still refused")
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow() and breaker.consecutive == 0
