@@ -3,9 +3,11 @@
 Per poll: decode the window records, run River prequentially per partition (predict, then
 learn; ``models.online``), send every new feature row to Triton in batched requests
 (``models.triton_client``), and write one PREDICTIONS record per output partition plus the
-DRIFT events. Rows Triton did not answer (breaker open, timeout, error) carry River's
-forecast and anomaly score and ``degraded=True``; the stream never waits on Triton longer
-than one request timeout.
+DRIFT events. Only windows of ``predict.window_s`` are predicted (other sizes are for other
+consumers); a record that is not a WINDOWS batch, or a window with a non-finite mean, goes to
+the dead-letter topic with its reason. Rows Triton did not answer (breaker open, timeout,
+error) carry River's forecast and anomaly score and ``degraded=True``: every request has
+``triton.timeout_s``, and once the breaker is open no poll waits on Triton at all.
 
 Commit protocol (at least once, restart-safe): every ``predict.checkpoint_every_s`` and on
 partition revoke and shutdown, (1) flush the producer and check every delivery, (2) write
