@@ -98,7 +98,7 @@ class CleanConfig:
     """The clean stage: dedup horizon, lateness, clock skew."""
 
     dedup_horizon_s: float = field(default=600.0, metadata=_range(0, None))
-    allowed_lateness_s: float = field(default=30.0, metadata=_range(0, None))
+    allowed_lateness_s: float = field(default=5.0, metadata=_range(0, None))
     max_clock_skew_s: float = field(default=60.0, metadata=_range(0, None))  # vs the bridge receive time
     drop_non_finite: bool = True  # false: non-finite values pass to the clean topic (windows skip them)
     units_file: str = ""  # TOML [metrics.NAME] unit/min/max overriding streams/units.py defaults

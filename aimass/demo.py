@@ -40,8 +40,11 @@ class StagePlan:
     metrics_port: int
 
 
-def stage_plans(cfg: Config, workers: int) -> list[StagePlan]:
-    """The pipeline's stage processes, sink first (it migrates the store), bridge last."""
+def stage_plans(cfg: Config, workers: int = 2, bridges: int = 1) -> list[StagePlan]:
+    """The pipeline's stage processes, sink first (it migrates the store), bridges last.
+
+    Extra workers and bridges get their own metrics ports (+10 per instance) and client ids.
+    """
     plans = [StagePlan("sink", "sink", {}, cfg.clickhouse.metrics_port),
              StagePlan("predict", "predict", {}, cfg.predict.metrics_port),
              StagePlan("alerter", "alerter", {}, cfg.alert.metrics_port)]
@@ -50,7 +53,11 @@ def stage_plans(cfg: Config, workers: int) -> list[StagePlan]:
         plans.append(StagePlan(f"worker-{i + 1}", "worker",
                                {"AIMASS_WORKER_METRICS_PORT": str(port),
                                 "AIMASS_WORKER_WEB_PORT": str(cfg.worker.web_port + i)}, port))
-    plans.append(StagePlan("bridge", "bridge", {}, cfg.bridge.metrics_port))
+    for i in range(bridges):
+        port = cfg.bridge.metrics_port + 10 * i
+        plans.append(StagePlan(f"bridge-{i + 1}" if bridges > 1 else "bridge", "bridge",
+                               {"AIMASS_BRIDGE_METRICS_PORT": str(port),
+                                "AIMASS_BRIDGE_CLIENT_ID": f"{cfg.bridge.client_id}-{i + 1}"}, port))
     return plans
 
 

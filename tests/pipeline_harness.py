@@ -1,0 +1,132 @@
+"""The whole pipeline for end-to-end and fault tests: every stage as its own `aimass` process,
+supervised, against the session's real servers (mosquitto, kafka, tritonserver fixtures).
+
+Windows are short (2 s) so models warm up in seconds; rules and receivers are the test's own.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from aimass.clickhouse import open_reader
+from aimass.config import Config
+from aimass.demo import start_pipeline, stage_plans
+from aimass.config import to_env
+from aimass.procs import free_port
+from aimass.receiver import WebhookReceiver
+from aimass.supervisor import Supervisor, scrape
+from tests.conftest import make_config
+from aimass.stack import create_topics
+
+SECRET = "e2e-test-signing-secret"
+
+TEST_RULES = """
+rules:
+  - name: window_jump
+    stream: windows
+    selector: {window_s: 2}
+    condition: abs(zscore) > 6 and count >= 5
+    for: 1 windows
+    clear: abs(zscore) < 2
+    value: zscore
+    severity: warning
+    message: "{device_id}/{metric}: window mean {mean:.2f} is {value:.1f} sigma off"
+    receivers: [test-webhook]
+
+  - name: stuck
+    stream: windows
+    selector: {window_s: 2}
+    condition: std == 0 and count > 3
+    for: 1 windows
+    clear: std > 0
+    value: last
+    severity: warning
+    message: "{device_id}/{metric} is stuck at {value}"
+    receivers: [test-webhook]
+"""
+
+TEST_RECEIVERS = """
+receivers:
+  test-webhook:
+    kind: webhook
+    url: {url}
+    secret_env: AIMASS_WEBHOOK_SECRET
+    group_wait: 0s
+"""
+
+
+def pipeline_config(tmp: Path, mosquitto, kafka, triton, webhook_port: int) -> Config:
+    """Config for a test pipeline: fixture servers, own topics, free metrics ports, 2 s windows."""
+    cfg = make_config(tmp, mosquitto, kafka, triton)
+    for section in ("bridge", "worker", "predict", "alert", "clickhouse"):
+        getattr(cfg, section).metrics_port = free_port()
+    cfg.clickhouse.query_port = free_port()
+    cfg.window.sizes_s = "2,10"
+    cfg.predict.window_s = 2
+    cfg.clean.allowed_lateness_s = 1.0
+    cfg.bridge.flush_ms = 20
+    rules = tmp / "rules"
+    rules.mkdir(exist_ok=True)
+    (rules / "rules.yaml").write_text(TEST_RULES)
+    (rules / "receivers.yaml").write_text(TEST_RECEIVERS.format(url=f"http://127.0.0.1:{webhook_port}/aimass/alerts"))
+    cfg.alert.rules_path = str(rules)
+    cfg.alert.backoff_initial_s = 0.2
+    cfg.alert.backoff_max_s = 2.0
+    create_topics(cfg)
+    return cfg
+
+
+class TestPipeline:
+    """Stage processes under a Supervisor plus a verifying webhook receiver."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, cfg: Config, workers: int = 2, bridges: int = 1, webhook_port: int | None = None):
+        self.cfg = cfg
+        self.plans = stage_plans(cfg, workers, bridges)
+        self.sup = Supervisor(cfg.run_dir, auto_restart=True, backoff_initial_s=0.5, backoff_max_s=2.0)
+        self.receiver = WebhookReceiver(SECRET, webhook_port or free_port())
+        self.env = {**to_env(cfg), "AIMASS_WEBHOOK_SECRET": SECRET, "AIMASS_RUN_LOG_LEVEL": "INFO"}
+
+    def start(self) -> "TestPipeline":
+        self.receiver.start()
+        start_pipeline(self.cfg, self.sup, self.plans, self.env, say=lambda *_: None)
+        return self
+
+    def stop(self) -> dict[str, int]:
+        codes = self.sup.stop_all(timeout=20)
+        self.receiver.stop()
+        return codes
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(*[p.metrics_port for p in self.plans])
+
+    def query(self, sql: str) -> pa.Table:
+        return open_reader(self.cfg).query(sql.replace("{db}", self.cfg.clickhouse.database))
+
+    def count(self, sql: str) -> int:
+        return int(self.query(sql).column(0)[0].as_py())
+
+    def wait_stored(self, tenant: str, expected: int, timeout: float = 180, settle_s: float = 8) -> int:
+        """Wait until readings + rejects of ``tenant`` reach ``expected`` and stop changing."""
+        deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = self.count(f"SELECT (SELECT count() FROM (SELECT * FROM {{db}}.readings FINAL WHERE tenant = '{tenant}'))"
+                           f" + (SELECT count() FROM {{db}}.rejects FINAL WHERE tenant = '{tenant}')")
+            if n != last:
+                last, since = n, time.monotonic()
+            elif n >= expected and time.monotonic() - since > settle_s:
+                return n
+            time.sleep(1)
+        return last
+
+    def logs(self) -> str:
+        """Tails of every stage log, for assertion messages."""
+        out = []
+        for plan in self.plans:
+            log = self.sup.log_dir / f"{plan.name}.log"
+            if log.exists():
+                out.append(f"--- {plan.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(out)
