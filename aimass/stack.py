@@ -85,10 +85,13 @@ def _mosquitto_dir(wanted: Path) -> Path:
     wanted.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or all(os.stat(p).st_mode & 0o001 for p in wanted.parents):
         return wanted
+    link = wanted / "data"
+    if link.is_symlink() and link.resolve().is_dir():  # a restart keeps its persistence
+        return link.resolve()
     reachable = Path(tempfile.mkdtemp(prefix=f"aimass-{wanted.name}-"))
     reachable.chmod(0o755)
-    (wanted / "data").unlink(missing_ok=True)
-    (wanted / "data").symlink_to(reachable)
+    link.unlink(missing_ok=True)
+    link.symlink_to(reachable)
     return reachable
 
 
