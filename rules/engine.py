@@ -1,16 +1,18 @@
-"""The rule engine: vectorized conditions over whole batches, then a small per-series state machine.
+"""The rule engine: vectorized conditions over whole batches, then a compiled per-series state machine.
 
-For each rule the selector and the condition are evaluated on the whole Arrow batch with numpy
-(``rules.expr``). Only the rows that can change something (condition true, or a series the rule
-is already tracking) go through the per-(rule, series) state machine in Python:
+For each rule the selector and the condition (and the clear condition) are evaluated on the
+whole Arrow batch with numpy (``rules.expr``). A numba kernel then walks the batch's rows in
+order and advances the per-(rule, series) state machine, held in flat arrays indexed by a
+dense series id (``SeriesRegistry``):
 
     idle --condition--> pending --held `for` long enough--> active --clear--> idle
                         pending --condition false--> idle         active --repeat interval--> (repeat)
 
-A series is (tenant, device_id, metric, window_s) with window_s 0 for readings. The engine
-emits ``Signal``s (fire / clear / repeat); ``rules.alarms`` turns them into alarm lifecycle
-events. ``RuleWatcher`` reloads rule files while running; a bad file is rejected with its
-errors and the previous rules keep running.
+Python only touches the rows where something happened. A series is (tenant, device_id, metric,
+window_s) with window_s 0 for readings. The engine emits ``Signal``s (fire / clear / repeat);
+``rules.alarms`` turns them into alarm lifecycle events. A row at or before the last event time a
+tracked series has seen is a replay and is skipped. ``RuleWatcher`` reloads rule files while
+running; a bad file is rejected with its errors and the previous rules keep running.
 """
 from __future__ import annotations
 
@@ -22,15 +24,16 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from numba import njit
 
-from rules.model import Rule, RuleSet, RulesInvalid, load_rules, render, rule_files
+from rules.model import Rule, RuleSet, RulesInvalid, load_rules, render, rule_files, template_fields
 
 log = logging.getLogger(__name__)
 
 SeriesKey = tuple[str, str, str, int]  # tenant, device_id, metric, window_s
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Signal:
     """What the engine decided for one (rule, series) at one row."""
 
@@ -39,19 +42,95 @@ class Signal:
     series: SeriesKey
     ts_ms: int           # event time of the row
     value: float
-    message: str
     received_ms: int     # bridge receive time of the row's data (latency), 0 if unknown
+    columns: dict        # template field -> values of the batch's signalling rows, shared by its signals
+    index: int           # this signal's position in ``columns``
+
+    @property
+    def message(self) -> str:
+        """The rule's message for this row (rendered only when used: most signals are replays or repeats)."""
+        row = {name: values[self.index] for name, values in self.columns.items()}
+        return render(self.rule.message, {**row, **dict(self.rule.labels), "rule": self.rule.name,
+                                          "severity": self.rule.severity, "value": self.value,
+                                          "transition": self.kind})
 
 
-@dataclass
-class SeriesState:
-    """Per-(rule, series) progress: consecutive true rows, since when, and whether it fired."""
+KIND_NAMES = ("", "fire", "clear", "repeat")
 
-    since_ms: int = 0
-    count: int = 0
-    active: bool = False
-    last_notify_ms: int = 0
-    last_ts_ms: int = -(2**62)
+
+@njit(cache=True, nogil=True)
+def step_rule(series: np.ndarray, ts: np.ndarray, selected: np.ndarray, cond: np.ndarray, clear: np.ndarray,
+              for_windows: int, for_ms: float, repeat_ms: float, tracked: np.ndarray, since: np.ndarray,
+              count: np.ndarray, active: np.ndarray, last_notify: np.ndarray, last_ts: np.ndarray) -> np.ndarray:
+    """Advance one rule's state over a batch (rows in order); returns per row 0, or 1/2/3 = fire/clear/repeat."""
+    kinds = np.zeros(series.size, np.int8)
+    for i in range(series.size):
+        if not selected[i]:
+            continue
+        g, t = series[i], ts[i]
+        if not tracked[g]:
+            if not cond[i]:
+                continue
+            tracked[g], count[g], active[g] = True, 0, False
+        elif t <= last_ts[g]:
+            continue  # a replayed or out-of-order row: already accounted for
+        last_ts[g] = t
+        if not active[g]:
+            if not cond[i]:
+                tracked[g] = False
+                continue
+            if count[g] == 0:
+                since[g] = t
+            count[g] += 1
+            if (count[g] >= for_windows) if for_windows > 0 else (t - since[g] >= for_ms):
+                active[g], last_notify[g], kinds[i] = True, t, 1
+        elif clear[i]:
+            tracked[g], kinds[i] = False, 2
+        elif repeat_ms > 0 and t - last_notify[g] >= repeat_ms:
+            last_notify[g], kinds[i] = t, 3
+    return kinds
+
+
+class RuleState:
+    """One rule's state machine per series: flat arrays indexed by series id, grown on demand."""
+
+    FIELDS = ("since", "count", "active", "last_notify", "last_ts")
+
+    def __init__(self, size: int = 1024):
+        self.tracked = np.zeros(size, np.bool_)
+        self.since = np.zeros(size, np.int64)
+        self.count = np.zeros(size, np.int64)
+        self.active = np.zeros(size, np.bool_)
+        self.last_notify = np.zeros(size, np.int64)
+        self.last_ts = np.zeros(size, np.int64)
+
+    def ensure(self, size: int) -> None:
+        if size <= self.tracked.size:
+            return
+        grown = max(size, 2 * self.tracked.size)
+        for name in ("tracked", *self.FIELDS):
+            old = getattr(self, name)
+            new = np.zeros(grown, old.dtype)
+            new[:old.size] = old
+            setattr(self, name, new)
+
+    def any_tracked(self) -> bool:
+        return bool(self.tracked.any())
+
+
+class SeriesRegistry:
+    """Dense int ids for series keys, stable for the engine's lifetime."""
+
+    def __init__(self):
+        self.ids: dict[SeriesKey, int] = {}
+        self.keys: list[SeriesKey] = []
+
+    def id_of(self, key: SeriesKey) -> int:
+        sid = self.ids.get(key)
+        if sid is None:
+            sid = self.ids[key] = len(self.keys)
+            self.keys.append(key)
+        return sid
 
 
 def rule_fingerprint(rule: Rule) -> str:
@@ -66,15 +145,17 @@ class Batch:
     def __init__(self, table: pa.Table, time_field: str):
         self.table = table
         self.n = table.num_rows
+        self.names = frozenset(table.column_names)
         self.time_field = time_field
         self._columns: dict[str, np.ndarray] = {}
         self._codes: dict[str, tuple[np.ndarray, list[str]]] = {}
         self._selector_masks: dict[Any, np.ndarray] = {}
         self._series_ids: np.ndarray | None = None
-        self._series_index: dict[SeriesKey, int] | None = None
+        self._global_ids: np.ndarray | None = None
+        self._window_sizes: np.ndarray | None = None
 
     def column(self, name: str) -> np.ndarray:
-        """The column as numpy: NaN for missing numbers, False / "" for missing booleans / strings."""
+        """The column as numpy: NaN / 0 / False / "" for missing floats / integers / booleans / strings."""
         if name not in self._columns:
             col = self.table.column(name)
             if pa.types.is_string(col.type):
@@ -84,7 +165,7 @@ class Batch:
             elif pa.types.is_floating(col.type):
                 arr = col.fill_null(np.nan).to_numpy(zero_copy_only=False)
             else:
-                arr = col.to_numpy(zero_copy_only=False)
+                arr = col.fill_null(0).to_numpy(zero_copy_only=False)
             self._columns[name] = arr
         return self._columns[name]
 
@@ -99,9 +180,10 @@ class Batch:
         return self._codes[name]
 
     def window_sizes(self) -> np.ndarray:
-        if "window_s" in self.table.column_names:
-            return self.column("window_s").astype(np.int64)
-        return np.zeros(self.n, dtype=np.int64)
+        if self._window_sizes is None:
+            self._window_sizes = (self.column("window_s").astype(np.int64) if "window_s" in self.names
+                                  else np.zeros(self.n, dtype=np.int64))
+        return self._window_sizes
 
     def selected(self, rule: Rule) -> np.ndarray:
         """Rows whose series matches the rule's selector (glob patterns matched once per distinct value)."""
@@ -123,44 +205,41 @@ class Batch:
     def series_ids(self) -> np.ndarray:
         """A dense id per distinct series in the batch, per row."""
         if self._series_ids is None:
-            parts = [self.codes(c)[0].astype(np.int64) for c in ("device_id", "metric")]
+            parts = [self.codes(c)[0].astype(np.int64) for c in ("tenant", "device_id", "metric")]
             parts.append(np.unique(self.window_sizes(), return_inverse=True)[1].reshape(-1))
-            ids = self.codes("tenant")[0].astype(np.int64)
-            for part in parts:  # re-densify after each step so the combined code never overflows
-                ids = np.unique(ids * (int(part.max(initial=0)) + 1) + part, return_inverse=True)[1].reshape(-1)
-            self._series_ids = ids
+            combined = np.zeros(self.n, np.int64)
+            for part in parts:  # mixed radix; re-densify first whenever the product could overflow
+                radix = int(part.max(initial=0)) + 1
+                if int(combined.max(initial=0)) + 1 > (2**62) // radix:
+                    combined = np.unique(combined, return_inverse=True)[1].reshape(-1)
+                combined = combined * radix + part
+            self._series_ids = np.unique(combined, return_inverse=True)[1].reshape(-1)
         return self._series_ids
 
-    def series_key(self, row: int) -> SeriesKey:
-        t, d, m = (self.codes(c) for c in ("tenant", "device_id", "metric"))
-        return (t[1][t[0][row]], d[1][d[0][row]], m[1][m[0][row]], int(self.window_sizes()[row]))
+    def series_keys(self, rows: np.ndarray) -> list[SeriesKey]:
+        """The series of each of ``rows``."""
+        parts = []
+        for column in ("tenant", "device_id", "metric"):
+            codes, values = self.codes(column)
+            parts.append(np.array(values, dtype=object)[codes[rows]].tolist())
+        return list(zip(*parts, self.window_sizes()[rows].tolist()))
 
-    def rows_of(self, keys: Iterable[SeriesKey]) -> np.ndarray:
-        """Mask of the rows that belong to any of ``keys``."""
-        if self._series_index is None:
+    def global_ids(self, registry: SeriesRegistry) -> np.ndarray:
+        """The registry's series id of every row."""
+        if self._global_ids is None:
             ids = self.series_ids()
             first = np.unique(ids, return_index=True)[1]
-            self._series_index = {self.series_key(int(r)): int(ids[r]) for r in first}
-        wanted = [self._series_index[k] for k in keys if k in self._series_index]
-        if not wanted:
-            return np.zeros(self.n, dtype=bool)
-        return np.isin(self.series_ids(), np.array(wanted))
-
-    def row(self, i: int) -> dict[str, Any]:
-        """One row as plain Python values (for message templates)."""
-        return {name: _plain(self.column(name)[i]) for name in self.table.column_names}
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
+            lookup = np.array([registry.id_of(k) for k in self.series_keys(first)], dtype=np.int64)
+            self._global_ids = lookup[ids]
+        return self._global_ids
 
 class Engine:
     """Evaluates a RuleSet on batches of each stream and keeps per-(rule, series) state."""
 
     def __init__(self, ruleset: RuleSet | None = None):
         self.ruleset = ruleset or RuleSet()
-        self.states: dict[str, dict[SeriesKey, SeriesState]] = {}
+        self.registry = SeriesRegistry()
+        self.states: dict[str, RuleState] = {}
         self.fingerprints = {r.name: rule_fingerprint(r) for r in self.ruleset.rules}
 
     def set_rules(self, ruleset: RuleSet) -> None:
@@ -176,85 +255,63 @@ class Engine:
             return []
         batch = Batch(table, rules[0].time_field)
         signals: list[Signal] = []
-        for rule in rules:
-            signals += self._process_rule(rule, batch)
+        with np.errstate(all="ignore"):
+            for rule in rules:
+                signals += self._process_rule(rule, batch)
         return signals
 
     def _process_rule(self, rule: Rule, batch: Batch) -> list[Signal]:
-        states = self.states.setdefault(rule.name, {})
+        state = self.states.get(rule.name)
         selected = batch.selected(rule)
-        cond = rule.condition.evaluate(batch.columns(rule.condition.fields), batch.n)
-        cond = np.asarray(cond, dtype=bool) & selected
-        if not cond.any() and not states:
+        cond = np.asarray(rule.condition.evaluate(batch.columns(rule.condition.fields), batch.n), dtype=bool)
+        if not (cond & selected).any() and (state is None or not state.any_tracked()):
             return []
-        # Every row of a series that is tracked already or turns true in this batch can change state.
-        ids = batch.series_ids()
-        candidates = np.isin(ids, np.unique(ids[cond]))
-        if states:
-            candidates |= batch.rows_of(states)
-        rows = np.flatnonzero(candidates & selected)
-        if rows.size == 0:
-            return []
+        if state is None:
+            state = self.states[rule.name] = RuleState()
+        series = batch.global_ids(self.registry)
+        state.ensure(len(self.registry.keys))
         if rule.clear is not None:
             clear = np.asarray(rule.clear.evaluate(batch.columns(rule.clear.fields), batch.n), dtype=bool)
         else:
             clear = ~cond
-        ts = batch.column(rule.time_field)
-        out: list[Signal] = []
-        values: np.ndarray | None = None
-        for_ms, repeat_ms = rule.for_s * 1000.0, rule.repeat_s * 1000.0
-        for i in rows.tolist():
-            key = batch.series_key(i)
-            t = int(ts[i])
-            st = states.get(key)
-            if st is None:
-                if not cond[i]:
-                    continue
-                st = states[key] = SeriesState()
-            elif t <= st.last_ts_ms:
-                continue  # a replayed or out-of-order row: already accounted for
-            st.last_ts_ms = t
-            kind = ""
-            if not st.active:
-                if not cond[i]:
-                    del states[key]
-                    continue
-                if st.count == 0:
-                    st.since_ms = t
-                st.count += 1
-                held = st.count >= rule.for_windows if rule.for_windows else t - st.since_ms >= for_ms
-                if held:
-                    st.active, st.last_notify_ms, kind = True, t, "fire"
-            elif clear[i]:
-                del states[key]
-                kind = "clear"
-            elif repeat_ms and t - st.last_notify_ms >= repeat_ms:
-                st.last_notify_ms, kind = t, "repeat"
-            if kind:
-                if values is None:
-                    values = np.asarray(rule.value.evaluate(batch.columns(rule.value.fields), batch.n), dtype=float)
-                out.append(self._signal(kind, rule, batch, i, key, t, float(values[i])))
-        return out
-
-    @staticmethod
-    def _signal(kind: str, rule: Rule, batch: Batch, i: int, key: SeriesKey, t: int, value: float) -> Signal:
-        row = batch.row(i)
-        context = {**row, **dict(rule.labels), "rule": rule.name, "severity": rule.severity, "value": value,
-                   "transition": kind}
-        received = int(row.get(rule.received_field) or 0) if rule.received_field else 0
-        return Signal(kind, rule, key, t, value, render(rule.message, context), received)
+        ts = batch.column(rule.time_field).astype(np.int64, copy=False)
+        kinds = step_rule(series, ts, selected, cond, clear, rule.for_windows, rule.for_s * 1000.0,
+                          rule.repeat_s * 1000.0, state.tracked, state.since, state.count, state.active,
+                          state.last_notify, state.last_ts)
+        rows = np.flatnonzero(kinds)
+        if rows.size == 0:
+            return []
+        values = np.asarray(rule.value.evaluate(batch.columns(rule.value.fields), batch.n), dtype=float)
+        columns = {n: batch.column(n)[rows].tolist() for n in template_fields(rule.message) if n in batch.names}
+        received = (batch.column(rule.received_field)[rows].tolist() if rule.received_field
+                    else [0] * rows.size)
+        keys = self.registry.keys
+        return [Signal(KIND_NAMES[k], rule, keys[g], t, v, r, columns, j)
+                for j, (k, g, t, v, r) in enumerate(zip(kinds[rows].tolist(), series[rows].tolist(),
+                                                        ts[rows].tolist(), values[rows].tolist(), received))]
 
     def snapshot(self) -> dict:
         """JSON-able series state (persisted with the alarms so `for` progress survives a restart)."""
-        states = {name: [[list(k), s.since_ms, s.count, s.active, s.last_notify_ms, s.last_ts_ms]
-                         for k, s in series.items()] for name, series in self.states.items() if series}
+        states = {}
+        for name, st in self.states.items():
+            tracked = np.flatnonzero(st.tracked).tolist()
+            if tracked:
+                states[name] = [[list(self.registry.keys[g]), *(getattr(st, f)[g].item() for f in RuleState.FIELDS)]
+                                for g in tracked]
         return {"fingerprints": self.fingerprints, "states": states}
 
     def restore(self, snap: dict) -> None:
         """Series state from ``snapshot``; ``set_rules`` then keeps it only for unchanged rules."""
         self.fingerprints = dict(snap["fingerprints"])
-        self.states = {name: {(k[0], k[1], k[2], int(k[3])): SeriesState(*rest) for k, *rest in rows}
-                       for name, rows in snap["states"].items()}
+        self.states = {}
+        for name, rows in snap["states"].items():
+            st = self.states[name] = RuleState()
+            for key, *values in rows:
+                g = self.registry.id_of((key[0], key[1], key[2], int(key[3])))
+                st.ensure(g + 1)
+                st.tracked[g] = True
+                for f, v in zip(RuleState.FIELDS, values):
+                    getattr(st, f)[g] = v
 
 
 @dataclass

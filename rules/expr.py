@@ -304,9 +304,12 @@ class Compiled:
     row: Row         # one row (field -> Python value) -> value
 
     def evaluate(self, columns: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-        """The value for each of the ``n`` rows (scalar results broadcast)."""
-        with np.errstate(all="ignore"):
-            out = self.vector(columns)
+        """The value for each of the ``n`` rows (scalar results broadcast).
+
+        Division by zero and the like give inf/NaN; callers evaluating many expressions wrap them
+        in one ``np.errstate(all="ignore")`` to silence the warnings (it costs more than the math).
+        """
+        out = self.vector(columns)
         if np.ndim(out) == 0:
             return np.full(n, out)
         return out
