@@ -70,6 +70,7 @@ def forwarder(cfg: Config, client_id: str, topic: str) -> None:
         producer.poll(0)
 
     client.on_message = on_message
+    client.on_subscribe = lambda *_a: print("subscribed", file=sys.stderr, flush=True)
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
     client.connect(cfg.mqtt.host, cfg.mqtt.port, clean_start=False, properties=props)
@@ -88,7 +89,7 @@ def env_for(cfg: Config) -> dict[str, str]:
     for section in ("mqtt", "kafka", "bridge"):
         for key, value in vars(getattr(cfg, section)).items():
             env[f"AIMASS_{section.upper()}_{key.upper()}"] = str(value)
-    env["AIMASS_RUN_LOG_LEVEL"] = "WARNING"
+    env["AIMASS_RUN_LOG_LEVEL"] = "INFO"
     return env
 
 
@@ -99,6 +100,14 @@ def start_consumer_process(cfg: Config, kind: str, client_id: str, topic: str, l
     else:
         argv = [sys.executable, __file__, "--forwarder", client_id, topic]
     return subprocess.Popen(argv, env=env_for(cfg), cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def wait_subscribed(proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while "subscribed" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args} did not subscribe:\n{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
 
 
 def create_session(cfg: Config, client_id: str) -> None:
@@ -232,10 +241,11 @@ class Bench:
         """Live load from the simulator at ``rate_msgs`` msgs/s; p50/p99 of publish -> seen in Kafka."""
         cfg = self.config()
         topic = contract.RAW.name(cfg.kafka.topic_prefix) if kind == "bridge" else f"{cfg.kafka.topic_prefix}.baseline"
-        proc = start_consumer_process(cfg, kind, f"{kind}-lat-{self.runs}", topic, self.dir / f"{kind}-lat.log")
+        log = self.dir / f"{kind}-lat.log"
+        proc = start_consumer_process(cfg, kind, f"{kind}-lat-{self.runs}", topic, log)
         latencies: list[int] = []
         try:
-            time.sleep(2.0)  # process start + subscription
+            wait_subscribed(proc, log)
             sim = subprocess.Popen([sys.executable, "-m", "aimass.cli", "simulate", "--devices", str(DEVICES),
                                     "--metrics", "1", "--rate", str(rate_msgs / DEVICES), "--duration", str(seconds),
                                     "--tenant", "bench", "--qos", "1"], env=env_for(cfg), cwd=REPO,

@@ -63,14 +63,15 @@ class ReadingColumns:
             setattr(self, name, [])
 
     def add(self, tenant: str, device_id: str, readings: list, received_ms: int) -> None:
-        for metric, ts_ms, value, unit in readings:
-            self.tenant.append(tenant)
-            self.device_id.append(device_id)
-            self.metric.append(metric)
-            self.ts_ms.append(ts_ms)
-            self.value.append(value)
-            self.unit.append(unit)
-            self.received_ms.append(received_ms)
+        n = len(readings)
+        metrics, ts, values, units = zip(*readings)
+        self.tenant += [tenant] * n
+        self.device_id += [device_id] * n
+        self.metric += metrics
+        self.ts_ms += ts
+        self.value += values
+        self.unit += units
+        self.received_ms += [received_ms] * n
 
     def table(self) -> pa.Table:
         return pa.Table.from_pydict({name: getattr(self, name) for name in self.__slots__}, schema=contract.READINGS)
@@ -138,6 +139,7 @@ class Bridge:
         self.stopping = False
         self.refused = ""  # why the broker refused the subscription
         self.producer = self._new_producer()
+        ReadingColumns().table()  # pay pyarrow's lazy imports (~1 s) now, not in the first flush
         share_property_tables()
         self.client = make_client(cfg, self.client_id, manual_ack=True)
         self.client.on_message = self._on_message

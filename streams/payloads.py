@@ -251,6 +251,7 @@ def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
     if not pack:
         raise Rejected("bad_schema", "empty SenML pack")
     base_name, base_time, base_unit, base_value = "", 0.0, None, 0.0
+    lowest_ms, highest_ms = now_ms - limits.max_past_ms, now_ms + limits.max_future_ms
     readings = []
     for i, rec in enumerate(pack):
         if not isinstance(rec, dict):
@@ -273,20 +274,33 @@ def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
             if "n" in rec or "s" in rec:
                 raise Rejected("bad_schema", f"SenML record {i} has no 'v'")
             continue  # a record holding base fields only
-        name = base_name + rec.get("n", "") if isinstance(rec.get("n", ""), str) else None
-        metric = check_metric(name)
-        value = base_value + check_value(rec["v"], metric)
+        # The common path is inlined (a pack is many records); the check_* calls only explain rejections.
+        name = rec.get("n", "")
+        metric = base_name + name if type(name) is str else None
+        if metric not in _valid_metrics:
+            check_metric(metric)
+        v = rec["v"]
+        if type(v) is not float and type(v) is not int:
+            check_value(v, metric)
+        value = base_value + v
         if not math.isfinite(value):
-            raise Rejected("non_finite", f"SenML record {i}: bv + v overflows")
+            raise Rejected("non_finite", f"SenML record {i}: value {value!r}")
         t = rec.get("t", 0)
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        if type(t) is not float and type(t) is not int or not math.isfinite(t):
             raise Rejected("bad_ts", f"SenML record {i}: 't' must be a finite number")
         time_s = base_time + t
-        if abs(time_s) < SENML_RELATIVE_LIMIT:
-            ts_ms = check_ts(now_ms + int(round(time_s * 1000)), now_ms, limits, f"record {i} time")
+        if -SENML_RELATIVE_LIMIT < time_s < SENML_RELATIVE_LIMIT:
+            ts_ms = now_ms + round(time_s * 1000)
+        elif time_s >= MS_THRESHOLD:
+            ts_ms = int(time_s)
         else:
-            ts_ms = normalize_ts(time_s, now_ms, limits, f"record {i} time")
-        readings.append(Reading(metric, ts_ms, value, check_unit(rec.get("u", base_unit))))
+            ts_ms = round(time_s * 1000)
+        if not lowest_ms <= ts_ms <= highest_ms:
+            check_ts(ts_ms, now_ms, limits, f"record {i} time")  # raises future_ts / too_old
+        unit = UNITS.get(rec.get("u", base_unit)) if type(rec.get("u", base_unit)) is str else None
+        if unit is None:
+            unit = check_unit(rec.get("u", base_unit))
+        readings.append(Reading(metric, ts_ms, float(value), unit))
     if not readings:
         raise Rejected("bad_schema", "SenML pack has no record with a value")
     return readings
