@@ -49,6 +49,8 @@ NOTIFICATIONS = Counter("aimass_notifications_total", "Notification attempts by 
 LATENCY = Histogram("aimass_alert_latency_seconds", "Alarm event time minus bridge receive time of its data",
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
 
+KEEP_FINISHED_MS = 7 * 86400 * 1000  # delivered / dead-lettered notifications kept this long in the outbox
+
 # input topic -> stream the rules know it as
 INPUTS = {contract.CLEAN: "readings", contract.WINDOW_ROWS: "windows", contract.PREDICTION_ROWS: "predictions",
           contract.LABEL_ROWS: "labels"}
@@ -69,6 +71,7 @@ class Alerter:
         self.joiner = OutcomeJoiner(a.outcome_horizon_s)
         self.quality = QualityTracker(a.label_grace_s, a.anomaly_threshold)
         self._restore()
+        ACTIVE.set(self.store.active_count())
         self.senders = Senders()
         self.dispatcher = Dispatcher(cfg, self.db, self.outbox, self.senders, lambda: self.engine.ruleset.receivers)
         prefix = cfg.kafka.topic_prefix
@@ -277,6 +280,7 @@ class AlerterService:
                     next_reload = time.monotonic() + a.reload_s
                 if time.monotonic() >= next_quality:
                     self.alerter.queue_quality()
+                    self.alerter.outbox.purge(now_ms() - KEEP_FINISHED_MS)
                     next_quality = time.monotonic() + a.quality_every_s
                 msgs = await loop.run_in_executor(None, consumer.consume, 2000, 0.2)
                 records, offsets = [], {}

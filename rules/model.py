@@ -275,15 +275,23 @@ class _FileLoader:
                 out[key] = (key_node, value_node)
         return out
 
-    def scalar(self, fields: dict, key: str, convert: Callable[[str], Any], default: Any,
-               required: bool = False, parent: yaml.Node | None = None) -> Any:
+    def scalar_node(self, fields: dict, key: str, required: bool, parent: yaml.Node | None,
+                    what: str = "a single value") -> yaml.ScalarNode | None:
+        """The scalar node of ``key``, or None (with an error when it is required or not a scalar)."""
         if key not in fields:
             if required:
                 self.error(parent, f"missing required key {key!r}")
-            return default
+            return None
         node = fields[key][1]
         if not isinstance(node, yaml.ScalarNode):
-            self.error(node, f"{key} must be a single value")
+            self.error(node, f"{key} must be {what}")
+            return None
+        return node
+
+    def scalar(self, fields: dict, key: str, convert: Callable[[str], Any], default: Any,
+               required: bool = False, parent: yaml.Node | None = None) -> Any:
+        node = self.scalar_node(fields, key, required, parent)
+        if node is None:
             return default
         try:
             return convert(node.value)
@@ -306,13 +314,8 @@ class _FileLoader:
 
     def expression(self, fields: dict, key: str, columns: dict[str, str], want: str,
                    required: bool, parent: yaml.Node) -> Compiled | None:
-        if key not in fields:
-            if required:
-                self.error(parent, f"missing required key {key!r}")
-            return None
-        node = fields[key][1]
-        if not isinstance(node, yaml.ScalarNode):
-            self.error(node, f"{key} must be an expression string")
+        node = self.scalar_node(fields, key, required, parent, "an expression string")
+        if node is None:
             return None
         try:
             return compile_expr(str(node.value), columns, want)

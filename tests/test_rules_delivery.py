@@ -53,6 +53,16 @@ def verify(secret: str, headers, body: bytes, tolerance_s: int = 300) -> bool:
     return hmac.compare_digest(expected, headers.get("X-Aimass-Signature", ""))
 
 
+async def serve(port: int, path: str, handler) -> web.AppRunner:
+    """A real aiohttp server answering POST ``path`` on 127.0.0.1:``port``; ``cleanup()`` stops it."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
 class HookReceiver:
     """A real webhook receiver: verifies signatures, acts once per idempotency key, can crash after acting."""
 
@@ -81,11 +91,7 @@ class HookReceiver:
         return web.json_response({"ok": True})
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve(self.port, "/hook", self.handle)
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -208,11 +214,7 @@ def test_dead_letter_after_last_attempt_and_on_permanent_errors(tmp_path):
         return web.Response(status=410, text="this endpoint was removed")
 
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_post("/hook", gone_handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", gone_port).start()
+        runner = await serve(gone_port, "/hook", gone_handler)
         with db:
             outbox.enqueue(event(1), ("hook",))
             outbox.enqueue(event(2), ("gone",))
@@ -279,11 +281,7 @@ def test_sms_gateway_request_template(tmp_path):
     db, outbox, d, senders = dispatcher(tmp_path, {"sms": spec})
 
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_post("/send", gateway)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner = await serve(port, "/send", gateway)
         with db:
             outbox.enqueue(event(7), ("sms",))
         try:
