@@ -148,8 +148,10 @@ def connect(client: paho.Client, cfg: Config, clean_start: bool = True, session_
         raise StackError(f"cannot reach the MQTT broker at {where}: {exc}; is it running (`aimass up`)?") from None
     deadline = time.monotonic() + timeout_s
     while "rc" not in result:
-        if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
-            raise StackError(f"no CONNACK from the MQTT broker at {where} within {timeout_s:.0f}s")
+        rc = client.loop(timeout=0.05)
+        if "rc" not in result and (rc != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline):
+            raise StackError(f"no CONNACK from the MQTT broker at {where} ({rc.name}); is it running (`aimass up`), "
+                             f"and do mqtt.tls / mqtt.port match its listener?")
     if result["rc"].is_failure:
         raise StackError(f"the MQTT broker at {where} refused the connection: {result['rc']}; "
                          f"check mqtt.username and the password in ${cfg.mqtt.password_env}")

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import collections
+import copy
+import os
+import pwd
 import shutil
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import orjson
 import pytest
 
-from aimass.procs import free_port
-from aimass.stack import start_mosquitto, stop_server
+from aimass.procs import StackError, free_port
+from aimass.stack import create_topics, start_mosquitto, stop_server
 from streams import contract
-from streams.mqtt import Publisher
+from streams.mqtt import Publisher, connect, make_client
 from streams.payloads import TopicPattern, encode_reading
 from streams.simulator import SimSpec, publish
+from tests.conftest import REPO, make_config
 from tests.fixtures_ingest import BridgeProcess, isolate, read_records, rows_of
 
 pytestmark = pytest.mark.integration
@@ -160,3 +166,66 @@ def test_bridge_survives_an_mqtt_broker_restart(cfg, tmp_path):
     finally:
         stop_server(broker)
     assert {identity(r) for r in rows} == {("mr", f"d{d}", "seq", base_ms + i) for d in range(4) for i in range(400)}
+
+
+@pytest.fixture
+def secured_mosquitto(tmp_path):
+    """Mosquitto with a password file, the shipped deploy/mosquitto/acl and a TLS listener (test CA)."""
+    port = free_port()
+    d = Path(tempfile.mkdtemp(prefix="aimass-auth-"))  # mosquitto drops to its own user: not under pytest's 0700
+    d.chmod(0o755)
+    for i, (user, password) in enumerate(USERS.items()):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(d / "passwd"), user, password],
+                       check=True, timeout=30)
+    shutil.copy(REPO / "deploy/mosquitto/acl", d / "acl")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for argv in (["req", "-x509", *ec, "-days", "2", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test-ca"],
+                 ["req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+                 ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                  "-days", "2", "-out", "server.crt", "-extfile", "san.ext"]):
+        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True, timeout=30)
+    if os.geteuid() == 0:
+        uid = pwd.getpwnam("mosquitto").pw_uid
+        for f in d.iterdir():
+            os.chown(f, uid, -1)
+    server = start_mosquitto(tmp_path, port, password_file=str(d / "passwd"), acl_file=str(d / "acl"),
+                             tls={"cafile": str(d / "ca.crt"), "certfile": str(d / "server.crt"),
+                                  "keyfile": str(d / "server.key")})
+    yield server, d / "ca.crt"
+    stop_server(server)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+USERS = {"aimass-bridge": "bridge-secret-1", "acme/dev-1": "device-secret-1"}
+
+
+def test_tls_passwords_and_the_shipped_per_device_acl(secured_mosquitto, kafka, tmp_path, monkeypatch):
+    server, ca_file = secured_mosquitto
+    cfg = make_config(tmp_path, server, kafka)
+    create_topics(cfg)
+    cfg.bridge.share_group = cfg.kafka.topic_prefix
+    cfg.mqtt.tls, cfg.mqtt.tls_ca_file = True, str(ca_file)
+    cfg.mqtt.username, cfg.mqtt.password_env = "aimass-bridge", "TEST_BRIDGE_PASSWORD"
+    monkeypatch.setenv("TEST_BRIDGE_PASSWORD", USERS["aimass-bridge"])
+    device = copy.deepcopy(cfg)
+    device.mqtt.username, device.mqtt.password_env = "acme/dev-1", "TEST_DEVICE_PASSWORD"
+    monkeypatch.setenv("TEST_DEVICE_PASSWORD", USERS["acme/dev-1"])
+    now_ms = int(time.time() * 1000)
+    with BridgeProcess(cfg, "secure", tmp_path / "bridge.log") as bridge:
+        with Publisher(device, "dev-1") as pub:
+            for i in range(3):
+                pub.publish("aimass/acme/dev-1/telemetry", encode_reading("temp", now_ms + i, 20.0 + i, "Cel"))
+            pub.publish("aimass/acme/dev-2/telemetry", encode_reading("temp", now_ms, 99.0))  # not its own topic
+        rows = rows_of(read_records(cfg, contract.RAW, 3, settle_s=1.5))
+        bridge.terminate()
+        assert USERS["aimass-bridge"] not in bridge.text()
+    assert [(r["device_id"], r["value"]) for r in rows] == [("dev-1", 20.0), ("dev-1", 21.0), ("dev-1", 22.0)]
+
+    monkeypatch.setenv("TEST_DEVICE_PASSWORD", "wrong")
+    with pytest.raises(StackError, match="refused"):
+        connect(make_client(device, "intruder"), device)
+    plain = copy.deepcopy(device)
+    plain.mqtt.tls = False  # the listener speaks TLS only
+    with pytest.raises(StackError):
+        connect(make_client(plain, "plain"), plain, timeout_s=3)
