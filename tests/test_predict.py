@@ -161,3 +161,39 @@ def test_aimass_predict_command_serves_metrics_and_stops_cleanly_on_sigterm(tmp_
             proc.communicate()
     assert proc.returncode == 0, out
     assert (tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict").is_dir()
+
+
+def test_rebalance_hands_river_state_to_the_new_owner(tmp_path, kafka, triton):
+    cfg = make_config(tmp_path, kafka=kafka, triton=triton)
+    create_topics(cfg)
+    windows, _ = synthetic_windows(SERIES, 30)
+    first, later = windows.slice(0, SERIES * 20), windows.slice(SERIES * 20)
+    _produce_windows(cfg, first)
+    last_end = int(first["window_end_ms"].to_numpy().max())
+    reader = _reader(cfg, contract.PREDICTION_ROWS)
+    a, b = PredictStage(cfg), PredictStage(cfg)
+    restored: dict[tuple, tuple[int, int]] = {}  # series -> (last window end, history length) when B got it
+
+    async def scenario() -> list:
+        stop = asyncio.Event()
+        task_a = asyncio.create_task(a.run(stop))
+        got = await asyncio.to_thread(_read, cfg, contract.PREDICTION_ROWS, reader, SERIES * 20)
+        task_b = asyncio.create_task(b.run(stop))  # joins the group: A revokes, B is assigned some partitions
+        deadline = time.monotonic() + 60
+        while not b.predictor.partitions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        restored.update({key: (s.last_end_ms, len(s.means)) for state in list(b.predictor.partitions.values())
+                         for key, s in state.series.items()})
+        await asyncio.to_thread(_produce_windows, cfg, later)
+        got += await asyncio.to_thread(_read, cfg, contract.PREDICTION_ROWS, reader, SERIES * 10)
+        stop.set()
+        await asyncio.gather(task_a, task_b)
+        return got
+
+    got = asyncio.run(scenario())
+    reader.close()
+    assert restored, "the second stage was never assigned a partition with series"
+    assert set(restored.values()) == {(last_end, cfg.predict.history_windows)}  # state moved, not relearned
+    table = pa.concat_tables(t for _, t in got)
+    seen = set(zip(table["device_id"].to_pylist(), table["window_end_ms"].to_pylist()))
+    assert seen == set(zip(windows["device_id"].to_pylist(), windows["window_end_ms"].to_pylist()))
