@@ -172,7 +172,9 @@ def train(repo: Path, ds: Dataset, k: int, source: str, http_url: str = "", ridg
     for name, (onnx_bytes, params) in build(ds, ridge).items():
         live = registry.live_version(repo, name)
         metrics = evaluate(name, onnx_bytes, ds)
-        live_metrics = evaluate(name, registry.version_dir(repo, name, live) / "model.onnx", ds) if live else {}
+        # A live version with another K cannot score these samples: the new K (predict.history_windows) wins.
+        comparable = live is not None and registry.read_metadata(repo, name, live).get("k") == k
+        live_metrics = evaluate(name, registry.version_dir(repo, name, live) / "model.onnx", ds) if comparable else {}
         meta = {"model": name, "k": k, "features": features.feature_names(k),
                 "normalization": "per series: (mean - mu) / sigma over the K-1 older windows, clipped to +-20",
                 "data": {**ds.info, "source": source}, "params": params, "metrics": metrics,
@@ -180,7 +182,7 @@ def train(repo: Path, ds: Dataset, k: int, source: str, http_url: str = "", ridg
                 "gate": {"metric": registry.GATE_METRIC[name][0], "against_version": live,
                          "against_metrics": live_metrics}}
         version = registry.write_version(repo, name, onnx_bytes, meta)
-        promote = live is None or registry.beats(name, metrics, live_metrics)
+        promote = not comparable or registry.beats(name, metrics, live_metrics)
         if promote and live is not None:
             registry.promote(repo, name, version, http_url)
         meta.update(version=version, promoted=promote)

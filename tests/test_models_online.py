@@ -64,6 +64,14 @@ def test_trained_models_beat_baselines_and_a_worse_candidate_is_not_promoted(tmp
     assert registry.read_metadata(tmp_path, "forecaster", 2)["gate"]["against_version"] == 1
 
 
+def test_a_new_history_length_replaces_the_live_version_it_cannot_be_compared_with(tmp_path):
+    windows, labels = synthetic_windows(10, 120, spike_every=31, seed=4)
+    train.train(tmp_path, train.dataset(windows, 8, 10, labels), 8, "test", say=lambda _: None)
+    result = train.train(tmp_path, train.dataset(windows, 6, 10, labels), 6, "test", ridge=1e7, say=lambda _: None)
+    assert all(r["promoted"] and r["gate"]["against_metrics"] == {} for r in result.values())
+    assert "dims: [ 6 ]" in (tmp_path / "forecaster" / "config.pbtxt").read_text()
+
+
 def test_gate_compares_the_metric_in_its_direction():
     assert registry.beats("forecaster", {"mae_norm": 0.5}, {"mae_norm": 0.6})
     assert not registry.beats("forecaster", {"mae_norm": 0.6}, {"mae_norm": 0.6})
