@@ -155,7 +155,10 @@ class ChdbStore:
 
     def insert(self, table: str, data: pa.Table, token: str = "") -> None:
         cols = ", ".join(f"`{c}`" for c in data.column_names)
-        settings = "deduplicate_blocks_in_dependent_materialized_views = 1"
+        # One big block per insert (fewer parts, fewer merges); identity duplicates collapse in
+        # merges and FINAL, so the insert-time ReplacingMergeTree pass is not worth its cost.
+        settings = ("deduplicate_blocks_in_dependent_materialized_views = 1, optimize_on_insert = 0, "
+                    "min_insert_block_size_rows = 1048576, max_block_size = 262144")
         if token:
             settings += f", insert_deduplication_token = '{token}'"
         # chDB's Python() table function reads the local variable `data` zero-copy.

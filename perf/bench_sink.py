@@ -1,0 +1,220 @@
+"""Sink benchmark: readings through `aimass sink` (Kafka -> Arrow batches -> ClickHouse) vs row-by-row inserts.
+
+Scenarios, same run, same schema (ReplacingMergeTree + the 1-minute and 1-hour rollup views):
+
+- sink_chdb: N readings already in Kafka (records of 5,000 readings, like the clean stage
+  writes them) are consumed, decoded and inserted by the sink into embedded chDB, offsets
+  committed; timed from the first record consumed to the last row stored and committed.
+- row_by_row_chdb (baseline): one INSERT ... VALUES statement per reading into chDB.
+- sink_server / row_by_row_server: the same into Debian's clickhouse-server (18.16, legacy
+  schema, native protocol) when it is installed.
+
+Floors (issue 6): sink into chDB >= 300k rows/s and >= 100x row-by-row.
+
+    python perf/bench_sink.py [--quick] [--rows N]
+
+Starts its own Kafka-protocol broker (and clickhouse-server) on free ports. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from confluent_kafka import Consumer, Producer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agents.sink import Journal, Sink  # noqa: E402
+from aimass.clickhouse import ChdbStore, ServerStore  # noqa: E402
+from aimass.config import Config  # noqa: E402
+from aimass.db import migrate  # noqa: E402
+from aimass.procs import free_port, stop_pid  # noqa: E402
+from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
+from streams import contract  # noqa: E402
+from streams.kafka import consumer_config, producer_config  # noqa: E402
+
+RECORD_ROWS = 5_000
+DEVICES = 1_000
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def readings_record(i: int, start_ms: int) -> pa.Table:
+    """RECORD_ROWS readings of many devices and three metrics, 1 s apart per series."""
+    n = RECORD_ROWS
+    k = np.arange(i * n, (i + 1) * n)
+    device = k % DEVICES
+    metric = (k // DEVICES) % 3
+    ts = start_ms + (k // (DEVICES * 3)) * 1000
+    return pa.table({
+        "tenant": pa.array(np.where(device % 2 == 0, "acme", "globex"), pa.string()),
+        "device_id": pa.array(np.char.add("dev-", device.astype(str)), pa.string()),
+        "metric": pa.array(np.array(["temp", "hum", "power"])[metric], pa.string()),
+        "ts_ms": ts.astype(np.int64),
+        "value": np.sin(k / 100.0) * 10 + 20,
+        "unit": pa.array(np.array(["Cel", "%RH", "W"])[metric], pa.string()),
+        "received_ms": (ts + 40).astype(np.int64),
+    }, schema=contract.READINGS)
+
+
+def produce_readings(cfg: Config, rows: int) -> int:
+    """Produce ``rows`` readings onto the clean topic, spread over its partitions; returns the count."""
+    producer = Producer(producer_config(cfg))
+    topic = contract.CLEAN.name(cfg.kafka.topic_prefix)
+    start_ms = int(time.time() * 1000) - 3_600_000
+    records = rows // RECORD_ROWS
+    for i in range(records):
+        producer.produce(topic, contract.encode(readings_record(i, start_ms), contract.READINGS),
+                         partition=i % cfg.kafka.partitions)
+        producer.poll(0)
+    if producer.flush(60):
+        raise RuntimeError("producer could not deliver every record")
+    return records * RECORD_ROWS
+
+
+class TimedSink(Sink):
+    """The sink, noting when the first record arrived."""
+
+    first: float | None = None
+
+    def _add(self, msg) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        super()._add(msg)
+
+
+def run_sink(cfg: Config, store, rows: int, label: str) -> tuple[float, int]:
+    """Rows/s of the sink storing ``rows`` readings already in Kafka, and how many it stored."""
+    migrate(store, cfg)
+    consumer = Consumer(consumer_config(cfg, f"bench-{label}", **{"max.poll.interval.ms": 86_400_000}))
+    sink = TimedSink(cfg, store, consumer, Producer(producer_config(cfg)),
+                     Journal(cfg.run_dir / f"journal-{label}.json"))
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    last_report = time.monotonic()
+    while sink.stored_rows < rows and thread.is_alive():
+        time.sleep(0.02)
+        if time.monotonic() - last_report > 2:
+            say(f"  {label}: {sink.stored_rows:,}/{rows:,} rows stored")
+            last_report = time.monotonic()
+    elapsed = time.perf_counter() - (sink.first or time.perf_counter())
+    sink.stopping.set()
+    thread.join(60)
+    consumer.close()
+    stored = store.query(f"SELECT count() AS n FROM `{store.database}`.readings FINAL").column("n")[0].as_py()
+    return rows / elapsed, stored
+
+
+def row_by_row(store, rows: int, label: str) -> float:
+    """Rows/s of one INSERT statement per reading (the baseline), same table and views."""
+    table = readings_record(0, int(time.time() * 1000)).slice(0, rows).to_pylist()
+    ts_col = "ts_ms" if store.dialect == "legacy" else "ts"
+    received_col = "received_ms" if store.dialect == "legacy" else "received_at"
+    as_time = (lambda ms: str(ms)) if store.dialect == "legacy" else (lambda ms: f"fromUnixTimestamp64Milli({ms})")
+    started = time.perf_counter()
+    for i, r in enumerate(table):
+        store.execute(
+            f"INSERT INTO `{store.database}`.readings (tenant, device_id, metric, {ts_col}, value, unit, {received_col}) "
+            f"SELECT '{r['tenant']}', '{r['device_id']}', '{r['metric']}', {as_time(r['ts_ms'])}, {r['value']}, "
+            f"'{r['unit']}', {as_time(r['received_ms'])}")
+        if i and i % 500 == 0:
+            say(f"  {label}: {i}/{rows} rows")
+    return rows / (time.perf_counter() - started)
+
+
+def start_server(d: Path):
+    """Debian's clickhouse-server on free ports, or None when it is not installed."""
+    if not shutil.which("clickhouse-server") and not Path("/usr/sbin/clickhouse-server").exists():
+        return None, ""
+    from tests.fixtures_store import start_clickhouse_server
+
+    password = secrets.token_hex(8)
+    return start_clickhouse_server(d, free_port(), free_port(), password), password
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small run: 1M readings, 200 row-by-row inserts")
+    p.add_argument("--rows", type=int, help="readings through the sink into chDB (default 3,000,000)")
+    p.add_argument("--baseline-rows", type=int, help="row-by-row inserts (default 500)")
+    p.add_argument("--flush-rows", type=int, default=200_000, help="sink batch size (clickhouse.flush_rows)")
+    p.add_argument("--no-server", action="store_true", help="skip clickhouse-server even when installed")
+    args = p.parse_args()
+    rows = args.rows or (1_000_000 if args.quick else 3_000_000)
+    base_rows = args.baseline_rows or (200 if args.quick else 500)
+    server_rows = rows // 4
+
+    run_dir = Path(tempfile.mkdtemp(prefix="aimass-bench-sink-"))
+    kafka = start_kafka(run_dir, free_port())
+    server = None
+    result: dict[str, float | int | str] = {}
+    try:
+        cfg = Config()
+        cfg.run.dir = str(run_dir)
+        cfg.kafka.bootstrap = f"127.0.0.1:{kafka.ports['kafka']}"
+        cfg.kafka.topic_prefix = "bench"
+        cfg.clickhouse.flush_rows = args.flush_rows
+        cfg.clickhouse.metrics_port = 0
+        create_topics(cfg)
+        say(f"producing {rows:,} readings in records of {RECORD_ROWS:,} ...")
+        produced = produce_readings(cfg, rows)
+
+        say("sink -> chDB ...")
+        cfg.clickhouse.database = "bench_sink"
+        sink_rate, stored = run_sink(cfg, ChdbStore(run_dir / "chdb", "bench_sink"), produced, "sink_chdb")
+        say(f"  {sink_rate:,.0f} rows/s, {stored:,} stored")
+        say(f"row-by-row -> chDB ({base_rows} rows) ...")
+        cfg.clickhouse.database = "bench_rows"
+        baseline = ChdbStore(run_dir / "chdb", "bench_rows")
+        migrate(baseline, cfg)
+        rbr_rate = row_by_row(baseline, base_rows, "row_by_row_chdb")
+        say(f"  {rbr_rate:,.0f} rows/s")
+        result.update(sink_chdb_rows_per_s=round(sink_rate), row_by_row_chdb_rows_per_s=round(rbr_rate, 1),
+                      speedup_vs_row_by_row=round(sink_rate / rbr_rate, 1), lost=produced - stored,
+                      rows=produced, flush_rows=args.flush_rows)
+
+        server, password = (None, "") if args.no_server else start_server(run_dir / "clickhouse-server")
+        if server:
+            url = f"clickhouse://aimass:{password}@127.0.0.1:{server.ports['tcp']}/"
+            cfg.kafka.topic_prefix = "bench2"
+            create_topics(cfg)
+            say(f"producing {server_rows:,} readings for the server run ...")
+            produced_server = produce_readings(cfg, server_rows)
+            say("sink -> clickhouse-server (native protocol, legacy schema) ...")
+            store = ServerStore(url, "bench_sink")
+            srv_rate, srv_stored = run_sink(cfg, store, produced_server, "sink_server")
+            say(f"  {srv_rate:,.0f} rows/s, {srv_stored:,} stored")
+            cfg.clickhouse.database = "bench_rows"
+            srv_base = ServerStore(url, "bench_rows")
+            migrate(srv_base, cfg)
+            srv_rbr = row_by_row(srv_base, base_rows, "row_by_row_server")
+            say(f"  row-by-row: {srv_rbr:,.0f} rows/s")
+            result.update(sink_server_rows_per_s=round(srv_rate), row_by_row_server_rows_per_s=round(srv_rbr, 1),
+                          speedup_vs_row_by_row_server=round(srv_rate / srv_rbr, 1),
+                          lost=int(result["lost"]) + produced_server - srv_stored,
+                          server_version=store.query("SELECT version() AS v").column("v")[0].as_py())
+    finally:
+        if server:
+            stop_pid(server.pid)
+        stop_server(kafka)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    floors_ok = result["sink_chdb_rows_per_s"] >= 300_000 and result["speedup_vs_row_by_row"] >= 100
+    say(f"floors (>= 300k rows/s into chDB, >= 100x row-by-row): {'met' if floors_ok else 'NOT met'}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
