@@ -19,14 +19,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-from rules.model import Rule, RuleSet, RulesInvalid, load_rules, render, rule_files, template_fields
+from rules.model import Rule, RuleSet, Selector, RulesInvalid, load_rules, render, rule_files, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,13 @@ def rule_fingerprint(rule: Rule) -> str:
 class Batch:
     """One Arrow batch with lazily converted numpy columns and dictionary-encoded series."""
 
-    def __init__(self, table: pa.Table, time_field: str):
+    def __init__(self, table: pa.Table):
         self.table = table
         self.n = table.num_rows
         self.names = frozenset(table.column_names)
-        self.time_field = time_field
         self._columns: dict[str, np.ndarray] = {}
         self._codes: dict[str, tuple[np.ndarray, list[str]]] = {}
-        self._selector_masks: dict[Any, np.ndarray] = {}
+        self._selector_masks: dict[Selector, np.ndarray] = {}
         self._series_ids: np.ndarray | None = None
         self._global_ids: np.ndarray | None = None
         self._window_sizes: np.ndarray | None = None
@@ -180,6 +179,7 @@ class Batch:
         return self._codes[name]
 
     def window_sizes(self) -> np.ndarray:
+        """Window size per row (0 for readings)."""
         if self._window_sizes is None:
             self._window_sizes = (self.column("window_s").astype(np.int64) if "window_s" in self.names
                                   else np.zeros(self.n, dtype=np.int64))
@@ -233,6 +233,7 @@ class Batch:
             self._global_ids = lookup[ids]
         return self._global_ids
 
+
 class Engine:
     """Evaluates a RuleSet on batches of each stream and keeps per-(rule, series) state."""
 
@@ -253,7 +254,7 @@ class Engine:
         rules = self.ruleset.for_stream(stream)
         if not rules or table.num_rows == 0:
             return []
-        batch = Batch(table, rules[0].time_field)
+        batch = Batch(table)
         signals: list[Signal] = []
         with np.errstate(all="ignore"):
             for rule in rules:
