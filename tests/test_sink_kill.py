@@ -1,7 +1,10 @@
 """`aimass sink` killed with SIGKILL mid-batch and restarted stores every row exactly once."""
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
+import urllib.request
 
 import pytest
 
@@ -13,7 +16,7 @@ from tests.fixtures_store import counts, expected_counts, produce, readings, run
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def write_config(cfg, path, query_port: int) -> None:
+def write_config(cfg, path, query_port: int, metrics_port: int = 0) -> None:
     path.write_text(f"""
 [run]
 dir = "{cfg.run.dir}"
@@ -26,7 +29,7 @@ partitions = {cfg.kafka.partitions}
 query_port = {query_port}
 flush_rows = 4000
 flush_ms = 300
-metrics_port = 0
+metrics_port = {metrics_port}
 retry_initial_s = 0.1
 """)
 
@@ -52,6 +55,8 @@ def test_sigkill_mid_batch_then_restart_leaves_every_row_exactly_once(cfg, tmp_p
         kills += 1
         wait_for(lambda: not reader.alive(), 10, "the killed sink's endpoint to go away")
 
+    metrics_port = free_port()
+    write_config(cfg, conf, port, metrics_port)
     proc = run_sink_process(conf, tmp_path / "sink-final.log")
     try:
         wait_for(reader.alive, 60, "the sink's query endpoint")
@@ -62,6 +67,14 @@ def test_sigkill_mid_batch_then_restart_leaves_every_row_exactly_once(cfg, tmp_p
         assert dupes.column("d")[0].as_py() == 0
         roll = reader.query(f"SELECT countMerge(n) AS n FROM `{db}`.readings_1m")
         assert roll.column("n")[0].as_py() == want["readings"]  # the rollup is exact too (dedup tokens)
+        # `aimass query` in another process reads through the running sink's endpoint.
+        out = subprocess.run([shutil.which("aimass"), "--config", str(conf), "query", "summary", "--format", "csv"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert f"readings,{want['readings']}," in out.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        assert 'aimass_sink_rows_total{table="readings"}' in metrics and "aimass_sink_insert_seconds_bucket" in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, (tmp_path / "sink-final.log").read_text()[-3000:]
