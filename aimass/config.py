@@ -91,6 +91,8 @@ class BridgeConfig:
     metrics_port: int = field(default=9101, metadata=_range(0, 65535))
     # The broker keeps the bridge's subscription and queues its messages this long while it is down.
     session_expiry_s: int = field(default=86400, metadata=_range(0, 4294967295))
+    # Kafka must confirm a record within this; else the bridge starts a new producer and sends it again.
+    kafka_timeout_s: float = field(default=30.0, metadata=_range(1, 3600))
 
 
 @dataclass

@@ -91,14 +91,27 @@ class Batch:
 
 
 @dataclass
+class Record:
+    """One Kafka record of a flush, kept until Kafka confirms it."""
+
+    topic: str
+    partition: int
+    value: bytes
+    confirmed: bool = False
+
+
+@dataclass
 class Flush:
-    """A batch handed to Kafka: acked to MQTT once ``outstanding`` records are all confirmed."""
+    """A batch handed to Kafka: acked to MQTT once all its records are confirmed."""
 
     mids: list[int]
-    outstanding: int
+    records: list[Record]
     n_readings: int
     first_ms: int
     rejected: dict[str, int]
+
+    def confirmed(self) -> bool:
+        return all(r.confirmed for r in self.records)
 
 
 @dataclass
@@ -134,7 +147,8 @@ class Bridge:
         self.routes: dict[str, tuple[bool, str, str, int]] = {}  # topic -> (is_label, tenant, device, partition)
         self.batch = Batch()
         self.in_kafka: deque[Flush] = deque()
-        self.retry: list[tuple[str, int, bytes, Flush]] = []
+        self.generation = 0       # bumped when the producer is replaced
+        self.delivery_error = ""  # set by a failed delivery: the producer is replaced
         self.stats = Stats()
         self.stopping = False
         self.refused = ""  # why the broker refused the subscription
@@ -216,53 +230,70 @@ class Bridge:
         b, self.batch = self.batch, Batch()
         if not b.n_messages:
             return
-        records = [(self.raw_topic, p, contract.encode(cols.table(), contract.READINGS))
+        records = [Record(self.raw_topic, p, contract.encode(cols.table(), contract.READINGS))
                    for p, cols in b.readings.items()]
-        records += [(self.dead_topic, p, contract.encode(pa.Table.from_pylist(rows, contract.REJECTS),
-                                                          contract.REJECTS)) for p, rows in b.rejects.items()]
+        records += [Record(self.dead_topic, p, contract.encode(pa.Table.from_pylist(rows, contract.REJECTS),
+                                                               contract.REJECTS)) for p, rows in b.rejects.items()]
         if b.labels:
-            records.append((self.label_topic, 0, contract.encode(pa.Table.from_pylist(b.labels, contract.LABELS),
-                                                                 contract.LABELS)))
+            records.append(Record(self.label_topic, 0, contract.encode(pa.Table.from_pylist(b.labels, contract.LABELS),
+                                                                       contract.LABELS)))
         rejected: dict[str, int] = {}
         for rows in b.rejects.values():
             for row in rows:
                 rejected[row["reason"]] = rejected.get(row["reason"], 0) + 1
-        flush = Flush(b.mids, len(records), b.n_readings, b.first_ms, rejected)
-        self.in_kafka.append(flush)
-        for topic, partition, value in records:
-            self._produce(topic, partition, value, flush)
+        self.in_kafka.append(Flush(b.mids, records, b.n_readings, b.first_ms, rejected))
+        for record in records:
+            self._produce(record)
         for cols in b.readings.values():
             BATCH_READINGS.observe(len(cols.ts_ms))
         self.stats.messages += b.n_messages
         MESSAGES.inc(b.n_messages)
 
-    def _produce(self, topic: str, partition: int, value: bytes, flush: Flush) -> None:
+    def _produce(self, record: Record) -> None:
+        generation = self.generation
+
         def delivered(err: KafkaError | None, _msg) -> None:
+            if generation != self.generation:
+                return  # a replaced producer's leftovers: its records were produced again
             if err is None:
-                flush.outstanding -= 1
+                record.confirmed = True
             else:
-                log.warning("Kafka did not confirm a record for %s[%d] (%s); producing it again", topic, partition, err)
-                self.retry.append((topic, partition, value, flush))
+                self.delivery_error = f"{record.topic}[{record.partition}]: {err}"
 
         while True:
             try:
-                self.producer.produce(topic, value, partition=partition, on_delivery=delivered)
+                self.producer.produce(record.topic, record.value, partition=record.partition, on_delivery=delivered)
                 return
             except BufferError:
                 self.producer.poll(0.05)
-            except KafkaException as exc:  # fatal producer state (e.g. the broker lost our producer id)
-                log.warning("Kafka producer failed (%s); starting a new one", exc)
-                self.producer = self._new_producer()
+            except KafkaException as exc:  # fatal producer state
+                self.delivery_error = str(exc)
+                return
 
     def _new_producer(self) -> Producer:
         def on_error(err: KafkaError) -> None:
             log.warning("Kafka: %s", err)
 
-        return Producer(producer_config(self.cfg, error_cb=on_error))
+        timeout_ms = int(self.cfg.bridge.kafka_timeout_s * 1000)
+        return Producer(producer_config(self.cfg, error_cb=on_error, **{
+            "delivery.timeout.ms": timeout_ms, "request.timeout.ms": min(30000, timeout_ms // 2)}))
+
+    def _restart_producer(self) -> None:
+        """After a delivery failure: a new producer (fresh idempotence state, e.g. after a broker
+        restart lost it) produces every unconfirmed record again; the MQTT acks still wait."""
+        log.warning("Kafka did not confirm %s; starting a new producer and producing %d records again",
+                    self.delivery_error, sum(not r.confirmed for f in self.in_kafka for r in f.records))
+        self.delivery_error = ""
+        self.generation += 1
+        self.producer = self._new_producer()
+        for flush in self.in_kafka:
+            for record in flush.records:
+                if not record.confirmed:
+                    self._produce(record)
 
     def _ack_confirmed(self) -> None:
         """Ack, in order, the MQTT messages of every flush Kafka has fully confirmed."""
-        while self.in_kafka and self.in_kafka[0].outstanding == 0:
+        while self.in_kafka and self.in_kafka[0].confirmed():
             flush = self.in_kafka.popleft()
             self._ack(flush.mids)
             self.stats.readings += flush.n_readings
@@ -287,11 +318,8 @@ class Bridge:
 
     def _service_kafka(self) -> None:
         self.producer.poll(0)
-        if self.retry:
-            retry, self.retry = self.retry, []
-            time.sleep(0.2)  # the broker is struggling: do not spin
-            for topic, partition, value, flush in retry:
-                self._produce(topic, partition, value, flush)
+        if self.delivery_error:
+            self._restart_producer()
         self._ack_confirmed()
 
     # --- MQTT session -----------------------------------------------------------------

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from aimass.procs import StackError, free_port
-from aimass.stack import create_topics, start_mosquitto, stop_server
+from aimass.stack import create_topics, start_kafka, start_mosquitto, stop_server
 from streams import contract
 from streams.mqtt import Publisher, connect, make_client
 from streams.payloads import TopicPattern, encode_reading
@@ -229,3 +229,30 @@ def test_tls_passwords_and_the_shipped_per_device_acl(secured_mosquitto, kafka, 
     plain.mqtt.tls = False  # the listener speaks TLS only
     with pytest.raises(StackError):
         connect(make_client(plain, "plain"), plain, timeout_s=3)
+
+
+def test_bridge_survives_a_kafka_broker_restart(mosquitto, tmp_path):
+    """The local broker keeps topics in memory only: after its restart the topics are created again."""
+    port = free_port()
+    broker = start_kafka(tmp_path, port)
+    cfg = isolate(make_config(tmp_path, mosquitto, broker))
+    cfg.bridge.kafka_timeout_s = 5  # a stuck producer is replaced after 5 s
+    create_topics(cfg)
+    base_ms = int(time.time() * 1000) - 60_000
+    try:
+        with BridgeProcess(cfg, "kafka-restart", tmp_path / "bridge.log") as bridge, \
+                Publisher(cfg, "kr-pub") as pub:
+            publish_sequence(cfg, "kr", 4, 0, 100, base_ms, pub)
+            assert len(rows_of(read_records(cfg, contract.RAW, 400, settle_s=0))) >= 400
+            stop_server(broker)
+            publish_sequence(cfg, "kr", 4, 100, 200, base_ms, pub)  # held unacked in MQTT meanwhile
+            assert pub.drain(30)
+            time.sleep(1.0)
+            broker = start_kafka(tmp_path, port)
+            create_topics(cfg)
+            rows = rows_of(read_records(cfg, contract.RAW, 400, timeout=90))
+            bridge.terminate()
+    finally:
+        stop_server(broker)
+    ids = {identity(r) for r in rows}
+    assert ids >= {("kr", f"d{d}", "seq", base_ms + i) for d in range(4) for i in range(100, 200)}
