@@ -1,6 +1,7 @@
 """`aimass alerter` as a real process on the real Kafka broker fixture: windows/predictions/labels in,
 alarm events, outcomes, quality rows, notifications and dead letters out; `aimass alerts` list/ack
-through the API; SIGTERM exits 0 and alarm state survives the restart without duplicate raises."""
+through the API; SIGTERM exits 0 and alarm state survives the restart without duplicate raises; a
+broken rule file is rejected while the previous rules keep running."""
 from __future__ import annotations
 
 import json
@@ -196,6 +197,10 @@ def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server):
         proc = start_alerter(config, log, cfg.alert.api_port)
         [again] = [a for a in json.loads(cli(config, "list", "--json").stdout) if a["rule"] == "hot"]
         assert (again["state"], again["acked_by"], again["count"]) == ("active_ack", "alice", 1)
+        # a broken rule file is rejected with its location; the rules loaded before keep running
+        rules_file = tmp_path / "rules" / "rules.yaml"
+        rules_file.write_text(rules_file.read_text().replace("condition: mean > 80", "condition: mean >> 80"))
+        wait_until(lambda: f"{rules_file}:7:22: condition: expected a value" in log.read_text(), 30, "the rejected reload in the log", proc, log)
         produce(cfg, contract.WINDOW_ROWS, windows(dict(window_end_ms=50_000, mean=60.0)))
         rows = alerts.until(lambda rs: ("hot", "cleared") in transitions(rs))
         cleared = next(r for r in rows if r["transition"] == "cleared")
