@@ -5,10 +5,12 @@ import collections
 import copy
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -60,6 +62,7 @@ def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_lette
         b"[]": "bad_schema",
     }
     lines = good[:100] + list(bad) + good[100:]
+    cfg.bridge.metrics_port = free_port()
     with BridgeProcess(cfg, "b1", tmp_path / "bridge.log") as bridge:
         sim = publish(cfg, SimSpec(devices=6, metrics=2, rate_hz=25, duration_s=4, tenant="sim", anomalies=2,
                                    publish_labels=True))
@@ -73,6 +76,8 @@ def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_lette
         rows = rows_of(read_records(cfg, contract.RAW, expected))
         dead = rows_of(read_records(cfg, contract.DEAD_LETTER, len(bad) + 1, settle_s=0.2))
         labels = rows_of(read_records(cfg, contract.LABEL_ROWS, sim["labels_published"] + 1, settle_s=0.2))
+        with urllib.request.urlopen(f"http://127.0.0.1:{cfg.bridge.metrics_port}/metrics", timeout=10) as resp:
+            metrics = {name: value for name, value in re.findall(r"^(aimass_\S+) (\S+)$", resp.read().decode(), re.M)}
         counts = bridge.terminate()
 
     assert sim["all_acked"] and packs["all_acked"] and sim["labels_published"] >= 1
@@ -94,6 +99,11 @@ def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_lette
         ("cli", "cli-1", "maintenance", "mqtt")}
     assert len([r for r in labels if r["tenant"] == "sim"]) == sim["labels_published"]
     assert counts["readings"] == expected and counts["rejected"] == len(want)
+    assert float(metrics["aimass_bridge_readings_produced_total"]) == expected
+    assert float(metrics['aimass_bridge_rejected_total{reason="bad_json"}']) == 1
+    assert float(metrics["aimass_bridge_messages_total"]) == counts["messages"]
+    assert float(metrics["aimass_bridge_batch_readings_count"]) > 0
+    assert float(metrics["aimass_bridge_publish_to_kafka_seconds_count"]) > 0
 
 
 def publish_sequence(cfg, tenant: str, devices: int, start: int, stop: int, base_ms: int,
