@@ -229,8 +229,17 @@ class AlerterService:
         return queued[-1][0] if queued else 0
 
     async def flush(self, tables: list[tuple[contract.Topic, pa.Table]]) -> None:
+        """Publish until Kafka has everything (retrying while it is unreachable), then drop the queue rows."""
         loop = asyncio.get_running_loop()
-        last = await loop.run_in_executor(None, self.publish, tables)
+        while True:
+            try:
+                last = await loop.run_in_executor(None, self.publish, tables)
+                break
+            except KafkaException as exc:
+                if self.stopping.is_set():
+                    raise
+                log.error("Kafka did not take the alerter's output (%s); retrying, offsets stay uncommitted", exc)
+                await asyncio.sleep(1.0)
         if last:
             self.alerter.db.unqueue(last)
 
@@ -299,7 +308,11 @@ class AlerterService:
             self.stopping.set()
             await delivery
             await self.alerter.dispatcher.drain()
-            await self.flush([])
+            try:
+                await self.flush([])
+            except KafkaException as exc:
+                log.error("stopping with records still queued in %s (sent at the next start): %s",
+                          self.alerter.db.path, exc)
             consumer.close()
             if runner is not None:
                 await runner.cleanup()
