@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from aimass.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError, check_read_only
