@@ -183,11 +183,10 @@ class AlertConfig:
     api_host: str = "127.0.0.1"
     api_port: int = field(default=8080, metadata=_range(0, 65535))
     api_token_env: str = "AIMASS_API_TOKEN"
-    webhook_secret_env: str = "AIMASS_WEBHOOK_SECRET"
-    smtp_password_env: str = "AIMASS_SMTP_PASSWORD"
-    max_attempts: int = field(default=8, metadata=_range(1, 100))
+    webhook_secret_env: str = "AIMASS_WEBHOOK_SECRET"  # the demo generates this secret when unset
+    max_attempts: int = field(default=15, metadata=_range(1, 100))
     backoff_initial_s: float = field(default=0.5, metadata=_range(0.01, 3600))
-    backoff_max_s: float = field(default=30.0, metadata=_range(0.01, 86400))
+    backoff_max_s: float = field(default=60.0, metadata=_range(0.01, 86400))  # 15 attempts ~ 9 min
     metrics_port: int = field(default=9104, metadata=_range(0, 65535))
     outcome_horizon_s: float = field(default=600.0, metadata=_range(1, None))  # how long a prediction waits for its window
     label_grace_s: float = field(default=60.0, metadata=_range(0, None))  # detections may trail a label's end by this

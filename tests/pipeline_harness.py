@@ -21,6 +21,8 @@ from tests.conftest import make_config
 from aimass.stack import create_topics
 
 SECRET = "e2e-test-signing-secret"
+# Dead-letter stages whose rows are readings (notify / predict / alert dead letters are not).
+READING_STAGES = ("clean", "window", "sink")
 
 TEST_RULES = """
 rules:
@@ -74,6 +76,7 @@ def pipeline_config(tmp: Path, mosquitto, kafka, triton, webhook_port: int) -> C
     cfg.alert.rules_path = str(rules)
     cfg.alert.backoff_initial_s = 0.2
     cfg.alert.backoff_max_s = 2.0
+    cfg.alert.max_attempts = 80  # retries outlast a receiver that is down for a minute
     create_topics(cfg)
     return cfg
 

@@ -1,0 +1,219 @@
+"""Fault tests on the real servers, one fault each, on one running pipeline (a tenant per test).
+
+After each fault: nothing lost (every published reading stored or dead-lettered with a
+reason), nothing duplicated in query results, the pipeline back to normal on its own, and the
+fault visible in metrics. This module has its own mosquitto and tritonserver (they get
+restarted and killed); Kafka is the session's.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aimass.procs import free_port
+from aimass.stack import start_mosquitto, start_triton, stop_server
+from streams.mqtt import Publisher
+from streams.simulator import SimSpec, publish
+from rules.alarms import should_notify
+from tests.pipeline_harness import READING_STAGES, TestPipeline, pipeline_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Servers:
+    """This module's mosquitto and tritonserver, restartable on the same ports."""
+
+    def __init__(self, run: Path):
+        self.run = run
+        self.mqtt_port = free_port()
+        self.triton_ports = (free_port(), free_port(), free_port())
+        self.mosquitto = start_mosquitto(run, self.mqtt_port)
+        self.triton = self.start_triton()
+
+    def start_triton(self):
+        return start_triton(self.run, *self.triton_ports, REPO / "triton_repo")
+
+    def restart_mosquitto(self, down_s: float) -> None:
+        stop_server(self.mosquitto)
+        time.sleep(down_s)
+        self.mosquitto = start_mosquitto(self.run, self.mqtt_port)
+
+    def stop(self) -> None:
+        stop_server(self.triton)
+        stop_server(self.mosquitto)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    s = Servers(tmp_path_factory.mktemp("fault-servers"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, servers, kafka):
+    port = free_port()
+    p = TestPipeline(pipeline_config(tmp_path_factory.mktemp("faults"), servers.mosquitto, kafka, servers.triton,
+                                     port), webhook_port=port).start()
+    yield p
+    p.stop()
+
+
+class Traffic:
+    """Simulated telemetry for one tenant, published in a background thread."""
+
+    def __init__(self, pipeline: TestPipeline, tenant: str, seconds: float = 30, anomalies: int = 0, devices: int = 4):
+        self.spec = SimSpec(devices=devices, metrics=["temp", "power"], rate_hz=5, duration_s=seconds, seed=5,
+                            tenant=tenant, anomalies=anomalies, format="senml", pack_size=10)
+        self.summary: dict = {}
+        self.thread = threading.Thread(target=lambda: self.summary.update(publish(pipeline.cfg, self.spec)),
+                                       daemon=True)
+        self.thread.start()
+
+    def join(self) -> int:
+        self.thread.join(timeout=self.spec.duration_s + 180)
+        assert self.summary.get("all_acked"), f"publisher did not get every ack: {self.summary}"
+        return self.summary["readings"]
+
+
+def assert_accounted(pipeline: TestPipeline, tenant: str, published: int, extra_rejects: int = 0) -> None:
+    """Every reading stored exactly once or rejected with a reason; no window stored with two values."""
+    pipeline.wait_stored(tenant, published + extra_rejects)
+    t = f"tenant = '{tenant}'"
+    stored = pipeline.count(f"SELECT count() FROM (SELECT * FROM {{db}}.readings FINAL WHERE {t})")
+    distinct = pipeline.count(f"SELECT count() FROM (SELECT DISTINCT device_id, metric, ts FROM {{db}}.readings WHERE {t})")
+    rejected = pipeline.count(f"SELECT count() FROM {{db}}.rejects FINAL WHERE {t} AND stage IN {READING_STAGES}")
+    no_reason = pipeline.count(f"SELECT count() FROM {{db}}.rejects WHERE {t} AND reason = ''")
+    assert stored == distinct, "duplicates in query results"
+    assert stored + rejected == published, (stored, rejected, published, pipeline.logs())
+    assert no_reason == 0
+    conflicting = pipeline.count(
+        "SELECT count() FROM (SELECT device_id, metric, window_s, window_end_at, uniqExact(mean) AS v "
+        f"FROM {{db}}.windows WHERE {t} GROUP BY device_id, metric, window_s, window_end_at HAVING v > 1)")
+    assert conflicting == 0, "a window was emitted twice with different values"
+
+
+def test_worker_sigkill_mid_stream(pipeline):
+    traffic = Traffic(pipeline, "f-worker")
+    time.sleep(10)
+    pipeline.sup.kill("worker-1", signal.SIGKILL)
+    published = traffic.join()
+    assert pipeline.sup.restarts("worker-1") >= 1  # the supervisor brought it back
+    assert_accounted(pipeline, "f-worker", published)
+    assert pipeline.sup.alive("worker-1") and pipeline.sup.alive("worker-2")
+
+
+def test_mqtt_broker_restart(pipeline, servers):
+    traffic = Traffic(pipeline, "f-mqtt")
+    time.sleep(8)
+    servers.restart_mosquitto(down_s=3)
+    published = traffic.join()
+    assert_accounted(pipeline, "f-mqtt", published)
+    assert pipeline.sup.restarts("bridge") == 0 or pipeline.sup.alive("bridge")
+    assert "reconnect" in pipeline.logs().lower()
+
+
+def test_tritonserver_killed_then_back(pipeline, servers):
+    traffic = Traffic(pipeline, "f-triton", seconds=40)
+    time.sleep(8)
+    os.kill(servers.triton.pid, signal.SIGKILL)
+    open_seen = False
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        open_seen |= pipeline.metrics().get("aimass_predict_breaker_open", 0) >= 1
+        time.sleep(0.5)
+    stop_server(servers.triton)  # reaps the process and its shared memory
+    servers.triton = servers.start_triton()
+    published = traffic.join()
+    assert_accounted(pipeline, "f-triton", published)
+    assert open_seen, "the breaker never opened while tritonserver was down"
+    t = "tenant = 'f-triton'"
+    degraded = pipeline.count(f"SELECT countIf(degraded) FROM {{db}}.predictions FINAL WHERE {t}")
+    assert degraded > 0, "no degraded predictions while tritonserver was down"
+    deadline = time.monotonic() + 30  # recovery: fresh predictions come from Triton again
+    while time.monotonic() < deadline:
+        recent = pipeline.query(f"SELECT degraded FROM {{db}}.predictions FINAL WHERE {t} "
+                                "ORDER BY window_end_at DESC LIMIT 5").column("degraded").to_pylist()
+        if recent and not any(recent):
+            break
+        time.sleep(1)
+    assert recent and not any(recent), f"predictions still degraded after tritonserver returned: {recent}"
+    assert pipeline.metrics().get("aimass_predict_breaker_open", 0) == 0
+
+
+def test_sink_killed_mid_batch(pipeline):
+    traffic = Traffic(pipeline, "f-sink")
+    time.sleep(10)
+    pipeline.sup.kill("sink", signal.SIGKILL)
+    published = traffic.join()
+    assert pipeline.sup.restarts("sink") >= 1
+    assert_accounted(pipeline, "f-sink", published)
+
+
+def test_malformed_flood(pipeline):
+    traffic = Traffic(pipeline, "f-flood", seconds=20)
+    flood = [b"{", b"null", b'{"ts": "x", "value": 1}', b'{"metric": "temp", "value": NaN}', b"\xff\xfe" * 100,
+             b'{"ts": 1, "metric": "temp", "value": 1e400}', b"[" * 10000]
+    n = 0
+    before = pipeline.metrics().get("aimass_bridge_rejected_total", 0)
+    with Publisher(pipeline.cfg, "flood", qos=1) as pub:
+        for i in range(2000):
+            pub.publish(f"aimass/f-flood/dev-bad{i % 7}/telemetry", flood[i % len(flood)])
+            n += 1
+        assert pub.drain(timeout_s=60)
+    published = traffic.join()
+    assert_accounted(pipeline, "f-flood", published, extra_rejects=n)
+    bridge_rejects = pipeline.count("SELECT count() FROM {db}.rejects FINAL WHERE tenant = 'f-flood' AND stage = 'bridge'")
+    assert bridge_rejects == n
+    assert pipeline.metrics().get("aimass_bridge_rejected_total", 0) - before == n
+    assert pipeline.sup.restarts("bridge") == 0
+
+
+def test_bad_rule_file_pushed_during_run(pipeline):
+    rules_dir = Path(pipeline.cfg.alert.rules_path)
+    bad = rules_dir / "broken.yaml"
+    traffic = Traffic(pipeline, "f-rules", seconds=40, anomalies=4)
+    time.sleep(5)
+    bad.write_text("rules:\n  - name: broken\n    stream: windows\n    condition: (value >\n")
+    try:
+        published = traffic.join()
+        assert_accounted(pipeline, "f-rules", published)
+        assert pipeline.sup.restarts("alerter") == 0 and pipeline.sup.alive("alerter")
+        assert "broken.yaml" in (pipeline.sup.log_dir / "alerter.log").read_text()
+        raised = pipeline.count("SELECT count() FROM {db}.alerts FINAL WHERE tenant = 'f-rules' "
+                                "AND transition = 'raised'")
+        assert raised > 0, "the previous rules stopped alerting after a bad file was pushed"
+    finally:
+        bad.unlink()
+
+
+def test_webhook_receiver_down_for_a_minute(pipeline):
+    pipeline.receiver.stop()
+    traffic = Traffic(pipeline, "f-webhook", seconds=30, anomalies=4)
+    published = traffic.join()
+    time.sleep(30)  # down for a minute in all
+    failed = sum(v for k, v in pipeline.metrics().items()
+                 if k.startswith("aimass_notifications_total{") and 'status="delivered"' not in k)
+    pipeline.receiver.start()
+    assert failed > 0, "the receiver outage is not visible in the notification metrics"
+    assert_accounted(pipeline, "f-webhook", published)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        notified = {r["event_id"] for r in pipeline.query(
+            "SELECT event_id, transition, flapping FROM {db}.alerts FINAL WHERE tenant = 'f-webhook'").to_pylist()
+            if should_notify(r)}
+        got = {e["event_id"] for e in pipeline.receiver.events}
+        if notified and notified <= got:
+            break
+        time.sleep(1)
+    assert notified, "no alarm events in this run"
+    assert notified <= got, notified - got
+    received = [e["event_id"] for e in pipeline.receiver.events]
+    assert len(received) == len(set(received)), "an event was acted on twice"
