@@ -59,6 +59,7 @@ class CleanResult:
     dead: pa.Table         # REJECTS, stage "clean"
     late: pa.Table         # REJECTS, reason "late"
     max_ts_before: int     # watermark base before the batch
+    verdict: np.ndarray    # int8 per input reading: kernels.OK or the reject reason code
 
 
 class CleanEngine:
@@ -95,7 +96,8 @@ class CleanEngine:
         clean = raw.set_column(raw.schema.get_field_index("value"), "value", pa.array(canonical)) \
                    .set_column(raw.schema.get_field_index("unit"), "unit", unit).filter(ok)
         late = verdict == K.LATE
-        return CleanResult(clean, rejects(raw, verdict, ~ok & ~late), rejects(raw, verdict, late), max_ts_before)
+        return CleanResult(clean, rejects(raw, verdict, ~ok & ~late), rejects(raw, verdict, late), max_ts_before,
+                           verdict)
 
     def live_offset(self) -> int:
         """Oldest raw offset the dedup set or the watermark depends on (-1: none)."""

@@ -25,6 +25,7 @@ from numba import njit, types
 from numba.typed import Dict
 
 NO_TS = -(2 ** 62)  # "no reading seen yet" (far below any real ms timestamp, no overflow on minus)
+NO_PANE = -(2 ** 62)  # empty pane slot / series without panes
 
 # Integer fields of a pane (last axis of ``pane_i``).
 P_ID, P_CNT, P_FIRST_TS, P_LAST_TS, P_MAX_RECV, P_FIRST_OFF = range(6)
@@ -196,24 +197,26 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     filled = min(hist_n[s], cap)
     h_n = 0
     h_sum = 0.0
-    h_sq = 0.0
     ewma = math.nan
     for j in range(filled):
         pos = (hist_n[s] - filled + j) % cap
-        if hist_end[s, pos] < p - history:
-            continue
-        x = hist_mean[s, pos]
-        ewma = x if h_n == 0 else alpha * x + (1.0 - alpha) * ewma
-        h_n += 1
-        h_sum += x
-        h_sq += x * x
+        if hist_end[s, pos] >= p - history:
+            x = hist_mean[s, pos]
+            ewma = x if h_n == 0 else alpha * x + (1.0 - alpha) * ewma
+            h_n += 1
+            h_sum += x
     ewma = mean if h_n == 0 else alpha * mean + (1.0 - alpha) * ewma
     zscore = 0.0
     if h_n >= 2:
         h_mean = h_sum / h_n
-        h_var = (h_sq - h_n * h_mean * h_mean) / (h_n - 1)
-        if h_var > 1e-24:
-            zscore = (mean - h_mean) / math.sqrt(h_var)
+        h_dev = 0.0  # second pass: identical means must give exactly zero spread
+        for j in range(filled):
+            pos = (hist_n[s] - filled + j) % cap
+            if hist_end[s, pos] >= p - history:
+                h_dev += (hist_mean[s, pos] - h_mean) ** 2
+        h_sd = math.sqrt(h_dev / (h_n - 1))
+        if h_sd > 1e-12:
+            zscore = (mean - h_mean) / h_sd
     pos = hist_n[s] % cap
     hist_mean[s, pos] = mean
     hist_end[s, pos] = p
@@ -285,13 +288,15 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
             continue
         if t > max_ts:
             max_ts = t
-        s = series[i]
         v = value[i]
+        if not math.isfinite(v):
+            continue  # advances the watermark like upstream, but is not a measurement
+        s = series[i]
         q = t // hop_ms
         slot = q % ring
         if pane_i[s, slot, P_ID] != q:
             old = pane_i[s, slot, P_ID]
-            if old >= 0 and old >= next_close[s] - (k - 1):
+            if old != NO_PANE and old >= next_close[s] - (k - 1):
                 # The slot still holds a needed pane; the ring is sized so it is closable now.
                 n_out = _close_series(s, old + k - 1, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
                                       next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
@@ -308,8 +313,8 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
             pane_f[s, slot, P_MIN] = math.inf
             pane_f[s, slot, P_MAX] = -math.inf
             counters[0] += 1
-            if next_close[s] < 0:
-                next_close[s] = q
+            if next_close[s] == NO_PANE or q < next_close[s]:
+                next_close[s] = q  # not late, so no window over pane q was emitted yet
             if q > last_pane[s]:
                 last_pane[s] = q
         d = v - pane_f[s, slot, P_REF]
@@ -332,7 +337,7 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
     target = (max_ts - lateness_ms) // hop_ms - 1
     if target > closed_through:
         for s in range(n_series):
-            if 0 <= next_close[s] <= target:
+            if next_close[s] != NO_PANE and next_close[s] <= target:
                 n_out = _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
                                       next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
                                       out_i, out_f, n_out, counters)
@@ -346,7 +351,7 @@ def window_flush(hop_ms, size_ms, k, alpha, history, pane_i, pane_f, next_close,
     """Close every remaining window (end of an offline history); returns rows written."""
     n_out = 0
     for s in range(n_series):
-        if next_close[s] >= 0:
+        if next_close[s] != NO_PANE:
             n_out = _close_series(s, last_pane[s] + k - 1, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
                                   next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
                                   out_i, out_f, n_out, counters)
@@ -363,7 +368,7 @@ def window_live_offset(pane_i, next_close, hist_end, hist_off, hist_n, n_series,
     for s in range(n_series):
         for slot in range(ring):
             pid = pane_i[s, slot, P_ID]
-            if pid >= 0 and pane_i[s, slot, P_CNT] > 0 and pid >= next_close[s] - (k - 1):
+            if pid != NO_PANE and pid >= next_close[s] - (k - 1):
                 off = pane_i[s, slot, P_FIRST_OFF]
                 if lowest < 0 or off < lowest:
                     lowest = off

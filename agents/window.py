@@ -47,10 +47,10 @@ class _SpecState:
         # Enough slots that a slot is only reused once the pane it held can be closed.
         ring = self.k + math.ceil(lateness_ms / self.hop_ms) + 1
         self.history = history
-        self.pane_i = np.full((0, ring, K.PANE_INT_FIELDS), -1, np.int64)
+        self.pane_i = np.full((0, ring, K.PANE_INT_FIELDS), K.NO_PANE, np.int64)
         self.pane_f = np.zeros((0, ring, K.PANE_FLOAT_FIELDS))
-        self.next_close = np.full(0, -1, np.int64)
-        self.last_pane = np.full(0, -1, np.int64)
+        self.next_close = np.full(0, K.NO_PANE, np.int64)
+        self.last_pane = np.full(0, K.NO_PANE, np.int64)
         self.hist_mean = np.zeros((0, history))
         self.hist_end = np.full((0, history), -1, np.int64)
         self.hist_off = np.zeros((0, history), np.int64)
@@ -62,10 +62,10 @@ class _SpecState:
         """Grow the per-series arrays to hold ``n_series`` series."""
         if self.next_close.shape[0] >= n_series:
             return
-        self.pane_i = K.grow(self.pane_i, n_series, -1)
+        self.pane_i = K.grow(self.pane_i, n_series, K.NO_PANE)
         self.pane_f = K.grow(self.pane_f, n_series, 0.0)
-        self.next_close = K.grow(self.next_close, n_series, -1)
-        self.last_pane = K.grow(self.last_pane, n_series, -1)
+        self.next_close = K.grow(self.next_close, n_series, K.NO_PANE)
+        self.last_pane = K.grow(self.last_pane, n_series, K.NO_PANE)
         self.hist_mean = K.grow(self.hist_mean, n_series, 0.0)
         self.hist_end = K.grow(self.hist_end, n_series, -1)
         self.hist_off = K.grow(self.hist_off, n_series, 0)
@@ -101,12 +101,8 @@ class WindowEngine:
         """
         if max_ts_before is not None and max_ts_before > self.max_ts:
             self.max_ts = int(max_ts_before)
-        finite = np.isfinite(readings["value"].to_numpy(zero_copy_only=False))
-        late = np.zeros(readings.num_rows, np.bool_)
-        if not finite.all():
-            closed, late[finite] = self.update(readings.filter(finite), offset)
-            return closed, late
         n = readings.num_rows
+        late = np.zeros(n, np.bool_)
         series = self.series.lookup(readings["tenant"], readings["device_id"], readings["metric"])
         ts = readings["ts_ms"].to_numpy()
         value = readings["value"].to_numpy()
