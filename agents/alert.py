@@ -45,6 +45,8 @@ log = logging.getLogger("aimass.alerter")
 
 EVENTS = Counter("aimass_alert_events_total", "Alarm state-change events", ["transition"])
 ACTIVE = Gauge("aimass_alarms_active", "Alarms currently active")
+RULES = Gauge("aimass_rules_loaded", "Rules the engine runs")
+RULE_FILE_ERRORS = Gauge("aimass_rule_file_errors", "Errors in the rule files on disk (0 when they load)")
 NOTIFICATIONS = Counter("aimass_notifications_total", "Notification attempts by outcome", ["receiver", "status"])
 LATENCY = Histogram("aimass_alert_latency_seconds", "Alarm event time minus bridge receive time of its data",
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
@@ -286,6 +288,8 @@ class AlerterService:
             while not self.stopping.is_set():
                 if time.monotonic() >= next_reload:
                     self.alerter.watcher.poll()
+                    RULES.set(len(self.alerter.engine.ruleset.rules))
+                    RULE_FILE_ERRORS.set(len(self.alerter.watcher.errors))
                     next_reload = time.monotonic() + a.reload_s
                 if time.monotonic() >= next_quality:
                     self.alerter.queue_quality()

@@ -25,6 +25,7 @@ from aimass.procs import Server, StackError, pid_alive, port_in_use, spawn, stop
 from streams import contract
 
 STACK_FILE = "stack.json"
+STAGES_FILE = "stages.json"  # written by aimass.supervisor for the stage processes
 
 
 # --- Mosquitto ------------------------------------------------------------------------
@@ -306,15 +307,17 @@ def up(cfg: Config, with_triton: bool = True, say=print) -> list[Server]:
 
 
 def down(cfg: Config, say=print) -> None:
-    """Stop exactly the servers (and stage processes) that the stack file lists."""
+    """Stop exactly the stage processes and servers that stages.json and stack.json list."""
+    stages_file = cfg.run_dir / STAGES_FILE
+    stages = [Server(**s) for s in json.loads(stages_file.read_text())["servers"]] if stages_file.exists() else []
     servers = read_stack(cfg)
-    for s in reversed(servers):
+    for s in [*stages, *reversed(servers)]:
         if s.alive():
             say(f"stopping {s.name} (pid {s.pid}) ...")
             stop_server(s)
-    if stack_file(cfg).exists():
-        stack_file(cfg).unlink()
-    say("stack stopped" if servers else "nothing was running")
+    for f in (stages_file, stack_file(cfg)):
+        f.unlink(missing_ok=True)
+    say("stack stopped" if servers or stages else "nothing was running")
 
 
 def status_lines(cfg: Config) -> list[str]:

@@ -22,8 +22,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from aimass.procs import Server, StackError, spawn
+from aimass.stack import STAGES_FILE
 
-STAGES_FILE = "stages.json"
 
 
 def aimass_argv(*args: str) -> list[str]:

@@ -183,6 +183,11 @@ def test_bad_rule_file_pushed_during_run(pipeline):
     time.sleep(5)
     bad.write_text("rules:\n  - name: broken\n    stream: windows\n    condition: (value >\n")
     try:
+        deadline = time.monotonic() + 15
+        while pipeline.metrics().get("aimass_rule_file_errors", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pipeline.metrics().get("aimass_rule_file_errors", 0) >= 1, "the bad file is not visible in metrics"
+        assert pipeline.metrics().get("aimass_rules_loaded", 0) == 2  # the previous rules keep running
         published = traffic.join()
         assert_accounted(pipeline, "f-rules", published)
         assert pipeline.sup.restarts("alerter") == 0 and pipeline.sup.alive("alerter")

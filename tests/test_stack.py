@@ -79,3 +79,19 @@ def test_help_lists_every_command():
     from aimass.cli import COMMANDS
     assert r.returncode == 0
     assert all(name in r.stdout for name in COMMANDS)
+
+
+def test_down_also_stops_supervised_stages(tmp_path):
+    from aimass.config import Config
+    from aimass.stack import down
+    from aimass.supervisor import Supervisor
+
+    cfg = Config()
+    cfg.run.dir = str(tmp_path)
+    sup = Supervisor(tmp_path)
+    pid = sup.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    lines = []
+    down(cfg, say=lines.append)
+    assert not pid_alive(pid)
+    assert any("sleeper" in line for line in lines)
+    assert not (tmp_path / "stages.json").exists()
