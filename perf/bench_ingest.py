@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -180,15 +181,41 @@ def json_times(doc) -> list[int]:
     return [int(round((base_s + r.get("t", 0)) * 1000)) for r in doc]
 
 
-def drain_rate(stamps: list[tuple[int, int]]) -> float:
-    """Rows per second from the first to the last Kafka record timestamp.
+class CpuSampler(threading.Thread):
+    """Samples a process's CPU seconds (user + system, all threads) every 10 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []  # (wall ms, cpu s)
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return
+            self.samples.append((time.time() * 1000, (int(fields[11]) + int(fields[12])) / self.ticks))
+            time.sleep(0.01)
+
+    def cpu_between(self, t0_ms: float, t1_ms: float) -> float:
+        wall, cpu = zip(*self.samples)
+        return float(np.interp(t1_ms, wall, cpu) - np.interp(t0_ms, wall, cpu))
+
+
+def drain_rates(stamps: list[tuple[int, int]], cpu: CpuSampler) -> tuple[float, float]:
+    """(rows per wall second, rows per CPU second of the draining process), first to last Kafka record.
 
     The rows stamped with the first timestamp were received before it, in unknown time: excluded.
     """
     stamps = sorted(stamps)
     first, last = stamps[0][0], stamps[-1][0]
     after_first = sum(n for ts, n in stamps if ts > first)
-    return after_first / ((last - first) / 1000) if last > first else float("nan")
+    if last <= first:
+        return float("nan"), float("nan")
+    return after_first / ((last - first) / 1000), after_first / max(cpu.cpu_between(first, last), 1e-9)
 
 
 class Bench:
@@ -228,14 +255,19 @@ class Bench:
         pub_rate = publish_backlog(cfg, messages, pack, base_ms)
         say(f"{kind}: draining (publisher did {pub_rate:,.0f} msgs/s) ...")
         proc = start_consumer_process(cfg, kind, client_id, topic, self.dir / f"{client_id}.log")
+        cpu = CpuSampler(proc.pid)
+        cpu.start()
         try:
-            stamps, ids = consume(cfg, topic, messages * pack, arrow=kind == "bridge", timeout=120)
+            stamps, ids = consume(cfg, topic, messages * pack, arrow=kind == "bridge", timeout=180)
         finally:
+            cpu.running = False
             stop_pid(proc.pid, timeout=30)
-        rate = drain_rate(stamps)
+        rate, per_cpu = drain_rates(stamps, cpu)
         lost = messages * pack - len(ids)
-        say(f"{kind}: {rate:,.0f} readings/s = {rate / pack:,.0f} msgs/s, {len(stamps)} Kafka records, lost {lost}")
-        return {"readings_per_s": rate, "msgs_per_s": rate / pack, "lost": lost, "publisher_msgs_per_s": pub_rate}
+        say(f"{kind}: {rate:,.0f} readings/s = {rate / pack:,.0f} msgs/s wall; {per_cpu / pack:,.0f} msgs per CPU "
+            f"second of its process; {len(stamps)} Kafka records, lost {lost}")
+        return {"readings_per_s": rate, "msgs_per_s": rate / pack, "readings_per_cpu_s": per_cpu,
+                "msgs_per_cpu_s": per_cpu / pack, "lost": lost, "publisher_msgs_per_s": pub_rate}
 
     def latency(self, kind: str, rate_msgs: int, seconds: float) -> dict:
         """Live load from the simulator at ``rate_msgs`` msgs/s; p50/p99 of publish -> seen in Kafka."""
@@ -298,7 +330,13 @@ def main() -> int:
         "bridge_senml10_readings_per_s": round(bridge_pack["readings_per_s"]),
         "baseline_senml10_readings_per_s": round(base_pack["readings_per_s"]),
         "speedup_vs_baseline_senml10": round(bridge_pack["readings_per_s"] / base_pack["readings_per_s"], 2),
+        "bridge_single_msgs_per_cpu_s": round(bridge_single["msgs_per_cpu_s"]),
+        "baseline_single_msgs_per_cpu_s": round(base_single["msgs_per_cpu_s"]),
+        "speedup_vs_baseline_per_cpu": round(bridge_single["msgs_per_cpu_s"] / base_single["msgs_per_cpu_s"], 2),
+        "bridge_senml10_readings_per_cpu_s": round(bridge_pack["readings_per_cpu_s"]),
+        "baseline_senml10_readings_per_cpu_s": round(base_pack["readings_per_cpu_s"]),
         "publisher_single_msgs_per_s": round(bridge_single["publisher_msgs_per_s"]),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "latency_rate_msgs_per_s": lat_rate,
         "bridge_latency_p50_ms": round(bridge_lat["p50_ms"], 1),
         "bridge_latency_p99_ms": round(bridge_lat["p99_ms"], 1),

@@ -60,13 +60,9 @@ class Rejected(ValueError):
         self.detail = detail
 
 
-class Reading(NamedTuple):
-    """One accepted reading of the message's device."""
-
-    metric: str
-    ts_ms: int
-    value: float
-    unit: str
+# One accepted reading of the message's device: (metric, ts_ms, value, unit). A plain tuple, as a
+# pack holds many and building a NamedTuple costs as much as validating the reading.
+Reading = tuple[str, int, float, str]
 
 
 class Label(NamedTuple):
@@ -225,8 +221,8 @@ def _single(doc: dict, now_ms: int, limits: Limits) -> Reading:
         unknown = sorted(doc.keys() - SINGLE_FIELDS)[:5]
         raise Rejected("bad_schema", f"unknown fields {unknown} in a single reading (fields: ts, metric, value, unit)")
     metric = check_metric(doc["metric"])
-    return Reading(metric, normalize_ts(doc.get("ts"), now_ms, limits), check_value(doc["value"], metric),
-                   check_unit(doc.get("unit")))
+    return (metric, normalize_ts(doc.get("ts"), now_ms, limits), check_value(doc["value"], metric),
+            check_unit(doc.get("unit")))
 
 
 def _multi(doc: dict, now_ms: int, limits: Limits) -> list[Reading]:
@@ -243,7 +239,7 @@ def _multi(doc: dict, now_ms: int, limits: Limits) -> list[Reading]:
         values = {k: v for k, v in doc.items() if k not in ("ts", "units")}
     if not values:
         raise Rejected("bad_schema", "no metrics in the message")
-    return [Reading(check_metric(m), ts_ms, check_value(v, m), check_unit(units.get(m))) for m, v in values.items()]
+    return [(check_metric(m), ts_ms, check_value(v, m), check_unit(units.get(m))) for m, v in values.items()]
 
 
 def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
@@ -300,7 +296,7 @@ def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
         unit = UNITS.get(rec.get("u", base_unit)) if type(rec.get("u", base_unit)) is str else None
         if unit is None:
             unit = check_unit(rec.get("u", base_unit))
-        readings.append(Reading(metric, ts_ms, float(value), unit))
+        readings.append((metric, ts_ms, float(value), unit))
     if not readings:
         raise Rejected("bad_schema", "SenML pack has no record with a value")
     return readings

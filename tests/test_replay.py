@@ -67,8 +67,8 @@ def test_replay_keeps_event_time_order_and_paces_at_the_speed_up(mosquitto, tmp_
         got = sub.wait_for(39)
     assert summary["all_acked"] and summary["messages"] == 39 and summary["skipped_non_finite"] == 1
     assert elapsed >= 3.9 / 4 - 0.05  # paced by event time, not as fast as possible
-    received = [(topic.split("/")[2], r.ts_ms, r.value) for topic, p in got
-                for r in parse_telemetry(p, ts[-1], Limits(max_past_ms=10**13))]
+    received = [(topic.split("/")[2], ts_ms, value) for topic, p in got
+                for _, ts_ms, value, _ in parse_telemetry(p, ts[-1], Limits(max_past_ms=10**13))]
     assert received == [(d, t, v) for d, t, v in zip(history["device_id"], ts, history["value"]) if v == v]
 
 

@@ -92,7 +92,7 @@ def test_live_publish_sends_every_reading_stamped_with_the_wall_clock(mosquitto,
     assert len(telemetry) == summary["messages"]
     readings = [r for _, p in telemetry for r in parse_telemetry(p, after, Limits())]
     assert len(readings) == summary["readings"]
-    assert all(before <= r.ts_ms <= after for r in readings)
+    assert all(before <= ts_ms <= after for _, ts_ms, _, _ in readings)
     labels = [parse_label(p, after, Limits()) for t, p in got if t.endswith("/labels")]
     assert len(labels) == summary["labels_published"]
     written = pq.read_table(tmp_path / "labels.parquet")
