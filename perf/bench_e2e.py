@@ -1,0 +1,442 @@
+"""End-to-end benchmark: MQTT publish -> stored in chDB, AI Mass next to two baselines, same run.
+
+Everything runs on the embedded stack this script starts (Mosquitto, the local Kafka-protocol
+broker, tritonserver) with every stage as its own process, devices sending SenML packs of 10
+readings (one device-tick of 10 metrics) at QoS 1. Windows: 10 s tumbling, no sliding window,
+so that all three pipelines compute the same windows (count/mean/min/max/std and, in AI Mass,
+more). Phases:
+
+1. AI Mass maximum rate: the bridge's persistent MQTT session is created, a backlog is queued
+   in Mosquitto by several publisher processes while the bridge is down, then the bridge starts
+   and the pipeline (bridge, workers, predict, alerter, sink) drains it. The publisher is
+   therefore not what is measured. Rate = the middle 80% of the stored rows over the time the
+   store took to insert them (`inserted_at` quantiles 10%..90%).
+2. AI Mass latency at half that rate: live paced publishers stamp each reading with the wall
+   clock; publish->stored = inserted_at - ts; publish->alert = event_at - ts of the alarms
+   raised by a readings-stream threshold rule (`bench_overheating`, value > 100) on injected
+   temperature spikes, delivered to a verifying webhook receiver.
+3. Baselines on the same broker, same backlog method, same rate formula, each limited in time:
+   per_message (per-reading JSON Kafka messages, a per-message Faust agent, per-row chDB
+   inserts) and quix (Quix Streams 3.28 windows, batched sink); see `perf/_pipeline.py`.
+
+Progress goes to stderr; the last line on stdout is one JSON object (`*_per_s`,
+`speedup_vs_per_message`, `speedup_vs_quix`, latencies, `lost`, CPU share per process).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "perf"))
+
+from bench_ingest import create_session  # noqa: E402
+from aimass.clickhouse import open_reader  # noqa: E402
+from aimass.config import Config, to_env  # noqa: E402
+from aimass.demo import StagePlan, stage_plans, start_pipeline  # noqa: E402
+from aimass.procs import free_port  # noqa: E402
+from aimass.receiver import WebhookReceiver  # noqa: E402
+from aimass.stack import down, kafka_client_config, read_stack, up  # noqa: E402
+from aimass.supervisor import Supervisor, scrape  # noqa: E402
+from streams.mqtt import Publisher  # noqa: E402
+from streams.payloads import TopicPattern, encode_senml  # noqa: E402
+from streams.simulator import METRICS  # noqa: E402
+
+DEVICES = 1000
+PACK = 10  # SenML records per pack: the 10 metrics of one device-tick
+SPIKE = 120.0  # injected temperature (valid range of temp: -60..150 Cel); the rule fires above 100
+SECRET = "bench-e2e-webhook-secret"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+RULES = """
+rules:
+  - name: bench_overheating
+    stream: readings
+    selector: {metric: temp}
+    condition: value > 100
+    clear: value < 90
+    severity: critical
+    message: "{device_id} temperature {value:.1f}"
+    receivers: [bench-webhook]
+"""
+RECEIVERS = """
+receivers:
+  bench-webhook:
+    kind: webhook
+    url: http://127.0.0.1:{port}/aimass/alerts
+    secret_env: AIMASS_WEBHOOK_SECRET
+    group_wait: 0s
+"""
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_config(workdir: Path, webhook_port: int) -> Config:
+    """Free ports for every server and stage, 10 s tumbling windows, the benchmark's rule."""
+    cfg = Config()
+    cfg.run.dir = str(workdir)
+    cfg.mqtt.port = free_port()
+    cfg.kafka.bootstrap = f"127.0.0.1:{free_port()}"
+    cfg.kafka.topic_prefix = "e2e"
+    t = cfg.triton
+    t.http_port, t.grpc_port, t.metrics_port = free_port(), free_port(), free_port()
+    t.url = f"127.0.0.1:{t.grpc_port}"
+    for section in ("bridge", "worker", "predict", "alert", "clickhouse"):
+        getattr(cfg, section).metrics_port = free_port()
+    cfg.worker.web_port, cfg.alert.api_port, cfg.clickhouse.query_port = free_port(), free_port(), free_port()
+    cfg.window.sizes_s, cfg.window.sliding_s = "10", ""
+    cfg.mqtt.labels_pattern = ""
+    rules = workdir / "rules"
+    rules.mkdir()
+    (rules / "rules.yaml").write_text(RULES)
+    (rules / "receivers.yaml").write_text(RECEIVERS.replace("{port}", str(webhook_port)))
+    cfg.alert.rules_path = str(rules)
+    return cfg
+
+
+# --- publishing ---------------------------------------------------------------------------------
+
+def publish_share(cfg: Config, tenant: str, devices: range, ticks: int, msgs_per_s: float, spike_every_s: float,
+                  out) -> None:
+    """One publisher process: ``ticks`` packs for each device of ``devices``, round robin, paced at
+    ``msgs_per_s`` (0: as fast as possible); every ``spike_every_s`` one temperature reads SPIKE."""
+    pattern = TopicPattern(cfg.mqtt.topic_pattern)
+    topics = [pattern.topic(tenant, f"dev-{d:05d}") for d in devices]
+    metrics = [(name, m.base, m.unit) for name, m in METRICS.items()]
+    last_ts = [0] * len(topics)
+    spikes, next_spike, sent = 0, time.time() + spike_every_s, 0
+    start = time.time()
+    with Publisher(cfg, f"bench-pub-{tenant}-{devices.start}", qos=1) as pub:
+        for k in range(ticks):
+            for i, topic in enumerate(topics):
+                if msgs_per_s:
+                    while (wait := start + sent / msgs_per_s - time.time()) > 0:
+                        pub.service(wait)
+                now_ms = int(time.time() * 1000)
+                ts = last_ts[i] = max(now_ms, last_ts[i] + 1)
+                spike = spike_every_s > 0 and now_ms >= next_spike * 1000
+                if spike:
+                    spikes, next_spike = spikes + 1, next_spike + spike_every_s
+                pack = [(name, ts, SPIKE if spike and name == "temp" else base + (k % 7) * 0.01, unit)
+                        for name, base, unit in metrics]
+                pub.publish(topic, encode_senml(pack))
+                sent += 1
+        acked = pub.drain(timeout_s=120)
+    out.put({"messages": sent, "readings": sent * PACK, "spikes": spikes, "acked": acked,
+             "elapsed_s": time.time() - start})
+
+
+def publish(cfg: Config, tenant: str, readings: int, processes: int, readings_per_s: float = 0,
+            spike_every_s: float = 0) -> dict:
+    """``readings`` readings from ``processes`` publisher processes over DEVICES devices; summed summary."""
+    ticks = max(1, readings // (DEVICES * PACK))
+    per = DEVICES // processes
+    out = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=publish_share, args=(
+        cfg, tenant, range(p * per, (p + 1) * per), ticks, readings_per_s / PACK / processes, spike_every_s, out))
+        for p in range(processes)]
+    start = time.time()
+    for p in procs:
+        p.start()
+    parts = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(10)
+    total = {k: sum(part[k] for part in parts) for k in ("messages", "readings", "spikes")}
+    total["acked"] = all(part["acked"] for part in parts)
+    total["elapsed_s"] = time.time() - start
+    total["readings_per_s"] = total["readings"] / total["elapsed_s"]
+    return total
+
+
+# --- observing ----------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Watch:
+    """Samples stage metrics and per-process CPU every 2 s; keeps peak stage rates and CPU shares."""
+
+    RATES = {"bridge": "aimass_bridge_readings_produced_total", "clean": "aimass_clean_readings_out_total",
+             "windows": "aimass_window_rows_total", "predict": "aimass_predict_rows_total",
+             "sink_readings": 'aimass_sink_rows_total{table="readings"}'}
+
+    def __init__(self, ports: list[int], pids: dict[str, int]):
+        self.ports, self.pids = ports, pids
+        self.t0 = time.monotonic()
+        self.cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self.prev, self.prev_t = scrape(*ports), self.t0
+        self.peak: dict[str, float] = {}
+
+    def sample(self) -> dict[str, float]:
+        now, m = time.monotonic(), scrape(*self.ports)
+        for stage, name in self.RATES.items():
+            rate = (m.get(name, 0.0) - self.prev.get(name, 0.0)) / max(1e-3, now - self.prev_t)
+            self.peak[stage] = max(self.peak.get(stage, 0.0), rate)
+        self.prev, self.prev_t = m, now
+        return m
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds each process used since the watch started."""
+        return {name: round(cpu_seconds(pid) - self.cpu0[name], 2) for name, pid in self.pids.items()}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def cpu_figures(cpu_s: dict[str, float], elapsed_s: float, readings: int) -> dict:
+    """Per-process CPU (cores used, microseconds per reading) and readings per CPU second of them all."""
+    total = sum(cpu_s.values())
+    return {"cores": {k: round(v / elapsed_s, 2) for k, v in cpu_s.items()},
+            "us_per_reading": {k: round(v / readings * 1e6, 1) for k, v in cpu_s.items()},
+            "readings_per_cpu_s": round(readings / total) if total else float("nan")}
+
+
+def wait_drained(watch: Watch, expected: int, max_s: float, settle_s: float = 4.0) -> dict[str, float]:
+    """Follow the pipeline until the sink stored + dead-lettered ``expected`` more readings (or the
+    count stops moving for ``settle_s`` after the deadline); prints progress; returns the last metrics."""
+    base = watch.prev.get('aimass_sink_rows_total{table="readings"}', 0.0)
+    dead0 = watch.prev.get("aimass_sink_dead_letter_total", 0.0) + watch.prev.get("aimass_clean_rejected_total", 0.0)
+    deadline, last, since = time.monotonic() + max_s, -1.0, time.monotonic()
+    while True:
+        time.sleep(2)
+        m = watch.sample()
+        done = (m.get('aimass_sink_rows_total{table="readings"}', 0.0) - base
+                + m.get("aimass_sink_dead_letter_total", 0.0) + m.get("aimass_clean_rejected_total", 0.0) - dead0)
+        say(f"  [{time.monotonic() - watch.t0:5.0f}s] stored+dead {done:>9,.0f}/{expected:,d} | "
+            + " ".join(f"{k} {v:,.0f}/s" for k, v in watch.peak.items()) + " (peaks)")
+        if done != last:
+            last, since = done, time.monotonic()
+        if done >= expected or (time.monotonic() > deadline and time.monotonic() - since > settle_s):
+            return m
+
+
+# --- AI Mass ------------------------------------------------------------------------------------
+
+class AiMass:
+    """Every AI Mass stage under a Supervisor; the bridge can be started after a backlog is queued."""
+
+    def __init__(self, cfg: Config, workers: int, receiver: WebhookReceiver):
+        self.cfg = cfg
+        self.plans = stage_plans(cfg, workers, 1)
+        self.bridge: StagePlan = self.plans[-1]
+        self.sup = Supervisor(cfg.run_dir, auto_restart=True, backoff_initial_s=0.5, backoff_max_s=2.0)
+        self.env = {**to_env(cfg), "AIMASS_WEBHOOK_SECRET": SECRET, "AIMASS_RUN_LOG_LEVEL": "WARNING"}
+        self.receiver = receiver
+
+    def start_without_bridge(self) -> None:
+        start_pipeline(self.cfg, self.sup, self.plans[:-1], self.env, say=say)
+        create_session(self.cfg, self.bridge.env["AIMASS_BRIDGE_CLIENT_ID"])
+
+    def start_bridge(self) -> None:
+        start_pipeline(self.cfg, self.sup, [self.bridge], self.env, say=say)
+
+    def watch(self) -> Watch:
+        pids = {p.name: self.sup.pid(p.name) for p in self.plans if p.name in self.sup.stages}
+        pids.update({s.name: s.pid for s in read_stack(self.cfg)})
+        return Watch([p.metrics_port for p in self.plans], pids)
+
+    def query(self, sql: str) -> list:
+        return list(open_reader(self.cfg).query(sql.replace("{db}", self.cfg.clickhouse.database)).to_pylist())
+
+    def stop(self) -> None:
+        say("stopping AI Mass stages: " + ", ".join(f"{n}={c}" for n, c in self.sup.stop_all(timeout=20).items()))
+
+
+def store_rate(rows: list[dict]) -> float:
+    """Readings/s over the middle 80% of the stored rows (inserted_at 10% -> 90% quantiles)."""
+    r = rows[0]
+    span_s = (r["t90"] - r["t10"]) / 1000
+    return 0.8 * r["n"] / span_s if span_s > 0 else float("nan")
+
+
+def aimass_max_rate(ai: AiMass, readings: int, publishers: int) -> dict:
+    """Phase 1: queue a backlog while the bridge is down, start the bridge, measure the drain."""
+    say(f"AI Mass: queueing {readings:,d} readings in the bridge's session ({publishers} publisher processes) ...")
+    pub = publish(ai.cfg, "max", readings, publishers)
+    say(f"  published {pub['readings']:,d} readings in {pub['elapsed_s']:.1f}s "
+        f"({pub['readings_per_s']:,.0f}/s, all acked: {pub['acked']}); starting the bridge")
+    ai.start_bridge()
+    watch = ai.watch()
+    m = wait_drained(watch, pub["readings"], max_s=300)
+    cpu = cpu_figures(watch.cpu(), watch.elapsed(), pub["readings"])
+    rows = ai.query("SELECT count() AS n, uniqExact(device_id, metric, ts) AS distinct_n, "
+                    "toUnixTimestamp64Milli(quantileExact(0.1)(inserted_at)) AS t10, "
+                    "toUnixTimestamp64Milli(quantileExact(0.9)(inserted_at)) AS t90 "
+                    "FROM {db}.readings WHERE tenant = 'max'")
+    rejected = ai.query("SELECT count() AS n FROM {db}.rejects WHERE tenant = 'max'")[0]["n"]
+    rate = store_rate(rows)
+    lost = pub["readings"] - rows[0]["distinct_n"] - rejected
+    say(f"AI Mass: {rate:,.0f} readings/s end to end; stored {rows[0]['n']:,d} ({rows[0]['distinct_n']:,d} distinct), "
+        f"rejected {rejected}, lost {lost}; CPU share per process {cpu}")
+    return {"readings_per_s": rate, "published": pub["readings"], "stored": rows[0]["n"],
+            "duplicates": rows[0]["n"] - rows[0]["distinct_n"], "rejected": rejected, "lost": lost,
+            "publisher_readings_per_s": pub["readings_per_s"], "stage_peak_per_s": watch.peak, "cpu": cpu,
+            "windows": m.get("aimass_window_rows_total", 0.0)}
+
+
+def aimass_latency(ai: AiMass, readings_per_s: float, seconds: float, publishers: int) -> dict:
+    """Phase 2: live paced publishing at ``readings_per_s`` with spikes; latencies from the store."""
+    say(f"AI Mass: live load {readings_per_s:,.0f} readings/s for {seconds:.0f}s with a temperature spike every 0.5 s ...")
+    watch = ai.watch()
+    events0 = len(ai.receiver.events)
+    pub = publish(ai.cfg, "live", int(readings_per_s * seconds), publishers, readings_per_s, spike_every_s=0.5)
+    say(f"  published {pub['readings']:,d} readings at {pub['readings_per_s']:,.0f}/s, {pub['spikes']} spikes")
+    wait_drained(watch, pub["readings"], max_s=60)
+    time.sleep(3)  # the alerter and the webhook finish their last events
+    cpu = cpu_figures(watch.cpu(), watch.elapsed(), pub["readings"])
+    stored = ai.query("SELECT count() AS n, quantile(0.5)(dateDiff('millisecond', ts, inserted_at)) AS p50, "
+                      "quantile(0.99)(dateDiff('millisecond', ts, inserted_at)) AS p99, "
+                      "uniqExact(device_id, metric, ts) AS distinct_n FROM {db}.readings WHERE tenant = 'live'")[0]
+    alerts = ai.query("SELECT count() AS n, quantile(0.5)(dateDiff('millisecond', ts, event_at)) AS p50, "
+                      "quantile(0.99)(dateDiff('millisecond', ts, event_at)) AS p99, "
+                      "quantile(0.99)(dateDiff('millisecond', source_received_at, event_at)) AS p99_received "
+                      "FROM {db}.alerts WHERE tenant = 'live' AND rule = 'bench_overheating' "
+                      "AND transition = 'raised'")[0]
+    rejected = ai.query("SELECT count() AS n FROM {db}.rejects WHERE tenant = 'live'")[0]["n"]
+    webhook = len(ai.receiver.events) - events0
+    say(f"AI Mass at {pub['readings_per_s']:,.0f} readings/s: publish->stored p50 {stored['p50']:.0f} ms "
+        f"p99 {stored['p99']:.0f} ms; publish->alert p50 {alerts['p50']:.0f} ms p99 {alerts['p99']:.0f} ms "
+        f"({alerts['n']} raised of {pub['spikes']} spikes, {webhook} webhook events); CPU {cpu}")
+    return {"offered_readings_per_s": readings_per_s, "published_readings_per_s": pub["readings_per_s"],
+            "stored_p50_ms": stored["p50"], "stored_p99_ms": stored["p99"], "alert_p50_ms": alerts["p50"],
+            "alert_p99_ms": alerts["p99"], "alert_received_p99_ms": alerts["p99_received"],
+            "alerts_raised": alerts["n"], "spikes": pub["spikes"], "webhook_events": webhook,
+            "lost": pub["readings"] - stored["distinct_n"] - rejected, "cpu": cpu}
+
+
+# --- baselines ----------------------------------------------------------------------------------
+
+def run_baseline(cfg: Config, kind: str, readings: int, publishers: int, limit_s: float) -> dict:
+    """Queue a backlog for the baseline's forwarder, run forwarder + processing stage for at most ``limit_s``."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    cfg = copy.deepcopy(cfg)
+    cfg.mqtt.topic_pattern = f"{kind}/{{tenant}}/{{device_id}}/telemetry"
+    cfg.bridge.share_group = kind
+    topic, store = f"e2e.{kind}.in", str(cfg.run_dir / f"store-{kind}")
+    Path(store).mkdir()
+    admin = AdminClient(kafka_client_config(cfg))
+    for fut in admin.create_topics([NewTopic(topic, cfg.kafka.partitions, 1, config={
+            "retention.ms": "604800000", "retention.bytes": "-1"})]).values():
+        fut.result()  # Quix needs retention configs set at creation on this broker (INFRA.md)
+    create_session(cfg, f"{kind}-forwarder")
+    say(f"{kind}: queueing {readings:,d} readings ...")
+    pub = publish(cfg, kind, readings, publishers)
+    helper = [sys.executable, str(REPO / "perf" / "_pipeline.py")]
+    sup = Supervisor(cfg.run_dir, auto_restart=False)
+    env = {**to_env(cfg), "AIMASS_RUN_LOG_LEVEL": "WARNING"}
+    stage = "faust" if kind == "per_message" else "quix"
+    sup.start(f"{kind}-{stage}", helper + [stage, topic, store], env)
+    sup.start(f"{kind}-forwarder", helper + ["forwarder", f"{kind}-forwarder", topic]
+              + (["--per-reading"] if kind == "per_message" else []), env)
+    pids = {name: sup.pid(name) for name in sup.stages} | {s.name: s.pid for s in read_stack(cfg)}
+    watch = Watch([], pids)
+    counted = Path(store) / "stored.txt"
+    deadline = time.monotonic() + limit_s
+    stored = 0
+    while time.monotonic() < deadline and stored < pub["readings"]:
+        time.sleep(2)
+        stored = int(counted.read_text() or 0) if counted.exists() else 0
+        say(f"  [{time.monotonic() - watch.t0:5.0f}s] {kind}: stored {stored:,d}/{pub['readings']:,d}")
+    cpu_s, elapsed = watch.cpu(), watch.elapsed()
+    say(f"{kind}: stopping: " + ", ".join(f"{n}={c}" for n, c in sup.stop_all(timeout=20).items()))
+    s = json.loads(subprocess.run(helper + ["stats", store], capture_output=True, text=True, check=True,
+                                  env={**os.environ, **env}).stdout.strip().splitlines()[-1])
+    rate = store_rate([{"n": s["stored"], "t10": s["t10_ms"], "t90": s["t90_ms"]}])
+    drained = s["distinct"] >= pub["readings"]
+    cpu = cpu_figures(cpu_s, elapsed, s["stored"])
+    say(f"{kind}: {rate:,.0f} readings/s, stored {s['stored']:,d} of {pub['readings']:,d} "
+        f"({'drained' if drained else f'time limit {limit_s:.0f}s reached'}), {s['windows']:,d} windows; CPU {cpu}")
+    return {"readings_per_s": rate, "published": pub["readings"], "stored": s["stored"], "drained": drained,
+            "lost": pub["readings"] - s["distinct"] if drained else None, "windows": s["windows"], "cpu": cpu}
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small run, under about 3 minutes")
+    p.add_argument("--readings", type=int, help="AI Mass backlog in readings (default 2,000,000; quick 400,000)")
+    p.add_argument("--workers", type=int, default=2, help="AI Mass Faust worker processes (default 2)")
+    p.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
+    p.add_argument("--live-s", type=float, help="seconds of live load for latency (default 60; quick 20)")
+    p.add_argument("--baseline-s", type=float, help="time limit per baseline (default 120; quick 35)")
+    p.add_argument("--skip-baselines", action="store_true", help="measure AI Mass only")
+    p.add_argument("--keep", action="store_true", help="keep the run directory (logs, stores) afterwards")
+    args = p.parse_args()
+    readings = args.readings or (400_000 if args.quick else 2_000_000)
+    live_s = args.live_s or (20.0 if args.quick else 60.0)
+    baseline_s = args.baseline_s or (35.0 if args.quick else 120.0)
+    baseline_readings = 50_000 if args.quick else 200_000
+    os.chdir(REPO)  # the model repository and rules paths are relative to the repository
+    workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    say(f"run directory {workdir}" + (" (kept)" if args.keep else ""))
+    os.chmod(workdir, 0o755)  # mosquitto drops privileges
+    receiver = WebhookReceiver(SECRET, free_port())
+    cfg = bench_config(workdir, receiver.port)
+    try:
+        up(cfg, with_triton=True, say=say)
+        receiver.start()
+        ai = AiMass(cfg, args.workers, receiver)
+        try:
+            ai.start_without_bridge()
+            maxrate = aimass_max_rate(ai, readings, args.publishers)
+            latency = aimass_latency(ai, maxrate["readings_per_s"] / 2, live_s, args.publishers)
+        finally:
+            ai.stop()
+        baselines = {} if args.skip_baselines else {
+            kind: run_baseline(cfg, kind, baseline_readings, args.publishers, baseline_s)
+            for kind in ("per_message", "quix")}
+    finally:
+        receiver.stop()
+        down(cfg, say=say)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "aimass_e2e_readings_per_s": round(maxrate["readings_per_s"]),
+        **{f"{k}_e2e_readings_per_s": round(b["readings_per_s"]) for k, b in baselines.items()},
+        **{f"speedup_vs_{k}": round(maxrate["readings_per_s"] / b["readings_per_s"], 1) for k, b in baselines.items()},
+        "publisher_backlog_readings_per_s": round(maxrate["publisher_readings_per_s"]),
+        "latency_at_readings_per_s": round(latency["published_readings_per_s"]),
+        "publish_to_stored_p50_ms": latency["stored_p50_ms"], "publish_to_stored_p99_ms": latency["stored_p99_ms"],
+        "publish_to_alert_p50_ms": latency["alert_p50_ms"], "publish_to_alert_p99_ms": latency["alert_p99_ms"],
+        "alerts_raised": latency["alerts_raised"], "spikes_injected": latency["spikes"],
+        "webhook_events": latency["webhook_events"],
+        "aimass_readings_per_cpu_s": maxrate["cpu"]["readings_per_cpu_s"],
+        **{f"{k}_readings_per_cpu_s": b["cpu"]["readings_per_cpu_s"] for k, b in baselines.items()},
+        **{f"speedup_vs_{k}_per_cpu_s": round(maxrate["cpu"]["readings_per_cpu_s"] / b["cpu"]["readings_per_cpu_s"], 1)
+           for k, b in baselines.items()},
+        "stage_peak_per_s": {k: round(v) for k, v in maxrate["stage_peak_per_s"].items()},
+        "cpu_max_phase": maxrate["cpu"], "cpu_live_phase": latency["cpu"],
+        **{f"{k}_cpu": b["cpu"] for k, b in baselines.items()},
+        "duplicates": maxrate["duplicates"], "rejected": maxrate["rejected"],
+        "baseline_lost": {k: b["lost"] for k, b in baselines.items()},
+        "lost": maxrate["lost"] + latency["lost"],
+        "floors_met": bool(maxrate["readings_per_s"] >= 100_000 and latency["alert_p99_ms"] <= 1000
+                           and all(maxrate["readings_per_s"] >= 10 * b["readings_per_s"] for k, b in baselines.items()
+                                   if k == "per_message")),
+        "readings": maxrate["published"], "quick": args.quick,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
