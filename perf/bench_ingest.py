@@ -43,6 +43,7 @@ from streams import contract  # noqa: E402
 from streams.kafka import consumer_config, producer_config  # noqa: E402
 from streams.mqtt import Publisher, connect, make_client  # noqa: E402
 from streams.payloads import TopicPattern, encode_reading, encode_senml  # noqa: E402
+from tests.fixtures_ingest import config_env  # noqa: E402
 
 DEVICES = 100
 
@@ -86,12 +87,7 @@ def forwarder(cfg: Config, client_id: str, topic: str) -> None:
 # --- helpers ----------------------------------------------------------------------------
 
 def env_for(cfg: Config) -> dict[str, str]:
-    env = dict(os.environ)
-    for section in ("mqtt", "kafka", "bridge"):
-        for key, value in vars(getattr(cfg, section)).items():
-            env[f"AIMASS_{section.upper()}_{key.upper()}"] = str(value)
-    env["AIMASS_RUN_LOG_LEVEL"] = "INFO"
-    return env
+    return {**config_env(cfg), "AIMASS_RUN_LOG_LEVEL": "INFO"}
 
 
 def start_consumer_process(cfg: Config, kind: str, client_id: str, topic: str, log: Path) -> subprocess.Popen:

@@ -1,6 +1,9 @@
 """`aimass replay`: loading CSV/Parquet history and publishing it in event-time order."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -10,8 +13,8 @@ from aimass.procs import StackError
 from streams import contract
 from streams.history_replay import load_history, replay
 from streams.payloads import Limits, parse_telemetry
-from tests.conftest import make_config
-from tests.fixtures_ingest import BridgeProcess, isolate, read_records, rows_of
+from tests.conftest import REPO, make_config
+from tests.fixtures_ingest import BridgeProcess, config_env, isolate, read_records, rows_of
 from tests.fixtures_mqtt import Collector
 
 T0_S = 1_700_000_000
@@ -86,3 +89,23 @@ def test_replayed_history_reaches_kafka_through_the_bridge(cfg, tmp_path):
     assert summary["messages"] == 300
     assert sorted((r["device_id"], r["ts_ms"], r["value"], r["unit"]) for r in rows) == sorted(
         (f"h{i % 3}", (now_s - 600 + i) * 1000, i / 10, "m") for i in range(300))
+
+
+@pytest.mark.integration
+def test_cli_replays_a_file_and_prints_a_summary(mosquitto, tmp_path):
+    cfg = make_config(tmp_path, mosquitto)
+    cfg.mqtt.topic_pattern = "replay-cli/{tenant}/{device_id}/telemetry"
+    path = tmp_path / "h.csv"
+    pd.DataFrame({"time": [f"2023-11-14T22:13:{s:02d}Z" for s in range(20)], "value": range(20)}).to_csv(
+        path, index=False)
+    with Collector(cfg, "replay-cli/#") as sub:
+        proc = subprocess.run([sys.executable, "-m", "aimass.cli", "replay", str(path), "--device", "pump-1",
+                               "--metric", "flow", "--unit", "l/s", "--tenant", "plant"], cwd=REPO,
+                              env=config_env(cfg), capture_output=True, text=True, timeout=60)
+        got = sub.wait_for(20)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["messages"] == 20 and summary["all_acked"]
+    assert [t for t, _ in got] == ["replay-cli/plant/pump-1/telemetry"] * 20
+    assert [parse_telemetry(p, T0_S * 1000, Limits())[0][1] for _, p in got] == [
+        (T0_S - 20 + s) * 1000 for s in range(20)]  # 22:13:20 is T0_S
