@@ -463,9 +463,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-rows", type=int, help="override clickhouse.flush_rows (rows per insert)")
     p.add_argument("--flush-ms", type=int, help="override clickhouse.flush_ms (max buffering time)")
     p.add_argument("--no-migrate", action="store_true", help="do not create/upgrade the schema at start")
-    p.epilog = ("Stores: clickhouse.url empty = embedded chDB under <run dir>/chdb (the sink then serves "
-                "read-only SQL on 127.0.0.1:clickhouse.query_port); clickhouse://user:password@host:9000/db = "
-                "a ClickHouse server (password from $AIMASS_CLICKHOUSE_PASSWORD when not in the URL).")
+    p.epilog = ("stores:\n"
+                "  clickhouse.url empty: embedded chDB under <run dir>/chdb; the sink then serves read-only\n"
+                "    SQL on 127.0.0.1:clickhouse.query_port for `aimass query` and the demo\n"
+                "  clickhouse://user:password@host:9000/db: a ClickHouse server over the native protocol\n"
+                "    (password from $AIMASS_CLICKHOUSE_PASSWORD when not in the URL; TLS: clickhouse.secure)")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:

@@ -116,10 +116,8 @@ def _open_chdb_session(path: Path):
     try:
         _chdb_session = session.Session(str(path))
     except Exception as exc:  # noqa: BLE001 - chDB raises plain RuntimeErrors
-        if "lock" in str(exc).lower():
-            raise StackError(f"the chDB store {path} is open in another process (the sink?): "
-                             f"query through `aimass query` while the sink runs, or stop it first") from None
-        raise
+        raise StackError(f"cannot open the chDB store {path} ({exc}); chDB allows one process per data dir: "
+                         f"if the sink runs, read through its endpoint (clickhouse.query_port) or stop it first") from None
     _chdb_path = str(path)
     return _chdb_session
 

@@ -137,3 +137,12 @@ def test_committed_schema_sql_is_what_the_specs_generate():
     for dialect, name in ((tables.MODERN, "schema.sql"), (tables.LEGACY, "schema-legacy.sql")):
         committed = (REPO_ROOT / "deploy" / "clickhouse" / name).read_text()
         assert committed == tables.schema_sql("aimass", dialect), f"regenerate with `aimass db sql > {name}`"
+
+
+def test_a_second_process_on_the_same_chdb_dir_gets_a_clear_error(store):
+    """This process holds the store open (as the sink does): another one is told what to do."""
+    env = {**os.environ, "AIMASS_RUN_DIR": str(store.cfg.run_dir), "AIMASS_CLICKHOUSE_QUERY_PORT": "0"}
+    out = subprocess.run([sys.executable, "-m", "aimass.cli", "db", "migrate"], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 1
+    assert "chDB allows one process per data dir" in out.stderr and "Traceback" not in out.stderr
