@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from aimass.config import Config
+from aimass.config import Config, to_env
 from streams import contract
 from streams.kafka import consumer_config, producer_config
 
-T0 = 1_763_900_000_000  # a fixed ms timestamp, aligned to 60 s
+T0 = 1_763_899_980_000  # a fixed ms timestamp, aligned to 60 s
 
 
 def readings(rows: list[tuple]) -> pa.Table:
@@ -110,14 +110,7 @@ def rows_of(records: list[tuple[int, pa.Table]], schema: pa.Schema) -> pa.Table:
 def config_env(cfg: Config) -> dict[str, str]:
     """Environment that makes an `aimass` subprocess use ``cfg``'s broker, prefix and run dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMASS_")}
-    env.update({
-        "AIMASS_KAFKA_BOOTSTRAP": cfg.kafka.bootstrap, "AIMASS_KAFKA_TOPIC_PREFIX": cfg.kafka.topic_prefix,
-        "AIMASS_KAFKA_PARTITIONS": str(cfg.kafka.partitions), "AIMASS_RUN_DIR": cfg.run.dir,
-        "AIMASS_WORKER_METRICS_PORT": "0", "AIMASS_CLEAN_ALLOWED_LATENESS_S": str(cfg.clean.allowed_lateness_s),
-        "AIMASS_CLEAN_DEDUP_HORIZON_S": str(cfg.clean.dedup_horizon_s),
-        "AIMASS_WINDOW_SIZES_S": cfg.window.sizes_s, "AIMASS_WINDOW_SLIDING_S": cfg.window.sliding_s,
-        "AIMASS_WINDOW_ZSCORE_HISTORY": str(cfg.window.zscore_history),
-    })
+    env.update(to_env(cfg))
     return env
 
 
