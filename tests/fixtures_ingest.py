@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 from confluent_kafka import Consumer, TopicPartition
 
-from aimass.config import Config
+from aimass.config import Config, to_env
 from aimass.procs import stop_pid
 from streams import contract
 from streams.kafka import consumer_config
@@ -32,12 +32,7 @@ def isolate(cfg: Config) -> Config:
 
 def config_env(cfg: Config) -> dict[str, str]:
     """The environment that makes a child `aimass` process use ``cfg``."""
-    env = dict(os.environ)
-    for section in ("mqtt", "kafka", "bridge"):
-        for key, value in vars(getattr(cfg, section)).items():
-            env[f"AIMASS_{section.upper()}_{key.upper()}"] = str(value)
-    env["AIMASS_RUN_DIR"] = cfg.run.dir
-    return env
+    return {**os.environ, **to_env(cfg)}
 
 
 class BridgeProcess:
