@@ -12,6 +12,7 @@ opens chDB directly when it does not.
 """
 from __future__ import annotations
 
+import atexit
 import hmac
 import logging
 import re
@@ -120,6 +121,17 @@ def _open_chdb_session(path: Path):
                          f"if the sink runs, read through its endpoint (clickhouse.query_port) or stop it first") from None
     _chdb_path = str(path)
     return _chdb_session
+
+
+def _close_chdb_session() -> None:
+    """Close the session before interpreter shutdown (chDB complains when it is torn down late)."""
+    global _chdb_session
+    if _chdb_session is not None:
+        _chdb_session.close()
+        _chdb_session = None
+
+
+atexit.register(_close_chdb_session)
 
 
 class ChdbStore:
