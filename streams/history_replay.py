@@ -8,7 +8,6 @@ at a chosen speed-up (``--speed 60``: one hour of history per minute; 0: as fast
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -23,8 +22,6 @@ from aimass.config import Config
 from aimass.procs import StackError
 from streams.mqtt import Publisher
 from streams.payloads import ID_RE, METRIC_RE, MS_THRESHOLD, TopicPattern, check_unit, encode_reading
-
-log = logging.getLogger(__name__)
 
 TS_COLUMNS = ("ts_ms", "ts", "timestamp", "time", "datetime", "date")
 VALUE_COLUMNS = ("value", "y", "reading")

@@ -242,34 +242,24 @@ def _multi(doc: dict, now_ms: int, limits: Limits) -> list[Reading]:
     return [(check_metric(m), ts_ms, check_value(v, m), check_unit(units.get(m))) for m, v in values.items()]
 
 
+SENML_PLAIN_FIELDS = frozenset(("n", "v", "t", "u"))  # a record with only these needs no base-field handling
+
+
 def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
     """RFC 8428 pack: base fields carry forward to later records; relative times are from now."""
     if not pack:
         raise Rejected("bad_schema", "empty SenML pack")
-    base_name, base_time, base_unit, base_value = "", 0.0, None, 0.0
+    base = ("", 0.0, None, 0.0)  # name, time, unit, value
     lowest_ms, highest_ms = now_ms - limits.max_past_ms, now_ms + limits.max_future_ms
     readings = []
     for i, rec in enumerate(pack):
-        if not isinstance(rec, dict):
+        if type(rec) is not dict:
             raise Rejected("bad_schema", f"SenML record {i} is not an object")
-        if "bn" in rec:
-            base_name = rec["bn"]
-            if not isinstance(base_name, str):
-                raise Rejected("bad_schema", f"SenML record {i}: 'bn' must be a string")
-        if "bt" in rec:
-            base_time = rec["bt"]
-            if isinstance(base_time, bool) or not isinstance(base_time, (int, float)) or not math.isfinite(base_time):
-                raise Rejected("bad_ts", f"SenML record {i}: 'bt' must be a finite number")
-        if "bu" in rec:
-            base_unit = rec["bu"]
-        if "bv" in rec:
-            base_value = check_value(rec["bv"], "bv")
-        if "v" not in rec:
-            if any(k in rec for k in ("vs", "vb", "vd")):
-                raise Rejected("bad_value", f"SenML record {i}: only numeric values ('v') are accepted")
-            if "n" in rec or "s" in rec:
-                raise Rejected("bad_schema", f"SenML record {i} has no 'v'")
-            continue  # a record holding base fields only
+        if "v" not in rec or not SENML_PLAIN_FIELDS.issuperset(rec):
+            base = _senml_base(rec, i, base)
+            if "v" not in rec:
+                continue  # a record holding base fields only
+        base_name, base_time, base_unit, base_value = base
         # The common path is inlined (a pack is many records); the check_* calls only explain rejections.
         name = rec.get("n", "")
         metric = base_name + name if type(name) is str else None
@@ -293,13 +283,35 @@ def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
             ts_ms = round(time_s * 1000)
         if not lowest_ms <= ts_ms <= highest_ms:
             check_ts(ts_ms, now_ms, limits, f"record {i} time")  # raises future_ts / too_old
-        unit = UNITS.get(rec.get("u", base_unit)) if type(rec.get("u", base_unit)) is str else None
-        if unit is None:
-            unit = check_unit(rec.get("u", base_unit))
-        readings.append((metric, ts_ms, float(value), unit))
+        u = rec.get("u", base_unit)
+        unit = UNITS.get(u) if type(u) is str else None
+        readings.append((metric, ts_ms, float(value), check_unit(u) if unit is None else unit))
     if not readings:
         raise Rejected("bad_schema", "SenML pack has no record with a value")
     return readings
+
+
+def _senml_base(rec: dict, i: int, base: tuple) -> tuple:
+    """The base fields (name, time, unit, value) after record ``i``; rejects a record that has no value but should."""
+    base_name, base_time, base_unit, base_value = base
+    if "bn" in rec:
+        base_name = rec["bn"]
+        if not isinstance(base_name, str):
+            raise Rejected("bad_schema", f"SenML record {i}: 'bn' must be a string")
+    if "bt" in rec:
+        base_time = rec["bt"]
+        if isinstance(base_time, bool) or not isinstance(base_time, (int, float)) or not math.isfinite(base_time):
+            raise Rejected("bad_ts", f"SenML record {i}: 'bt' must be a finite number")
+    if "bu" in rec:
+        base_unit = rec["bu"]
+    if "bv" in rec:
+        base_value = check_value(rec["bv"], "bv")
+    if "v" not in rec:
+        if any(k in rec for k in ("vs", "vb", "vd")):
+            raise Rejected("bad_value", f"SenML record {i}: only numeric values ('v') are accepted")
+        if "n" in rec or "s" in rec:
+            raise Rejected("bad_schema", f"SenML record {i} has no 'v'")
+    return base_name, base_time, base_unit, base_value
 
 
 # --- labels ---------------------------------------------------------------------------

@@ -14,7 +14,6 @@ Two ways to use it:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,8 +30,6 @@ from aimass.config import Config
 from streams import contract
 from streams.mqtt import Publisher
 from streams.payloads import TopicPattern, encode_label, encode_reading, encode_senml
-
-log = logging.getLogger(__name__)
 
 ANOMALY_KINDS = ("spike", "level_shift", "stuck", "drift")
 FORMATS = ("json", "multi", "senml")
