@@ -209,12 +209,14 @@ class ServerStore:
     """
 
     def __init__(self, url: str, database: str, password: str = "", secure: bool = False,
-                 connect_timeout_s: float = 5.0):
+                 connect_timeout_s: float = 5.0, ca_file: str = ""):
         from clickhouse_driver import Client
 
         params = parse_url(url, password)
         self.database = params.pop("database") or database
         params["secure"] = params["secure"] or secure
+        if params["secure"] and ca_file:
+            params["ca_certs"] = ca_file
         self.address = f"{params['host']}:{params['port']}"
         self.lock = threading.Lock()
         self.client = Client(**params, connect_timeout=connect_timeout_s, send_receive_timeout=300,
@@ -392,7 +394,8 @@ def open_store(cfg: Config) -> Store:
     """The writable store of this config: a ClickHouse server if clickhouse.url is set, else chDB."""
     ch = cfg.clickhouse
     if ch.url:
-        return ServerStore(ch.url, ch.database, cfg.secret(ch.password_env), ch.secure, ch.connect_timeout_s)
+        return ServerStore(ch.url, ch.database, cfg.secret(ch.password_env), ch.secure, ch.connect_timeout_s,
+                           ch.tls_ca_file)
     return ChdbStore(chdb_path(cfg), ch.database)
 
 

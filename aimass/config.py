@@ -202,6 +202,7 @@ class ClickHouseConfig:
     database: str = "aimass"
     password_env: str = "AIMASS_CLICKHOUSE_PASSWORD"
     secure: bool = False
+    tls_ca_file: str = ""  # CA bundle that signed the server's certificate (default: the system's)
     ttl_days: int = field(default=30, metadata=_range(1, 36500))
     ttl_overrides: str = ""  # per-table TTL in days, e.g. "readings=7,readings_1h=365"
     flush_rows: int = field(default=50000, metadata=_range(1, 10_000_000))

@@ -28,8 +28,9 @@ from streams.kafka import consumer_config, producer_config
 SERVER_USER = "aimass"
 
 
-def clickhouse_server_config(d: Path, tcp_port: int, http_port: int, password: str) -> Path:
-    """Config + users files for clickhouse-server under ``d`` (only 127.0.0.1, one password user)."""
+def clickhouse_server_config(d: Path, tcp_port: int, http_port: int, password: str, tls_port: int = 0) -> Path:
+    """Config + users files for clickhouse-server under ``d`` (only 127.0.0.1, one password user);
+    with ``tls_port`` also the native protocol over TLS with a self-signed certificate ``d/server.crt``."""
     for sub in ("data", "tmp", "user_files", "format_schemas"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     (d / "users.xml").write_text(f"""<?xml version="1.0"?>
@@ -43,9 +44,19 @@ def clickhouse_server_config(d: Path, tcp_port: int, http_port: int, password: s
     <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
 </yandex>
 """)
+    tls = ""
+    if tls_port:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "server.key"),
+                        "-out", str(d / "server.crt")], check=True, capture_output=True)
+        (d / "server.key").chmod(0o644)
+        tls = (f"<tcp_port_secure>{tls_port}</tcp_port_secure><openSSL><server>"
+               f"<certificateFile>{d}/server.crt</certificateFile><privateKeyFile>{d}/server.key</privateKeyFile>"
+               f"<verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile>"
+               f"</server></openSSL>")
     conf = d / "config.xml"
     conf.write_text(f"""<?xml version="1.0"?>
-<yandex>
+<yandex>{tls}
   <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/server.err.log</errorlog>
     <size>10M</size><count>1</count></logger>
   <tcp_port>{tcp_port}</tcp_port><http_port>{http_port}</http_port><listen_host>127.0.0.1</listen_host>
@@ -59,14 +70,14 @@ def clickhouse_server_config(d: Path, tcp_port: int, http_port: int, password: s
     return conf
 
 
-def start_clickhouse_server(d: Path, tcp_port: int, http_port: int, password: str) -> Server:
+def start_clickhouse_server(d: Path, tcp_port: int, http_port: int, password: str, tls_port: int = 0) -> Server:
     """Start Debian's clickhouse-server on 127.0.0.1 with its data under ``d``."""
     binary = shutil.which("clickhouse-server") or "/usr/sbin/clickhouse-server"
-    conf = clickhouse_server_config(d, tcp_port, http_port, password)
+    conf = clickhouse_server_config(d, tcp_port, http_port, password, tls_port)
     log = d / "stdout.log"
     proc = spawn("clickhouse-server", [binary, f"--config-file={conf}"], log)
-    wait_until(lambda: port_in_use(tcp_port), 20, "clickhouse-server", proc, d / "server.err.log")
-    return Server("clickhouse", proc.pid, {"tcp": tcp_port, "http": http_port}, str(log), proc.args)
+    wait_until(lambda: port_in_use(tls_port or tcp_port), 20, "clickhouse-server", proc, d / "server.err.log")
+    return Server("clickhouse", proc.pid, {"tcp": tcp_port, "http": http_port, "tls": tls_port}, str(log), proc.args)
 
 
 @pytest.fixture(scope="session")

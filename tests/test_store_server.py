@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from agents.sink import RETRIES
-from aimass.clickhouse import ServerStore, StoreError
+from agents.sink import RETRIES, Record, to_store_table
+from aimass.clickhouse import ServerStore, StoreError, open_store
 from aimass.db import migrate
 from aimass.procs import free_port, stop_pid
 from streams import contract, tables
@@ -109,3 +109,23 @@ def test_errors_are_classified_retryable_or_permanent(server_cfg, clickhouse_ser
         ServerStore(server_url(clickhouse_server), "x", "wrong", connect_timeout_s=2)
     assert wrong_password.value.retryable and wrong_password.value.code in (192, 193, 516)
     assert store.query("SELECT 1 AS one").column("one").to_pylist() == [1]  # the client reconnects after errors
+
+
+def test_native_protocol_over_tls_verifies_the_server_certificate(server_cfg, tmp_path):
+    d = tmp_path / "tls"
+    d.mkdir()
+    server = start_clickhouse_server(d, free_port(), free_port(), "pw-tls", tls_port=free_port())
+    try:
+        server_cfg.clickhouse.url = f"clickhouse://aimass:pw-tls@127.0.0.1:{server.ports['tls']}/"
+        server_cfg.clickhouse.secure = True
+        with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED") as untrusted:
+            open_store(server_cfg)  # self-signed and no CA configured: refused
+        assert untrusted.value.retryable
+        server_cfg.clickhouse.tls_ca_file = str(d / "server.crt")
+        store = open_store(server_cfg)
+        assert migrate(store, server_cfg)  # created over TLS
+        store.insert("readings", to_store_table(tables.TABLE_BY_NAME["readings"],
+                                                [Record("telemetry.clean", 0, 0, b"", readings(100))], store.dialect))
+        assert counts(store, store.database)["readings"] == 100
+    finally:
+        stop_pid(server.pid)
