@@ -36,6 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "perf"))
@@ -48,6 +53,8 @@ from aimass.procs import free_port  # noqa: E402
 from aimass.receiver import WebhookReceiver  # noqa: E402
 from aimass.stack import down, kafka_client_config, read_stack, up  # noqa: E402
 from aimass.supervisor import Supervisor, scrape  # noqa: E402
+from streams import contract  # noqa: E402
+from streams.kafka import consumer_config  # noqa: E402
 from streams.mqtt import Publisher  # noqa: E402
 from streams.payloads import TopicPattern, encode_senml  # noqa: E402
 from streams.simulator import METRICS  # noqa: E402
@@ -55,7 +62,10 @@ from streams.simulator import METRICS  # noqa: E402
 DEVICES = 1000
 PACK = 10  # SenML records per pack: the 10 metrics of one device-tick
 SPIKE = 120.0  # injected temperature (valid range of temp: -60..150 Cel); the rule fires above 100
+LIGHT_RATE = 5000  # readings/s of the second latency phase: the pipeline's latency when it is not saturated
 SECRET = "bench-e2e-webhook-secret"
+HOPS = ("publish_to_bridge_p50_ms", "bridge_to_clean_p50_ms", "bridge_to_clean_p99_ms", "bridge_to_alert_p50_ms",
+        "bridge_to_alert_p99_ms", "bridge_to_stored_p50_ms")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 RULES = """
@@ -253,11 +263,34 @@ class AiMass:
         pids.update({s.name: s.pid for s in read_stack(self.cfg)})
         return Watch([p.metrics_port for p in self.plans], pids)
 
-    def query(self, sql: str) -> list:
-        return list(open_reader(self.cfg).query(sql.replace("{db}", self.cfg.clickhouse.database)).to_pylist())
+    def query(self, sql: str, tenant: str = "") -> list[dict]:
+        """Rows of ``sql`` with {db} and {tenant} filled in, read through the running sink."""
+        sql = sql.replace("{db}", self.cfg.clickhouse.database).replace("{tenant}", tenant)
+        return open_reader(self.cfg).query(sql).to_pylist()
 
     def stop(self) -> None:
         say("stopping AI Mass stages: " + ", ".join(f"{n}={c}" for n, c in self.sup.stop_all(timeout=20).items()))
+
+
+def to_clean_ms(cfg: Config, tenant: str) -> tuple[float, float]:
+    """p50 / p99 of (CLEAN record timestamp - bridge receive time) for ``tenant``: bridge -> clean topic."""
+    topic = contract.CLEAN.name(cfg.kafka.topic_prefix)
+    consumer = Consumer(consumer_config(cfg, f"bench-hops-{tenant}"))
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(cfg.kafka.partitions)])
+    delays, idle_since = [], time.monotonic()
+    try:
+        while time.monotonic() - idle_since < 2:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error():
+                    continue
+                idle_since = time.monotonic()
+                t = contract.decode(msg.value(), contract.READINGS)
+                mine = pc.equal(t["tenant"], tenant)
+                delays.append(msg.timestamp()[1] - t.filter(mine)["received_ms"].to_numpy())
+    finally:
+        consumer.close()
+    d = np.concatenate(delays) if delays else np.array([np.nan])
+    return float(np.nanpercentile(d, 50)), float(np.nanpercentile(d, 99))
 
 
 def store_rate(rows: list[dict]) -> float:
@@ -292,32 +325,54 @@ def aimass_max_rate(ai: AiMass, readings: int, publishers: int) -> dict:
             "windows": m.get("aimass_window_rows_total", 0.0)}
 
 
-def aimass_latency(ai: AiMass, readings_per_s: float, seconds: float, publishers: int) -> dict:
-    """Phase 2: live paced publishing at ``readings_per_s`` with spikes; latencies from the store."""
+def wait_alerts(ai: AiMass, tenant: str, spikes: int, max_s: float = 20.0) -> None:
+    """Wait until every spike raised an alarm in the store, or the count stops moving for 4 s."""
+    deadline, last = time.monotonic() + max_s, -1
+    while time.monotonic() < deadline:
+        n = ai.query("SELECT count() AS n FROM {db}.alerts WHERE tenant = '{tenant}' "
+                     "AND rule = 'bench_overheating' AND transition = 'raised'", tenant)[0]["n"]
+        if n >= spikes or n == last:
+            return
+        last = n
+        time.sleep(4)
+
+
+def aimass_latency(ai: AiMass, tenant: str, readings_per_s: float, seconds: float, publishers: int) -> dict:
+    """Phase 2: live paced publishing at ``readings_per_s`` with spikes as ``tenant``; latencies from the store."""
     say(f"AI Mass: live load {readings_per_s:,.0f} readings/s for {seconds:.0f}s with a temperature spike every 0.5 s ...")
     watch = ai.watch()
     events0 = len(ai.receiver.events)
-    pub = publish(ai.cfg, "live", int(readings_per_s * seconds), publishers, readings_per_s, spike_every_s=0.5)
+    pub = publish(ai.cfg, tenant, int(readings_per_s * seconds), publishers, readings_per_s, spike_every_s=0.5)
     say(f"  published {pub['readings']:,d} readings at {pub['readings_per_s']:,.0f}/s, {pub['spikes']} spikes")
     wait_drained(watch, pub["readings"], max_s=60)
-    time.sleep(3)  # the alerter and the webhook finish their last events
+    wait_alerts(ai, tenant, pub["spikes"])
     cpu = cpu_figures(watch.cpu(), watch.elapsed(), pub["readings"])
     stored = ai.query("SELECT count() AS n, quantile(0.5)(dateDiff('millisecond', ts, inserted_at)) AS p50, "
                       "quantile(0.99)(dateDiff('millisecond', ts, inserted_at)) AS p99, "
-                      "uniqExact(device_id, metric, ts) AS distinct_n FROM {db}.readings WHERE tenant = 'live'")[0]
+                      "quantile(0.5)(dateDiff('millisecond', ts, received_at)) AS to_bridge_p50, "
+                      "quantile(0.5)(dateDiff('millisecond', received_at, inserted_at)) AS bridge_to_stored_p50, "
+                      "uniqExact(device_id, metric, ts) AS distinct_n "
+                      "FROM {db}.readings WHERE tenant = '{tenant}'", tenant)[0]
     alerts = ai.query("SELECT count() AS n, quantile(0.5)(dateDiff('millisecond', ts, event_at)) AS p50, "
                       "quantile(0.99)(dateDiff('millisecond', ts, event_at)) AS p99, "
-                      "quantile(0.99)(dateDiff('millisecond', source_received_at, event_at)) AS p99_received "
-                      "FROM {db}.alerts WHERE tenant = 'live' AND rule = 'bench_overheating' "
-                      "AND transition = 'raised'")[0]
-    rejected = ai.query("SELECT count() AS n FROM {db}.rejects WHERE tenant = 'live'")[0]["n"]
+                      "quantile(0.5)(dateDiff('millisecond', source_received_at, event_at)) AS bridge_to_alert_p50, "
+                      "quantile(0.99)(dateDiff('millisecond', source_received_at, event_at)) AS bridge_to_alert_p99 "
+                      "FROM {db}.alerts WHERE tenant = '{tenant}' AND rule = 'bench_overheating' "
+                      "AND transition = 'raised'", tenant)[0]
+    rejected = ai.query("SELECT count() AS n FROM {db}.rejects WHERE tenant = '{tenant}'", tenant)[0]["n"]
     webhook = len(ai.receiver.events) - events0
+    clean_p50, clean_p99 = to_clean_ms(ai.cfg, tenant)
     say(f"AI Mass at {pub['readings_per_s']:,.0f} readings/s: publish->stored p50 {stored['p50']:.0f} ms "
         f"p99 {stored['p99']:.0f} ms; publish->alert p50 {alerts['p50']:.0f} ms p99 {alerts['p99']:.0f} ms "
-        f"({alerts['n']} raised of {pub['spikes']} spikes, {webhook} webhook events); CPU {cpu}")
+        f"({alerts['n']} raised of {pub['spikes']} spikes, {webhook} webhook events); p50 publish->bridge "
+        f"{stored['to_bridge_p50']:.0f} ms, bridge->clean topic {clean_p50:.0f} ms (p99 {clean_p99:.0f}), bridge->stored {stored['bridge_to_stored_p50']:.0f} ms, bridge->alert "
+        f"{alerts['bridge_to_alert_p50']:.0f} ms (p99 {alerts['bridge_to_alert_p99']:.0f} ms); CPU {cpu}")
     return {"offered_readings_per_s": readings_per_s, "published_readings_per_s": pub["readings_per_s"],
             "stored_p50_ms": stored["p50"], "stored_p99_ms": stored["p99"], "alert_p50_ms": alerts["p50"],
-            "alert_p99_ms": alerts["p99"], "alert_received_p99_ms": alerts["p99_received"],
+            "alert_p99_ms": alerts["p99"], "publish_to_bridge_p50_ms": stored["to_bridge_p50"],
+            "bridge_to_stored_p50_ms": stored["bridge_to_stored_p50"], "bridge_to_alert_p50_ms": alerts["bridge_to_alert_p50"],
+            "bridge_to_alert_p99_ms": alerts["bridge_to_alert_p99"], "bridge_to_clean_p50_ms": clean_p50,
+            "bridge_to_clean_p99_ms": clean_p99,
             "alerts_raised": alerts["n"], "spikes": pub["spikes"], "webhook_events": webhook,
             "lost": pub["readings"] - stored["distinct_n"] - rejected, "cpu": cpu}
 
@@ -326,7 +381,6 @@ def aimass_latency(ai: AiMass, readings_per_s: float, seconds: float, publishers
 
 def run_baseline(cfg: Config, kind: str, readings: int, publishers: int, limit_s: float) -> dict:
     """Queue a backlog for the baseline's forwarder, run forwarder + processing stage for at most ``limit_s``."""
-    from confluent_kafka.admin import AdminClient, NewTopic
     cfg = copy.deepcopy(cfg)
     cfg.mqtt.topic_pattern = f"{kind}/{{tenant}}/{{device_id}}/telemetry"
     cfg.bridge.share_group = kind
@@ -373,18 +427,18 @@ def run_baseline(cfg: Config, kind: str, readings: int, publishers: int, limit_s
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small run, under about 3 minutes")
-    p.add_argument("--readings", type=int, help="AI Mass backlog in readings (default 2,000,000; quick 400,000)")
+    p.add_argument("--readings", type=int, help="AI Mass backlog in readings (default 2,000,000; quick 300,000)")
     p.add_argument("--workers", type=int, default=2, help="AI Mass Faust worker processes (default 2)")
     p.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
-    p.add_argument("--live-s", type=float, help="seconds of live load for latency (default 60; quick 20)")
-    p.add_argument("--baseline-s", type=float, help="time limit per baseline (default 120; quick 35)")
+    p.add_argument("--live-s", type=float, help="seconds of live load for latency (default 60, then half as long at 5k/s; quick 15)")
+    p.add_argument("--baseline-s", type=float, help="time limit per baseline (default 120; quick 25)")
     p.add_argument("--skip-baselines", action="store_true", help="measure AI Mass only")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, stores) afterwards")
     args = p.parse_args()
-    readings = args.readings or (400_000 if args.quick else 2_000_000)
-    live_s = args.live_s or (20.0 if args.quick else 60.0)
-    baseline_s = args.baseline_s or (35.0 if args.quick else 120.0)
-    baseline_readings = 50_000 if args.quick else 200_000
+    readings = args.readings or (300_000 if args.quick else 2_000_000)
+    live_s = args.live_s or (15.0 if args.quick else 60.0)
+    baseline_s = args.baseline_s or (25.0 if args.quick else 120.0)
+    baseline_readings = 100_000 if args.quick else 300_000
     os.chdir(REPO)  # the model repository and rules paths are relative to the repository
     workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     say(f"run directory {workdir}" + (" (kept)" if args.keep else ""))
@@ -398,7 +452,8 @@ def main() -> int:
         try:
             ai.start_without_bridge()
             maxrate = aimass_max_rate(ai, readings, args.publishers)
-            latency = aimass_latency(ai, maxrate["readings_per_s"] / 2, live_s, args.publishers)
+            latency = aimass_latency(ai, "half", maxrate["readings_per_s"] / 2, live_s, args.publishers)
+            light = aimass_latency(ai, "light", LIGHT_RATE, live_s / 2, args.publishers)
         finally:
             ai.stop()
         baselines = {} if args.skip_baselines else {
@@ -417,6 +472,10 @@ def main() -> int:
         "latency_at_readings_per_s": round(latency["published_readings_per_s"]),
         "publish_to_stored_p50_ms": latency["stored_p50_ms"], "publish_to_stored_p99_ms": latency["stored_p99_ms"],
         "publish_to_alert_p50_ms": latency["alert_p50_ms"], "publish_to_alert_p99_ms": latency["alert_p99_ms"],
+        "latency_hops_half_ms": {k: latency[k] for k in HOPS}, "latency_hops_light_ms": {k: light[k] for k in HOPS},
+        "light_load_readings_per_s": round(light["published_readings_per_s"]),
+        "light_publish_to_stored_p99_ms": light["stored_p99_ms"], "light_publish_to_alert_p50_ms": light["alert_p50_ms"],
+        "light_publish_to_alert_p99_ms": light["alert_p99_ms"],
         "alerts_raised": latency["alerts_raised"], "spikes_injected": latency["spikes"],
         "webhook_events": latency["webhook_events"],
         "aimass_readings_per_cpu_s": maxrate["cpu"]["readings_per_cpu_s"],
@@ -428,7 +487,7 @@ def main() -> int:
         **{f"{k}_cpu": b["cpu"] for k, b in baselines.items()},
         "duplicates": maxrate["duplicates"], "rejected": maxrate["rejected"],
         "baseline_lost": {k: b["lost"] for k, b in baselines.items()},
-        "lost": maxrate["lost"] + latency["lost"],
+        "lost": maxrate["lost"] + latency["lost"] + light["lost"],
         "floors_met": bool(maxrate["readings_per_s"] >= 100_000 and latency["alert_p99_ms"] <= 1000
                            and all(maxrate["readings_per_s"] >= 10 * b["readings_per_s"] for k, b in baselines.items()
                                    if k == "per_message")),
