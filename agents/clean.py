@@ -6,8 +6,9 @@ after their bridge receive time ("future"), duplicates of (device, metric, ts) w
 ``clean.dedup_horizon_s`` (at least the allowed lateness), and late readings (event time below
 the partition watermark: max event time - ``clean.allowed_lateness_s``). Rejects go to the
 dead-letter topic with a reason, late readings to the late topic. Every clean record carries
-header ``max_ts_before`` (the watermark base before it), so the window agent's lateness decisions
-are reproducible after a restart.
+headers ``max_ts_before`` (the watermark base before it, so the window agent's lateness decisions
+are reproducible after a restart) and ``raw_offset`` (its source record, so the window agent
+skips records this stage emitted twice around a restart).
 
 State (watermark, dedup set) survives restarts by replay (``streams.replay``): the committed
 offset stays at the oldest raw record still in the dedup horizon or holding the max event time,
@@ -49,6 +50,7 @@ DETAILS = {
     K.LATE: "event time below the partition watermark (max event time - clean.allowed_lateness_s)",
 }
 MAX_TS_HEADER = "max_ts_before"
+RAW_OFFSET_HEADER = "raw_offset"
 
 
 @dataclass
@@ -158,7 +160,7 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[CleanEngine]:
                 continue
             result = partitions.state(p).process(raw, offset)
             if emit:
-                await publish(result, p, clean_out, dead_out, late_out)
+                await publish(result, p, offset, clean_out, dead_out, late_out)
             partitions.processed(p, offset)
 
     app.on_partitions_assigned.connect(lambda sender, assigned, **_: partitions.on_assigned(assigned))
@@ -167,14 +169,15 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[CleanEngine]:
     return partitions
 
 
-async def publish(result: CleanResult, partition: int, clean_out, dead_out, late_out) -> None:
+async def publish(result: CleanResult, partition: int, raw_offset: int, clean_out, dead_out, late_out) -> None:
     """Send one batch's outputs to the same partition number of each topic; count them."""
     n_in = result.clean.num_rows + result.dead.num_rows + result.late.num_rows
     READINGS_IN.inc(n_in)
     if result.clean.num_rows:
         READINGS_OUT.inc(result.clean.num_rows)
         await clean_out.send(value=contract.encode(result.clean, contract.READINGS), partition=partition,
-                             headers=[(MAX_TS_HEADER, str(result.max_ts_before).encode())])
+                             headers=[(MAX_TS_HEADER, str(result.max_ts_before).encode()),
+                                      (RAW_OFFSET_HEADER, str(raw_offset).encode())])
     if result.dead.num_rows:
         for reason, count in zip(*np.unique(result.dead["reason"].to_numpy(zero_copy_only=False), return_counts=True)):
             REJECTED.labels(reason).inc(int(count))

@@ -7,8 +7,14 @@ backtests), so offline and online windows are the same function.
 
 State across restarts and rebalances (no Faust tables, no changelog: ``streams.replay``):
 window rows are a deterministic function of the clean partition read in order, because the
-watermark travels with the data (header ``max_ts_before`` of each clean record) and EWMA and
-z-score read only the series' windows of the last ``window.zscore_history`` hops. The committed
+watermark travels with the data (header ``max_ts_before`` of each clean record), EWMA and
+z-score read only the series' windows of the last ``window.zscore_history`` hops, and a clean
+record the clean stage emitted twice (its at-least-once replay) is recognised by its source
+offset (header ``raw_offset`` not above the highest seen) and skipped. A replayed copy whose
+original lies before the restart point is recognised by lateness instead: its readings belong
+to windows that were closed before that point (otherwise the restart point would not be past
+the original), so they are below the watermark and dropped (counted, not re-sent: the clean
+stage already routed every genuinely late reading). The committed
 offset of the clean topic stays at the oldest record that any open pane, any pane a later sliding
 window reuses, or any history window still needed contains. A new owner replays from there:
 records whose outputs were already produced (below the emitted-through marker) only rebuild
@@ -26,14 +32,15 @@ import pyarrow as pa
 from prometheus_client import Counter
 
 from agents import kernels as K
-from agents.clean import MAX_TS_HEADER, rejects, unreadable
+from agents.clean import MAX_TS_HEADER, RAW_OFFSET_HEADER, unreadable
 from aimass.config import Config, WindowConfig
 from streams import contract
 from streams.app import raw_topic
 from streams.replay import ReplayedPartitions
 
 WINDOW_ROWS = Counter("aimass_window_rows_total", "Window rows emitted")
-WINDOW_LATE = Counter("aimass_window_late_total", "Clean readings below the window watermark (sent to late)")
+WINDOW_REPLAYED = Counter("aimass_window_replayed_readings_total",
+                          "Clean readings dropped as copies from an upstream replay (skipped record or late)")
 
 
 class _SpecState:
@@ -86,19 +93,26 @@ class WindowEngine:
         self.alpha = float(alpha)
         self.specs = [_SpecState(size, hop, self.lateness_ms, history) for size, hop in specs]
         self.max_ts = K.NO_TS
+        self.max_source_offset = -1
 
     @classmethod
     def from_config(cls, window: WindowConfig, lateness_s: float) -> "WindowEngine":
         return cls(window.specs(), int(lateness_s * 1000), window.zscore_history, window.ewma_alpha)
 
-    def update(self, readings: pa.Table, offset: int = 0, max_ts_before: int | None = None
-               ) -> tuple[pa.Table, np.ndarray]:
+    def update(self, readings: pa.Table, offset: int = 0, max_ts_before: int | None = None,
+               source_offset: int | None = None) -> tuple[pa.Table, int]:
         """Add one batch (READINGS, arrival order) from Kafka ``offset``; returns the windows it
-        closed and the mask of its late readings (not counted). Non-finite values are skipped.
+        closed and how many of its readings were dropped (late, or a replayed copy of a batch).
 
         ``max_ts_before`` is the upstream watermark base before this batch; it lets a restarted
-        engine take the same lateness decisions as the one it replaces.
+        engine take the same lateness decisions as the one it replaces. ``source_offset``
+        identifies the upstream record the batch came from: a batch from a source offset already
+        seen is an upstream replay and is skipped. Non-finite values are not counted.
         """
+        if source_offset is not None:
+            if source_offset <= self.max_source_offset:
+                return contract.empty(contract.WINDOWS), readings.num_rows
+            self.max_source_offset = source_offset
         if max_ts_before is not None and max_ts_before > self.max_ts:
             self.max_ts = int(max_ts_before)
         n = readings.num_rows
@@ -120,7 +134,7 @@ class WindowEngine:
                 len(self.series), out_i, out_f, late, spec.counters)
             parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
         self.max_ts = max_ts
-        return _concat(parts), late
+        return _concat(parts), int(late.sum())
 
     def flush(self) -> pa.Table:
         """Close every open window (end of a finite history)."""
@@ -179,11 +193,10 @@ def batch_windows(readings: pa.Table, window_s: int, hop_s: int | None = None, *
 
 
 def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
-    """The window agent: CLEAN -> WINDOW_ROWS (and LATE for readings below the watermark)."""
+    """The window agent: CLEAN -> WINDOW_ROWS, same partition numbers."""
     cfg.window.specs()  # fail at start on a bad window configuration
     source = raw_topic(app, cfg, contract.CLEAN, acks=False)
     windows_out = raw_topic(app, cfg, contract.WINDOW_ROWS)
-    late_out = raw_topic(app, cfg, contract.LATE)
     dead_out = raw_topic(app, cfg, contract.DEAD_LETTER)
     partitions = ReplayedPartitions(app, cfg, source.get_topic_name(), "window",
                                     lambda: WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s))
@@ -201,15 +214,14 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
                                                               contract.REJECTS), partition=p)
                 partitions.processed(p, offset)
                 continue
-            closed, late = partitions.state(p).update(readings, offset, _max_ts_before(event.message.headers))
+            headers = _headers(event.message.headers)
+            closed, dropped = partitions.state(p).update(readings, offset, headers.get(MAX_TS_HEADER),
+                                                         headers.get(RAW_OFFSET_HEADER))
             if emit and closed.num_rows:
                 WINDOW_ROWS.inc(closed.num_rows)
                 await windows_out.send(value=contract.encode(closed, contract.WINDOWS), partition=p)
-            if emit and late.any():
-                WINDOW_LATE.inc(int(late.sum()))
-                verdict = np.where(late, K.LATE, K.OK).astype(np.int8)
-                await late_out.send(value=contract.encode(rejects(readings, verdict, late, "window"),
-                                                          contract.REJECTS), partition=p)
+            if emit and dropped:
+                WINDOW_REPLAYED.inc(dropped)
             partitions.processed(p, offset)
 
     app.on_partitions_assigned.connect(lambda sender, assigned, **_: partitions.on_assigned(assigned))
@@ -218,10 +230,11 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
     return partitions
 
 
-def _max_ts_before(headers) -> int | None:
-    """The clean stage's watermark base before this record, from the record headers."""
+def _headers(headers) -> dict[str, int]:
+    """Integer headers of a clean record (``max_ts_before``, ``raw_offset``)."""
     items = headers.items() if isinstance(headers, dict) else (headers or [])
+    out = {}
     for key, value in items:
-        if key == MAX_TS_HEADER:
-            return int(value)
-    return None
+        if key in (MAX_TS_HEADER, RAW_OFFSET_HEADER):
+            out[key] = int(value)
+    return out

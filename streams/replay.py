@@ -76,8 +76,8 @@ class ReplayedPartitions(Generic[S]):
             self._committed.clear()
             self._emitted_through = await asyncio.get_running_loop().run_in_executor(
                 None, self._read_markers, partitions)
-            if self._emitted_through:
-                log.info("%s: replaying up to %s before emitting", self.topic_name, self._emitted_through)
+            log.info("%s: assigned partitions %s; replaying up to %s before emitting", self.topic_name,
+                     partitions, self._emitted_through)
 
     def _read_markers(self, partitions: list[int]) -> dict[int, int]:
         if not partitions:
