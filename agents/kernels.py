@@ -161,7 +161,7 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     max_recv = NO_TS
     first_off = 2 ** 62
     for j in range(p - k + 1, p + 1):
-        slot = j % ring
+        slot = j & (ring - 1)
         if pane_i[s, slot, P_ID] != j or pane_i[s, slot, P_CNT] == 0:
             continue
         c = pane_i[s, slot, P_CNT]
@@ -196,25 +196,23 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     cap = hist_mean.shape[1]
     filled = min(hist_n[s], cap)
     h_n = 0
-    h_sum = 0.0
+    h_mean = 0.0
+    h_m2 = 0.0  # Welford: identical means give exactly zero spread
     ewma = math.nan
-    for j in range(filled):
-        pos = (hist_n[s] - filled + j) % cap
+    pos = (hist_n[s] - filled) % cap
+    for _ in range(filled):
         if hist_end[s, pos] >= p - history:
             x = hist_mean[s, pos]
             ewma = x if h_n == 0 else alpha * x + (1.0 - alpha) * ewma
             h_n += 1
-            h_sum += x
+            delta = x - h_mean
+            h_mean += delta / h_n
+            h_m2 += delta * (x - h_mean)
+        pos = pos + 1 if pos + 1 < cap else 0
     ewma = mean if h_n == 0 else alpha * mean + (1.0 - alpha) * ewma
     zscore = 0.0
     if h_n >= 2:
-        h_mean = h_sum / h_n
-        h_dev = 0.0  # second pass: identical means must give exactly zero spread
-        for j in range(filled):
-            pos = (hist_n[s] - filled + j) % cap
-            if hist_end[s, pos] >= p - history:
-                h_dev += (hist_mean[s, pos] - h_mean) ** 2
-        h_sd = math.sqrt(h_dev / (h_n - 1))
+        h_sd = math.sqrt(h_m2 / (h_n - 1))
         if h_sd > 1e-12:
             zscore = (mean - h_mean) / h_sd
     pos = hist_n[s] % cap
@@ -279,21 +277,25 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
     readings below the watermark (not counted). ``counters`` = [panes created, pane uses by emitted
     windows]: every pane is used by k windows, so out_* need k * (created + batch) - uses rows.
     """
-    ring = pane_i.shape[1]
+    mask = pane_i.shape[1] - 1  # ring sizes are powers of two
     n_out = 0
+    watermark = max_ts - lateness_ms
     for i in range(series.shape[0]):
         t = ts[i]
-        if t < max_ts - lateness_ms:
+        if t < watermark:
             late[i] = True
             continue
         if t > max_ts:
             max_ts = t
+            watermark = t - lateness_ms
         v = value[i]
         if not math.isfinite(v):
             continue  # advances the watermark like upstream, but is not a measurement
         s = series[i]
-        q = t // hop_ms
-        slot = q % ring
+        q = last_pane[s]  # most readings fall in the series' latest pane: skip the division
+        if q == NO_PANE or t < q * hop_ms or t >= (q + 1) * hop_ms:
+            q = t // hop_ms
+        slot = q & mask
         if pane_i[s, slot, P_ID] != q:
             old = pane_i[s, slot, P_ID]
             if old != NO_PANE and old >= next_close[s] - (k - 1):

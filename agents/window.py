@@ -51,8 +51,9 @@ class _SpecState:
         self.size_ms = size_s * 1000
         self.hop_ms = hop_s * 1000
         self.k = size_s // hop_s
-        # Enough slots that a slot is only reused once the pane it held can be closed.
-        ring = self.k + math.ceil(lateness_ms / self.hop_ms) + 1
+        # Enough slots that a slot is only reused once the pane it held can be closed; a power of
+        # two, so the kernels find a pane's slot with a bit mask.
+        ring = 1 << (self.k + math.ceil(lateness_ms / self.hop_ms)).bit_length()
         self.history = history
         self.pane_i = np.full((0, ring, K.PANE_INT_FIELDS), K.NO_PANE, np.int64)
         self.pane_f = np.zeros((0, ring, K.PANE_FLOAT_FIELDS))
