@@ -17,6 +17,7 @@ import yaml
 
 from aimass.cli import COMMANDS
 from aimass.config import Config, describe, load_config
+from rules.model import load_rules
 from streams import contract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +31,13 @@ INTERPOLATION = re.compile(r"^\$\{[A-Z0-9_]+(:?[-?][^}]*)?\}$")
 
 
 def config_env_names() -> set[str]:
-    """AIMASS_* names a stage reads: config keys, plus the secret variables the *_env keys name."""
+    """AIMASS_* names a stage reads: config keys, plus the secret variables that the config's and the
+    example receivers' *_env keys name."""
     secrets = {getattr(getattr(Config(), s.name), f.name)
                for s in dataclasses.fields(Config) for f in dataclasses.fields(getattr(Config(), s.name))
                if f.name.endswith("_env")}
+    receivers = load_rules(Path(__file__).resolve().parent.parent / "rules" / "examples").receivers.values()
+    secrets |= {v for r in receivers for k, v in r.options.items() if k.endswith("_env")}
     return {row[1] for row in describe()} | secrets
 
 
