@@ -64,8 +64,8 @@ PACK = 10  # SenML records per pack: the 10 metrics of one device-tick
 SPIKE = 120.0  # injected temperature (valid range of temp: -60..150 Cel); the rule fires above 100
 LIGHT_RATE = 5000  # readings/s of the second latency phase: the pipeline's latency when it is not saturated
 SECRET = "bench-e2e-webhook-secret"
-HOPS = ("publish_to_bridge_p50_ms", "bridge_to_clean_p50_ms", "bridge_to_clean_p99_ms", "bridge_to_alert_p50_ms",
-        "bridge_to_alert_p99_ms", "bridge_to_stored_p50_ms")
+HOPS = ("publish_to_bridge_p50_ms", "bridge_to_raw_p50_ms", "bridge_to_clean_p50_ms", "bridge_to_clean_p99_ms",
+        "bridge_to_alert_p50_ms", "bridge_to_alert_p99_ms", "bridge_to_stored_p50_ms")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 RULES = """
@@ -93,9 +93,12 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def bench_config(workdir: Path, webhook_port: int) -> Config:
-    """Free ports for every server and stage, 10 s tumbling windows, the benchmark's rule."""
+def bench_config(workdir: Path, webhook_port: int, bridge_flush_ms: int | None, partitions: int | None) -> Config:
+    """Free ports for every server and stage, 10 s tumbling windows, the benchmark's rule; optionally the
+    bridge's flush interval and the partition count (the micro-batch size levers)."""
     cfg = Config()
+    cfg.bridge.flush_ms = bridge_flush_ms or cfg.bridge.flush_ms
+    cfg.kafka.partitions = partitions or cfg.kafka.partitions
     cfg.run.dir = str(workdir)
     cfg.mqtt.port = free_port()
     cfg.kafka.bootstrap = f"127.0.0.1:{free_port()}"
@@ -126,6 +129,7 @@ def publish_share(cfg: Config, tenant: str, devices: range, ticks: int, msgs_per
     topics = [pattern.topic(tenant, f"dev-{d:05d}") for d in devices]
     metrics = [(name, m.base, m.unit) for name, m in METRICS.items()]
     last_ts = [0] * len(topics)
+    spiked = [False] * len(topics)
     spikes, next_spike, sent = 0, time.time() + spike_every_s, 0
     start = time.time()
     with Publisher(cfg, f"bench-pub-{tenant}-{devices.start}", qos=1) as pub:
@@ -136,7 +140,9 @@ def publish_share(cfg: Config, tenant: str, devices: range, ticks: int, msgs_per
                         pub.service(wait)
                 now_ms = int(time.time() * 1000)
                 ts = last_ts[i] = max(now_ms, last_ts[i] + 1)
-                spike = spike_every_s > 0 and now_ms >= next_spike * 1000
+                # a device whose last reading spiked is skipped: its alarm must clear before it can raise again
+                spike = spike_every_s > 0 and now_ms >= next_spike * 1000 and not spiked[i]
+                spiked[i] = spike
                 if spike:
                     spikes, next_spike = spikes + 1, next_spike + spike_every_s
                 pack = [(name, ts, SPIKE if spike and name == "temp" else base + (k % 7) * 0.01, unit)
@@ -272,12 +278,12 @@ class AiMass:
         say("stopping AI Mass stages: " + ", ".join(f"{n}={c}" for n, c in self.sup.stop_all(timeout=20).items()))
 
 
-def to_clean_ms(cfg: Config, tenant: str) -> tuple[float, float]:
-    """p50 / p99 of (CLEAN record timestamp - bridge receive time) for ``tenant``: bridge -> clean topic."""
-    topic = contract.CLEAN.name(cfg.kafka.topic_prefix)
-    consumer = Consumer(consumer_config(cfg, f"bench-hops-{tenant}"))
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(cfg.kafka.partitions)])
-    delays, idle_since = [], time.monotonic()
+def topic_delays_ms(cfg: Config, topic: contract.Topic, tenant: str) -> np.ndarray:
+    """(record timestamp - bridge receive time) of ``tenant``'s readings in a readings topic, read from the start."""
+    consumer = Consumer(consumer_config(cfg, f"bench-hops-{topic.suffix}-{tenant}"))
+    name = topic.name(cfg.kafka.topic_prefix)
+    consumer.assign([TopicPartition(name, p, 0) for p in range(cfg.kafka.partitions)])
+    delays, idle_since = [np.array([np.nan])], time.monotonic()
     try:
         while time.monotonic() - idle_since < 2:
             for msg in consumer.consume(500, 0.5):
@@ -285,12 +291,20 @@ def to_clean_ms(cfg: Config, tenant: str) -> tuple[float, float]:
                     continue
                 idle_since = time.monotonic()
                 t = contract.decode(msg.value(), contract.READINGS)
-                mine = pc.equal(t["tenant"], tenant)
-                delays.append(msg.timestamp()[1] - t.filter(mine)["received_ms"].to_numpy())
+                delays.append(msg.timestamp()[1] - t.filter(pc.equal(t["tenant"], tenant))["received_ms"].to_numpy())
     finally:
         consumer.close()
-    d = np.concatenate(delays) if delays else np.array([np.nan])
-    return float(np.nanpercentile(d, 50)), float(np.nanpercentile(d, 99))
+    return np.concatenate(delays)
+
+
+def kafka_hops_ms(cfg: Config, tenant: str) -> dict[str, float]:
+    """p50 / p99 of bridge receive -> raw topic (the bridge's micro-batch) and -> clean topic (+ the worker)."""
+    out = {}
+    for topic, name in ((contract.RAW, "raw"), (contract.CLEAN, "clean")):
+        d = topic_delays_ms(cfg, topic, tenant)
+        out[f"bridge_to_{name}_p50_ms"], out[f"bridge_to_{name}_p99_ms"] = (
+            float(np.nanpercentile(d, 50)), float(np.nanpercentile(d, 99)))
+    return out
 
 
 def store_rate(rows: list[dict]) -> float:
@@ -330,7 +344,7 @@ def wait_alerts(ai: AiMass, tenant: str, spikes: int, max_s: float = 20.0) -> No
     deadline, last = time.monotonic() + max_s, -1
     while time.monotonic() < deadline:
         n = ai.query("SELECT count() AS n FROM {db}.alerts WHERE tenant = '{tenant}' "
-                     "AND rule = 'bench_overheating' AND transition = 'raised'", tenant)[0]["n"]
+                     "AND rule = 'bench_overheating' AND transition IN ('raised', 'reraised')", tenant)[0]["n"]
         if n >= spikes or n == last:
             return
         last = n
@@ -358,21 +372,22 @@ def aimass_latency(ai: AiMass, tenant: str, readings_per_s: float, seconds: floa
                       "quantile(0.5)(dateDiff('millisecond', source_received_at, event_at)) AS bridge_to_alert_p50, "
                       "quantile(0.99)(dateDiff('millisecond', source_received_at, event_at)) AS bridge_to_alert_p99 "
                       "FROM {db}.alerts WHERE tenant = '{tenant}' AND rule = 'bench_overheating' "
-                      "AND transition = 'raised'", tenant)[0]
+                      "AND transition IN ('raised', 'reraised')", tenant)[0]
     rejected = ai.query("SELECT count() AS n FROM {db}.rejects WHERE tenant = '{tenant}'", tenant)[0]["n"]
     webhook = len(ai.receiver.events) - events0
-    clean_p50, clean_p99 = to_clean_ms(ai.cfg, tenant)
+    hops = kafka_hops_ms(ai.cfg, tenant)
     say(f"AI Mass at {pub['readings_per_s']:,.0f} readings/s: publish->stored p50 {stored['p50']:.0f} ms "
         f"p99 {stored['p99']:.0f} ms; publish->alert p50 {alerts['p50']:.0f} ms p99 {alerts['p99']:.0f} ms "
         f"({alerts['n']} raised of {pub['spikes']} spikes, {webhook} webhook events); p50 publish->bridge "
-        f"{stored['to_bridge_p50']:.0f} ms, bridge->clean topic {clean_p50:.0f} ms (p99 {clean_p99:.0f}), bridge->stored {stored['bridge_to_stored_p50']:.0f} ms, bridge->alert "
+        f"{stored['to_bridge_p50']:.0f} ms, bridge->raw topic {hops['bridge_to_raw_p50_ms']:.0f} ms, bridge->clean topic "
+        f"{hops['bridge_to_clean_p50_ms']:.0f} ms (p99 {hops['bridge_to_clean_p99_ms']:.0f}), bridge->stored "
+        f"{stored['bridge_to_stored_p50']:.0f} ms, bridge->alert "
         f"{alerts['bridge_to_alert_p50']:.0f} ms (p99 {alerts['bridge_to_alert_p99']:.0f} ms); CPU {cpu}")
     return {"offered_readings_per_s": readings_per_s, "published_readings_per_s": pub["readings_per_s"],
             "stored_p50_ms": stored["p50"], "stored_p99_ms": stored["p99"], "alert_p50_ms": alerts["p50"],
             "alert_p99_ms": alerts["p99"], "publish_to_bridge_p50_ms": stored["to_bridge_p50"],
             "bridge_to_stored_p50_ms": stored["bridge_to_stored_p50"], "bridge_to_alert_p50_ms": alerts["bridge_to_alert_p50"],
-            "bridge_to_alert_p99_ms": alerts["bridge_to_alert_p99"], "bridge_to_clean_p50_ms": clean_p50,
-            "bridge_to_clean_p99_ms": clean_p99,
+            "bridge_to_alert_p99_ms": alerts["bridge_to_alert_p99"], **hops,
             "alerts_raised": alerts["n"], "spikes": pub["spikes"], "webhook_events": webhook,
             "lost": pub["readings"] - stored["distinct_n"] - rejected, "cpu": cpu}
 
@@ -432,6 +447,8 @@ def main() -> int:
     p.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     p.add_argument("--live-s", type=float, help="seconds of live load for latency (default 60, then half as long at 5k/s; quick 15)")
     p.add_argument("--baseline-s", type=float, help="time limit per baseline (default 120; quick 25)")
+    p.add_argument("--bridge-flush-ms", type=int, help="AI Mass bridge.flush_ms (default: the config's, 50)")
+    p.add_argument("--partitions", type=int, help="kafka.partitions of every keyed topic (default: the config's, 6)")
     p.add_argument("--skip-baselines", action="store_true", help="measure AI Mass only")
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, stores) afterwards")
     args = p.parse_args()
@@ -444,7 +461,7 @@ def main() -> int:
     say(f"run directory {workdir}" + (" (kept)" if args.keep else ""))
     os.chmod(workdir, 0o755)  # mosquitto drops privileges
     receiver = WebhookReceiver(SECRET, free_port())
-    cfg = bench_config(workdir, receiver.port)
+    cfg = bench_config(workdir, receiver.port, args.bridge_flush_ms, args.partitions)
     try:
         up(cfg, with_triton=True, say=say)
         receiver.start()
@@ -491,7 +508,8 @@ def main() -> int:
         "floors_met": bool(maxrate["readings_per_s"] >= 100_000 and latency["alert_p99_ms"] <= 1000
                            and all(maxrate["readings_per_s"] >= 10 * b["readings_per_s"] for k, b in baselines.items()
                                    if k == "per_message")),
-        "readings": maxrate["published"], "quick": args.quick,
+        "readings": maxrate["published"], "quick": args.quick, "workers": args.workers,
+        "bridge_flush_ms": cfg.bridge.flush_ms, "partitions": cfg.kafka.partitions,
     }
     print(json.dumps(result))
     return 0
