@@ -74,7 +74,7 @@ class CleanEngine:
         self.horizon_ms = max(int(clean.dedup_horizon_s * 1000), self.lateness_ms)
         self.skew_ms = int(clean.max_clock_skew_s * 1000)
         self.series = K.SeriesIndex()
-        self.seen = K.new_seen()
+        self.seen = K.DedupSet()
         self.max_ts = K.NO_TS
         self.max_ts_offset = -1
 
@@ -91,9 +91,10 @@ class CleanEngine:
             verdict[~np.isfinite(value)] = K.NON_FINITE
         series = self.series.lookup(raw["tenant"], raw["device_id"], raw["metric"])
         max_ts_before = self.max_ts
-        self.max_ts, self.max_ts_offset = K.clean_update(
-            series, ts, np.full(raw.num_rows, offset, np.int64), verdict, self.seen,
-            self.max_ts, self.max_ts_offset, self.lateness_ms, self.horizon_ms)
+        self.seen.reserve(raw.num_rows, self.max_ts, self.horizon_ms)
+        self.seen.count, self.max_ts, self.max_ts_offset = K.clean_update(
+            series, ts, np.full(raw.num_rows, offset, np.int64), verdict, self.seen.keys, self.seen.offsets,
+            self.seen.count, self.max_ts, self.max_ts_offset, self.lateness_ms, self.horizon_ms)
         ok = verdict == K.OK
         clean = raw.set_column(raw.schema.get_field_index("value"), "value", pa.array(canonical)) \
                    .set_column(raw.schema.get_field_index("unit"), "unit", unit).filter(ok)
@@ -103,13 +104,15 @@ class CleanEngine:
 
     def live_offset(self) -> int:
         """Oldest raw offset the dedup set or the watermark depends on (-1: none)."""
-        oldest_seen = K.clean_prune(self.seen, self.max_ts, self.horizon_ms)
+        oldest_seen = self.seen.prune(self.max_ts, self.horizon_ms)
         live = [o for o in (oldest_seen, self.max_ts_offset) if o >= 0]
         return min(live) if live else -1
 
 
 def rejects(raw: pa.Table, verdict: np.ndarray, mask: np.ndarray, stage: str = "clean") -> pa.Table:
     """REJECTS rows for the masked readings, reason and detail from their verdict."""
+    if not mask.any():
+        return contract.empty(contract.REJECTS)
     rows = raw.filter(pa.array(mask))
     codes = verdict[mask]
     n = rows.num_rows

@@ -51,10 +51,14 @@ _TS_MASK = (1 << _TS_BITS) - 1
 # --- series index (outside numba) --------------------------------------------------------
 
 class SeriesIndex:
-    """Dense int64 index per series; indices never move, unseen series get the next one."""
+    """Dense int64 index per series; indices never move, unseen series get the next one.
+
+    Rows are matched by a 64-bit FNV-1a hash of (tenant, device_id, metric) computed in numba
+    (a collision needs ~4 billion series for even odds); only unseen series cost Python work.
+    """
 
     def __init__(self) -> None:
-        self._index: dict[str, int] = {}
+        self._index = Dict.empty(key_type=types.int64, value_type=types.int64)
         self._parts: tuple[list[str], list[str], list[str]] = ([], [], [])
         self._columns: tuple[np.ndarray, ...] | None = None
 
@@ -62,30 +66,67 @@ class SeriesIndex:
         return len(self._index)
 
     def lookup(self, tenant: pa.Array, device_id: pa.Array, metric: pa.Array) -> np.ndarray:
-        """Index of every row's series, registering unseen ones (Python work per distinct series)."""
-        if len(tenant) == 0:
-            return np.empty(0, np.int64)
-        encoded = pc.dictionary_encode(pc.binary_join_element_wise(tenant, device_id, metric, "\x1f"))
-        if isinstance(encoded, pa.ChunkedArray):
-            encoded = encoded.combine_chunks()
-        mapping = np.fromiter((self._get(key) for key in encoded.dictionary.to_pylist()), np.int64,
-                              count=len(encoded.dictionary))
-        return mapping[encoded.indices.to_numpy(zero_copy_only=False)]
-
-    def _get(self, key: str) -> int:
-        idx = self._index.get(key)
-        if idx is None:
-            idx = self._index[key] = len(self._index)
-            for part, value in zip(self._parts, key.split("\x1f")):
-                part.append(value)
+        """Index of every row's series, registering unseen ones."""
+        hashes = np.full(len(tenant), _FNV_OFFSET, np.int64)
+        for column in (tenant, device_id, metric):
+            offsets, data = _string_buffers(column)
+            _hash_strings(offsets, data, hashes)
+        indices = np.empty(len(hashes), np.int64)
+        new_rows = _map_series(hashes, self._index, indices)
+        if len(new_rows):
+            for part, column in zip(self._parts, (tenant, device_id, metric)):
+                part.extend(column.take(pa.array(new_rows)).to_pylist())
             self._columns = None
-        return idx
+        return indices
 
     def columns(self, indices: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
         """(tenant, device_id, metric) string arrays of the given series indices."""
         if self._columns is None:
             self._columns = tuple(np.array(part, dtype=object) for part in self._parts)
         return tuple(pa.array(col[indices], pa.string()) for col in self._columns)
+
+
+_FNV_OFFSET = np.int64(-3750763034362895579)  # 14695981039346656037 as int64
+_FNV_PRIME = 1099511628211
+
+
+def _string_buffers(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, bytes) of a string column without copying the strings."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        column = pc.fill_null(column, "")
+    _, offsets, data = column.buffers()
+    width = np.int64 if pa.types.is_large_string(column.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=width)[column.offset:column.offset + len(column) + 1]
+    return offsets, (np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8))
+
+
+@njit(cache=True)
+def _hash_strings(offsets, data, hashes):
+    """Fold each row's string (then a separator) into its running FNV-1a hash."""
+    for i in range(hashes.shape[0]):
+        h = hashes[i]
+        for j in range(offsets[i], offsets[i + 1]):
+            h = (h ^ data[j]) * _FNV_PRIME
+        hashes[i] = (h ^ 0xFF) * _FNV_PRIME
+
+
+@njit(cache=True)
+def _map_series(hashes, index, out):
+    """Dense index of every hash (new hashes get the next one); returns the rows of new series."""
+    new_rows = []
+    for i in range(hashes.shape[0]):
+        idx = index.get(hashes[i], -1)
+        if idx < 0:
+            idx = len(index)
+            index[hashes[i]] = idx
+            new_rows.append(i)
+        out[i] = idx
+    result = np.empty(len(new_rows), np.int64)
+    for j in range(len(new_rows)):
+        result[j] = new_rows[j]
+    return result
 
 
 def grow(array: np.ndarray, rows: int, fill) -> np.ndarray:
@@ -99,46 +140,92 @@ def grow(array: np.ndarray, rows: int, fill) -> np.ndarray:
 
 # --- clean: dedup and lateness --------------------------------------------------------------
 
-def new_seen() -> Dict:
-    """The dedup set of one partition: packed (series, ts) -> Kafka offset of the reading."""
-    return Dict.empty(key_type=types.int64, value_type=types.int64)
+class DedupSet:
+    """The dedup set of one partition: an open-addressing hash table (numpy arrays, linear
+    probing) of packed (series, ts) + 1 -> Kafka offset of the reading; 0 marks a free slot."""
+
+    def __init__(self, capacity: int = 1 << 12) -> None:
+        self.keys = np.zeros(capacity, np.int64)
+        self.offsets = np.zeros(capacity, np.int64)
+        self.count = 0
+
+    def reserve(self, more: int, max_ts: int, horizon_ms: int) -> None:
+        """Room for ``more`` insertions at load <= 1/2 (pruning expired entries when rebuilding)."""
+        if 2 * (self.count + more) <= self.keys.shape[0]:
+            return
+        self.prune(max_ts, horizon_ms, more)
+
+    def prune(self, max_ts: int, horizon_ms: int, more: int = 0) -> int:
+        """Drop readings older than the horizon; returns the smallest offset kept (-1: none)."""
+        live = _dedup_live(self.keys, max_ts - horizon_ms)
+        capacity = max(1 << 12, 1 << int(4 * (live + more)).bit_length())
+        self.keys, self.offsets, self.count, lowest = _dedup_rebuild(
+            self.keys, self.offsets, max_ts - horizon_ms, capacity)
+        return lowest
 
 
 @njit(cache=True)
-def clean_update(series, ts, offset, verdict, seen, max_ts, max_ts_offset, lateness_ms, horizon_ms):
+def _slot(keys, key):
+    """Slot of ``key`` in the table, or the free slot where it would go."""
+    mask = keys.shape[0] - 1
+    i = ((key * -7046029254386353131) >> 17) & mask  # Fibonacci hashing
+    while keys[i] != 0 and keys[i] != key:
+        i = (i + 1) & mask
+    return i
+
+
+@njit(cache=True)
+def _dedup_live(keys, oldest):
+    n = 0
+    for k in keys:
+        if k != 0 and ((k - 1) & _TS_MASK) >= oldest:
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def _dedup_rebuild(keys, offsets, oldest, capacity):
+    """A new table of the entries not older than ``oldest``: (keys, offsets, count, lowest offset)."""
+    new_keys = np.zeros(capacity, np.int64)
+    new_offsets = np.zeros(capacity, np.int64)
+    count = 0
+    lowest = -1
+    for j in range(keys.shape[0]):
+        k = keys[j]
+        if k != 0 and ((k - 1) & _TS_MASK) >= oldest:
+            i = _slot(new_keys, k)
+            new_keys[i] = k
+            new_offsets[i] = offsets[j]
+            count += 1
+            if lowest < 0 or offsets[j] < lowest:
+                lowest = offsets[j]
+    return new_keys, new_offsets, count, lowest
+
+
+@njit(cache=True)
+def clean_update(series, ts, offset, verdict, keys, offsets, count, max_ts, max_ts_offset, lateness_ms, horizon_ms):
     """Mark duplicates (within the horizon) and late readings in ``verdict``; returns the new
-    (max_ts, offset of the reading that set it). Readings already rejected are skipped."""
+    (entry count, max_ts, offset of the reading that set it). Rejected readings are skipped.
+    The table needs room for every reading of the batch (``DedupSet.reserve``)."""
     for i in range(series.shape[0]):
         if verdict[i] != OK:
             continue
         t = ts[i]
-        key = (series[i] << _TS_BITS) | (t & _TS_MASK)
-        if key in seen and t >= max_ts - horizon_ms:
+        key = ((series[i] << _TS_BITS) | (t & _TS_MASK)) + 1
+        slot = _slot(keys, key)
+        if keys[slot] == key and t >= max_ts - horizon_ms:
             verdict[i] = DUPLICATE
         elif t < max_ts - lateness_ms:
             verdict[i] = LATE
         else:
-            seen[key] = offset[i]
+            if keys[slot] != key:
+                keys[slot] = key
+                count += 1
+            offsets[slot] = offset[i]
             if t > max_ts:
                 max_ts = t
                 max_ts_offset = offset[i]
-    return max_ts, max_ts_offset
-
-
-@njit(cache=True)
-def clean_prune(seen, max_ts, horizon_ms):
-    """Forget readings older than the horizon; returns the smallest offset still remembered (-1: none)."""
-    oldest = max_ts - horizon_ms
-    stale = []
-    lowest = -1
-    for key, off in seen.items():
-        if (key & _TS_MASK) < oldest:
-            stale.append(key)
-        elif lowest < 0 or off < lowest:
-            lowest = off
-    for key in stale:
-        del seen[key]
-    return lowest
+    return count, max_ts, max_ts_offset
 
 
 # --- window: per-series pane rings ----------------------------------------------------------
@@ -196,25 +283,29 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     cap = hist_mean.shape[1]
     filled = min(hist_n[s], cap)
     h_n = 0
-    h_mean = 0.0
-    h_m2 = 0.0  # Welford: identical means give exactly zero spread
+    h_ref = 0.0  # sums shifted by the first mean: identical means give exactly zero spread
+    h_s1 = 0.0
+    h_s2 = 0.0
     ewma = math.nan
     pos = (hist_n[s] - filled) % cap
     for _ in range(filled):
         if hist_end[s, pos] >= p - history:
             x = hist_mean[s, pos]
-            ewma = x if h_n == 0 else alpha * x + (1.0 - alpha) * ewma
+            if h_n == 0:
+                ewma = x
+                h_ref = x
+            else:
+                ewma = alpha * x + (1.0 - alpha) * ewma
             h_n += 1
-            delta = x - h_mean
-            h_mean += delta / h_n
-            h_m2 += delta * (x - h_mean)
+            h_s1 += x - h_ref
+            h_s2 += (x - h_ref) * (x - h_ref)
         pos = pos + 1 if pos + 1 < cap else 0
     ewma = mean if h_n == 0 else alpha * mean + (1.0 - alpha) * ewma
     zscore = 0.0
     if h_n >= 2:
-        h_sd = math.sqrt(h_m2 / (h_n - 1))
-        if h_sd > 1e-12:
-            zscore = (mean - h_mean) / h_sd
+        h_var = (h_s2 - h_s1 * h_s1 / h_n) / (h_n - 1)
+        if h_var > 1e-24:
+            zscore = (mean - (h_ref + h_s1 / h_n)) / math.sqrt(h_var)
     pos = hist_n[s] % cap
     hist_mean[s, pos] = mean
     hist_end[s, pos] = p
