@@ -360,3 +360,10 @@ def to_env(cfg: Config) -> dict[str, str]:
             env[f"AIMASS_{sf.name.upper()}_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) \
                 else str(value)
     return env
+
+
+def reference_markdown() -> str:
+    """The configuration reference table of the README (a test keeps the two in sync)."""
+    rows = ["| key | environment variable | default | accepted |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{key}` | `{env}` | `{default}` | {accepted} |" for key, env, default, accepted in describe()]
+    return "\n".join(rows)

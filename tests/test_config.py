@@ -84,3 +84,12 @@ def test_to_env_round_trips_every_key(tmp_path):
     cfg = load_config(env={"AIMASS_KAFKA_PARTITIONS": "3", "AIMASS_MQTT_TLS": "true", "AIMASS_RUN_DIR": str(tmp_path)})
     again = load_config(env=to_env(cfg))
     assert again == cfg
+
+
+def test_readme_configuration_reference_is_current():
+    from pathlib import Path
+
+    from aimass.config import reference_markdown
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate the README table: python -c " \
+        "'from aimass.config import reference_markdown; print(reference_markdown())'"
