@@ -341,7 +341,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.api_port is not None:
         cfg.alert.api_port = args.api_port
     if cfg.alert.metrics_port:
-        start_http_server(cfg.alert.metrics_port, addr="127.0.0.1")
+        start_http_server(cfg.alert.metrics_port, addr=cfg.run.metrics_host)
     return asyncio.run(_main(cfg, args.group_id))
 
 

@@ -310,7 +310,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.predict.metrics_port:
-        start_http_server(cfg.predict.metrics_port, addr="127.0.0.1")
+        start_http_server(cfg.predict.metrics_port, addr=cfg.run.metrics_host)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -487,7 +487,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                              f"AIMASS_CLICKHOUSE_QUERY_PORT")
         query_server = QueryServer(store, ch.query_port, cfg.secret(ch.query_token_env)).start()
     if ch.metrics_port:
-        start_http_server(ch.metrics_port, addr="127.0.0.1")
+        start_http_server(ch.metrics_port, addr=cfg.run.metrics_host)
     # A store outage can outlast the default 5 min poll interval: stay in the group while retrying.
     consumer = Consumer(consumer_config(cfg, ch.group_id, **{"max.poll.interval.ms": 86_400_000}))
     producer = Producer(producer_config(cfg))

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     clean.register(app, cfg)
     window.register(app, cfg)
     if cfg.worker.metrics_port:
-        start_http_server(cfg.worker.metrics_port, addr="127.0.0.1")
+        start_http_server(cfg.worker.metrics_port, addr=cfg.run.metrics_host)
         log.info("metrics on http://127.0.0.1:%d/metrics", cfg.worker.metrics_port)
     log.info("worker %s: clean + window agents on %s (windows %s)", app.conf.id,
              cfg.kafka.bootstrap, cfg.window.specs())

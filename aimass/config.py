@@ -37,6 +37,7 @@ class RunConfig:
 
     dir: str = ".aimass/run"
     log_level: str = field(default="INFO", metadata=_choices("DEBUG", "INFO", "WARNING", "ERROR"))
+    metrics_host: str = "127.0.0.1"  # where stages serve Prometheus metrics; 0.0.0.0 in containers
 
 
 @dataclass

@@ -426,7 +426,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.bridge.metrics_port:
-        start_http_server(cfg.bridge.metrics_port, addr="127.0.0.1")
+        start_http_server(cfg.bridge.metrics_port, addr=cfg.run.metrics_host)
     bridge = Bridge(cfg, args.client_id)
     signal.signal(signal.SIGTERM, bridge.stop)
     signal.signal(signal.SIGINT, bridge.stop)
