@@ -26,6 +26,7 @@ from numba.typed import Dict
 
 NO_TS = -(2 ** 62)  # "no reading seen yet" (far below any real ms timestamp, no overflow on minus)
 NO_PANE = -(2 ** 62)  # empty pane slot / series without panes
+FAR = 2 ** 62  # "no reading yet" for minimum searches (a constant: `2 ** 62` in a kernel is a loop)
 
 # Integer fields of a pane (last axis of ``pane_i``).
 P_ID, P_CNT, P_FIRST_TS, P_LAST_TS, P_MAX_RECV, P_FIRST_OFF = range(6)
@@ -230,7 +231,7 @@ def clean_update(series, ts, offset, verdict, keys, offsets, count, max_ts, max_
 
 # --- window: per-series pane rings ----------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # a call would cost refcount traffic on 9 array args
 def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
                  hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters):
     """Merge panes p-k+1..p of series s into one window row; returns the new row count."""
@@ -241,12 +242,12 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     s2 = 0.0
     mn = math.inf
     mx = -math.inf
-    first_ts = 2 ** 62
+    first_ts = FAR
     last_ts = NO_TS
     first_v = math.nan
     last_v = math.nan
     max_recv = NO_TS
-    first_off = 2 ** 62
+    first_off = FAR
     for j in range(p - k + 1, p + 1):
         slot = j & (ring - 1)
         if pane_i[s, slot, P_ID] != j or pane_i[s, slot, P_CNT] == 0:
@@ -275,7 +276,7 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     if n == 0:
         return n_out
     mean = ref + s1 / n
-    var = s2 / n - (s1 / n) ** 2
+    var = s2 / n - (s1 / n) * (s1 / n)
     std = math.sqrt(var) if var > 0.0 else 0.0
     rate = (last_v - first_v) / ((last_ts - first_ts) / 1000.0) if last_ts > first_ts else 0.0
 
@@ -331,7 +332,7 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     return n_out + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f, next_close, last_pane,
                   hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters):
     """Emit every window of series s ending at panes next_close[s]..target, in order."""
@@ -346,7 +347,7 @@ def _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
                              hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters)
         if n_out == before:
             # Empty window: jump to the next pane holding data (windows in between are empty too).
-            nxt = 2 ** 62
+            nxt = FAR
             for slot in range(ring):
                 pid = pane_i[s, slot, P_ID]
                 if pid > p and pane_i[s, slot, P_CNT] > 0 and pid < nxt:
@@ -396,7 +397,7 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
                                       out_i, out_f, n_out, counters)
             pane_i[s, slot, P_ID] = q
             pane_i[s, slot, P_CNT] = 0
-            pane_i[s, slot, P_FIRST_TS] = 2 ** 62
+            pane_i[s, slot, P_FIRST_TS] = FAR
             pane_i[s, slot, P_LAST_TS] = NO_TS
             pane_i[s, slot, P_MAX_RECV] = NO_TS
             pane_i[s, slot, P_FIRST_OFF] = offset[i]
