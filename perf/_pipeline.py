@@ -40,7 +40,8 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS bench.readings (device_id String, metric L
           "ENGINE = MergeTree ORDER BY (device_id, metric, ts)",
           "CREATE TABLE IF NOT EXISTS bench.windows (device_id String, metric LowCardinality(String), "
           "window_start DateTime64(3, 'UTC'), count UInt32, mean Float64, min Float64, max Float64, std Float64, "
-          "inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = MergeTree ORDER BY (device_id, metric, window_start)")
+          "inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+          "ENGINE = MergeTree ORDER BY (device_id, metric, window_start)")
 
 
 def senml_readings(pack: list[dict]) -> list[tuple[str, int, float]]:
@@ -110,7 +111,8 @@ def forwarder(cfg: Config, client_id: str, topic: str, per_reading: bool) -> Non
         device = msg.topic.split("/")[-2].encode()
         if per_reading:
             for metric, ts, value in senml_readings(orjson.loads(msg.payload)):
-                produce(device, orjson.dumps({"device_id": device.decode(), "metric": metric, "ts": ts, "value": value}))
+                doc = {"device_id": device.decode(), "metric": metric, "ts": ts, "value": value}
+                produce(device, orjson.dumps(doc))
         else:
             produce(device, msg.payload)
 
