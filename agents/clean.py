@@ -18,7 +18,6 @@ instead of "late" after a restart (rejected either way; windows are unaffected).
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -34,7 +33,6 @@ from streams.app import raw_topic
 from streams.replay import ReplayedPartitions
 from streams.units import UnitTable
 
-log = logging.getLogger(__name__)
 
 READINGS_IN = Counter("aimass_clean_readings_in_total", "Readings the clean stage received")
 READINGS_OUT = Counter("aimass_clean_readings_out_total", "Readings the clean stage passed on")
@@ -129,14 +127,6 @@ def rejects(raw: pa.Table, verdict: np.ndarray, mask: np.ndarray, stage: str = "
     }, schema=contract.REJECTS)
 
 
-def unreadable(value: bytes, error: str, stage: str = "clean") -> pa.Table:
-    """One REJECTS row for a Kafka record that is not a READINGS batch."""
-    row = {name: [None] for name in contract.REJECTS.names}
-    row.update(stage=[stage], reason=["bad_record"], detail=[error[:500]], payload=[value],
-               rejected_ms=[int(time.time() * 1000)])
-    return pa.table(row, schema=contract.REJECTS)
-
-
 def register(app: faust.App, cfg: Config) -> ReplayedPartitions[CleanEngine]:
     """The clean agent: RAW -> CLEAN / DEAD_LETTER / LATE, same partition numbers."""
     units = UnitTable.load(cfg.clean.units_file)
@@ -147,28 +137,13 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[CleanEngine]:
     partitions = ReplayedPartitions(app, cfg, source.get_topic_name(), "clean",
                                     lambda: CleanEngine(cfg.clean, units))
 
-    @app.agent(source, name=f"{app.conf.id}.clean")
-    async def clean(stream):
-        async for event in stream.events():
-            p, offset = event.message.partition, event.message.offset
-            emit = not partitions.restoring(p, offset)
-            try:
-                raw = contract.decode(event.value, contract.READINGS)
-            except ValueError as exc:
-                if emit:
-                    REJECTED.labels("bad_record").inc()
-                    await dead_out.send(value=contract.encode(unreadable(event.value, str(exc)), contract.REJECTS),
-                                        partition=p)
-                partitions.processed(p, offset)
-                continue
-            result = partitions.state(p).process(raw, offset)
-            if emit:
-                await publish(result, p, offset, clean_out, dead_out, late_out)
-            partitions.processed(p, offset)
+    async def handle(engine: CleanEngine, partition: int, offset: int, raw: pa.Table, headers: dict, emit: bool):
+        result = engine.process(raw, offset)
+        if emit:
+            await publish(result, partition, offset, clean_out, dead_out, late_out)
 
-    app.on_partitions_assigned.connect(lambda sender, assigned, **_: partitions.on_assigned(assigned))
-    app.timer(1.0, name=f"{app.conf.id}.clean.commit")(partitions.commit)
-    app.before_stop(partitions.commit)
+    partitions.install(source, contract.READINGS, "clean", dead_out, handle,
+                       on_unreadable=REJECTED.labels("bad_record").inc)
     return partitions
 
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 from prometheus_client import Counter
 
 from agents import kernels as K
-from agents.clean import MAX_TS_HEADER, RAW_OFFSET_HEADER, unreadable
+from agents.clean import MAX_TS_HEADER, RAW_OFFSET_HEADER
 from aimass.config import Config, WindowConfig
 from streams import contract
 from streams.app import raw_topic
@@ -202,40 +202,14 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
     partitions = ReplayedPartitions(app, cfg, source.get_topic_name(), "window",
                                     lambda: WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s))
 
-    @app.agent(source, name=f"{app.conf.id}.window")
-    async def window(stream):
-        async for event in stream.events():
-            p, offset = event.message.partition, event.message.offset
-            emit = not partitions.restoring(p, offset)
-            try:
-                readings = contract.decode(event.value, contract.READINGS)
-            except ValueError as exc:
-                if emit:
-                    await dead_out.send(value=contract.encode(unreadable(event.value, str(exc), "window"),
-                                                              contract.REJECTS), partition=p)
-                partitions.processed(p, offset)
-                continue
-            headers = _headers(event.message.headers)
-            closed, dropped = partitions.state(p).update(readings, offset, headers.get(MAX_TS_HEADER),
-                                                         headers.get(RAW_OFFSET_HEADER))
-            if emit and closed.num_rows:
-                WINDOW_ROWS.inc(closed.num_rows)
-                await windows_out.send(value=contract.encode(closed, contract.WINDOWS), partition=p)
-            if emit and dropped:
-                WINDOW_REPLAYED.inc(dropped)
-            partitions.processed(p, offset)
+    async def handle(engine: WindowEngine, partition: int, offset: int, readings: pa.Table, headers: dict,
+                     emit: bool):
+        closed, dropped = engine.update(readings, offset, headers.get(MAX_TS_HEADER), headers.get(RAW_OFFSET_HEADER))
+        if emit and closed.num_rows:
+            WINDOW_ROWS.inc(closed.num_rows)
+            await windows_out.send(value=contract.encode(closed, contract.WINDOWS), partition=partition)
+        if emit and dropped:
+            WINDOW_REPLAYED.inc(dropped)
 
-    app.on_partitions_assigned.connect(lambda sender, assigned, **_: partitions.on_assigned(assigned))
-    app.timer(1.0, name=f"{app.conf.id}.window.commit")(partitions.commit)
-    app.before_stop(partitions.commit)
+    partitions.install(source, contract.READINGS, "window", dead_out, handle)
     return partitions
-
-
-def _headers(headers) -> dict[str, int]:
-    """Integer headers of a clean record (``max_ts_before``, ``raw_offset``)."""
-    items = headers.items() if isinstance(headers, dict) else (headers or [])
-    out = {}
-    for key, value in items:
-        if key in (MAX_TS_HEADER, RAW_OFFSET_HEADER):
-            out[key] = int(value)
-    return out

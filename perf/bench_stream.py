@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from agents.clean import CleanEngine  # noqa: E402
 from agents.window import WindowEngine  # noqa: E402
 from aimass.config import Config, to_env  # noqa: E402
-from aimass.procs import free_port, wait_until  # noqa: E402
+from aimass.procs import free_port  # noqa: E402
 from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
 from streams import contract  # noqa: E402
 from streams.kafka import producer_config  # noqa: E402
@@ -142,7 +142,6 @@ def run_stage(cfg: Config, argv: list[str], log: Path, port: int, done, what: st
 
 def naive_agent_main() -> int:
     """A Faust worker with one per-message agent: JSON reading in, dict-based windows, JSON rows out."""
-    import faust  # noqa: F401  (the app below)
     from prometheus_client import Counter, start_http_server
 
     from aimass.config import load_config

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Generic, Protocol, TypeVar
+import time
+from typing import Awaitable, Callable, Generic, Protocol, TypeVar
 
 import faust
+import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from faust.types import TP
 
 from aimass.config import Config
+from streams import contract
 from streams.kafka import consumer_config
 
 log = logging.getLogger(__name__)
@@ -108,5 +111,50 @@ class ReplayedPartitions(Generic[S]):
             if await self.app.consumer._commit({TP(self.topic_name, p): r for p, (_, r) in marks.items()}):
                 self._committed.update(marks)
 
-    def close(self) -> None:
-        self._markers.close()
+    def install(self, source: faust.TopicT, schema: pa.Schema, stage: str, dead_out: faust.TopicT,
+                handle: Callable[[S, int, int, pa.Table, dict, bool], Awaitable[None]],
+                on_unreadable: Callable[[], None] = lambda: None) -> None:
+        """Register the agent: each record of ``source`` is decoded and passed to
+        ``handle(state, partition, offset, table, headers, emit)`` (records that are not ``schema``
+        go to the dead-letter topic), plus the commit timer, the assignment hook and a final commit."""
+        app = self.app
+
+        @app.agent(source, name=f"{app.conf.id}.{stage}")
+        async def agent(stream):
+            async for event in stream.events():
+                p, offset = event.message.partition, event.message.offset
+                emit = not self.restoring(p, offset)
+                try:
+                    table = contract.decode(event.value, schema)
+                except ValueError as exc:
+                    if emit:
+                        on_unreadable()
+                        await dead_out.send(value=contract.encode(unreadable(event.value, str(exc), stage),
+                                                                  contract.REJECTS), partition=p)
+                else:
+                    await handle(self.state(p), p, offset, table, _int_headers(event.message.headers), emit)
+                self.processed(p, offset)
+
+        app.on_partitions_assigned.connect(lambda sender, assigned, **_: self.on_assigned(assigned))
+        app.timer(1.0, name=f"{app.conf.id}.{stage}.commit")(self.commit)
+        app.before_stop(self.commit)
+
+
+def unreadable(value: bytes, error: str, stage: str) -> pa.Table:
+    """One REJECTS row for a Kafka record that is not the expected Arrow batch."""
+    row = {name: [None] for name in contract.REJECTS.names}
+    row.update(stage=[stage], reason=["bad_record"], detail=[error[:500]], payload=[value],
+               rejected_ms=[int(time.time() * 1000)])
+    return pa.table(row, schema=contract.REJECTS)
+
+
+def _int_headers(headers) -> dict[str, int]:
+    """Record headers whose values are integers (watermark bases, source offsets)."""
+    items = headers.items() if isinstance(headers, dict) else (headers or [])
+    out = {}
+    for key, value in items:
+        try:
+            out[key] = int(value)
+        except (TypeError, ValueError):
+            continue
+    return out
