@@ -275,8 +275,9 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
         first_off = min(first_off, pane_i[s, slot, P_FIRST_OFF])
     if n == 0:
         return n_out
-    mean = ref + s1 / n
-    var = s2 / n - (s1 / n) * (s1 / n)
+    inv_n = 1.0 / n
+    mean = ref + s1 * inv_n
+    var = s2 * inv_n - (s1 * inv_n) * (s1 * inv_n)
     std = math.sqrt(var) if var > 0.0 else 0.0
     rate = (last_v - first_v) / ((last_ts - first_ts) / 1000.0) if last_ts > first_ts else 0.0
 
@@ -288,7 +289,7 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
     h_s1 = 0.0
     h_s2 = 0.0
     ewma = math.nan
-    pos = (hist_n[s] - filled) % cap
+    pos = (hist_n[s] - filled) & (cap - 1)  # capacities are powers of two
     for _ in range(filled):
         if hist_end[s, pos] >= p - history:
             x = hist_mean[s, pos]
@@ -307,7 +308,7 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
         h_var = (h_s2 - h_s1 * h_s1 / h_n) / (h_n - 1)
         if h_var > 1e-24:
             zscore = (mean - (h_ref + h_s1 / h_n)) / math.sqrt(h_var)
-    pos = hist_n[s] % cap
+    pos = hist_n[s] & (cap - 1)
     hist_mean[s, pos] = mean
     hist_end[s, pos] = p
     hist_off[s, pos] = first_off

@@ -59,9 +59,10 @@ class _SpecState:
         self.pane_f = np.zeros((0, ring, K.PANE_FLOAT_FIELDS))
         self.next_close = np.full(0, K.NO_PANE, np.int64)
         self.last_pane = np.full(0, K.NO_PANE, np.int64)
-        self.hist_mean = np.zeros((0, history))
-        self.hist_end = np.full((0, history), -1, np.int64)
-        self.hist_off = np.zeros((0, history), np.int64)
+        cap = 1 << (history - 1).bit_length()  # room for `history` window means, a power of two
+        self.hist_mean = np.zeros((0, cap))
+        self.hist_end = np.full((0, cap), -1, np.int64)
+        self.hist_off = np.zeros((0, cap), np.int64)
         self.hist_n = np.zeros(0, np.int64)
         self.closed_through = K.NO_TS
         self.counters = np.zeros(2, np.int64)  # panes created, pane uses by emitted windows
