@@ -12,7 +12,8 @@ Windows: each window spec is (size, hop) with size a multiple of hop (tumbling: 
 Per series and spec a ring of panes (hop-sized sub-windows) holds shifted sums, min, max,
 first/last and bookkeeping; a window ending at pane ``p`` merges panes ``p-k+1 .. p`` and is
 emitted once the watermark passes its end. EWMA and z-score use the series' window means of the
-previous ``history`` hops (time-bounded, so a replay of that span rebuilds them exactly).
+previous ``history`` hops (time-bounded, so a replay of that span rebuilds them exactly); the
+z-score is 0 until at least ``min_history`` such means exist.
 """
 from __future__ import annotations
 
@@ -232,7 +233,7 @@ def clean_update(series, ts, offset, verdict, keys, offsets, count, max_ts, max_
 # --- window: per-series pane rings ----------------------------------------------------------
 
 @njit(cache=True, inline="always")  # a call would cost refcount traffic on 9 array args
-def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                  hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters):
     """Merge panes p-k+1..p of series s into one window row; returns the new row count."""
     ring = pane_i.shape[1]
@@ -303,8 +304,8 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
             h_s2 += (x - h_ref) * (x - h_ref)
         pos = pos + 1 if pos + 1 < cap else 0
     ewma = mean if h_n == 0 else alpha * mean + (1.0 - alpha) * ewma
-    zscore = 0.0
-    if h_n >= 2:
+    zscore = 0.0  # fewer means than min_history give too noisy a spread (|z| > 6 on clean data)
+    if h_n >= min_history:
         h_var = (h_s2 - h_s1 * h_s1 / h_n) / (h_n - 1)
         if h_var > 1e-24:
             zscore = (mean - (h_ref + h_s1 / h_n)) / math.sqrt(h_var)
@@ -334,7 +335,7 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
 
 
 @njit(cache=True, inline="always")
-def _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f, next_close, last_pane,
+def _close_series(s, target, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f, next_close, last_pane,
                   hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters):
     """Emit every window of series s ending at panes next_close[s]..target, in order."""
     ring = pane_i.shape[1]
@@ -344,7 +345,7 @@ def _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
             p = target + 1  # no data left in any window up to target
             break
         before = n_out
-        n_out = _emit_window(s, p, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+        n_out = _emit_window(s, p, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                              hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters)
         if n_out == before:
             # Empty window: jump to the next pane holding data (windows in between are empty too).
@@ -362,7 +363,7 @@ def _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
 
 @njit(cache=True)
 def window_update(series, ts, value, recv, offset, max_ts, closed_through, lateness_ms, hop_ms, size_ms,
-                  k, alpha, history, pane_i, pane_f, next_close, last_pane,
+                  k, alpha, history, min_history, pane_i, pane_f, next_close, last_pane,
                   hist_mean, hist_end, hist_off, hist_n, n_series, out_i, out_f, late, counters):
     """Add a batch to the pane rings and emit windows the watermark closed.
 
@@ -393,7 +394,7 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
             old = pane_i[s, slot, P_ID]
             if old != NO_PANE and old >= next_close[s] - (k - 1):
                 # The slot still holds a needed pane; the ring is sized so it is closable now.
-                n_out = _close_series(s, old + k - 1, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+                n_out = _close_series(s, old + k - 1, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                                       next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
                                       out_i, out_f, n_out, counters)
             pane_i[s, slot, P_ID] = q
@@ -433,7 +434,7 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
     if target > closed_through:
         for s in range(n_series):
             if next_close[s] != NO_PANE and next_close[s] <= target:
-                n_out = _close_series(s, target, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
+                n_out = _close_series(s, target, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                                       next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
                                       out_i, out_f, n_out, counters)
         closed_through = target
@@ -441,14 +442,14 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
 
 
 @njit(cache=True)
-def window_flush(hop_ms, size_ms, k, alpha, history, pane_i, pane_f, next_close, last_pane,
+def window_flush(hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f, next_close, last_pane,
                  hist_mean, hist_end, hist_off, hist_n, n_series, out_i, out_f, counters):
     """Close every remaining window (end of an offline history); returns rows written."""
     n_out = 0
     for s in range(n_series):
         if next_close[s] != NO_PANE:
-            n_out = _close_series(s, last_pane[s] + k - 1, hop_ms, size_ms, k, alpha, history, pane_i, pane_f,
-                                  next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
+            n_out = _close_series(s, last_pane[s] + k - 1, hop_ms, size_ms, k, alpha, history, min_history,
+                                  pane_i, pane_f, next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
                                   out_i, out_f, n_out, counters)
     return n_out
 

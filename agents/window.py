@@ -46,7 +46,7 @@ WINDOW_REPLAYED = Counter("aimass_window_replayed_readings_total",
 class _SpecState:
     """Pane rings and window history of one window spec (size, hop) for every series."""
 
-    def __init__(self, size_s: int, hop_s: int, lateness_ms: int, history: int) -> None:
+    def __init__(self, size_s: int, hop_s: int, lateness_ms: int, history: int, min_history: int) -> None:
         self.size_s = size_s
         self.size_ms = size_s * 1000
         self.hop_ms = hop_s * 1000
@@ -55,6 +55,7 @@ class _SpecState:
         # two, so the kernels find a pane's slot with a bit mask.
         ring = 1 << (self.k + math.ceil(lateness_ms / self.hop_ms)).bit_length()
         self.history = history
+        self.min_history = min_history
         self.pane_i = np.full((0, ring, K.PANE_INT_FIELDS), K.NO_PANE, np.int64)
         self.pane_f = np.zeros((0, ring, K.PANE_FLOAT_FIELDS))
         self.next_close = np.full(0, K.NO_PANE, np.int64)
@@ -89,17 +90,19 @@ class _SpecState:
 class WindowEngine:
     """Window state of one partition: feed clean batches in arrival order, get closed windows."""
 
-    def __init__(self, specs: list[tuple[int, int]], lateness_ms: int, history: int, alpha: float) -> None:
+    def __init__(self, specs: list[tuple[int, int]], lateness_ms: int, history: int, alpha: float,
+                 min_history: int) -> None:
         self.series = K.SeriesIndex()
         self.lateness_ms = int(lateness_ms)
         self.alpha = float(alpha)
-        self.specs = [_SpecState(size, hop, self.lateness_ms, history) for size, hop in specs]
+        self.specs = [_SpecState(size, hop, self.lateness_ms, history, min_history) for size, hop in specs]
         self.max_ts = K.NO_TS
         self.max_source_offset = -1
 
     @classmethod
     def from_config(cls, window: WindowConfig, lateness_s: float) -> "WindowEngine":
-        return cls(window.specs(), int(lateness_s * 1000), window.zscore_history, window.ewma_alpha)
+        return cls(window.specs(), int(lateness_s * 1000), window.zscore_history, window.ewma_alpha,
+                   window.zscore_min_history)
 
     def update(self, readings: pa.Table, offset: int = 0, max_ts_before: int | None = None,
                source_offset: int | None = None) -> tuple[pa.Table, int]:
@@ -131,9 +134,9 @@ class WindowEngine:
             out_i, out_f = spec.out_buffers(n)
             n_out, max_ts, spec.closed_through = K.window_update(
                 series, ts, value, recv, offsets, self.max_ts, spec.closed_through, self.lateness_ms,
-                spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history, spec.pane_i, spec.pane_f,
-                spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n,
-                len(self.series), out_i, out_f, late, spec.counters)
+                spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history, spec.min_history, spec.pane_i,
+                spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off,
+                spec.hist_n, len(self.series), out_i, out_f, late, spec.counters)
             parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
         self.max_ts = max_ts
         return _concat(parts), int(late.sum())
@@ -143,9 +146,10 @@ class WindowEngine:
         parts = []
         for spec in self.specs:
             out_i, out_f = spec.out_buffers(0)
-            n_out = K.window_flush(spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history, spec.pane_i,
-                                   spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end,
-                                   spec.hist_off, spec.hist_n, len(self.series), out_i, out_f, spec.counters)
+            n_out = K.window_flush(spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history,
+                                   spec.min_history, spec.pane_i, spec.pane_f, spec.next_close, spec.last_pane,
+                                   spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n, len(self.series),
+                                   out_i, out_f, spec.counters)
             parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
         return _concat(parts)
 
@@ -175,7 +179,8 @@ def _concat(parts: list[pa.Table]) -> pa.Table:
 
 
 def batch_windows(readings: pa.Table, window_s: int, hop_s: int | None = None, *,
-                  ewma_alpha: float | None = None, zscore_history: int | None = None) -> pa.Table:
+                  ewma_alpha: float | None = None, zscore_history: int | None = None,
+                  zscore_min_history: int | None = None) -> pa.Table:
     """Windows (WINDOWS schema) of a finite history of READINGS, every window closed.
 
     Readings are taken in event-time order (nothing is late); the result is what the window
@@ -184,7 +189,8 @@ def batch_windows(readings: pa.Table, window_s: int, hop_s: int | None = None, *
     defaults = WindowConfig()
     engine = WindowEngine([(window_s, hop_s or window_s)], 0,
                           zscore_history or defaults.zscore_history,
-                          defaults.ewma_alpha if ewma_alpha is None else ewma_alpha)
+                          defaults.ewma_alpha if ewma_alpha is None else ewma_alpha,
+                          zscore_min_history or defaults.zscore_min_history)
     readings = readings.select(contract.READINGS.names).cast(contract.READINGS)
     if readings.num_rows:
         readings = readings.take(np.argsort(readings["ts_ms"].to_numpy(), kind="stable"))

@@ -115,6 +115,7 @@ class WindowConfig:
     sliding_s: str = "30/10"  # comma separated sliding windows SIZE/HOP in seconds ("" = none)
     ewma_alpha: float = field(default=0.3, metadata=_range(0.0, 1.0))
     zscore_history: int = field(default=30, metadata=_range(2, 100000))  # in hops of the window
+    zscore_min_history: int = field(default=5, metadata=_range(2, None))  # z-score 0 until this many history means
 
     def sizes(self) -> list[int]:
         return [int(s) for s in self.sizes_s.split(",") if s.strip()]

@@ -62,9 +62,9 @@ def timed(fn) -> tuple[float, float, object]:
     return time.process_time() - c0, time.perf_counter() - w0, result
 
 
-def run_kernel(d: dict, series: int, alpha: float, history: int) -> int:
+def run_kernel(d: dict, series: int, alpha: float, history: int, min_history: int) -> int:
     """window_update over micro-batches, then a flush; returns the readings counted in windows."""
-    spec = _SpecState(WINDOW_S, WINDOW_S, LATENESS_MS, history)
+    spec = _SpecState(WINDOW_S, WINDOW_S, LATENESS_MS, history, min_history)
     spec.reserve(series)
     max_ts = K.NO_TS
     counted = 0
@@ -76,18 +76,18 @@ def run_kernel(d: dict, series: int, alpha: float, history: int) -> int:
         out_i, out_f = spec.out_buffers(sl.stop - sl.start)
         n_out, max_ts, spec.closed_through = K.window_update(
             d["series"][sl], d["ts"][sl], d["value"][sl], d["recv"][sl], offsets[:sl.stop - sl.start], max_ts,
-            spec.closed_through, LATENESS_MS, spec.hop_ms, spec.size_ms, spec.k, alpha, history, spec.pane_i,
-            spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n,
+            spec.closed_through, LATENESS_MS, spec.hop_ms, spec.size_ms, spec.k, alpha, history, min_history,
+            spec.pane_i, spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n,
             series, out_i, out_f, late[:sl.stop - sl.start], spec.counters)
         counted += int(out_i[:n_out, K.O_COUNT].sum())
     out_i, out_f = spec.out_buffers(0)
-    n_out = K.window_flush(spec.hop_ms, spec.size_ms, spec.k, alpha, history, spec.pane_i, spec.pane_f,
+    n_out = K.window_flush(spec.hop_ms, spec.size_ms, spec.k, alpha, history, min_history, spec.pane_i, spec.pane_f,
                            spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off,
                            spec.hist_n, series, out_i, out_f, spec.counters)
     return counted + int(out_i[:n_out, K.O_COUNT].sum())
 
 
-def run_pandas(d: dict, alpha: float, history: int) -> int:
+def run_pandas(d: dict, alpha: float, history: int, min_history: int) -> int:
     """The same window statistics with pandas; returns the readings counted in windows."""
     df = pd.DataFrame({"series": d["series"], "ts": d["ts"], "value": d["value"], "recv": d["recv"]})
     df["start"] = df.ts // (WINDOW_S * 1000) * (WINDOW_S * 1000)
@@ -101,7 +101,7 @@ def run_pandas(d: dict, alpha: float, history: int) -> int:
     w = w.reset_index()
     by_series = w.groupby("series")["mean"]
     w["ewma"] = by_series.transform(lambda m: m.ewm(alpha=alpha, adjust=False).mean())
-    rolling = by_series.rolling(history, min_periods=2)
+    rolling = by_series.rolling(history, min_periods=min_history)
     hist_mean = rolling.mean().reset_index(level=0, drop=True).groupby(w["series"]).shift(1)
     hist_std = rolling.std().reset_index(level=0, drop=True).groupby(w["series"]).shift(1)
     w["zscore"] = ((w["mean"] - hist_mean) / hist_std).fillna(0.0)
@@ -162,20 +162,20 @@ def main() -> int:
     args = p.parse_args()
     n = args.readings or (1_000_000 if args.quick else 10_000_000)
     cfg = WindowConfig()
-    alpha, history = cfg.ewma_alpha, cfg.zscore_history
+    alpha, history, min_history = cfg.ewma_alpha, cfg.zscore_history, cfg.zscore_min_history
     d = make_data(n, args.series)
     say(f"{n:,} readings, {args.series:,} series, {WINDOW_S} s windows")
 
     say("compiling kernels (cached after the first run) ...")
-    run_kernel(make_data(BATCH * 2, 100), 100, alpha, history)
+    run_kernel(make_data(BATCH * 2, 100), 100, alpha, history, min_history)
     say("kernel ...")
-    kernel_cpu, kernel_wall, kernel_counted = timed(lambda: run_kernel(d, args.series, alpha, history))
+    kernel_cpu, kernel_wall, kernel_counted = timed(lambda: run_kernel(d, args.series, alpha, history, min_history))
     say(f"  {n / kernel_cpu / 1e6:.1f}M readings/s per CPU second ({n / kernel_wall / 1e6:.1f}M wall)")
     say("engine (3 window specs, Arrow in/out) ...")
     engine_counted, engine_cpu, engine_wall = run_engine(d, args.series)
     say(f"  {n / engine_cpu / 1e6:.2f}M readings/s per CPU second")
     say("pandas groupby/rolling ...")
-    pandas_cpu, pandas_wall, pandas_counted = timed(lambda: run_pandas(d, alpha, history))
+    pandas_cpu, pandas_wall, pandas_counted = timed(lambda: run_pandas(d, alpha, history, min_history))
     say(f"  {n / pandas_cpu / 1e6:.2f}M readings/s per CPU second")
     river_n = min(n, 200_000 if args.quick else 1_000_000)
     say(f"river stats, per reading ({river_n:,} readings) ...")

@@ -155,7 +155,7 @@ def naive_agent_main() -> int:
     rows = Counter("naive_window_rows_total", "window rows emitted")
     specs = cfg.window.specs()
     lateness = int(cfg.clean.allowed_lateness_s * 1000)
-    alpha, history = cfg.window.ewma_alpha, cfg.window.zscore_history
+    alpha, history, min_history = cfg.window.ewma_alpha, cfg.window.zscore_history, cfg.window.zscore_min_history
     min_hop = min(hop for _, hop in specs) * 1000
     state: dict[int, dict] = {}
 
@@ -203,7 +203,7 @@ def naive_agent_main() -> int:
                     for m in recent[1:] + [mean]:
                         ewma = alpha * m + (1 - alpha) * ewma
                 z = 0.0
-                if len(recent) >= 2:
+                if len(recent) >= min_history:
                     mu = sum(recent) / len(recent)
                     sd = math.sqrt(sum((m - mu) ** 2 for m in recent) / (len(recent) - 1))
                     z = (mean - mu) / sd if sd > 1e-12 else 0.0

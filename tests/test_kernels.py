@@ -21,6 +21,7 @@ from streams.units import UnitTable
 HOP_MS = 1000
 LATENESS_MS = 2500
 HISTORY = 4
+MIN_HISTORY = 3  # below HISTORY, so both sides of the z-score warm-up are checked
 ALPHA = 0.3
 SPECS = [(1, 1), (3, 1), (2, 2)]  # tumbling 1 s, sliding 3 s every 1 s, tumbling 2 s
 
@@ -76,7 +77,7 @@ def reference_windows(df: pd.DataFrame, size_s: int, hop_s: int, lateness_ms: in
                     ewma = ALPHA * m + (1 - ALPHA) * ewma
                 ewma = ALPHA * mean + (1 - ALPHA) * ewma
             z = 0.0
-            if len(recent) >= 2 and np.std(recent, ddof=1) > 1e-12:
+            if len(recent) >= MIN_HISTORY and np.std(recent, ddof=1) > 1e-12:
                 z = (mean - np.mean(recent)) / np.std(recent, ddof=1)
             history.append((p, mean))
             rows.append(dict(tenant="t", device_id=device, metric="m", window_s=size_s,
@@ -89,7 +90,7 @@ def reference_windows(df: pd.DataFrame, size_s: int, hop_s: int, lateness_ms: in
 
 def engine_windows(t: pa.Table, cuts: list[int], close_all: bool) -> dict[int, pd.DataFrame]:
     """Run the streaming engine over ``t`` split at ``cuts``; windows per window size."""
-    engine = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA)
+    engine = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
     parts, start = [], 0
     for cut in sorted(set(cuts)) + [t.num_rows]:
         parts.append(engine.update(t.slice(start, cut - start), offset=start)[0])
@@ -187,7 +188,7 @@ def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, rep
     series, ts, vals, _ = stream
     t = table(series, ts, vals)
     sources = [t.slice(i, 5) for i in range(0, t.num_rows, 5)]
-    undisturbed = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA)
+    undisturbed = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
     headers, want_all = [], []
     for src, rec in enumerate(sources):
         headers.append(undisturbed.max_ts)
@@ -198,7 +199,7 @@ def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, rep
         topic.append(src)
         if src in replays:
             topic += range(max(0, src - 2), src + 1)
-    original = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA)
+    original = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
     out = []
     b = min(cut_at, len(topic))
     restart = None
@@ -216,7 +217,7 @@ def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, rep
         return df.sort_values(["device_id", "window_s", "window_start_ms"]).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(frame(out), frame(want_all))  # replays are invisible
-    restored = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA)
+    restored = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
     emitted = []
     for offset in range(restart, len(topic)):
         closed = restored.update(sources[topic[offset]], offset, headers[topic[offset]], topic[offset])[0]

@@ -71,6 +71,7 @@ def test_sigkilled_worker_is_replaced_without_changing_any_window(cfg, tmp_path)
     cfg.clean.allowed_lateness_s = 5.0
     cfg.clean.dedup_horizon_s = 10.0
     cfg.window.sizes_s, cfg.window.sliding_s, cfg.window.zscore_history = "5,10", "20/5", 3
+    cfg.window.zscore_min_history = 2  # z-scores from the first windows on, so they are compared too
     records = raw_records(cfg, synthetic(devices=12, seconds=150, rate_hz=2.0, seed=5), rows_per_record=40)
     expected = undisturbed_windows(cfg, records).to_pandas()
     assert len(expected) > 500 and not expected.duplicated(KEY).any()
