@@ -201,6 +201,7 @@ class Watch:
         self.t0 = time.monotonic()
         self.cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         self.prev, self.prev_t = scrape(*ports), self.t0
+        self.first = self.prev
         self.peak: dict[str, float] = {}
 
     def sample(self) -> dict[str, float]:
@@ -217,6 +218,13 @@ class Watch:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+    def readings_per_record(self) -> float:
+        """Mean readings per Kafka record the bridge produced since the watch started (its micro-batch size)."""
+        m, first = self.prev, self.first
+        n = m.get("aimass_bridge_batch_readings_count", 0.0) - first.get("aimass_bridge_batch_readings_count", 0.0)
+        total = m.get("aimass_bridge_batch_readings_sum", 0.0) - first.get("aimass_bridge_batch_readings_sum", 0.0)
+        return round(total / n, 1) if n else float("nan")
 
 
 def cpu_figures(cpu_s: dict[str, float], elapsed_s: float, readings: int) -> dict:
@@ -326,6 +334,7 @@ def aimass_max_rate(ai: AiMass, readings: int, publishers: int) -> dict:
     watch = ai.watch()
     m = wait_drained(watch, pub["readings"], max_s=300)
     cpu = cpu_figures(watch.cpu(), watch.elapsed(), pub["readings"])
+    per_record = watch.readings_per_record()
     rows = ai.query("SELECT count() AS n, uniqExact(device_id, metric, ts) AS distinct_n, "
                     "toUnixTimestamp64Milli(quantileExact(0.1)(inserted_at)) AS t10, "
                     "toUnixTimestamp64Milli(quantileExact(0.9)(inserted_at)) AS t90 "
@@ -334,11 +343,11 @@ def aimass_max_rate(ai: AiMass, readings: int, publishers: int) -> dict:
     rate = store_rate(rows)
     lost = pub["readings"] - rows[0]["distinct_n"] - rejected
     say(f"AI Mass: {rate:,.0f} readings/s end to end; stored {rows[0]['n']:,d} ({rows[0]['distinct_n']:,d} distinct), "
-        f"rejected {rejected}, lost {lost}; CPU share per process {cpu}")
+        f"rejected {rejected}, lost {lost}; {per_record} readings per raw Kafka record; CPU {cpu}")
     return {"readings_per_s": rate, "published": pub["readings"], "stored": rows[0]["n"],
             "duplicates": rows[0]["n"] - rows[0]["distinct_n"], "rejected": rejected, "lost": lost,
             "publisher_readings_per_s": pub["readings_per_s"], "stage_peak_per_s": watch.peak, "cpu": cpu,
-            "windows": m.get("aimass_window_rows_total", 0.0)}
+            "windows": m.get("aimass_window_rows_total", 0.0), "readings_per_record": per_record}
 
 
 def wait_alerts(ai: AiMass, tenant: str, spikes: int, max_s: float = 20.0) -> None:
@@ -363,6 +372,7 @@ def aimass_latency(ai: AiMass, tenant: str, readings_per_s: float, seconds: floa
     wait_drained(watch, pub["readings"], max_s=60)
     wait_alerts(ai, tenant, pub["spikes"])
     cpu = cpu_figures(watch.cpu(), watch.elapsed(), pub["readings"])
+    per_record = watch.readings_per_record()
     stored = ai.query("SELECT count() AS n, quantile(0.5)(dateDiff('millisecond', ts, inserted_at)) AS p50, "
                       "quantile(0.99)(dateDiff('millisecond', ts, inserted_at)) AS p99, "
                       "quantile(0.5)(dateDiff('millisecond', ts, received_at)) AS to_bridge_p50, "
@@ -385,7 +395,8 @@ def aimass_latency(ai: AiMass, tenant: str, readings_per_s: float, seconds: floa
         f"bridge->clean topic "
         f"{hops['bridge_to_clean_p50_ms']:.0f} ms (p99 {hops['bridge_to_clean_p99_ms']:.0f}), bridge->stored "
         f"{stored['bridge_to_stored_p50']:.0f} ms, bridge->alert "
-        f"{alerts['bridge_to_alert_p50']:.0f} ms (p99 {alerts['bridge_to_alert_p99']:.0f} ms); CPU {cpu}")
+        f"{alerts['bridge_to_alert_p50']:.0f} ms (p99 {alerts['bridge_to_alert_p99']:.0f} ms); "
+        f"{per_record} readings per raw Kafka record; CPU {cpu}")
     return {"offered_readings_per_s": readings_per_s, "published_readings_per_s": pub["readings_per_s"],
             "stored_p50_ms": stored["p50"], "stored_p99_ms": stored["p99"], "alert_p50_ms": alerts["p50"],
             "alert_p99_ms": alerts["p99"], "publish_to_bridge_p50_ms": stored["to_bridge_p50"],
@@ -393,7 +404,7 @@ def aimass_latency(ai: AiMass, tenant: str, readings_per_s: float, seconds: floa
             "bridge_to_alert_p50_ms": alerts["bridge_to_alert_p50"],
             "bridge_to_alert_p99_ms": alerts["bridge_to_alert_p99"], **hops,
             "alerts_raised": alerts["n"], "spikes": pub["spikes"], "webhook_events": webhook,
-            "lost": pub["readings"] - stored["distinct_n"] - rejected, "cpu": cpu}
+            "lost": pub["readings"] - stored["distinct_n"] - rejected, "cpu": cpu, "readings_per_record": per_record}
 
 
 # --- baselines ----------------------------------------------------------------------------------
@@ -505,6 +516,8 @@ def main() -> int:
         **{f"{k}_readings_per_cpu_s": b["cpu"]["readings_per_cpu_s"] for k, b in baselines.items()},
         **{f"speedup_vs_{k}_per_cpu_s": round(maxrate["cpu"]["readings_per_cpu_s"] / b["cpu"]["readings_per_cpu_s"], 1)
            for k, b in baselines.items()},
+        "readings_per_raw_record": {"max": maxrate["readings_per_record"], "half": latency["readings_per_record"],
+                                    "light": light["readings_per_record"]},
         "stage_peak_per_s": {k: round(v) for k, v in maxrate["stage_peak_per_s"].items()},
         "cpu_max_phase": maxrate["cpu"], "cpu_live_phase": latency["cpu"],
         **{f"{k}_cpu": b["cpu"] for k, b in baselines.items()},
