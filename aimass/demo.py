@@ -28,6 +28,7 @@ from rules.groundtruth import QualityTracker
 from streams.simulator import SimSpec, publish
 
 WEBHOOK_PORT = 8099  # the example receivers (rules/examples/receivers.yaml) post here
+DRAIN_TABLES = ("readings", "rejects", "windows", "predictions", "outcomes", "alerts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +259,8 @@ def watch_until_drained(pipe: Pipeline, source_done, published, max_s: float, sa
         m = scrape(*pipe.metrics_ports)
         say(progress_line(now - t0, m, prev, now - prev_t, published()))
         prev, prev_t = m, now
-        stored = m.get("aimass_sink_rows_total", 0)
+        # Data tables only: the alerter writes quality rows every few seconds, forever.
+        stored = sum(m.get(f'aimass_sink_rows_total{{table="{t}"}}', 0) for t in DRAIN_TABLES)
         if source_done():
             if stored != last_stored or stored == 0:
                 last_stored, drained_since = stored, now
