@@ -11,14 +11,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from aimass.clickhouse import open_reader
-from aimass.config import Config
-from aimass.demo import start_pipeline, stage_plans
-from aimass.config import to_env
+from aimass.config import Config, to_env
+from aimass.demo import stage_plans, start_pipeline
 from aimass.procs import free_port
 from aimass.receiver import WebhookReceiver
+from aimass.stack import create_topics
 from aimass.supervisor import Supervisor, scrape
 from tests.conftest import make_config
-from aimass.stack import create_topics
 
 SECRET = "e2e-test-signing-secret"
 # Dead-letter stages whose rows are readings (notify / predict / alert dead letters are not).
