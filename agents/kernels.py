@@ -287,38 +287,37 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, min_history, pane_i, 
     std = math.sqrt(var) if var > 0.0 else 0.0
     rate = (last_v - first_v) / ((last_ts - first_ts) / 1000.0) if last_ts > first_ts else 0.0
 
-    # History: this series' window means that ended within the previous `history` hops.
-    cap = hist_mean.shape[1]
-    filled = min(hist_n[s], cap)
-    h_n = 0
+    # History: this series' window means that ended within the previous `history` hops. Means are
+    # stored in emission order (ends increasing), so those are the newest ones of the ring.
+    mask = hist_mean.shape[1] - 1  # capacities are powers of two
+    newest = hist_n[s]
+    first = newest - min(newest, mask + 1)
+    while first < newest and hist_end[s, first & mask] < p - history:
+        first += 1
+    h_n = newest - first
     h_ref = 0.0  # sums shifted by the first mean: identical means give exactly zero spread
     h_s1 = 0.0
     h_s2 = 0.0
     ewma = math.nan
-    pos = (hist_n[s] - filled) & (cap - 1)  # capacities are powers of two
-    for _ in range(filled):
-        if hist_end[s, pos] >= p - history:
-            x = hist_mean[s, pos]
-            if h_n == 0:
-                ewma = x
-                h_ref = x
-            else:
-                ewma = alpha * x + (1.0 - alpha) * ewma
-            h_n += 1
+    if h_n > 0:
+        h_ref = hist_mean[s, first & mask]
+        ewma = h_ref
+        for j in range(first + 1, newest):
+            x = hist_mean[s, j & mask]
+            ewma = alpha * x + (1.0 - alpha) * ewma
             h_s1 += x - h_ref
             h_s2 += (x - h_ref) * (x - h_ref)
-        pos = pos + 1 if pos + 1 < cap else 0
     ewma = mean if h_n == 0 else alpha * mean + (1.0 - alpha) * ewma
     zscore = 0.0  # fewer means than min_history give too noisy a spread (|z| > 6 on clean data)
     if h_n >= min_history:
         h_var = (h_s2 - h_s1 * h_s1 / h_n) / (h_n - 1)
         if h_var > 1e-24:
             zscore = (mean - (h_ref + h_s1 / h_n)) / math.sqrt(h_var)
-    pos = hist_n[s] & (cap - 1)
+    pos = newest & mask
     hist_mean[s, pos] = mean
     hist_end[s, pos] = p
     hist_off[s, pos] = first_off
-    hist_n[s] += 1
+    hist_n[s] = newest + 1
 
     end = (p + 1) * hop_ms
     out_i[n_out, O_SERIES] = s

@@ -67,6 +67,8 @@ class _SpecState:
         self.hist_n = np.zeros(0, np.int64)
         self.closed_through = K.NO_TS
         self.counters = np.zeros(2, np.int64)  # panes created, pane uses by emitted windows
+        self.out_i = np.empty((0, K.OUT_INT_COLS), np.int64)  # reused by every call: fresh pages cost
+        self.out_f = np.empty((0, K.OUT_FLOAT_COLS))
 
     def reserve(self, n_series: int) -> None:
         """Grow the per-series arrays to hold ``n_series`` series."""
@@ -82,9 +84,13 @@ class _SpecState:
         self.hist_n = K.grow(self.hist_n, n_series, 0)
 
     def out_buffers(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Output arrays large enough for every window the next call can emit."""
+        """Output arrays large enough for every window the next call can emit, reused between
+        calls (their contents are only valid until the next call)."""
         rows = int(self.k * (self.counters[0] + batch) - self.counters[1])
-        return np.empty((rows, K.OUT_INT_COLS), np.int64), np.empty((rows, K.OUT_FLOAT_COLS))
+        if self.out_i.shape[0] < rows:
+            self.out_i = np.empty((max(rows, 2 * self.out_i.shape[0]), K.OUT_INT_COLS), np.int64)
+            self.out_f = np.empty((self.out_i.shape[0], K.OUT_FLOAT_COLS))
+        return self.out_i, self.out_f
 
 
 class WindowEngine:
@@ -167,10 +173,10 @@ class WindowEngine:
         return pa.table([
             tenant, device_id, metric,
             pa.array(np.full(n, spec.size_s, np.int32)),
-            pa.array(out_i[:, K.O_START]), pa.array(out_i[:, K.O_END]), pa.array(out_i[:, K.O_COUNT]),
-            *(pa.array(out_f[:, c]) for c in (K.F_MEAN, K.F_MIN, K.F_MAX, K.F_STD, K.F_FIRST, K.F_LAST,
-                                              K.F_RATE, K.F_EWMA, K.F_ZSCORE)),
-            pa.array(out_i[:, K.O_MAX_RECV]),
+            *(pa.array(out_i[:, c].copy()) for c in (K.O_START, K.O_END, K.O_COUNT)),  # copies: buffers are reused
+            *(pa.array(out_f[:, c].copy()) for c in (K.F_MEAN, K.F_MIN, K.F_MAX, K.F_STD, K.F_FIRST, K.F_LAST,
+                                                     K.F_RATE, K.F_EWMA, K.F_ZSCORE)),
+            pa.array(out_i[:, K.O_MAX_RECV].copy()),
         ], schema=contract.WINDOWS)
 
 
