@@ -39,6 +39,7 @@ class StageApp(faust.App):
 def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
     """A Faust app for ``stage``: at-least-once, local-broker-safe timeouts (INFRA.md)."""
     k = cfg.kafka
+    _cap_fetch_wait(k.fetch_max_wait_ms)
     brokers = ";".join(f"kafka://{b}" for b in k.bootstrap.split(","))
     data_dir = Path(cfg.worker.data_dir or cfg.run_dir / f"faust-{stage}")
     settings = dict(
@@ -70,6 +71,37 @@ def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
     if credentials is not None:
         settings["broker_credentials"] = credentials
     return StageApp(f"{k.topic_prefix}-{stage}", **settings)
+
+
+def _cap_fetch_wait(ms: int) -> None:
+    """Make Faust's consumers wait at most ``ms`` per fetch (kafka.fetch_max_wait_ms).
+
+    Faust hard-codes aiokafka's ``fetch_max_wait_ms=1500``; a broker that holds fetches until the
+    wait runs out (the local Tansu does, measured) then adds up to 1.5 s of latency per hop.
+    """
+    import aiokafka
+    from faust.transport.drivers import aiokafka as driver
+
+    base = aiokafka.AIOKafkaConsumer
+
+    class CappedFetchWaitConsumer(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs["fetch_max_wait_ms"] = min(kwargs.get("fetch_max_wait_ms", ms), ms)
+            super().__init__(*args, **kwargs)
+
+    if getattr(driver.aiokafka.AIOKafkaConsumer, "capped_ms", None) != ms:
+        CappedFetchWaitConsumer.capped_ms = ms
+        driver.aiokafka = _ModuleWith(aiokafka, AIOKafkaConsumer=CappedFetchWaitConsumer)
+
+
+class _ModuleWith:
+    """A view of a module with some attributes replaced (leaves the real module untouched)."""
+
+    def __init__(self, module, **replaced):
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name):
+        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
 
 
 def _credentials(cfg: Config):

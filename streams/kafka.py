@@ -33,6 +33,7 @@ def consumer_config(cfg: Config, group_id: str, **overrides) -> dict:
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "session.timeout.ms": cfg.kafka.session_timeout_ms,
+        "fetch.wait.max.ms": cfg.kafka.fetch_max_wait_ms,
         "heartbeat.interval.ms": max(500, cfg.kafka.session_timeout_ms // 6),
         "fetch.max.bytes": 64 * 1024 * 1024,
         "max.partition.fetch.bytes": 16 * 1024 * 1024,
