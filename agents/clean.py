@@ -107,10 +107,13 @@ class CleanEngine:
         return min(live) if live else -1
 
 
+NO_REJECTS = contract.empty(contract.REJECTS)  # built once: most batches reject nothing
+
+
 def rejects(raw: pa.Table, verdict: np.ndarray, mask: np.ndarray, stage: str = "clean") -> pa.Table:
     """REJECTS rows for the masked readings, reason and detail from their verdict."""
     if not mask.any():
-        return contract.empty(contract.REJECTS)
+        return NO_REJECTS
     rows = raw.filter(pa.array(mask))
     codes = verdict[mask]
     n = rows.num_rows

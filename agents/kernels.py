@@ -67,7 +67,7 @@ class SeriesIndex:
     def __init__(self) -> None:
         self._index = Dict.empty(key_type=types.int64, value_type=types.int64)
         self._parts: tuple[list[str], list[str], list[str]] = ([], [], [])
-        self._columns: tuple[np.ndarray, ...] | None = None
+        self._columns: tuple[pa.Array, ...] | None = None
 
     def __len__(self) -> int:
         return len(self._index)
@@ -89,8 +89,8 @@ class SeriesIndex:
     def columns(self, indices: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
         """(tenant, device_id, metric) string arrays of the given series indices."""
         if self._columns is None:
-            self._columns = tuple(np.array(part, dtype=object) for part in self._parts)
-        return tuple(pa.array(col[indices], pa.string()) for col in self._columns)
+            self._columns = tuple(pa.array(part, pa.string()) for part in self._parts)
+        return tuple(col.take(indices) for col in self._columns)
 
 
 _FNV_OFFSET = np.int64(-3750763034362895579)  # 14695981039346656037 as int64
