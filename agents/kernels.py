@@ -298,16 +298,21 @@ def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, min_history, pane_i, 
     h_ref = 0.0  # sums shifted by the first mean: identical means give exactly zero spread
     h_s1 = 0.0
     h_s2 = 0.0
-    ewma = math.nan
+    ewma = mean
     if h_n > 0:
+        # EWMA seeded with the oldest mean, as weights: newest x gets alpha, each older one (1 - alpha)
+        # times less, the seed what is left. Newest first, so no step waits on the previous EWMA.
         h_ref = hist_mean[s, first & mask]
-        ewma = h_ref
-        for j in range(first + 1, newest):
+        decay = 1.0 - alpha
+        weight = 1.0
+        weighted = 0.0
+        for j in range(newest - 1, first, -1):
             x = hist_mean[s, j & mask]
-            ewma = alpha * x + (1.0 - alpha) * ewma
+            weighted += weight * x
+            weight *= decay
             h_s1 += x - h_ref
             h_s2 += (x - h_ref) * (x - h_ref)
-    ewma = mean if h_n == 0 else alpha * mean + (1.0 - alpha) * ewma
+        ewma = alpha * mean + decay * (alpha * weighted + weight * h_ref)
     zscore = 0.0  # fewer means than min_history give too noisy a spread (|z| > 6 on clean data)
     if h_n >= min_history:
         h_var = (h_s2 - h_s1 * h_s1 / h_n) / (h_n - 1)
