@@ -22,7 +22,10 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 from numba.typed import Dict
 
 NO_TS = -(2 ** 62)  # "no reading seen yet" (far below any real ms timestamp, no overflow on minus)
@@ -237,6 +240,41 @@ def clean_update(series, ts, offset, verdict, keys, offsets, count, max_ts, max_
 
 # --- window: per-series pane rings ----------------------------------------------------------
 
+PREFETCH_AHEAD = 8  # series: the close sweep asks for a series' state this many series early
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Start loading the cache line holding ``array[index]`` (index: a tuple); never faults."""
+    def codegen(context, builder, sig, args):
+        array_type, index_type = sig.args
+        array_struct = context.make_array(array_type)(context, builder, args[0])
+        indices = cgutils.unpack_tuple(builder, args[1], len(index_type))
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array_struct, indices)
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        llvm_prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+        # read access, keep in all cache levels, data cache
+        builder.call(llvm_prefetch, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+@njit(inline="always", **NO_REFCOUNT)
+def _prefetch_series(s, pane_i, pane_f, next_close, hist_mean, hist_end, hist_off, hist_n, history):
+    """Prefetch what closing series s reads: its next pane and its newest history slots."""
+    slot = next_close[s] & (pane_i.shape[1] - 1)
+    _prefetch(pane_i, (s, slot, 0))
+    _prefetch(pane_f, (s, slot, 0))
+    mask = hist_mean.shape[1] - 1
+    newest = hist_n[s]
+    _prefetch(hist_end, (s, newest & mask))
+    _prefetch(hist_off, (s, newest & mask))
+    for j in range(newest - min(newest, mask + 1, history + 1), newest + 8, 8):
+        _prefetch(hist_mean, (s, j & mask))
+
+
 @njit(inline="always", **NO_REFCOUNT)
 def _emit_window(s, p, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                  hist_mean, hist_end, hist_off, hist_n, out_i, out_f, n_out, counters):
@@ -442,6 +480,9 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
     target = (max_ts - lateness_ms) // hop_ms - 1
     if target > closed_through:
         for s in range(n_series):
+            if s + PREFETCH_AHEAD < n_series:
+                _prefetch_series(s + PREFETCH_AHEAD, pane_i, pane_f, next_close, hist_mean, hist_end, hist_off,
+                                 hist_n, history)
             if next_close[s] != NO_PANE and next_close[s] <= target:
                 n_out = _close_series(s, target, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                                       next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
