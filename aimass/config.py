@@ -85,7 +85,10 @@ class BridgeConfig:
     """MQTT -> Kafka bridge: validation limits and micro-batch flushing."""
 
     client_id: str = "aimass-bridge"
-    share_group: str = "aimass"  # MQTT v5 shared subscription group ($share/<group>/...)
+    # MQTT v5 shared subscription group ($share/<group>/...) for several bridges; "" = a plain
+    # subscription (one bridge). Mosquitto 2.0 does not restore shared subscriptions after a
+    # broker restart, so messages published before the bridges re-subscribe would be dropped.
+    share_group: str = ""
     max_payload_bytes: int = field(default=65536, metadata=_range(64, 16 * 1024 * 1024))
     flush_readings: int = field(default=5000, metadata=_range(1, 1_000_000))
     flush_ms: int = field(default=50, metadata=_range(1, 60_000))

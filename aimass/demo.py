@@ -56,9 +56,10 @@ def stage_plans(cfg: Config, workers: int = 2, bridges: int = 1) -> list[StagePl
                                 "AIMASS_WORKER_WEB_PORT": str(cfg.worker.web_port + i)}, port))
     for i in range(bridges):
         port = cfg.bridge.metrics_port + 10 * i
-        plans.append(StagePlan(f"bridge-{i + 1}" if bridges > 1 else "bridge", "bridge",
-                               {"AIMASS_BRIDGE_METRICS_PORT": str(port),
-                                "AIMASS_BRIDGE_CLIENT_ID": f"{cfg.bridge.client_id}-{i + 1}"}, port))
+        env = {"AIMASS_BRIDGE_METRICS_PORT": str(port), "AIMASS_BRIDGE_CLIENT_ID": f"{cfg.bridge.client_id}-{i + 1}"}
+        if bridges > 1:  # several bridges share the stream through one shared subscription
+            env["AIMASS_BRIDGE_SHARE_GROUP"] = cfg.bridge.share_group or "aimass"
+        plans.append(StagePlan(f"bridge-{i + 1}" if bridges > 1 else "bridge", "bridge", env, port))
     return plans
 
 

