@@ -77,7 +77,7 @@ class KafkaConfig:
     session_timeout_ms: int = field(default=6000, metadata=_range(1000, 300000))
     # Longest a fetch waits for data. Some brokers (the local Tansu) hold a fetch until this
     # runs out even when data arrives, so every hop of the pipeline adds up to it.
-    fetch_max_wait_ms: int = field(default=20, metadata=_range(1, 10000))
+    fetch_max_wait_ms: int = field(default=100, metadata=_range(1, 10000))
 
 
 @dataclass
