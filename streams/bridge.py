@@ -326,8 +326,10 @@ class Bridge:
 
     def _subscriptions(self) -> list[str]:
         group = self.cfg.bridge.share_group
-        patterns = [self.telemetry] + ([self.labels] if self.labels else [])
-        return [f"$share/{group}/{p.subscription()}" if group else p.subscription() for p in patterns]
+        return [f"$share/{group}/{p.subscription()}" if group else p.subscription() for p in self._patterns()]
+
+    def _patterns(self) -> list:
+        return [self.telemetry] + ([self.labels] if self.labels else [])
 
     def connect_mqtt(self) -> None:
         """Connect resuming the persistent session (queued and unacked messages come back) and subscribe."""
@@ -335,6 +337,8 @@ class Bridge:
         connect(self.client, self.cfg, clean_start=False, session_expiry_s=b.session_expiry_s,
                 receive_maximum=b.receive_maximum)
         self.client.on_subscribe = self._on_subscribe
+        if b.share_group:  # a session resumed from a single-bridge run still holds the plain filters
+            self.client.unsubscribe([p.subscription() for p in self._patterns()])
         # SUBACK is not awaited here: a resumed session's backlog arrives before it and must be
         # flushed as it comes (the main loop does).
         self.client.subscribe([(sub, self.cfg.mqtt.qos) for sub in self._subscriptions()])

@@ -68,6 +68,7 @@ def pipeline_config(tmp: Path, mosquitto, kafka, triton, webhook_port: int) -> C
     cfg.predict.window_s = 2
     cfg.clean.allowed_lateness_s = 1.0
     cfg.bridge.flush_ms = 20
+    cfg.bridge.client_id = f"bridge-{cfg.kafka.topic_prefix}"  # its own MQTT session on the shared broker
     rules = tmp / "rules"
     rules.mkdir(exist_ok=True)
     (rules / "rules.yaml").write_text(TEST_RULES)

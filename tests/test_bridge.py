@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import os
 import pwd
 import re
@@ -153,6 +154,20 @@ def test_two_bridges_share_the_stream(cfg, tmp_path):
     assert len(rows) == len({identity(r) for r in rows}) == summary["readings"]
     assert c1["messages"] > 0 and c2["messages"] > 0
     assert c1["messages"] + c2["messages"] == summary["messages"]
+
+
+def test_a_bridge_that_ran_alone_joins_a_share_group_without_duplicates(cfg, tmp_path):
+    cfg = isolate(cfg)
+    alone = dataclasses.replace(cfg, bridge=dataclasses.replace(cfg.bridge, share_group=""))
+    with BridgeProcess(alone, "solo", tmp_path / "solo.log") as solo:  # plain, persistent subscription
+        solo.terminate()
+    with BridgeProcess(cfg, "solo", tmp_path / "solo.log") as b1, \
+            BridgeProcess(cfg, "other", tmp_path / "other.log") as b2:
+        summary = publish(cfg, SimSpec(devices=20, metrics=2, rate_hz=50, duration_s=2, tenant="rejoin"))
+        rows = rows_of(read_records(cfg, contract.RAW, summary["readings"]))
+        c1, c2 = b1.terminate(), b2.terminate()
+    assert c1["messages"] + c2["messages"] == summary["messages"], "the resumed session kept its plain filter"
+    assert len(rows) == summary["readings"]
 
 
 def test_bridge_survives_an_mqtt_broker_restart(cfg, tmp_path):

