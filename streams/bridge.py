@@ -22,7 +22,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import paho.mqtt.client as paho
 import pyarrow as pa
 from confluent_kafka import KafkaError, KafkaException, Producer
 from paho.mqtt.enums import MQTTErrorCode
@@ -32,7 +31,7 @@ from aimass.config import Config
 from aimass.procs import StackError
 from streams import contract
 from streams.kafka import producer_config
-from streams.mqtt import BufferedSocket, connect, make_client, share_property_tables
+from streams.mqtt import BufferedSocket, connect, make_client
 from streams.payloads import Limits, Rejected, TopicPattern, parse_label, parse_telemetry
 
 log = logging.getLogger(__name__)
@@ -51,6 +50,11 @@ TOPIC_CACHE_MAX = 200_000
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _topic_text(topic: bytes) -> str:
+    """An MQTT topic as text (invalid UTF-8, which a broker should refuse, shown escaped)."""
+    return topic.decode(errors="backslashreplace")
 
 
 class ReadingColumns:
@@ -144,7 +148,7 @@ class Bridge:
         self.dead_topic = contract.DEAD_LETTER.name(prefix)
         self.label_topic = contract.LABEL_ROWS.name(prefix)
         self.partitions = cfg.kafka.partitions
-        self.routes: dict[str, tuple[bool, str, str, int]] = {}  # topic -> (is_label, tenant, device, partition)
+        self.routes: dict[bytes, tuple[bool, str, str, int]] = {}  # topic -> (is_label, tenant, device, partition)
         self.batch = Batch()
         self.in_kafka: deque[Flush] = deque()
         self.generation = 0       # bumped when the producer is replaced
@@ -154,16 +158,16 @@ class Bridge:
         self.refused = ""  # why the broker refused the subscription
         self.producer = self._new_producer()
         ReadingColumns().table()  # pay pyarrow's lazy imports (~1 s) now, not in the first flush
-        share_property_tables()
         self.client = make_client(cfg, self.client_id, manual_ack=True)
-        self.client.on_message = self._on_message
+        self.client.on_publish_packet = self._on_publish
 
     # --- receive ----------------------------------------------------------------------
 
-    def _route(self, topic: str) -> tuple[bool, str, str, int]:
+    def _route(self, topic_bytes: bytes) -> tuple[bool, str, str, int]:
         """(is_label, tenant, device_id, partition) of an MQTT topic, or ``Rejected``."""
-        route = self.routes.get(topic)
+        route = self.routes.get(topic_bytes)
         if route is None:
+            topic = _topic_text(topic_bytes)
             try:
                 tenant, device_id = self.telemetry.parse(topic)
                 is_label = False
@@ -174,29 +178,28 @@ class Bridge:
                 is_label = True
             if len(self.routes) >= TOPIC_CACHE_MAX:
                 self.routes.clear()
-            route = self.routes[topic] = (is_label, tenant, device_id,
+            route = self.routes[topic_bytes] = (is_label, tenant, device_id,
                                           contract.partition_for(tenant, device_id, self.partitions))
         return route
 
-    def _on_message(self, _client, _userdata, msg: paho.MQTTMessage) -> None:
-        try:
-            self._receive(msg)
-        except Exception as exc:  # noqa: BLE001 - no message may stop the bridge
-            log.exception("unexpected error on a message from %r", msg._topic[:200])
-            self.batch.rejects.setdefault(0, []).append(reject_row(
-                "internal_error", repr(exc)[:500], msg._topic.decode(errors="replace"), msg.payload, None, None,
-                now_ms()))
-
-    def _receive(self, msg: paho.MQTTMessage) -> None:
+    def _on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int) -> None:
+        """One MQTT message (``streams.mqtt.PublishSplitter``): into the batch, or rejected."""
         received = now_ms()
         batch = self.batch
         if not batch.n_messages:
             batch.first_ms = received
         batch.n_messages += 1
-        if msg.qos:
-            batch.mids.append(msg.mid)
-        topic = msg.topic
-        payload = msg.payload
+        if qos:
+            batch.mids.append(mid)
+        try:
+            self._receive(topic, payload, received)
+        except Exception as exc:  # noqa: BLE001 - no message may stop the bridge
+            log.exception("unexpected error on a message from %r", topic[:200])
+            batch.rejects.setdefault(0, []).append(reject_row(
+                "internal_error", repr(exc)[:500], _topic_text(topic), payload, None, None, received))
+
+    def _receive(self, topic: bytes, payload: bytes, received: int) -> None:
+        batch = self.batch
         tenant = device_id = None
         try:
             is_label, tenant, device_id, partition = self._route(topic)
@@ -210,7 +213,7 @@ class Bridge:
         except Rejected as r:
             part = contract.partition_for(tenant, device_id, self.partitions) if device_id else 0
             batch.rejects.setdefault(part, []).append(
-                reject_row(r.reason, r.detail, topic, payload, tenant, device_id, received))
+                reject_row(r.reason, r.detail, _topic_text(topic), payload, tenant, device_id, received))
             return
         cols = batch.readings.get(partition)
         if cols is None:

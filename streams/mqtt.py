@@ -12,7 +12,6 @@ import time
 from typing import Callable
 
 import paho.mqtt.client as paho
-from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -23,34 +22,113 @@ from aimass.procs import StackError
 log = logging.getLogger(__name__)
 
 
+class PublishSplitter:
+    """Takes complete QoS 0/1 PUBLISH packets out of the bytes read from the broker.
+
+    Each goes to ``on_publish(topic, payload, qos, mid)`` (topic and payload as bytes, mid 0 for
+    QoS 0); every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, ...) is returned, in order, for
+    paho. paho's own receive path costs ~40 us per message (INFRA.md); this one a few. A packet cut
+    at the end of a read waits for the rest.
+    """
+
+    def __init__(self, on_publish: Callable[[bytes, bytes, int, int], None], mqtt_v5: bool = True):
+        self.on_publish = on_publish
+        self.mqtt_v5 = mqtt_v5
+        self._tail = b""
+
+    def split(self, data: bytes) -> bytes:
+        """Handle the complete PUBLISH packets of ``data``; return the other complete packets."""
+        if self._tail:
+            data = self._tail + data
+        for_paho = []
+        on_publish, end, pos = self.on_publish, len(data), 0
+        while pos < end:
+            start = pos
+            length, pos = _varint(data, pos + 1)
+            if length < 0:  # a malformed length: paho reports it and drops the connection
+                for_paho.append(data[start:])
+                pos = end
+                break
+            packet_end = pos + length
+            if pos > end or packet_end > end:
+                pos = start  # incomplete: wait for the rest
+                break
+            head = data[start]
+            qos = (head >> 1) & 3
+            if head >> 4 != 3 or qos == 2 or length < 2:
+                for_paho.append(data[start:packet_end])
+            else:
+                at = pos + 2 + ((data[pos] << 8) | data[pos + 1])
+                topic = data[pos + 2:at]
+                mid = 0
+                if qos:
+                    mid = (data[at] << 8) | data[at + 1] if at + 2 <= packet_end else -1
+                    at += 2
+                if self.mqtt_v5:
+                    props, at = _varint(data, at)
+                    at += props if props >= 0 else packet_end
+                if not topic or at > packet_end or mid < 0:  # a topic alias or a malformed packet: paho's job
+                    for_paho.append(data[start:packet_end])
+                else:
+                    on_publish(topic, data[at:packet_end], qos, mid)
+            pos = packet_end
+        self._tail = data[pos:]
+        return b"".join(for_paho)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """An MQTT variable byte integer at ``pos``: (value, position after it); value -1 if malformed,
+    position past the end if cut off."""
+    value = shift = 0
+    while pos < len(data):
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 127) << shift
+        if byte < 128:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            return -1, pos
+    return 0, len(data) + 1
+
+
 class BufferedSocket:
-    """A plain TCP socket that reads in 256 KiB chunks and can hold writes back (``cork``).
+    """A socket (plain or TLS) that reads in 256 KiB chunks and can hold writes back (``cork``).
 
     paho reads every packet with three or more ``recv()`` calls and sends every PUBACK with its
     own ``send()``; this cuts both to one system call per chunk. ``pending()`` (the SSL socket
-    method paho already honours) tells paho's loop that buffered bytes are waiting.
+    method paho already honours) tells paho's loop that buffered bytes are waiting. With a
+    ``PublishSplitter`` the PUBLISH packets never reach paho.
     """
 
     CHUNK = 256 * 1024
 
-    def __init__(self, sock):
+    def __init__(self, sock, splitter: PublishSplitter | None = None, on_read: Callable[[], None] = lambda: None):
         self._sock = sock
+        self._splitter = splitter
+        self._on_read = on_read
         self._rbuf = b""
         self._rpos = 0
         self._corked: bytearray | None = None
 
     def recv(self, n: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            data = self._sock.recv(self.CHUNK)  # BlockingIOError when nothing is there
+            data = self._sock.recv(self.CHUNK)  # BlockingIOError (or ssl.SSLWantReadError) when nothing is there
             if not data:
                 return data
+            self._on_read()
+            if self._splitter is not None:
+                data = self._splitter.split(data)
+                if not data:
+                    raise BlockingIOError("every packet read was a PUBLISH, handled already")
             self._rbuf, self._rpos = data, 0
         chunk = self._rbuf[self._rpos:self._rpos + n]
         self._rpos += len(chunk)
         return chunk
 
     def pending(self) -> int:
-        return len(self._rbuf) - self._rpos
+        tls_pending = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._rbuf) - self._rpos + tls_pending
 
     def send(self, data) -> int:
         if self._corked is not None:
@@ -77,39 +155,29 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
-class _SharedTableProperties(Properties):
-    """paho's Properties rebuilds three lookup tables for every received PUBLISH (about a quarter
-    of the bridge's receive time); this one shares a single copy of them. Same behaviour."""
-
-    _tables = {k: v for k, v in vars(Properties(PacketTypes.PUBLISH)).items() if k != "packetType"}
-
-    def __init__(self, packetType):  # noqa: N803 - paho's signature
-        object.__setattr__(self, "packetType", packetType)
-        for name, table in self._tables.items():
-            object.__setattr__(self, name, table)
-
-    def clear(self):
-        if len(self.__dict__) > 1 + len(self._tables):  # only scan when a property was set
-            super().clear()
-
-
-def share_property_tables() -> None:
-    """Make paho decode received packets with ``_SharedTableProperties`` (used by the bridge)."""
-    _packet.Properties = _SharedTableProperties
-
-
 class Client(paho.Client):
-    """paho's client with a ``BufferedSocket`` under plain TCP connections and a direct ``on_message``
-    (AI Mass registers no per-topic callbacks, so paho's topic matcher per message is skipped)."""
+    """paho's client over a ``BufferedSocket`` (TCP, with or without TLS).
+
+    Set ``on_publish_packet(topic, payload, qos, mid)`` before connecting to receive QoS 0/1
+    messages through ``PublishSplitter`` instead of ``on_message`` (QoS 1 then always needs
+    ``ack(mid, 1)``: make the client with ``manual_ack=True``).
+    """
+
+    on_publish_packet: Callable[[bytes, bytes, int, int], None] | None = None
 
     def _create_socket(self):
         sock = super()._create_socket()
-        return sock if self._ssl or self._transport != "tcp" else BufferedSocket(sock)
+        if self._transport != "tcp":
+            return sock
+        splitter = None
+        if self.on_publish_packet is not None:
+            splitter = PublishSplitter(self.on_publish_packet, self._protocol == MQTTProtocolVersion.MQTTv5)
+        return BufferedSocket(sock, splitter, self._note_bytes_received)
 
-    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
-        if self.on_message:
-            with self._in_callback_mutex:
-                self.on_message(self, self._userdata, message)
+    def _note_bytes_received(self) -> None:
+        """Keep-alive bookkeeping paho does only for the packets it reads itself."""
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
 
 
 def make_client(cfg: Config, client_id: str, manual_ack: bool = False) -> Client:
