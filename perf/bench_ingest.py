@@ -40,6 +40,7 @@ from aimass.config import Config  # noqa: E402
 from aimass.procs import free_port, stop_pid  # noqa: E402
 from aimass.stack import create_topics, kafka_client_config, start_kafka, start_mosquitto, stop_server  # noqa: E402
 from streams import contract  # noqa: E402
+from streams.bridge import subscriptions  # noqa: E402
 from streams.kafka import consumer_config, producer_config  # noqa: E402
 from streams.mqtt import Publisher, connect, make_client  # noqa: E402
 from streams.payloads import TopicPattern, encode_reading, encode_senml  # noqa: E402
@@ -108,12 +109,12 @@ def wait_subscribed(proc: subprocess.Popen, log: Path, timeout: float = 60) -> N
 
 
 def create_session(cfg: Config, client_id: str) -> None:
-    """Create the persistent shared-subscription session so that a backlog queues for it."""
+    """Create the bridge's persistent session (its subscriptions) so that a backlog queues for it."""
     client = make_client(cfg, client_id, manual_ack=True)
     connect(client, cfg, clean_start=False, session_expiry_s=3600, receive_maximum=cfg.bridge.receive_maximum)
     done = []
     client.on_subscribe = lambda *_a: done.append(1)
-    client.subscribe(f"$share/{cfg.bridge.share_group}/{TopicPattern(cfg.mqtt.topic_pattern).subscription()}", qos=1)
+    client.subscribe([(sub, 1) for sub in subscriptions(cfg)])  # exactly the bridge's: overlaps deliver twice
     while not done:
         client.loop(0.05)
     client.disconnect()

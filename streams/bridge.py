@@ -57,6 +57,18 @@ def _topic_text(topic: bytes) -> str:
     return topic.decode(errors="backslashreplace")
 
 
+def plain_filters(cfg: Config) -> list[str]:
+    """The MQTT topic filters of device telemetry and labels."""
+    patterns = [cfg.mqtt.topic_pattern] + ([cfg.mqtt.labels_pattern] if cfg.mqtt.labels_pattern else [])
+    return [TopicPattern(p).subscription() for p in patterns]
+
+
+def subscriptions(cfg: Config) -> list[str]:
+    """What a bridge subscribes to: the plain filters, or their ``$share/<bridge.share_group>/`` form."""
+    group = cfg.bridge.share_group
+    return [f"$share/{group}/{f}" if group else f for f in plain_filters(cfg)]
+
+
 class ReadingColumns:
     """Column lists of the READINGS schema for one partition of one flush."""
 
@@ -327,13 +339,6 @@ class Bridge:
 
     # --- MQTT session -----------------------------------------------------------------
 
-    def _subscriptions(self) -> list[str]:
-        group = self.cfg.bridge.share_group
-        return [f"$share/{group}/{p.subscription()}" if group else p.subscription() for p in self._patterns()]
-
-    def _patterns(self) -> list:
-        return [self.telemetry] + ([self.labels] if self.labels else [])
-
     def connect_mqtt(self) -> None:
         """Connect resuming the persistent session (queued and unacked messages come back) and subscribe."""
         b = self.cfg.bridge
@@ -341,18 +346,18 @@ class Bridge:
                 receive_maximum=b.receive_maximum)
         self.client.on_subscribe = self._on_subscribe
         if b.share_group:  # a session resumed from a single-bridge run still holds the plain filters
-            self.client.unsubscribe([p.subscription() for p in self._patterns()])
+            self.client.unsubscribe(plain_filters(self.cfg))
         # SUBACK is not awaited here: a resumed session's backlog arrives before it and must be
         # flushed as it comes (the main loop does).
-        self.client.subscribe([(sub, self.cfg.mqtt.qos) for sub in self._subscriptions()])
+        self.client.subscribe([(sub, self.cfg.mqtt.qos) for sub in subscriptions(self.cfg)])
 
     def _on_subscribe(self, _client, _userdata, _mid, reason_codes, _props) -> None:
         refused = [c for c in reason_codes if c.is_failure]
         if refused:
             self.refused = (f"the MQTT broker refused the subscription ({refused[0]}): check the ACL of "
-                            f"mqtt.username for {', '.join(self._subscriptions())}")
+                            f"mqtt.username for {', '.join(subscriptions(self.cfg))}")
             return
-        log.info("bridge %s subscribed to %s -> Kafka %s", self.client_id, ", ".join(self._subscriptions()),
+        log.info("bridge %s subscribed to %s -> Kafka %s", self.client_id, ", ".join(subscriptions(self.cfg)),
                  self.cfg.kafka.bootstrap)
 
     def _reconnect_mqtt(self) -> None:
