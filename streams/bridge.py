@@ -195,7 +195,7 @@ class Bridge:
         return route
 
     def _on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int) -> None:
-        """One MQTT message (``streams.mqtt.PublishSplitter``): into the batch, or rejected."""
+        """One MQTT message (``streams.mqtt.PacketSplitter``): into the batch, or rejected."""
         received = now_ms()
         batch = self.batch
         if not batch.n_messages:

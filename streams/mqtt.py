@@ -12,9 +12,11 @@ import time
 from typing import Callable
 
 import paho.mqtt.client as paho
+from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from aimass.config import Config
 from aimass.procs import StackError
@@ -22,26 +24,30 @@ from aimass.procs import StackError
 log = logging.getLogger(__name__)
 
 
-class PublishSplitter:
-    """Takes complete QoS 0/1 PUBLISH packets out of the bytes read from the broker.
+class PacketSplitter:
+    """Takes the hot packets out of the bytes read from the broker, before paho sees them.
 
-    Each goes to ``on_publish(topic, payload, qos, mid)`` (topic and payload as bytes, mid 0 for
-    QoS 0); every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, ...) is returned, in order, for
-    paho. paho's own receive path costs ~40 us per message (INFRA.md); this one a few. A packet cut
-    at the end of a read waits for the rest.
+    - a QoS 0/1 PUBLISH goes to ``on_publish(topic, payload, qos, mid)`` (bytes; mid 0 for QoS 0);
+    - a successful PUBACK goes to ``on_puback(mid)``.
+
+    Every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, failed acks, packets with no handler
+    set, ...) is returned, in order, for paho. paho's receive path costs tens of microseconds per
+    packet (INFRA.md); this one a few. A packet cut at the end of a read waits for the rest.
     """
 
-    def __init__(self, on_publish: Callable[[bytes, bytes, int, int], None], mqtt_v5: bool = True):
+    def __init__(self, on_publish: Callable[[bytes, bytes, int, int], None] | None = None,
+                 on_puback: Callable[[int], None] | None = None, mqtt_v5: bool = True):
         self.on_publish = on_publish
+        self.on_puback = on_puback
         self.mqtt_v5 = mqtt_v5
         self._tail = b""
 
     def split(self, data: bytes) -> bytes:
-        """Handle the complete PUBLISH packets of ``data``; return the other complete packets."""
+        """Handle the complete hot packets of ``data``; return the other complete packets."""
         if self._tail:
             data = self._tail + data
         for_paho = []
-        on_publish, end, pos = self.on_publish, len(data), 0
+        end, pos = len(data), 0
         while pos < end:
             start = pos
             length, pos = _varint(data, pos + 1)
@@ -53,27 +59,39 @@ class PublishSplitter:
             if pos > end or packet_end > end:
                 pos = start  # incomplete: wait for the rest
                 break
-            head = data[start]
-            qos = (head >> 1) & 3
-            if head >> 4 != 3 or qos == 2 or length < 2:
+            kind = data[start] >> 4
+            if not (kind == 3 and self._publish(data, data[start], pos, packet_end)
+                    or kind == 4 and self._puback(data, pos, packet_end)):
                 for_paho.append(data[start:packet_end])
-            else:
-                at = pos + 2 + ((data[pos] << 8) | data[pos + 1])
-                topic = data[pos + 2:at]
-                mid = 0
-                if qos:
-                    mid = (data[at] << 8) | data[at + 1] if at + 2 <= packet_end else -1
-                    at += 2
-                if self.mqtt_v5:
-                    props, at = _varint(data, at)
-                    at += props if props >= 0 else packet_end
-                if not topic or at > packet_end or mid < 0:  # a topic alias or a malformed packet: paho's job
-                    for_paho.append(data[start:packet_end])
-                else:
-                    on_publish(topic, data[at:packet_end], qos, mid)
             pos = packet_end
         self._tail = data[pos:]
         return b"".join(for_paho)
+
+    def _publish(self, data: bytes, head: int, pos: int, packet_end: int) -> bool:
+        """Hand over the PUBLISH packet at ``pos``; False if it is paho's (QoS 2, topic alias, malformed)."""
+        qos = (head >> 1) & 3
+        if self.on_publish is None or qos == 2 or packet_end - pos < 2:
+            return False
+        at = pos + 2 + ((data[pos] << 8) | data[pos + 1])
+        topic = data[pos + 2:at]
+        mid = 0
+        if qos:
+            mid = (data[at] << 8) | data[at + 1] if at + 2 <= packet_end else -1
+            at += 2
+        if self.mqtt_v5:
+            props, at = _varint(data, at)
+            at += props if props >= 0 else packet_end
+        if not topic or at > packet_end or mid < 0:
+            return False
+        self.on_publish(topic, data[at:packet_end], qos, mid)
+        return True
+
+    def _puback(self, data: bytes, pos: int, packet_end: int) -> bool:
+        """Hand over the PUBACK at ``pos`` if it reports success (no reason code, or one below 0x80)."""
+        if self.on_puback is None or packet_end - pos < 2 or packet_end - pos > 2 and data[pos + 2] >= 0x80:
+            return False
+        self.on_puback((data[pos] << 8) | data[pos + 1])
+        return True
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -98,12 +116,12 @@ class BufferedSocket:
     paho reads every packet with three or more ``recv()`` calls and sends every PUBACK with its
     own ``send()``; this cuts both to one system call per chunk. ``pending()`` (the SSL socket
     method paho already honours) tells paho's loop that buffered bytes are waiting. With a
-    ``PublishSplitter`` the PUBLISH packets never reach paho.
+    ``PacketSplitter`` the hot packets never reach paho.
     """
 
     CHUNK = 256 * 1024
 
-    def __init__(self, sock, splitter: PublishSplitter | None = None, on_read: Callable[[], None] = lambda: None):
+    def __init__(self, sock, splitter: PacketSplitter | None = None, on_read: Callable[[], None] = lambda: None):
         self._sock = sock
         self._splitter = splitter
         self._on_read = on_read
@@ -141,6 +159,7 @@ class BufferedSocket:
         self._corked = bytearray()
 
     def uncork(self) -> None:
+        """Send what ``cork()`` held back."""
         data, self._corked = self._corked, None
         if data:
             self._sock.settimeout(10.0)
@@ -155,12 +174,34 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
-class Client(paho.Client):
-    """paho's client over a ``BufferedSocket`` (TCP, with or without TLS).
+class _SharedTableProperties(Properties):
+    """paho's Properties rebuilds three lookup tables for every packet it decodes (a quarter of
+    a publisher's PUBACK handling); this one shares a single copy of them. Same behaviour."""
 
-    Set ``on_publish_packet(topic, payload, qos, mid)`` before connecting to receive QoS 0/1
-    messages through ``PublishSplitter`` instead of ``on_message`` (QoS 1 then always needs
-    ``ack(mid, 1)``: make the client with ``manual_ack=True``).
+    _tables = {k: v for k, v in vars(Properties(PacketTypes.PUBLISH)).items() if k != "packetType"}
+
+    def __init__(self, packetType):  # noqa: N803 - paho's signature
+        object.__setattr__(self, "packetType", packetType)
+        for name, table in self._tables.items():
+            object.__setattr__(self, name, table)
+
+    def clear(self):
+        if len(self.__dict__) > 1 + len(self._tables):  # only scan when a property was set
+            super().clear()
+
+
+# Passed to on_publish callbacks for fast-path PUBACKs (callbacks only read them).
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK, "Success")
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+
+class Client(paho.Client):
+    """paho's client over a ``BufferedSocket`` (TCP, with or without TLS) and a ``PacketSplitter``.
+
+    Successful PUBACKs complete publishes without paho's packet decoding. Set
+    ``on_publish_packet(topic, payload, qos, mid)`` before connecting to receive QoS 0/1
+    messages that way instead of through ``on_message`` (QoS 1 then always needs ``ack(mid, 1)``:
+    make the client with ``manual_ack=True``).
     """
 
     on_publish_packet: Callable[[bytes, bytes, int, int], None] | None = None
@@ -169,10 +210,27 @@ class Client(paho.Client):
         sock = super()._create_socket()
         if self._transport != "tcp":
             return sock
-        splitter = None
-        if self.on_publish_packet is not None:
-            splitter = PublishSplitter(self.on_publish_packet, self._protocol == MQTTProtocolVersion.MQTTv5)
+        splitter = PacketSplitter(self.on_publish_packet, self._puback_success,
+                                  self._protocol == MQTTProtocolVersion.MQTTv5)
         return BufferedSocket(sock, splitter, self._note_bytes_received)
+
+    def loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        # paho's loop() sets up a wake-up socket pair for its background thread (AI Mass drives
+        # clients from their own thread) and then writes one byte to it for every queued packet.
+        return self._loop(timeout)
+
+    def _puback_success(self, mid: int) -> None:
+        """What paho does for a PUBACK reporting success."""
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        # paho scans every unacknowledged message after each PUBACK, for messages it queued beyond
+        # max_inflight_messages; with none queued (every one in flight) there is nothing to find.
+        if len(self._out_messages) <= self._inflight_messages:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
 
     def _note_bytes_received(self) -> None:
         """Keep-alive bookkeeping paho does only for the packets it reads itself."""
@@ -182,6 +240,7 @@ class Client(paho.Client):
 
 def make_client(cfg: Config, client_id: str, manual_ack: bool = False) -> Client:
     """A paho MQTT v5 client with this config's credentials and TLS options (not yet connected)."""
+    _packet.Properties = _SharedTableProperties
     m = cfg.mqtt
     client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
                          manual_ack=manual_ack, reconnect_on_failure=False)

@@ -1,10 +1,10 @@
-"""streams.mqtt.PublishSplitter: PUBLISH packets out of a byte stream, at any read boundary."""
+"""streams.mqtt.PacketSplitter: PUBLISH and PUBACK packets out of a byte stream, at any read boundary."""
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.mqtt import PublishSplitter
+from streams.mqtt import PacketSplitter
 
 
 def varint(n: int) -> bytes:
@@ -23,6 +23,11 @@ def publish(topic: bytes, payload: bytes, qos: int, mid: int, props: bytes = b""
     return bytes([0x30 | qos << 1]) + varint(len(body)) + body
 
 
+def puback(mid: int, reason: int | None = None) -> bytes:
+    body = mid.to_bytes(2, "big") + (bytes([reason, 0]) if reason is not None else b"")
+    return bytes([0x40, len(body)]) + body
+
+
 PINGRESP = b"\xd0\x00"
 SUBACK = b"\x90\x04\x00\x01\x00\x01"
 USER_PROPERTY = b"\x26\x00\x01k\x00\x01v"  # MQTT 5 user property k=v
@@ -30,13 +35,16 @@ USER_PROPERTY = b"\x26\x00\x01k\x00\x01v"  # MQTT 5 user property k=v
 packets = st.one_of(
     st.tuples(st.just("publish"), st.binary(min_size=1, max_size=40), st.binary(max_size=300),
               st.integers(0, 1), st.integers(1, 65535), st.sampled_from([b"", USER_PROPERTY])),
-    st.tuples(st.just("other"), st.sampled_from([PINGRESP, SUBACK, publish(b"q2/topic", b"x", 2, 7)])),
+    st.tuples(st.just("puback"), st.integers(1, 65535), st.sampled_from([None, 0, 0x10])),
+    st.tuples(st.just("other"), st.sampled_from([PINGRESP, SUBACK, publish(b"q2/topic", b"x", 2, 7),
+                                                 puback(9, 0x87)])),
 )
 
 
 def run(stream: bytes, cuts: list[int], v5: bool = True) -> tuple[list, bytes]:
+    """What the splitter hands over (("ack", mid) for PUBACKs) and what it leaves to paho."""
     seen = []
-    splitter = PublishSplitter(lambda *msg: seen.append(msg), mqtt_v5=v5)
+    splitter = PacketSplitter(lambda *msg: seen.append(msg), lambda mid: seen.append(("ack", mid)), mqtt_v5=v5)
     bounds = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     for_paho = b"".join(splitter.split(stream[a:b]) for a, b in zip(bounds, bounds[1:]))
     return seen, for_paho
@@ -44,13 +52,16 @@ def run(stream: bytes, cuts: list[int], v5: bool = True) -> tuple[list, bytes]:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(packets, max_size=30), st.lists(st.integers(0, 20000), max_size=20))
-def test_every_publish_is_handed_over_once_in_order_and_the_rest_goes_to_paho(items, cuts):
+def test_every_publish_and_successful_ack_is_handed_over_once_in_order_and_the_rest_goes_to_paho(items, cuts):
     stream, expected, others = b"", [], b""
     for item in items:
         if item[0] == "publish":
             _, topic, payload, qos, mid, props = item
             stream += publish(topic, payload, qos, mid, props)
             expected.append((topic, payload, qos, mid if qos else 0))
+        elif item[0] == "puback":
+            stream += puback(item[1], item[2])
+            expected.append(("ack", item[1]))
         else:
             stream += item[1]
             others += item[1]
@@ -80,3 +91,8 @@ def test_qos2_topic_aliases_and_malformed_packets_are_left_to_paho():
     for packet in (alias, bad_topic_length, q2):
         assert run(packet + PINGRESP, []) == ([], packet + PINGRESP)
     assert run(bad_length + PINGRESP, []) == ([], bad_length + PINGRESP)
+
+
+def test_without_handlers_everything_goes_to_paho():
+    stream = publish(b"a/b", b"payload", 1, 9) + puback(3) + PINGRESP
+    assert PacketSplitter().split(stream) == stream
