@@ -1,8 +1,11 @@
 """`aimass sink`: store every result topic in ClickHouse (embedded chDB or a server).
 
 The sink consumes the stored topics (``streams.tables.TABLES``), buffers the decoded Arrow
-batches, and flushes when ``clickhouse.flush_rows`` rows or ``clickhouse.flush_ms`` have
-accumulated: one INSERT per table, then the Kafka offsets are committed. Nothing is lost:
+batches per table, and flushes a table when it holds ``clickhouse.flush_rows`` rows or its
+oldest record waited ``clickhouse.flush_ms`` (``side_flush_factor`` times that for the tables
+other than readings: every insert has a fixed CPU cost, ~20-30 ms in chDB with its merges, and
+those tables get few rows): one INSERT per table, then that table's Kafka offsets are committed.
+Nothing is lost:
 
 - ClickHouse down (a retryable error): back off and retry the same batch, offsets kept.
 - A record that can never be inserted (or decoded) goes to the dead-letter topic with
@@ -56,6 +59,10 @@ class Stopping(Exception):
 
 # --- pure conversions -----------------------------------------------------------------
 
+TOPIC_TABLE: dict[str, TableSpec] = tables.table_for_topic()
+MAIN_TABLE = "readings"  # flushed every flush_ms; the others every side_flush_factor x flush_ms
+
+
 @dataclass
 class Record:
     """One consumed Kafka record: where it came from and its decoded rows."""
@@ -69,6 +76,10 @@ class Record:
     @property
     def tp(self) -> tuple[str, int]:
         return self.topic, self.partition
+
+    @property
+    def table(self) -> str:
+        return TOPIC_TABLE[self.topic].name
 
 
 def row_ids(topic: str, partition: int, offset: int, n: int) -> np.ndarray:
@@ -166,26 +177,45 @@ class Journal:
 
 @dataclass
 class Batch:
-    """Records waiting to be stored, and records that could not be decoded."""
+    """Records waiting to be stored, and records that could not be decoded; rows and age per table."""
 
     records: list[Record] = field(default_factory=list)
     undecodable: list[tuple[Record, str]] = field(default_factory=list)
     rows: int = 0
-    started: float = 0.0
+    table_rows: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)  # table -> when its first record arrived
 
     def add(self, record: Record) -> None:
-        if not self.records and not self.undecodable:
-            self.started = time.monotonic()
         self.records.append(record)
-        self.rows += record.rows.num_rows
+        self._count(record, record.rows.num_rows)
 
     def add_undecodable(self, record: Record, error: str) -> None:
-        if not self.records and not self.undecodable:
-            self.started = time.monotonic()
         self.undecodable.append((record, error))
+        self._count(record, 0)
+
+    def _count(self, record: Record, rows: int) -> None:
+        self.started.setdefault(record.table, time.monotonic())
+        self.table_rows[record.table] = self.table_rows.get(record.table, 0) + rows
+        self.rows += rows
 
     def __bool__(self) -> bool:
         return bool(self.records or self.undecodable)
+
+    def due(self, now: float, flush_rows: int, max_age_s: dict[str, float]) -> set[str]:
+        """Tables holding ``flush_rows`` rows or older than their maximum age."""
+        return {t for t, since in self.started.items()
+                if self.table_rows[t] >= flush_rows or now - since >= max_age_s[t]}
+
+    def split(self, names: set[str]) -> tuple["Batch", "Batch"]:
+        """(the records of tables ``names``, the others), each table keeping its age."""
+        taken, kept = Batch(), Batch()
+        for r in self.records:
+            (taken if r.table in names else kept).add(r)
+        for r, e in self.undecodable:
+            (taken if r.table in names else kept).add_undecodable(r, e)
+        for b in (taken, kept):
+            b.started = {t: self.started[t] for t in b.started}
+        return taken, kept
 
     def manifest(self, batch_id: str) -> Manifest:
         m = Manifest(batch_id)
@@ -196,10 +226,9 @@ class Batch:
 
     def by_table(self) -> dict[str, list[Record]]:
         """Records per table, ordered by (topic, partition, offset) so a re-read builds the same blocks."""
-        topic_table = tables.table_for_topic()
         out: dict[str, list[Record]] = {}
         for r in sorted(self.records, key=lambda r: (r.topic, r.partition, r.offset)):
-            out.setdefault(topic_table[r.topic].name, []).append(r)
+            out.setdefault(r.table, []).append(r)
         return out
 
 
@@ -215,7 +244,8 @@ class Sink:
         self.producer = producer
         self.journal = journal
         self.prefix = cfg.kafka.topic_prefix
-        self.topic_table = tables.table_for_topic()
+        side_s = cfg.clickhouse.flush_ms * cfg.clickhouse.side_flush_factor / 1000
+        self.max_age_s = {spec.name: side_s for spec in tables.TABLES} | {MAIN_TABLE: cfg.clickhouse.flush_ms / 1000}
         self.dead_letter_topic = contract.DEAD_LETTER.name(self.prefix)
         self.stopping = threading.Event()
         self.batch = Batch()
@@ -250,11 +280,11 @@ class Sink:
                         continue
                     self._add(msg)
                     if self.replay is None and self.batch.rows >= self.cfg.clickhouse.flush_rows:
-                        self._flush_batch()
+                        self._flush_due()
                 if self.replay is not None:
                     self._expire_replay_ranges()
-                elif self.batch and time.monotonic() - self.batch.started >= flush_s:
-                    self._flush_batch()
+                else:
+                    self._flush_due()
             if self.batch and self.replay is None:
                 self.flush(self.batch, retry=False)
                 self.batch = Batch()
@@ -263,9 +293,12 @@ class Sink:
         except KafkaException as exc:
             raise StackError(f"kafka consumer failed: {exc}") from None
 
-    def _flush_batch(self) -> None:
-        self.flush(self.batch)
-        self.batch = Batch()
+    def _flush_due(self) -> None:
+        """Flush the tables that are full or old enough; the others stay buffered."""
+        due = self.batch.due(time.monotonic(), self.cfg.clickhouse.flush_rows, self.max_age_s)
+        if due:
+            ready, self.batch = self.batch.split(due)
+            self.flush(ready)
 
     def _add(self, msg) -> None:
         suffix = self._suffix(msg.topic())
@@ -273,7 +306,7 @@ class Sink:
         record = Record(suffix, msg.partition(), msg.offset(), value, contract.empty(contract.READINGS))
         error = ""
         try:
-            record.rows = contract.decode(value, self.topic_table[suffix].schema)
+            record.rows = contract.decode(value, TOPIC_TABLE[suffix].schema)
         except ValueError as exc:
             error = str(exc)
         target = self._target(record)

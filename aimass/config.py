@@ -213,8 +213,10 @@ class ClickHouseConfig:
     tls_ca_file: str = ""  # CA bundle that signed the server's certificate (default: the system's)
     ttl_days: int = field(default=30, metadata=_range(1, 36500))
     ttl_overrides: str = ""  # per-table TTL in days, e.g. "readings=7,readings_1h=365"
-    flush_rows: int = field(default=50000, metadata=_range(1, 10_000_000))
+    flush_rows: int = field(default=200000, metadata=_range(1, 10_000_000))
     flush_ms: int = field(default=1000, metadata=_range(10, 600_000))
+    # Tables other than readings get few rows, but every insert has a fixed cost: buffer them longer.
+    side_flush_factor: int = field(default=5, metadata=_range(1, 1000))
     metrics_port: int = field(default=9105, metadata=_range(0, 65535))
     group_id: str = "aimass-sink"  # Kafka consumer group of the sink
     retry_initial_s: float = field(default=0.5, metadata=_range(0.01, 3600))
