@@ -252,19 +252,24 @@ class Bench:
         pub_rate = publish_backlog(cfg, messages, pack, base_ms)
         say(f"{kind}: draining (publisher did {pub_rate:,.0f} msgs/s) ...")
         proc = start_consumer_process(cfg, kind, client_id, topic, self.dir / f"{client_id}.log")
-        cpu = CpuSampler(proc.pid)
+        cpu, broker_cpu = CpuSampler(proc.pid), CpuSampler(self.mosquitto.pid)
         cpu.start()
+        broker_cpu.start()
         try:
             stamps, ids = consume(cfg, topic, messages * pack, arrow=kind == "bridge", timeout=180)
         finally:
-            cpu.running = False
+            cpu.running = broker_cpu.running = False
             stop_pid(proc.pid, timeout=30)
         rate, per_cpu = drain_rates(stamps, cpu)
+        _, broker_per_cpu = drain_rates(stamps, broker_cpu)
+        mosquitto_cores = rate / broker_per_cpu  # share of one core Mosquitto used while draining
         lost = messages * pack - len(ids)
         say(f"{kind}: {rate:,.0f} readings/s = {rate / pack:,.0f} msgs/s wall; {per_cpu / pack:,.0f} msgs per CPU "
-            f"second of its process; {len(stamps)} Kafka records, lost {lost}")
+            f"second of its process; Mosquitto busy {mosquitto_cores:.0%} of a core; {len(stamps)} Kafka records, "
+            f"lost {lost}")
         return {"readings_per_s": rate, "msgs_per_s": rate / pack, "readings_per_cpu_s": per_cpu,
-                "msgs_per_cpu_s": per_cpu / pack, "lost": lost, "publisher_msgs_per_s": pub_rate}
+                "msgs_per_cpu_s": per_cpu / pack, "mosquitto_cores": mosquitto_cores, "lost": lost,
+                "publisher_msgs_per_s": pub_rate}
 
     def latency(self, kind: str, rate_msgs: int, seconds: float) -> dict:
         """Live load from the simulator at ``rate_msgs`` msgs/s; p50/p99 of publish -> seen in Kafka."""
@@ -333,6 +338,8 @@ def main() -> int:
         "bridge_senml10_readings_per_cpu_s": round(bridge_pack["readings_per_cpu_s"]),
         "baseline_senml10_readings_per_cpu_s": round(base_pack["readings_per_cpu_s"]),
         "publisher_single_msgs_per_s": round(bridge_single["publisher_msgs_per_s"]),
+        "mosquitto_cores_bridge_single": round(bridge_single["mosquitto_cores"], 2),
+        "mosquitto_cores_bridge_senml10": round(bridge_pack["mosquitto_cores"], 2),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "latency_rate_msgs_per_s": lat_rate,
         "bridge_latency_p50_ms": round(bridge_lat["p50_ms"], 1),
