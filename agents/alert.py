@@ -39,7 +39,7 @@ from rules.delivery import Dispatcher, Outbox, Senders
 from rules.engine import Engine, RuleWatcher
 from rules.groundtruth import OutcomeJoiner, QualityTracker
 from streams import contract
-from streams.kafka import consumer_config, producer_config
+from streams.kafka import consume_available, consumer_config, producer_config
 
 log = logging.getLogger("aimass.alerter")
 
@@ -295,7 +295,7 @@ class AlerterService:
                     self.alerter.queue_quality()
                     self.alerter.outbox.purge(now_ms() - KEEP_FINISHED_MS)
                     next_quality = time.monotonic() + a.quality_every_s
-                msgs = await loop.run_in_executor(None, consumer.consume, 2000, 0.2)
+                msgs = await loop.run_in_executor(None, consume_available, consumer, 2000, 0.2)
                 records, offsets = [], {}
                 for m in msgs:
                     if m.error():

@@ -41,7 +41,7 @@ from models import online
 from models.features import denormalize
 from models.triton_client import TritonModels
 from streams import contract
-from streams.kafka import consumer_config, producer_config
+from streams.kafka import consume_available, consumer_config, producer_config
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class PredictStage:
         self.delivery_error: str | None = None
         self.stats = {"records": 0, "rows": 0, "degraded": 0, "drift": 0, "rejected": 0}
 
-    # Rebalance callbacks run inside consumer.consume(), i.e. between two batches.
+    # Rebalance callbacks run inside the consumer's poll, i.e. between two batches.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.predictor.partitions[tp.partition] = online.OnlinePartition.load(self._ckpt(tp.partition),
@@ -277,7 +277,7 @@ class PredictStage:
         failed = False
         try:
             while not stop.is_set():
-                messages = await asyncio.to_thread(self.consumer.consume, POLL_MESSAGES, 0.2)
+                messages = await asyncio.to_thread(consume_available, self.consumer, POLL_MESSAGES, 0.2)
                 if messages:
                     await self.handle(messages)
                 if time.monotonic() - last_commit >= self.cfg.predict.checkpoint_every_s:
