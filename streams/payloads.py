@@ -243,6 +243,7 @@ def _multi(doc: dict, now_ms: int, limits: Limits) -> list[Reading]:
 
 
 SENML_PLAIN_FIELDS = frozenset(("n", "v", "t", "u"))  # a record with only these needs no base-field handling
+NUMBER = frozenset((int, float))  # JSON numbers (bool is its own type, and not one)
 
 
 def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
@@ -252,40 +253,45 @@ def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
     base = ("", 0.0, None, 0.0)  # name, time, unit, value
     lowest_ms, highest_ms = now_ms - limits.max_past_ms, now_ms + limits.max_future_ms
     readings = []
+    append, units, valid_metrics, plain, isfinite = readings.append, UNITS, _valid_metrics, SENML_PLAIN_FIELDS, math.isfinite
+    base_name, base_time, base_unit, base_value = base
+    # The common path is inlined and tests the usual case first (a pack is many records); the
+    # check_* calls only run to explain a rejection.
     for i, rec in enumerate(pack):
         if type(rec) is not dict:
             raise Rejected("bad_schema", f"SenML record {i} is not an object")
-        if "v" not in rec or not SENML_PLAIN_FIELDS.issuperset(rec):
-            base = _senml_base(rec, i, base)
+        if "v" not in rec or not rec.keys() <= plain:
+            base = base_name, base_time, base_unit, base_value = _senml_base(rec, i, base)
             if "v" not in rec:
                 continue  # a record holding base fields only
-        base_name, base_time, base_unit, base_value = base
-        # The common path is inlined (a pack is many records); the check_* calls only explain rejections.
         name = rec.get("n", "")
         metric = base_name + name if type(name) is str else None
-        if metric not in _valid_metrics:
+        if metric not in valid_metrics:
             check_metric(metric)
         v = rec["v"]
-        if type(v) is not float and type(v) is not int:
+        if type(v) not in NUMBER:
             check_value(v, metric)
         value = base_value + v
-        if not math.isfinite(value):
+        if not isfinite(value):
             raise Rejected("non_finite", f"SenML record {i}: value {value!r}")
-        t = rec.get("t", 0)
-        if type(t) is not float and type(t) is not int or not math.isfinite(t):
-            raise Rejected("bad_ts", f"SenML record {i}: 't' must be a finite number")
-        time_s = base_time + t
-        if -SENML_RELATIVE_LIMIT < time_s < SENML_RELATIVE_LIMIT:
-            ts_ms = now_ms + round(time_s * 1000)
-        elif time_s >= MS_THRESHOLD:
-            ts_ms = int(time_s)
+        t = rec.get("t")
+        if t is None:
+            time_s = base_time
+        elif type(t) in NUMBER and isfinite(t):
+            time_s = base_time + t
         else:
+            raise Rejected("bad_ts", f"SenML record {i}: 't' must be a finite number")
+        if time_s >= MS_THRESHOLD:
+            ts_ms = int(time_s)
+        elif time_s >= SENML_RELATIVE_LIMIT or time_s <= -SENML_RELATIVE_LIMIT:
             ts_ms = round(time_s * 1000)
+        else:
+            ts_ms = now_ms + round(time_s * 1000)
         if not lowest_ms <= ts_ms <= highest_ms:
             check_ts(ts_ms, now_ms, limits, f"record {i} time")  # raises future_ts / too_old
         u = rec.get("u", base_unit)
-        unit = UNITS.get(u) if type(u) is str else None
-        readings.append((metric, ts_ms, float(value), check_unit(u) if unit is None else unit))
+        unit = units.get(u) if type(u) is str else None
+        append((metric, ts_ms, float(value), check_unit(u) if unit is None else unit))
     if not readings:
         raise Rejected("bad_schema", "SenML pack has no record with a value")
     return readings
