@@ -20,6 +20,9 @@ more). Phases:
    per_message (per-reading JSON Kafka messages, a per-message Faust agent, per-row chDB
    inserts) and quix (Quix Streams 3.28 windows, batched sink); see `perf/_pipeline.py`.
 
+The stages run with the usual configuration (defaults, the `AIMASS_CONFIG` file, `AIMASS_*`
+variables such as `AIMASS_BRIDGE_FLUSH_READINGS`), ports and windows set by the benchmark.
+
 Progress goes to stderr; the last line on stdout is one JSON object (`*_per_s`,
 `speedup_vs_per_message`, `speedup_vs_quix`, the same per CPU second, latencies and hops, `lost`,
 CPU per process: cores used and microseconds per reading).
@@ -49,7 +52,7 @@ sys.path.insert(0, str(REPO / "perf"))
 
 from bench_ingest import create_session  # noqa: E402
 from aimass.clickhouse import open_reader  # noqa: E402
-from aimass.config import Config, to_env  # noqa: E402
+from aimass.config import Config, load_config, to_env  # noqa: E402
 from aimass.demo import StagePlan, stage_plans, start_pipeline  # noqa: E402
 from aimass.procs import free_port  # noqa: E402
 from aimass.receiver import WebhookReceiver  # noqa: E402
@@ -96,9 +99,10 @@ def say(msg: str) -> None:
 
 
 def bench_config(workdir: Path, webhook_port: int, bridge_flush_ms: int | None, partitions: int | None) -> Config:
-    """Free ports for every server and stage, 10 s tumbling windows, the benchmark's rule; optionally the
-    bridge's flush interval and the partition count (the micro-batch size levers)."""
-    cfg = Config()
+    """The usual configuration (defaults, ``AIMASS_CONFIG`` file, ``AIMASS_*`` variables: e.g.
+    ``AIMASS_BRIDGE_FLUSH_READINGS``) with free ports for every server and stage, 10 s tumbling
+    windows and the benchmark's rule; optionally the bridge's flush interval and the partition count."""
+    cfg = load_config()
     cfg.bridge.flush_ms = bridge_flush_ms or cfg.bridge.flush_ms
     cfg.kafka.partitions = partitions or cfg.kafka.partitions
     cfg.run.dir = str(workdir)
@@ -539,7 +543,8 @@ def main() -> int:
                            and all(maxrate["readings_per_s"] >= 10 * b["readings_per_s"] for k, b in baselines.items()
                                    if k == "per_message")),
         "readings": maxrate["published"], "quick": args.quick, "workers": args.workers,
-        "bridge_flush_ms": cfg.bridge.flush_ms, "partitions": cfg.kafka.partitions,
+        "bridge_flush_ms": cfg.bridge.flush_ms, "bridge_flush_readings": cfg.bridge.flush_readings,
+        "partitions": cfg.kafka.partitions,
     }
     print(json.dumps(result))
     return 0
