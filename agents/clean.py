@@ -75,6 +75,8 @@ class CleanEngine:
         self.seen = K.DedupSet()
         self.max_ts = K.NO_TS
         self.max_ts_offset = -1
+        self.oldest_seen_offset = -1     # as of the last prune; -1: take the next record's offset
+        self.pruned_at_ts = K.NO_TS      # max_ts at the last prune
 
     def process(self, raw: pa.Table, offset: int = 0) -> CleanResult:
         """Classify every reading of one raw batch (Kafka ``offset``) in arrival order."""
@@ -89,6 +91,8 @@ class CleanEngine:
             verdict[~np.isfinite(value)] = K.NON_FINITE
         series = self.series.lookup(raw["tenant"], raw["device_id"], raw["metric"])
         max_ts_before = self.max_ts
+        if self.oldest_seen_offset < 0:
+            self.oldest_seen_offset = offset
         self.seen.reserve(raw.num_rows, self.max_ts, self.horizon_ms)
         self.seen.count, self.max_ts, self.max_ts_offset = K.clean_update(
             series, ts, np.full(raw.num_rows, offset, np.int64), verdict, self.seen.keys, self.seen.offsets,
@@ -101,9 +105,17 @@ class CleanEngine:
                            verdict)
 
     def live_offset(self) -> int:
-        """Oldest raw offset the dedup set or the watermark depends on (-1: none)."""
-        oldest_seen = self.seen.prune(self.max_ts, self.horizon_ms)
-        live = [o for o in (oldest_seen, self.max_ts_offset) if o >= 0]
+        """Oldest raw offset the dedup set or the watermark depends on (-1: none).
+
+        Finding the dedup set's oldest offset rebuilds the whole set (milliseconds per call with a
+        long horizon), so it is redone only once event time has moved a tenth of the horizon on. In
+        between, the older answer stands: entries only expire or arrive with higher offsets, so it
+        is an earlier, still exact restart point.
+        """
+        if self.max_ts == K.NO_TS or self.max_ts - self.pruned_at_ts >= self.horizon_ms // 10:
+            self.oldest_seen_offset = self.seen.prune(self.max_ts, self.horizon_ms)
+            self.pruned_at_ts = self.max_ts
+        live = [o for o in (self.oldest_seen_offset, self.max_ts_offset) if o >= 0]
         return min(live) if live else -1
 
 

@@ -122,7 +122,7 @@ class WindowEngine:
         """
         if source_offset is not None:
             if source_offset <= self.max_source_offset:
-                return contract.empty(contract.WINDOWS), readings.num_rows
+                return NO_WINDOWS, readings.num_rows
             self.max_source_offset = source_offset
         if max_ts_before is not None and max_ts_before > self.max_ts:
             self.max_ts = int(max_ts_before)
@@ -143,7 +143,8 @@ class WindowEngine:
                 spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history, spec.min_history, spec.pane_i,
                 spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off,
                 spec.hist_n, len(self.series), out_i, out_f, late, spec.counters)
-            parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
+            if n_out:
+                parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
         self.max_ts = max_ts
         return _concat(parts), int(late.sum())
 
@@ -156,7 +157,8 @@ class WindowEngine:
                                    spec.min_history, spec.pane_i, spec.pane_f, spec.next_close, spec.last_pane,
                                    spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n, len(self.series),
                                    out_i, out_f, spec.counters)
-            parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
+            if n_out:
+                parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
         return _concat(parts)
 
     def live_offset(self) -> int:
@@ -180,8 +182,13 @@ class WindowEngine:
         ], schema=contract.WINDOWS)
 
 
+NO_WINDOWS = contract.empty(contract.WINDOWS)  # built once: most batches close no window
+
+
 def _concat(parts: list[pa.Table]) -> pa.Table:
-    return pa.concat_tables(parts) if parts else contract.empty(contract.WINDOWS)
+    if len(parts) == 1:
+        return parts[0]
+    return pa.concat_tables(parts) if parts else NO_WINDOWS
 
 
 def batch_windows(readings: pa.Table, window_s: int, hop_s: int | None = None, *,

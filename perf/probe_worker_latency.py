@@ -1,0 +1,281 @@
+"""Latency probe of the worker hop: raw record produced -> clean record and window rows consumed.
+
+Starts its own Kafka-protocol broker and one `aimass worker` process, produces RAW records at a
+fixed rate (each ``--readings`` readings of one partition's devices, event time and
+``received_ms`` = now), and consumes CLEAN and WINDOW_ROWS with a fast-polling consumer:
+
+- raw -> clean latency: consume time - ``received_ms`` of the record's readings;
+- window wait: consume time of a window row - (window end + allowed lateness), the earliest
+  moment the row can exist (readings carry event time = now); what is left is the avoidable wait;
+- worker CPU per reading: process CPU seconds (/proc, all threads) / readings produced.
+
+Baseline in the same run: a plain confluent-kafka pass-through hop (decode + encode every raw
+record into the clean topic of a second topic prefix), the floor any Kafka hop costs here.
+
+    python perf/probe_worker_latency.py [--quick] [--rate 100] [--readings 50] [--seconds 20]
+
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from confluent_kafka import Consumer, Producer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from aimass.config import Config, to_env  # noqa: E402
+from aimass.procs import free_port  # noqa: E402
+from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
+from aimass.supervisor import aimass_argv  # noqa: E402
+from streams import contract  # noqa: E402
+from streams.kafka import consumer_config, producer_config  # noqa: E402
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def device_table(cfg: Config, devices: int) -> list[np.ndarray]:
+    """Device ids per partition (contract.partition_for), so every record holds one partition's devices."""
+    names = np.array([f"dev{d:05d}" for d in range(devices)], dtype=object)
+    parts = contract.partitions_for(np.array(["acme"] * devices, dtype=object), names, cfg.kafka.partitions)
+    return [names[parts == p] for p in range(cfg.kafka.partitions)]
+
+
+def raw_record(devices: np.ndarray, start: int, n: int, now_ms: int) -> bytes:
+    """``n`` temperature readings of consecutive devices of one partition, event time = now."""
+    ids = devices[(start + np.arange(n)) % len(devices)]
+    return contract.encode(pa.table({
+        "tenant": pa.array(["acme"] * n), "device_id": pa.array(ids), "metric": pa.array(["temp"] * n),
+        "ts_ms": np.full(n, now_ms, np.int64), "value": 21.0 + np.random.default_rng(start).normal(0, 1, n),
+        "unit": pa.array(["Cel"] * n), "received_ms": np.full(n, now_ms, np.int64),
+    }, schema=contract.READINGS), contract.READINGS)
+
+
+class Watcher(threading.Thread):
+    """Consumes CLEAN and WINDOW_ROWS of a prefix; records per-record latencies (ms)."""
+
+    def __init__(self, cfg: Config, prefix: str, lateness_ms: int):
+        super().__init__(daemon=True)
+        self.lateness_ms = lateness_ms
+        self.clean_ms: list[float] = []
+        self.window_wait_ms: list[float] = []
+        self.clean_readings = 0
+        self.stop_event = threading.Event()
+        self.consumer = Consumer(consumer_config(cfg, f"probe-{uuid.uuid4().hex[:8]}", **{"fetch.wait.max.ms": 5}))
+        self.topics = {contract.CLEAN.name(prefix): "clean", contract.WINDOW_ROWS.name(prefix): "windows"}
+        self.consumer.subscribe(list(self.topics))
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            for msg in self.consumer.consume(1000, 0.05):
+                if msg.error():
+                    continue
+                now = time.time() * 1000
+                kind = self.topics[msg.topic()]
+                if kind == "clean":
+                    table = contract.decode(msg.value(), contract.READINGS)
+                    self.clean_readings += table.num_rows
+                    self.clean_ms.append(now - pa.compute.max(table["received_ms"]).as_py())
+                else:
+                    table = contract.decode(msg.value(), contract.WINDOWS)
+                    ends = table["window_end_ms"].to_numpy()
+                    self.window_wait_ms.extend((now - (ends + self.lateness_ms)).tolist())
+        self.consumer.close()
+
+    def reset(self) -> None:
+        self.clean_ms.clear()
+        self.window_wait_ms.clear()
+        self.clean_readings = 0
+
+
+def passthrough_main(argv: list[str]) -> int:
+    """Baseline hop: confluent consume RAW -> decode -> encode -> produce CLEAN, commit after delivery."""
+    from aimass.config import load_config
+
+    cfg = load_config()
+    prefix = cfg.kafka.topic_prefix
+    consumer = Consumer(consumer_config(cfg, f"{prefix}-passthrough"))
+    producer = Producer(producer_config(cfg))
+    consumer.subscribe([contract.RAW.name(prefix)])
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    while not stopping:
+        msgs = consumer.consume(1000, 0.1)
+        for msg in msgs:
+            if msg.error():
+                continue
+            table = contract.decode(msg.value(), contract.READINGS)
+            producer.produce(contract.CLEAN.name(prefix), contract.encode(table, contract.READINGS),
+                             partition=msg.partition())
+            consumer.store_offsets(msg)
+        if msgs:
+            producer.flush(10)
+            consumer.commit(asynchronous=False)
+        producer.poll(0)
+    consumer.close()
+    return 0
+
+
+def profile(pid: int, out_dir: str, name: str, seconds: float) -> subprocess.Popen | None:
+    """py-spy flame graph of the hop process while it is measured (``--profile DIR``)."""
+    if not out_dir:
+        return None
+    return subprocess.Popen(["py-spy", "record", "--nonblocking", "--pid", str(pid), "--duration", str(int(seconds)), "--format",
+                             "speedscope", "--output", str(Path(out_dir) / f"{name}.speedscope.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_ms: int, code: Path = REPO) -> dict:
+    """Start one hop process (its code from checkout ``code``), warm it up, produce at the fixed
+    rate, return latency/CPU figures."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMASS_")}
+    env.update(to_env(cfg))
+    env.update(AIMASS_RUN_LOG_LEVEL="INFO", PYTHONPATH=str(code))
+    proc = subprocess.Popen(argv, env=env, cwd=code, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    watcher = Watcher(cfg, cfg.kafka.topic_prefix, lateness_ms)
+    watcher.start()
+    producer = Producer(producer_config(cfg))
+    raw = contract.RAW.name(cfg.kafka.topic_prefix)
+    devices = device_table(cfg, args.devices)
+    sent = 0
+
+    def produce(seconds: float, rate: float, say_every: float = 5.0) -> None:
+        nonlocal sent
+        t0 = time.monotonic()
+        last_say = t0
+        i = 0
+        while time.monotonic() - t0 < seconds:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            p = i % cfg.kafka.partitions
+            producer.produce(raw, raw_record(devices[p], i // cfg.kafka.partitions * args.readings, args.readings,
+                                             int(time.time() * 1000)), partition=p)
+            producer.poll(0)
+            sent += args.readings
+            i += 1
+            if time.monotonic() - last_say > say_every:
+                say(f"  {name}: {sent:,} readings sent, {watcher.clean_readings:,} clean seen")
+                last_say = time.monotonic()
+        producer.flush(10)
+
+    try:
+        say(f"{name}: waiting for the group join (one record per partition per second) ...")
+        deadline = time.monotonic() + 90
+        behind = lambda: sent == 0 or watcher.clean_readings < sent - cfg.kafka.partitions * args.readings  # noqa: E731
+        while behind() and time.monotonic() < deadline:
+            produce(1.0, cfg.kafka.partitions)
+            say(f"  {name}: {sent:,} readings sent, {watcher.clean_readings:,} clean seen")
+        if behind():
+            raise RuntimeError(f"{name}: not caught up within 90 s; see {log}")
+        produce(args.warmup_s, args.rate)
+        watcher.reset()
+        sent, cpu0 = 0, cpu_seconds(proc.pid)
+        spy = profile(proc.pid, args.profile, name, args.seconds)
+        say(f"{name}: measuring {args.seconds:.0f} s at {args.rate} records/s x {args.readings} readings")
+        produce(args.seconds, args.rate)
+        time.sleep(2.0)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        if spy is not None:
+            spy.wait(30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        watcher.stop_event.set()
+        watcher.join(5)
+    clean = np.array(watcher.clean_ms)
+    waits = np.array(watcher.window_wait_ms)
+    pct = lambda a, q: round(float(np.percentile(a, q)), 1) if len(a) else None  # noqa: E731
+    return {"readings": sent, "clean_seen": watcher.clean_readings,
+            "clean_p50_ms": pct(clean, 50), "clean_p99_ms": pct(clean, 99), "clean_max_ms": pct(clean, 100),
+            "window_wait_p50_ms": pct(waits, 50), "window_wait_p99_ms": pct(waits, 99),
+            "cpu_s": round(cpu, 2), "cpu_us_per_reading": round(cpu / max(watcher.clean_readings, 1) * 1e6, 2)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short run (8 s measured, 3 s warm-up)")
+    p.add_argument("--rate", type=float, default=100.0, help="raw records per second (default 100)")
+    p.add_argument("--readings", type=int, default=50, help="readings per raw record (default 50)")
+    p.add_argument("--devices", type=int, default=600, help="distinct devices (default 600)")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds (default 20)")
+    p.add_argument("--warmup-s", type=float, default=5.0, help="seconds produced before measuring (default 5)")
+    p.add_argument("--run-dir", default="", help="keep broker and worker logs here (default: a temporary dir)")
+    p.add_argument("--profile", default="", metavar="DIR", help="write py-spy profiles of each hop to DIR")
+    p.add_argument("--skip-baseline", action="store_true", help="only the worker, no pass-through hop")
+    p.add_argument("--before", default="", metavar="CHECKOUT",
+                   help="also run the worker of another checkout (e.g. a `git worktree` of an older commit)")
+    args = p.parse_args()
+    if args.quick:
+        args.seconds, args.warmup_s = 8.0, 3.0
+    with tempfile.TemporaryDirectory(prefix="probe-worker-") as tmp:
+        run_dir = Path(args.run_dir or tmp)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kafka = start_kafka(run_dir, free_port())
+        try:
+            results = {}
+            hops = ["worker"] + (["before"] if args.before else []) + ([] if args.skip_baseline else ["passthrough"])
+            for name in hops:
+                cfg = Config()
+                cfg.run.dir = str(run_dir)
+                cfg.kafka.bootstrap = f"127.0.0.1:{kafka.ports['kafka']}"
+                cfg.kafka.topic_prefix = f"p{uuid.uuid4().hex[:8]}"
+                cfg.worker.metrics_port = 0
+                cfg.worker.web_port = free_port()
+                cfg.window.sizes_s = "2"
+                cfg.clean.allowed_lateness_s = 1.0
+                create_topics(cfg)
+                argv = [sys.executable, __file__, "--passthrough"] if name == "passthrough" else aimass_argv("worker")
+                results[name] = run_hop(name, cfg, argv, run_dir / f"{name}.log", args,
+                                        int(cfg.clean.allowed_lateness_s * 1000),
+                                        Path(args.before).resolve() if name == "before" else REPO)
+                say(f"{name}: {json.dumps(results[name])}")
+        finally:
+            stop_server(kafka)
+    w = results["worker"]
+    out = {"rate_readings_per_s": args.rate * args.readings, "readings_per_record": args.readings,
+           **{f"worker_{k}": v for k, v in w.items()}, "lost": w["readings"] - w["clean_seen"]}
+    if "before" in results:
+        b = results["before"]
+        out.update({f"before_{k}": v for k, v in b.items() if k.startswith(("clean_p", "window_wait", "cpu_us"))})
+        out["cpu_speedup_vs_before"] = round(b["cpu_us_per_reading"] / max(w["cpu_us_per_reading"], 1e-9), 2)
+    if "passthrough" in results:
+        b = results["passthrough"]
+        out.update({f"passthrough_{k}": v for k, v in b.items() if k.startswith(("clean_p", "cpu_us"))})
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--passthrough"]:
+        sys.exit(passthrough_main(sys.argv))
+    sys.exit(main())
