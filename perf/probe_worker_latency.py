@@ -7,12 +7,18 @@ fixed rate (each ``--readings`` readings of one partition's devices, event time 
 - raw -> clean latency: consume time - ``received_ms`` of the record's readings;
 - window wait: consume time of a window row - (window end + allowed lateness), the earliest
   moment the row can exist (readings carry event time = now); what is left is the avoidable wait;
-- worker CPU per reading: process CPU seconds (/proc, all threads) / readings produced.
+- worker CPU per reading: process CPU seconds (/proc, all threads) / clean readings seen;
+- lost: readings produced - clean readings seen, over the whole run (negative: duplicates).
 
-Baseline in the same run: a plain confluent-kafka pass-through hop (decode + encode every raw
-record into the clean topic of a second topic prefix), the floor any Kafka hop costs here.
+The measured phase starts once the worker has joined its group and caught up (1 record per
+partition per second) and has run ``--warmup-s`` at the full rate. Baselines in the same run: a
+plain confluent-kafka pass-through hop (decode + encode every raw record into the clean topic of
+its own topic prefix: the floor any Kafka hop costs here) and, with ``--before CHECKOUT``, the
+worker of another checkout (``git worktree add --detach /tmp/before <commit>``), which gives
+``speedup_vs_before`` (CPU per reading, before / now).
 
     python perf/probe_worker_latency.py [--quick] [--rate 100] [--readings 50] [--seconds 20]
+                                        [--before CHECKOUT] [--profile DIR] [--run-dir DIR]
 
 Last line: one JSON object.
 """
@@ -38,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aimass.config import Config, to_env  # noqa: E402
-from aimass.procs import free_port  # noqa: E402
+from aimass.procs import free_port, stop_pid  # noqa: E402
 from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
 from aimass.supervisor import aimass_argv  # noqa: E402
 from streams import contract  # noqa: E402
@@ -81,6 +87,7 @@ class Watcher(threading.Thread):
         self.clean_ms: list[float] = []
         self.window_wait_ms: list[float] = []
         self.clean_readings = 0
+        self.total_clean_readings = 0  # never reset: for the loss count
         self.stop_event = threading.Event()
         self.consumer = Consumer(consumer_config(cfg, f"probe-{uuid.uuid4().hex[:8]}", **{"fetch.wait.max.ms": 5}))
         self.topics = {contract.CLEAN.name(prefix): "clean", contract.WINDOW_ROWS.name(prefix): "windows"}
@@ -96,6 +103,7 @@ class Watcher(threading.Thread):
                 if kind == "clean":
                     table = contract.decode(msg.value(), contract.READINGS)
                     self.clean_readings += table.num_rows
+                    self.total_clean_readings += table.num_rows
                     self.clean_ms.append(now - pa.compute.max(table["received_ms"]).as_py())
                 else:
                     table = contract.decode(msg.value(), contract.WINDOWS)
@@ -159,10 +167,10 @@ def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_m
     producer = Producer(producer_config(cfg))
     raw = contract.RAW.name(cfg.kafka.topic_prefix)
     devices = device_table(cfg, args.devices)
-    sent = 0
+    sent = total_sent = 0
 
     def produce(seconds: float, rate: float, say_every: float = 5.0) -> None:
-        nonlocal sent
+        nonlocal sent, total_sent
         t0 = time.monotonic()
         last_say = t0
         i = 0
@@ -177,6 +185,7 @@ def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_m
                                              int(time.time() * 1000)), partition=p)
             producer.poll(0)
             sent += args.readings
+            total_sent += args.readings
             i += 1
             if time.monotonic() - last_say > say_every:
                 say(f"  {name}: {sent:,} readings sent, {watcher.clean_readings:,} clean seen")
@@ -200,21 +209,20 @@ def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_m
         produce(args.seconds, args.rate)
         time.sleep(2.0)
         cpu = cpu_seconds(proc.pid) - cpu0
+        deadline = time.monotonic() + 30
+        while watcher.total_clean_readings < total_sent and time.monotonic() < deadline:
+            time.sleep(0.2)
         if spy is not None:
             spy.wait(30)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_pid(proc.pid, timeout=30)
         watcher.stop_event.set()
         watcher.join(5)
     clean = np.array(watcher.clean_ms)
     waits = np.array(watcher.window_wait_ms)
     pct = lambda a, q: round(float(np.percentile(a, q)), 1) if len(a) else None  # noqa: E731
     return {"readings": sent, "clean_seen": watcher.clean_readings,
+            "lost": total_sent - watcher.total_clean_readings,
             "clean_p50_ms": pct(clean, 50), "clean_p99_ms": pct(clean, 99), "clean_max_ms": pct(clean, 100),
             "window_wait_p50_ms": pct(waits, 50), "window_wait_p99_ms": pct(waits, 99),
             "cpu_s": round(cpu, 2), "cpu_us_per_reading": round(cpu / max(watcher.clean_readings, 1) * 1e6, 2)}
@@ -263,11 +271,13 @@ def main() -> int:
             stop_server(kafka)
     w = results["worker"]
     out = {"rate_readings_per_s": args.rate * args.readings, "readings_per_record": args.readings,
-           **{f"worker_{k}": v for k, v in w.items()}, "lost": w["readings"] - w["clean_seen"]}
+           "worker_readings_per_cpu_s": round(1e6 / max(w["cpu_us_per_reading"], 1e-9)),
+           **{f"worker_{k}": v for k, v in w.items() if k != "lost"},
+           "lost": sum(r["lost"] for r in results.values())}
     if "before" in results:
         b = results["before"]
         out.update({f"before_{k}": v for k, v in b.items() if k.startswith(("clean_p", "window_wait", "cpu_us"))})
-        out["cpu_speedup_vs_before"] = round(b["cpu_us_per_reading"] / max(w["cpu_us_per_reading"], 1e-9), 2)
+        out["speedup_vs_before"] = round(b["cpu_us_per_reading"] / max(w["cpu_us_per_reading"], 1e-9), 2)
     if "passthrough" in results:
         b = results["passthrough"]
         out.update({f"passthrough_{k}": v for k, v in b.items() if k.startswith(("clean_p", "cpu_us"))})
