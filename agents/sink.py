@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from aimass.clickhouse import ChdbStore, QueryServer, Store, StoreError, fill_nulls, open_store
@@ -88,9 +89,45 @@ def row_ids(topic: str, partition: int, offset: int, n: int) -> np.ndarray:
     return np.uint64(base) + np.arange(n, dtype=np.uint64)
 
 
-def to_store_table(spec: TableSpec, records: list[Record], dialect: str) -> pa.Table:
-    """The insert block for ``spec`` from records of its contract schema, in record order."""
+def _ranks(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
+    """Each string's rank among the column's distinct values (byte order), and how many there are."""
+    encoded = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+    rank = np.empty(len(encoded.dictionary), np.int64)
+    rank[pc.array_sort_indices(encoded.dictionary).to_numpy()] = np.arange(len(rank))
+    return rank[encoded.indices.to_numpy()], len(rank)
+
+
+def identity_order(data: pa.Table, identity: tuple[str, ...]) -> np.ndarray | None:
+    """The row order that sorts ``data`` by ``identity`` (string fields, then one int64 field), or None
+    where the identity has another shape or its packed key would not fit 64 bits.
+
+    A block already sorted by the table's ORDER BY skips ClickHouse's own sort, which compares
+    strings row by row (measured ~3x the cost of this: ranks of the distinct strings, one packed
+    integer key per row, one argsort).
+    """
+    *strings, last = identity
+    fields = {f.name: f.type for f in data.schema}
+    if not strings or any(not pa.types.is_string(fields.get(s, pa.null())) for s in strings) \
+            or not pa.types.is_int64(fields.get(last, pa.null())) or data.num_rows < 2:
+        return None
+    series, count = np.zeros(data.num_rows, np.int64), 1
+    for name in strings:
+        rank, distinct = _ranks(data.column(name))
+        series, count = series * distinct + rank, count * distinct
+    times = data.column(last).to_numpy()
+    span = int(times.max()) - int(times.min())
+    if count >= 2 ** 31 or span >= 2 ** 32:
+        return None
+    return np.argsort((series << 32) | (times - times.min()), kind="stable")
+
+
+def to_store_table(spec: TableSpec, records: list[Record], dialect: str, sort: bool = False) -> pa.Table:
+    """The insert block for ``spec`` from records of its contract schema, in record order (``sort``: in
+    the table's identity order where ``identity_order`` can compute it)."""
     data = fill_nulls(pa.concat_tables([r.rows for r in records]))
+    order = identity_order(data, spec.identity) if sort else None
+    if order is not None:
+        data = data.take(order)
     columns: dict[str, pa.ChunkedArray | pa.Array] = {}
     for f in spec.schema:
         col = data.column(f.name)
@@ -449,7 +486,7 @@ class Sink:
 
     def _insert(self, spec: TableSpec, records: list[Record], token: str) -> None:
         try:
-            data = to_store_table(spec, records, self.store.dialect)
+            data = to_store_table(spec, records, self.store.dialect, sort=True)
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise StoreError(f"cannot convert rows for {spec.name}: {exc}", retryable=False) from None
         started = time.perf_counter()

@@ -7,10 +7,19 @@ Scenarios, same run, same schema (ReplacingMergeTree + the 1-minute and 1-hour r
   committed; timed from the first record consumed to the last row stored. Also reported per
   CPU second of this process (all its threads), which a busy shared machine does not skew.
 - row_by_row_chdb (baseline): one INSERT ... VALUES statement per reading into chDB.
+- paced (issue 7's sustained load): a separate process produces readings at ``--rate`` per
+  second in records of 833 (the bridge's drain micro-batch) plus 1% as many rows on every
+  other stored topic (windows, predictions, alerts, rejects ...) while the sink stores them with
+  the configured flush policy (per table: readings every ``flush_ms``, the other tables every
+  ``side_flush_factor`` x ``flush_ms``, ``flush_rows`` 200k), against the previous policy in the
+  same run (every table in every flush, ``flush_rows`` 50k). Reported as CPU microseconds per
+  reading of this process (all threads: the sink, chDB's inserts and background merges), from the
+  first record consumed until every reading is stored plus a 5 s merge tail.
 - sink_server / row_by_row_server: the same into Debian's clickhouse-server (18.16, legacy
   schema, native protocol) when it is installed.
 
-Floors (issue 6): sink into chDB >= 300k rows/s and >= 100x row-by-row.
+Floors (issue 6): sink into chDB >= 300k rows/s and >= 100x row-by-row. Issue 7's budget for
+the sink: <= 3 us of CPU per reading at 100k readings/s (``paced``).
 
     python perf/bench_sink.py [--quick] [--rows N]
 
@@ -19,7 +28,9 @@ Starts its own Kafka-protocol broker (and clickhouse-server) on free ports. Last
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import multiprocessing
 import secrets
 import shutil
 import sys
@@ -45,16 +56,18 @@ from streams import contract  # noqa: E402
 from streams.kafka import consumer_config, producer_config  # noqa: E402
 
 RECORD_ROWS = 5_000
+PACED_RECORD_ROWS = 833  # the bridge's mean micro-batch when draining (perf/RESULTS.md, bench_e2e)
+SIDE_SHARE = 0.01        # rows on each other stored topic per reading
 DEVICES = 1_000
+MERGE_TAIL_S = 5.0
 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def readings_record(i: int, start_ms: int) -> pa.Table:
-    """RECORD_ROWS readings of many devices and three metrics, 1 s apart per series."""
-    n = RECORD_ROWS
+def readings_record(i: int, start_ms: int, n: int = RECORD_ROWS) -> pa.Table:
+    """``n`` readings of many devices and three metrics, 1 s apart per series (record ``i`` of a stream)."""
     k = np.arange(i * n, (i + 1) * n)
     device = k % DEVICES
     metric = (k // DEVICES) % 3
@@ -85,16 +98,61 @@ def produce_readings(cfg: Config, rows: int) -> int:
     return records * RECORD_ROWS
 
 
+def produce_paced(cfg: Config, rate: int, seconds: float, ready: "multiprocessing.synchronize.Event") -> None:
+    """Produce ``rate`` readings/s for ``seconds`` (records of PACED_RECORD_ROWS) plus SIDE_SHARE rows per
+    reading on every other stored topic, once a second; runs in its own process so that its CPU is not
+    counted as the sink's."""
+    from tests.fixtures_store import sample_tables  # rows of every schema, identities distinct per seed
+
+    producer = Producer(producer_config(cfg))
+    prefix, start_ms = cfg.kafka.topic_prefix, int(time.time() * 1000) - 3_600_000
+    records = paced_readings(rate, seconds) // PACED_RECORD_ROWS
+    ready.wait()
+    started, record, second = time.monotonic(), 0, -1
+    while record < records:
+        elapsed = time.monotonic() - started
+        if int(elapsed) > second:
+            second = int(elapsed)
+            for topic, rows in sample_tables(second, int(rate * SIDE_SHARE)).items():
+                if topic is not contract.CLEAN:
+                    producer.produce(topic.name(prefix), contract.encode(rows, topic.schema), key=b"side")
+        due = min(records, int(elapsed * rate) // PACED_RECORD_ROWS)
+        while record < due:
+            producer.produce(contract.CLEAN.name(prefix), contract.encode(
+                readings_record(record, start_ms, PACED_RECORD_ROWS), contract.READINGS),
+                partition=record % cfg.kafka.partitions)
+            record += 1
+        producer.poll(0)
+        time.sleep(0.01)
+    if producer.flush(60):
+        raise RuntimeError("producer could not deliver every record")
+
+
+def paced_readings(rate: int, seconds: float) -> int:
+    """Readings the paced producer sends: whole records only."""
+    return int(seconds * rate) // PACED_RECORD_ROWS * PACED_RECORD_ROWS
+
+
 class TimedSink(Sink):
     """The sink, noting when the first record arrived (wall clock and this process's CPU time)."""
 
     first: float | None = None
     first_cpu = 0.0
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.stored_by_table: dict[str, int] = {}
+        self.inserts = 0
+
     def _add(self, msg) -> None:
         if self.first is None:
             self.first, self.first_cpu = time.perf_counter(), time.process_time()
         super()._add(msg)
+
+    def _insert(self, spec, records, token) -> None:
+        super()._insert(spec, records, token)
+        self.stored_by_table[spec.name] = self.stored_by_table.get(spec.name, 0) + sum(r.rows.num_rows for r in records)
+        self.inserts += 1
 
 
 def run_sink(cfg: Config, store, rows: int, label: str) -> tuple[float, float, int]:
@@ -120,6 +178,41 @@ def run_sink(cfg: Config, store, rows: int, label: str) -> tuple[float, float, i
     consumer.close()
     stored = store.query(f"SELECT count() AS n FROM `{store.database}`.readings FINAL").column("n")[0].as_py()
     return rows / elapsed, rows / cpu, stored
+
+
+def run_paced(cfg: Config, store, rate: int, seconds: float, label: str) -> dict[str, float]:
+    """CPU of the sink storing a paced stream (``produce_paced``) with ``cfg``'s flush policy."""
+    migrate(store, cfg)
+    create_topics(cfg)
+    expected = paced_readings(rate, seconds)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    producer = ctx.Process(target=produce_paced, args=(cfg, rate, seconds, ready), daemon=True)
+    producer.start()
+    consumer = Consumer(consumer_config(cfg, f"bench-{label}", **{"max.poll.interval.ms": 86_400_000}))
+    sink = TimedSink(cfg, store, consumer, Producer(producer_config(cfg)),
+                     Journal(cfg.run_dir / f"journal-{label}.json"))
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    ready.set()
+    last_report, deadline = time.monotonic(), time.monotonic() + seconds + 120
+    readings_stored = 0
+    while readings_stored < expected and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        readings_stored = int(sink.stored_by_table.get("readings", 0))
+        if time.monotonic() - last_report > 2:
+            say(f"  {label}: {readings_stored:,}/{expected:,} readings stored")
+            last_report = time.monotonic()
+    time.sleep(MERGE_TAIL_S)
+    cpu = time.process_time() - sink.first_cpu
+    sink.stopping.set()
+    thread.join(60)
+    consumer.close()
+    producer.join(60)
+    stored = store.query(f"SELECT count() AS n FROM `{store.database}`.readings FINAL").column("n")[0].as_py()
+    inserts = sink.inserts
+    return {"cpu_us_per_reading": round(cpu / expected * 1e6, 2), "readings_per_cpu_s": round(expected / cpu),
+            "inserts": inserts, "lost": expected - stored}
 
 
 def row_by_row(store, rows: int, label: str) -> tuple[float, float]:
@@ -156,10 +249,14 @@ def main() -> int:
     p.add_argument("--baseline-rows", type=int, help="row-by-row inserts (default 500)")
     p.add_argument("--flush-rows", type=int, default=200_000, help="sink batch size (clickhouse.flush_rows)")
     p.add_argument("--no-server", action="store_true", help="skip clickhouse-server even when installed")
+    p.add_argument("--rate", type=int, default=100_000, help="paced scenario: readings per second (default 100k)")
+    p.add_argument("--seconds", type=float, help="paced scenario: seconds of production (default 20, --quick 10)")
+    p.add_argument("--only-paced", action="store_true", help="run only the paced scenario")
     args = p.parse_args()
     rows = args.rows or (1_000_000 if args.quick else 3_000_000)
     base_rows = args.baseline_rows or (200 if args.quick else 500)
     server_rows = rows // 4
+    seconds = args.seconds or (10 if args.quick else 20)
 
     run_dir = Path(tempfile.mkdtemp(prefix="aimass-bench-sink-"))
     kafka = start_kafka(run_dir, free_port())
@@ -173,13 +270,32 @@ def main() -> int:
         cfg.clickhouse.flush_rows = args.flush_rows
         cfg.clickhouse.metrics_port = 0
         create_topics(cfg)
+        say(f"paced: {args.rate:,} readings/s for {seconds:g} s, configured flush policy vs the previous one ...")
+        paced = {}
+        defaults = Config().clickhouse
+        for label, flush_rows, side_factor in (("paced", defaults.flush_rows, defaults.side_flush_factor),
+                                                ("paced_previous_policy", 50_000, 1)):
+            pcfg = copy.deepcopy(cfg)
+            pcfg.kafka.topic_prefix = f"bench-{label.replace('_', '-')}"
+            pcfg.clickhouse.database = f"bench_{label}"
+            pcfg.clickhouse.flush_rows, pcfg.clickhouse.side_flush_factor = flush_rows, side_factor
+            paced[label] = run_paced(pcfg, ChdbStore(run_dir / "chdb", pcfg.clickhouse.database), args.rate, seconds,
+                                     label)
+            say(f"  {label} (flush_rows {flush_rows:,}, side_flush_factor {side_factor}): {paced[label]}")
+        result.update({f"{k}_{m}": v for k, r in paced.items() for m, v in r.items() if m != "lost"},
+                      paced_readings_per_s=args.rate, lost=sum(r["lost"] for r in paced.values()),
+                      speedup_vs_previous_policy_per_cpu_s=round(
+                          paced["paced"]["readings_per_cpu_s"] / paced["paced_previous_policy"]["readings_per_cpu_s"], 2))
+        if args.only_paced:
+            print(json.dumps(result))
+            return 0
         say(f"producing {rows:,} readings in records of {RECORD_ROWS:,} ...")
         produced = produce_readings(cfg, rows)
-
         say("sink -> chDB ...")
         cfg.clickhouse.database = "bench_sink"
         sink_rate, sink_cpu, stored = run_sink(cfg, ChdbStore(run_dir / "chdb", "bench_sink"), produced, "sink_chdb")
-        say(f"  {sink_rate:,.0f} rows/s ({sink_cpu:,.0f} per CPU second), {stored:,} stored")
+        say(f"  {sink_rate:,.0f} rows/s ({sink_cpu:,.0f} per CPU second, {1e6 / sink_cpu:.2f} us per row), "
+            f"{stored:,} stored")
         say(f"row-by-row -> chDB ({base_rows} rows) ...")
         cfg.clickhouse.database = "bench_rows"
         baseline = ChdbStore(run_dir / "chdb", "bench_rows")
@@ -189,7 +305,8 @@ def main() -> int:
         result.update(sink_chdb_rows_per_s=round(sink_rate), row_by_row_chdb_rows_per_s=round(rbr_rate, 1),
                       speedup_vs_row_by_row=round(sink_rate / rbr_rate, 1),
                       sink_chdb_rows_per_cpu_s=round(sink_cpu), row_by_row_chdb_rows_per_cpu_s=round(rbr_cpu, 1),
-                      lost=produced - stored, rows=produced, flush_rows=args.flush_rows)
+                      sink_chdb_cpu_us_per_row=round(1e6 / sink_cpu, 2),
+                      lost=int(result["lost"]) + produced - stored, rows=produced, flush_rows=args.flush_rows)
 
         server, password = (None, "") if args.no_server else start_server(run_dir / "clickhouse-server")
         if server:

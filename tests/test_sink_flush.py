@@ -1,12 +1,14 @@
-"""Per-table flushing: readings every flush_ms, the other tables side_flush_factor times later."""
+"""Per-table flushing (readings every flush_ms, the other tables side_flush_factor times later), and
+blocks pre-sorted by the table identity."""
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from agents.sink import Batch, Record, Sink
+from agents.sink import Batch, Record, Sink, identity_order, to_store_table
 from aimass.clickhouse import ChdbStore
-from streams import contract
+from streams import contract, tables
 from tests.fixtures_store import (Running, chdb_config, chdb_run_dir, committed, counts,  # noqa: F401
                                   produce, readings, sample_tables, sink_on, wait_for)
 
@@ -64,3 +66,30 @@ def test_readings_are_stored_and_committed_while_side_tables_wait_their_longer_a
         assert committed(sink_cfg, contract.WINDOW_ROWS) == 0 and sink.batch.table_rows == {"windows": 25}
     assert counts(sink.store, db)["windows"] == 25  # stopping flushes and commits what is buffered
     assert committed(sink_cfg, contract.WINDOW_ROWS) == 1
+
+
+def test_identity_order_sorts_like_arrow_and_gives_up_on_other_keys():
+    rng = np.random.default_rng(3)
+    n = 2000
+    data = pa.table({
+        "tenant": rng.choice(["globex", "acme", "Ümlaut"], n), "device_id": rng.choice([f"d-{i}" for i in range(90)], n),
+        "metric": rng.choice(["temp", "hum", "power", ""], n), "ts_ms": rng.integers(0, 10**9, n) + 1_700_000_000_000,
+        "value": rng.normal(size=n), "unit": ["x"] * n, "received_ms": np.zeros(n, np.int64),
+    }, schema=contract.READINGS)
+    order = identity_order(data, ("tenant", "device_id", "metric", "ts_ms"))
+    keys = [(k, "ascending") for k in ("tenant", "device_id", "metric", "ts_ms")]
+    assert data.take(order).select([k for k, _ in keys]).equals(data.sort_by(keys).select([k for k, _ in keys]))
+    assert identity_order(data, ("tenant", "value")) is None          # last key not int64
+    assert identity_order(data, ("stage", "row_id")) is None          # fields not in the rows
+    wide = data.set_column(3, "ts_ms", pa.array(np.arange(n, dtype=np.int64) * 2**22))
+    assert identity_order(wide, ("tenant", "ts_ms")) is None          # time span beyond 32 bits
+
+
+def test_store_table_sorted_by_identity_holds_the_same_rows():
+    spec = tables.TABLE_BY_NAME["readings"]
+    records = [Record("telemetry.clean", 0, i, b"", readings(30, device=f"dev-{9 - i}")) for i in range(3)]
+    plain = to_store_table(spec, records, tables.MODERN)
+    ordered = to_store_table(spec, records, tables.MODERN, sort=True)
+    assert ordered.column("device_id").to_pylist() == ["dev-7"] * 30 + ["dev-8"] * 30 + ["dev-9"] * 30
+    assert ordered.sort_by([("device_id", "ascending"), ("ts", "ascending")]).equals(
+        plain.sort_by([("device_id", "ascending"), ("ts", "ascending")]))
