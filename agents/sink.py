@@ -274,6 +274,8 @@ class Batch:
 class Sink:
     """Consume, buffer, insert, then commit; see the module docstring for the guarantees."""
 
+    presort = True  # blocks in identity order (``identity_order``); perf/bench_sink.py's baseline turns it off
+
     def __init__(self, cfg: Config, store: Store, consumer, producer, journal: Journal):
         self.cfg = cfg
         self.store = store
@@ -486,7 +488,7 @@ class Sink:
 
     def _insert(self, spec: TableSpec, records: list[Record], token: str) -> None:
         try:
-            data = to_store_table(spec, records, self.store.dialect, sort=True)
+            data = to_store_table(spec, records, self.store.dialect, sort=self.presort)
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise StoreError(f"cannot convert rows for {spec.name}: {exc}", retryable=False) from None
         started = time.perf_counter()
