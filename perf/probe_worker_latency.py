@@ -15,7 +15,8 @@ partition per second) and has run ``--warmup-s`` at the full rate. Baselines in 
 plain confluent-kafka pass-through hop (decode + encode every raw record into the clean topic of
 its own topic prefix: the floor any Kafka hop costs here) and, with ``--before CHECKOUT``, the
 worker of another checkout (``git worktree add --detach /tmp/before <commit>``), which gives
-``speedup_vs_before`` (CPU per reading, before / now).
+``speedup_vs_before`` (CPU per reading, before / now), plus an in-process comparison of the clean
+and window engines alone (``engines_speedup_vs_before``: no broker, no lag-dependent batching).
 
     python perf/probe_worker_latency.py [--quick] [--rate 100] [--readings 50] [--seconds 20]
                                         [--before CHECKOUT] [--profile DIR] [--run-dir DIR]
@@ -41,7 +42,7 @@ import pyarrow as pa
 from confluent_kafka import Consumer, Producer
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.environ.get("PROBE_CODE_DIR", str(REPO)))  # --before runs another checkout's code
 
 from aimass.config import Config, to_env  # noqa: E402
 from aimass.procs import free_port, stop_pid  # noqa: E402
@@ -154,6 +155,42 @@ def profile(pid: int, out_dir: str, name: str, seconds: float) -> subprocess.Pop
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def engines_main(seconds: int) -> int:
+    """In-process CPU of the clean + window engines over ``seconds`` of one partition's share of
+    5,000 readings/s in 50-reading records, the restart offsets asked once per second like the
+    commit timer does (no broker, no lag: what changes is only the engine code on sys.path)."""
+    from agents.clean import CleanEngine
+    from agents.window import WindowEngine
+    from streams.units import UnitTable
+
+    cfg = Config()
+    cfg.window.sizes_s = "2"
+    cfg.clean.allowed_lateness_s = 1.0
+    clean = CleanEngine(cfg.clean, UnitTable.load(cfg.clean.units_file))
+    window = WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
+    devices = np.array([f"dev{d:05d}" for d in range(100)], dtype=object)
+    records_per_s, t0 = 17, 1_763_900_000_000  # ~833 readings/s: one of 6 partitions at 5k/s
+    cpu0 = time.process_time()
+    for offset in range(seconds * records_per_s):
+        now = t0 + offset * 1000 // records_per_s
+        raw = contract.decode(raw_record(devices, offset * 50, 50, now), contract.READINGS)
+        result = clean.process(raw, offset)
+        window.update(contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS),
+                      offset, result.max_ts_before, offset)
+        if offset % records_per_s == 0:
+            clean.live_offset()
+            window.live_offset()
+    print(json.dumps({"cpu_us_per_reading": (time.process_time() - cpu0) / (seconds * records_per_s * 50) * 1e6}))
+    return 0
+
+
+def engines_cpu(code: Path, seconds: int) -> float:
+    """CPU µs per reading of ``engines_main`` run with the engine code of checkout ``code``."""
+    out = subprocess.run([sys.executable, __file__, "--engines", str(seconds)], cwd=code, check=True,
+                         env={**os.environ, "PROBE_CODE_DIR": str(code)}, capture_output=True, text=True).stdout
+    return round(json.loads(out.splitlines()[-1])["cpu_us_per_reading"], 2)
+
+
 def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_ms: int, code: Path = REPO) -> dict:
     """Start one hop process (its code from checkout ``code``), warm it up, produce at the fixed
     rate, return latency/CPU figures."""
@@ -237,6 +274,8 @@ def main() -> int:
     p.add_argument("--devices", type=int, default=600, help="distinct devices (default 600)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds (default 20)")
     p.add_argument("--warmup-s", type=float, default=5.0, help="seconds produced before measuring (default 5)")
+    p.add_argument("--engine-s", type=int, default=300,
+                   help="with --before: event-time seconds of the in-process engine comparison (default 300)")
     p.add_argument("--run-dir", default="", help="keep broker and worker logs here (default: a temporary dir)")
     p.add_argument("--profile", default="", metavar="DIR", help="write py-spy profiles of each hop to DIR")
     p.add_argument("--skip-baseline", action="store_true", help="only the worker, no pass-through hop")
@@ -274,6 +313,12 @@ def main() -> int:
            "worker_readings_per_cpu_s": round(1e6 / max(w["cpu_us_per_reading"], 1e-9)),
            **{f"worker_{k}": v for k, v in w.items() if k != "lost"},
            "lost": sum(r["lost"] for r in results.values())}
+    if args.before:
+        say(f"engines in-process, {args.engine_s} s of one partition's readings (now, before) ...")
+        out["engines_cpu_us_per_reading"] = engines_cpu(REPO, args.engine_s)
+        out["before_engines_cpu_us_per_reading"] = engines_cpu(Path(args.before).resolve(), args.engine_s)
+        out["engines_speedup_vs_before"] = round(out["before_engines_cpu_us_per_reading"]
+                                                 / max(out["engines_cpu_us_per_reading"], 1e-9), 2)
     if "before" in results:
         b = results["before"]
         out.update({f"before_{k}": v for k, v in b.items() if k.startswith(("clean_p", "window_wait", "cpu_us"))})
@@ -288,4 +333,6 @@ def main() -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--passthrough"]:
         sys.exit(passthrough_main(sys.argv))
+    if sys.argv[1:2] == ["--engines"]:
+        sys.exit(engines_main(int(sys.argv[2])))
     sys.exit(main())
