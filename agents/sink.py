@@ -535,7 +535,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flush-rows", type=int, help="override clickhouse.flush_rows (rows per insert)")
     p.add_argument("--flush-ms", type=int, help="override clickhouse.flush_ms (max buffering time)")
     p.add_argument("--no-migrate", action="store_true", help="do not create/upgrade the schema at start")
-    p.epilog = ("stores:\n"
+    p.epilog = ("flushing, per table: at clickhouse.flush_rows rows, else readings after clickhouse.flush_ms and the\n"
+                "  other tables (windows, predictions, alerts, rejects ...) after clickhouse.side_flush_factor x flush_ms\n"
+                "stores:\n"
                 "  clickhouse.url empty: embedded chDB under <run dir>/chdb; the sink then serves read-only\n"
                 "    SQL on 127.0.0.1:clickhouse.query_port for `aimass query` and the demo\n"
                 "  clickhouse://user:password@host:9000/db: a ClickHouse server over the native protocol\n"
