@@ -67,6 +67,7 @@ class UnitTable:
 
     def __init__(self, metrics: dict[str, MetricSpec] | None = None) -> None:
         self.metrics = dict(DEFAULT_METRICS if metrics is None else metrics)
+        self._cache: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[np.ndarray, pa.Array]] = {}
 
     @classmethod
     def load(cls, path: str = "") -> "UnitTable":
@@ -87,19 +88,31 @@ class UnitTable:
     def apply(self, metric: pa.Array, unit: pa.Array, value: np.ndarray
               ) -> tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]:
         """(canonical values, canonical units, bad-unit mask, out-of-range mask) of a batch."""
-        pairs = pc.dictionary_encode(pc.binary_join_element_wise(metric, pc.fill_null(unit, ""), "\x1f"))
-        if isinstance(pairs, pa.ChunkedArray):
-            pairs = pairs.combine_chunks()
-        rules = [self._rule(*key.split("\x1f")) for key in pairs.dictionary.to_pylist()]
-        codes = pairs.indices.to_numpy(zero_copy_only=False)
-        scale, offset, low, high, bad = (np.array([r[i] for r in rules], dtype=float)[codes] for i in range(5))
-        out_unit = pa.array([r[5] for r in rules], pa.string()).take(pa.array(codes)) if rules \
-            else pa.array([], pa.string())
+        metrics, units = _dictionary(metric), _dictionary(pc.fill_null(unit, ""))
+        key = (tuple(metrics.dictionary.to_pylist()), tuple(units.dictionary.to_pylist()))
+        numbers, out_units = self._rules_of(key)
+        codes = metrics.indices.to_numpy(zero_copy_only=False) * len(key[1]) \
+            + units.indices.to_numpy(zero_copy_only=False)
+        scale, offset, low, high, bad = numbers[codes].T
+        out_unit = out_units.take(pa.array(codes))
         converted = value * scale + offset
         bad_unit = bad.astype(bool)
         with np.errstate(invalid="ignore"):
             out_of_range = ~bad_unit & np.isfinite(converted) & ((converted < low) | (converted > high))
         return converted, out_unit, bad_unit, out_of_range
+
+    def _rules_of(self, key: tuple[tuple[str, ...], tuple[str, ...]]) -> tuple[np.ndarray, pa.Array]:
+        """Rules of every (metric, unit) pair of a batch's dictionaries, row ``m * len(units) + u``:
+        (scale, offset, min, max, bad unit) as floats and the output units. Cached: a stream's batches
+        mostly repeat the same dictionaries."""
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= 1024:
+                self._cache.clear()
+            rules = [self._rule(m, u) for m in key[0] for u in key[1]]
+            found = self._cache[key] = (np.array([r[:5] for r in rules], dtype=float).reshape(-1, 5),
+                                        pa.array([r[5] for r in rules], pa.string()))
+        return found
 
     def _rule(self, metric: str, unit: str) -> tuple[float, float, float, float, float, str]:
         """(scale, offset, min, max, bad unit 0/1, output unit) for one (metric, unit) pair."""
@@ -112,3 +125,9 @@ class UnitTable:
         if conversion is None:
             return 1.0, 0.0, spec.min, spec.max, 1.0, unit
         return conversion[0], conversion[1], spec.min, spec.max, 0.0, spec.unit
+
+
+def _dictionary(column: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
+    """A string column as one dictionary array (distinct values + an index per row)."""
+    encoded = pc.dictionary_encode(column)
+    return encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
