@@ -90,8 +90,11 @@ class BridgeConfig:
     # broker restart, so messages published before the bridges re-subscribe would be dropped.
     share_group: str = ""
     max_payload_bytes: int = field(default=65536, metadata=_range(64, 16 * 1024 * 1024))
-    flush_readings: int = field(default=5000, metadata=_range(1, 1_000_000))
-    flush_ms: int = field(default=50, metadata=_range(1, 60_000))
+    # A Kafka record per partition per flush: every downstream stage pays per record, so bigger
+    # records cost less CPU per reading (measured: 200 ms vs 50 ms cut publish->alert p99 at 5k/s
+    # from 1.3 s to 0.4 s); flush_ms is also the most the bridge adds to latency.
+    flush_readings: int = field(default=20000, metadata=_range(1, 1_000_000))
+    flush_ms: int = field(default=200, metadata=_range(1, 60_000))
     max_future_s: float = field(default=300.0, metadata=_range(0, None))
     max_past_days: float = field(default=3650.0, metadata=_range(0, None))
     receive_maximum: int = field(default=10000, metadata=_range(20, 65535))
