@@ -282,7 +282,7 @@ class AlerterService:
         consumer.subscribe(list(self.alerter.inputs))
         runner = await self.serve_api() if a.api_port else None
         delivery = asyncio.create_task(self.deliver_forever())
-        next_reload = next_quality = time.monotonic()
+        next_reload = next_quality = next_batch = time.monotonic()
         await self.flush([])  # whatever a previous run queued but did not send
         try:
             while not self.stopping.is_set():
@@ -295,6 +295,8 @@ class AlerterService:
                     self.alerter.queue_quality()
                     self.alerter.outbox.purge(now_ms() - KEEP_FINISHED_MS)
                     next_quality = time.monotonic() + a.quality_every_s
+                await asyncio.sleep(next_batch - time.monotonic())  # returns at once when it is due
+                next_batch = time.monotonic() + a.batch_interval_ms / 1000
                 msgs = await loop.run_in_executor(None, consume_available, consumer, 2000, 0.2)
                 records, offsets = [], {}
                 for m in msgs:
