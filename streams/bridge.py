@@ -1,7 +1,8 @@
 """The MQTT -> Kafka bridge (`aimass bridge`).
 
-Subscribes (MQTT v5 shared subscription ``$share/<group>/...``, persistent session, manual
-acks) to device telemetry and labels, validates every message (``streams.payloads``), and
+Subscribes (persistent session, manual acks; with ``bridge.share_group`` an MQTT v5 shared
+subscription ``$share/<group>/...`` so that several bridges split the load) to device telemetry
+and labels, validates every message (``streams.payloads``), and
 turns the accepted readings into columnar micro-batches: one Kafka record per (partition,
 flush), the partition chosen explicitly with ``contract.partition_for`` so every reading of a
 device lands in one partition, in arrival order. A flush happens at ``bridge.flush_readings``
