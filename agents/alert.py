@@ -84,7 +84,7 @@ class Alerter:
         if (snap := self.db.get("engine")) is not None:
             self.engine.restore(json.loads(snap))
         if (blob := self.db.get("joiner")) is not None:
-            self.joiner.restore(blob)
+            self.joiner.restore(blob, self.db.actuals())
         if (text := self.db.get("quality")) is not None:
             self.quality.restore(text)
 
@@ -152,6 +152,7 @@ class Alerter:
             self.db.queue(self.topic(contract.ALERT_EVENTS), events)
             if checkpoint:
                 self.db.put("engine", json.dumps(self.engine.snapshot()))
+                self.db.save_actuals(*self.joiner.take_actual_changes())
                 self.db.put("joiner", self.joiner.snapshot())
                 self.db.put("quality", self.quality.snapshot())
         for e in events:

@@ -52,6 +52,8 @@ class StateDB:
             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS outgoing (seq INTEGER PRIMARY KEY AUTOINCREMENT,
                                                  topic TEXT NOT NULL, row TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS actuals (key TEXT PRIMARY KEY, mean REAL, end_ms INTEGER NOT NULL);
+            CREATE INDEX IF NOT EXISTS actuals_end ON actuals (end_ms);
         """)
         self._depth = 0
 
@@ -72,6 +74,14 @@ class StateDB:
     def get(self, key: str) -> bytes | str | None:
         row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+    def save_actuals(self, added: list[tuple[str, float, int]], drop_before_ms: int) -> None:
+        """Window means kept for the outcome join: add these (key, mean, end), drop those that ended earlier."""
+        self.conn.executemany("INSERT OR REPLACE INTO actuals (key, mean, end_ms) VALUES (?, ?, ?)", added)
+        self.conn.execute("DELETE FROM actuals WHERE end_ms < ?", (drop_before_ms,))
+
+    def actuals(self) -> list[tuple[str, float, int]]:
+        return self.conn.execute("SELECT key, mean, end_ms FROM actuals").fetchall()
 
     def queue(self, topic: str, rows: Iterable[dict]) -> None:
         """Queue records for Kafka (JSON rows of the topic's schema), in the caller's transaction."""

@@ -1,8 +1,8 @@
 """Ground truth: predictions joined with the windows they predicted, and alerts scored against labels.
 
 ``OutcomeJoiner`` matches a prediction (series, window_s, target_end_ms) with the window row whose
-window_end_ms == target_end_ms, whichever arrives first, with Arrow hash joins over whole
-batches. Unmatched rows wait ``horizon_s`` of event time.
+window_end_ms == target_end_ms, whichever arrives first. Unmatched predictions wait ``horizon_s``
+of event time, and windows are kept as long for late predictions.
 
 ``QualityTracker`` compares detections (alarm activations per rule; rising edges of the anomaly
 score per model) with labelled intervals (tenant, device, metric or "" for all metrics,
@@ -14,6 +14,7 @@ precision = matched detections / all decided detections, recall = TP / (TP + FN)
 """
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import math
@@ -58,13 +59,20 @@ def outcome_rows(joined: pa.Table) -> pa.Table:
 
 
 class OutcomeJoiner:
-    """Joins prediction rows with the actual window means they predicted."""
+    """Joins prediction rows with the actual window means they predicted.
+
+    Waiting predictions are an Arrow table (few: about one window's worth); the actuals, kept for
+    late predictions over the whole horizon (up to hundreds of thousands), are a dict with a heap for
+    eviction, so a batch costs work in proportion to the batch, not to the state. The actuals are
+    checkpointed incrementally (``take_actual_changes``), the rest whole (``snapshot``).
+    """
 
     def __init__(self, horizon_s: float = 300.0):
         self.horizon_ms = int(horizon_s * 1000)
         self.predictions = self._empty_predictions()
-        self.actuals = pa.table({"key": pa.array([], pa.string()), "actual": pa.array([], pa.float64()),
-                                 "end_ms": pa.array([], pa.int64())})
+        self.actuals: dict[str, tuple[float, int]] = {}  # join key -> (window mean, window end)
+        self._ends: list[tuple[int, str]] = []  # heap of (window end, key) for eviction
+        self._added: list[tuple[str, float, int]] = []  # actuals since the last take_actual_changes()
         self.watermark_ms = 0
         self.expired = 0  # predictions whose window never arrived within the horizon
 
@@ -77,51 +85,70 @@ class OutcomeJoiner:
         """Outcomes for predictions whose window is already here; the rest wait."""
         preds = table.select(_PRED_COLUMNS)
         preds = preds.append_column("key", _join_key(preds, "target_end_ms"))
-        joined = preds.join(self.actuals.drop_columns(["end_ms"]), "key", join_type="inner")
-        matched = joined.column("key")
-        waiting = preds.filter(pc.invert(pc.is_in(preds.column("key"), value_set=matched)))
-        self.predictions = pa.concat_tables([self.predictions, waiting])
+        found = [self.actuals.get(k) for k in preds.column("key").to_pylist()]
+        matched = np.array([f is not None for f in found], dtype=bool)
+        joined = preds.filter(pa.array(matched)).append_column(
+            "actual", pa.array([f[0] for f in found if f is not None], pa.float64()))
+        self.predictions = pa.concat_tables([self.predictions, preds.filter(pa.array(~matched))])
         return outcome_rows(joined)
 
     def add_windows(self, table: pa.Table) -> pa.Table:
         """Outcomes for waiting predictions of these windows; the windows are kept for late predictions."""
         if table.num_rows == 0:
             return contract.empty(contract.OUTCOMES)
-        actuals = pa.table({"key": _join_key(table, "window_end_ms"), "actual": table.column("mean"),
-                            "end_ms": table.column("window_end_ms")})
-        joined = self.predictions.join(actuals.drop_columns(["end_ms"]), "key", join_type="inner")
+        keys = _join_key(table, "window_end_ms")
+        actuals = pa.table({"key": keys, "actual": table.column("mean")})
+        joined = self.predictions.join(actuals, "key", join_type="inner")
         if joined.num_rows:
             self.predictions = self.predictions.filter(
                 pc.invert(pc.is_in(self.predictions.column("key"), value_set=joined.column("key"))))
-        replayed = pc.is_in(self.actuals.column("key"), value_set=actuals.column("key"))
-        self.actuals = pa.concat_tables([self.actuals.filter(pc.invert(replayed)), actuals])
-        self.watermark_ms = max(self.watermark_ms, pc.max(actuals.column("end_ms")).as_py() or 0)
+        ends = table.column("window_end_ms").to_pylist()
+        rows = list(zip(keys.to_pylist(), table.column("mean").to_pylist(), ends))
+        for key, mean, end in rows:  # a replayed window replaces its earlier copy
+            self.actuals[key] = (mean, end)
+            heapq.heappush(self._ends, (end, key))
+        self._added += rows
+        self.watermark_ms = max(self.watermark_ms, max(ends))
         self._evict()
         return outcome_rows(joined)
 
     def _evict(self) -> None:
         oldest = self.watermark_ms - self.horizon_ms
-        self.actuals = self.actuals.filter(pc.greater_equal(self.actuals.column("end_ms"), oldest))
+        while self._ends and self._ends[0][0] < oldest:
+            _, key = heapq.heappop(self._ends)
+            self.actuals.pop(key, None)
         waiting = self.predictions.num_rows
         self.predictions = self.predictions.filter(pc.greater_equal(self.predictions.column("target_end_ms"), oldest))
         self.expired += waiting - self.predictions.num_rows
 
+    def take_actual_changes(self) -> tuple[list[tuple[str, float, int]], int]:
+        """(actuals added since the last call as (key, mean, end), the window end below which actuals
+        were dropped): what an incremental checkpoint writes."""
+        added, self._added = self._added, []
+        return added, self.watermark_ms - self.horizon_ms
+
+    def actual_rows(self) -> list[tuple[str, float, int]]:
+        """Every kept actual as (key, mean, end), e.g. to restore from."""
+        return [(key, mean, end) for key, (mean, end) in self.actuals.items()]
+
     def snapshot(self) -> bytes:
-        """The waiting predictions and recent actuals as one Arrow IPC file (a checkpoint)."""
+        """Watermark, expiry count and the waiting predictions (Arrow IPC): the checkpoint besides the actuals."""
         sink = io.BytesIO()
-        for table in (self.predictions, self.actuals):
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
+        with pa.ipc.new_stream(sink, self.predictions.schema) as writer:
+            writer.write_table(self.predictions)
         return json.dumps({"watermark_ms": self.watermark_ms, "expired": self.expired}).encode() + b"\n" + \
             sink.getvalue()
 
-    def restore(self, blob: bytes) -> None:
+    def restore(self, blob: bytes, actuals: Iterable[tuple[str, float, int]] = ()) -> None:
+        """The state of a ``snapshot`` plus the actuals checkpointed from ``take_actual_changes``."""
         head, _, body = blob.partition(b"\n")
         meta = json.loads(head)
         self.watermark_ms, self.expired = meta["watermark_ms"], meta["expired"]
-        reader = pa.BufferReader(body)
-        self.predictions = pa.ipc.open_stream(reader).read_all()
-        self.actuals = pa.ipc.open_stream(reader).read_all()
+        self.predictions = pa.ipc.open_stream(pa.BufferReader(body)).read_all()
+        self.actuals = {key: (mean, end) for key, mean, end in actuals}
+        self._ends = [(end, key) for key, (_, end) in self.actuals.items()]
+        heapq.heapify(self._ends)
+        self._added = []
 
 
 @dataclass
