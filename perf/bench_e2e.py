@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "perf"))
 
+from _cpu import cpu_seconds  # noqa: E402
 from bench_ingest import create_session  # noqa: E402
 from aimass.clickhouse import open_reader  # noqa: E402
 from aimass.config import Config, load_config, to_env  # noqa: E402
@@ -71,7 +72,6 @@ LIGHT_RATE = 5000  # readings/s of the second latency phase: the pipeline's late
 SECRET = "bench-e2e-webhook-secret"
 HOPS = ("publish_to_bridge_p50_ms", "bridge_to_raw_p50_ms", "bridge_to_clean_p50_ms", "bridge_to_clean_p99_ms",
         "bridge_to_alert_p50_ms", "bridge_to_alert_p99_ms", "bridge_to_stored_p50_ms")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 RULES = """
 rules:
@@ -184,13 +184,12 @@ def publish(cfg: Config, tenant: str, readings: int, processes: int, readings_pe
 
 # --- observing ----------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (0 when it is gone)."""
+def cpu_seconds_or_zero(pid: int) -> float:
+    """User + system CPU seconds of a process (0 when it is gone: a stage may be restarted)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return cpu_seconds(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 class Watch:
@@ -203,7 +202,7 @@ class Watch:
     def __init__(self, ports: list[int], pids: dict[str, int]):
         self.ports, self.pids = ports, pids
         self.t0 = time.monotonic()
-        self.cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self.cpu0 = {name: cpu_seconds_or_zero(pid) for name, pid in pids.items()}
         self.prev, self.prev_t = scrape(*ports), self.t0
         self.first = self.prev
         self.peak: dict[str, float] = {}
@@ -218,7 +217,7 @@ class Watch:
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds each process used since the watch started."""
-        return {name: round(cpu_seconds(pid) - self.cpu0[name], 2) for name, pid in self.pids.items()}
+        return {name: round(cpu_seconds_or_zero(pid) - self.cpu0[name], 2) for name, pid in self.pids.items()}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0

@@ -36,6 +36,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _cpu import cpu_seconds  # noqa: E402
 from aimass.config import Config  # noqa: E402
 from aimass.procs import free_port, stop_pid  # noqa: E402
 from aimass.stack import create_topics, kafka_client_config, start_kafka, start_mosquitto, stop_server  # noqa: E402
@@ -185,16 +186,15 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.samples: list[tuple[float, float]] = []  # (wall ms, cpu s)
-        self.ticks = os.sysconf("SC_CLK_TCK")
         self.running = True
 
     def run(self) -> None:
         while self.running:
             try:
-                fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu = cpu_seconds(self.pid)
             except OSError:
                 return
-            self.samples.append((time.time() * 1000, (int(fields[11]) + int(fields[12])) / self.ticks))
+            self.samples.append((time.time() * 1000, cpu))
             time.sleep(0.01)
 
     def cpu_between(self, t0_ms: float, t1_ms: float) -> float:

@@ -38,6 +38,7 @@ from confluent_kafka import Producer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _cpu import cpu_seconds  # noqa: E402
 from agents.clean import CleanEngine  # noqa: E402
 from agents.window import WindowEngine  # noqa: E402
 from aimass.config import Config, to_env  # noqa: E402
@@ -92,12 +93,6 @@ def expected_window_rows(cfg: Config, partitions: list[pa.Table]) -> int:
 def metric(text: str, name: str) -> float:
     found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_stage(cfg: Config, argv: list[str], log: Path, port: int, done, what: str, total: int

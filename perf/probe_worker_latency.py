@@ -44,6 +44,7 @@ from confluent_kafka import Consumer, Producer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("PROBE_CODE_DIR", str(REPO)))  # --before runs another checkout's code
 
+from _cpu import cpu_seconds  # noqa: E402
 from aimass.config import Config, to_env  # noqa: E402
 from aimass.procs import free_port, stop_pid  # noqa: E402
 from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
@@ -54,12 +55,6 @@ from streams.kafka import consumer_config, producer_config  # noqa: E402
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def device_table(cfg: Config, devices: int) -> list[np.ndarray]:
