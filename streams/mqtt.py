@@ -138,7 +138,7 @@ class BufferedSocket:
             if self._splitter is not None:
                 data = self._splitter.split(data)
                 if not data:
-                    raise BlockingIOError("every packet read was a PUBLISH, handled already")
+                    raise BlockingIOError("every packet read was handled by the splitter")
             self._rbuf, self._rpos = data, 0
         chunk = self._rbuf[self._rpos:self._rpos + n]
         self._rpos += len(chunk)
