@@ -305,18 +305,29 @@ def test_clean_units_and_ranges():
     assert r.dead.column("value").to_pylist() == [500.0, 7.0]  # rejects keep the original reading
 
 
-def test_clean_replay_from_live_offset_rebuilds_dedup_and_watermark():
-    """A restarted engine replaying from live_offset() classifies later records like the original."""
-    rng = np.random.default_rng(11)
-    n = 4000
-    ts = (np.arange(n) * 10 + rng.integers(-3000, 200, n)).tolist()
+def duplicated_stream(n: int, seed: int, start_ms: int, per_record: int = 40) -> list[pa.Table]:
+    """Records of readings at ~100 Hz event time from ``start_ms``, 10% of them re-sent copies of
+    earlier ones (bridge restart duplicates)."""
+    rng = np.random.default_rng(seed)
+    ts = (start_ms + np.arange(n) * 10 + rng.integers(-3000, 200, n)).tolist()
     series = rng.integers(0, 5, n).tolist()
-    dup = rng.random(n) < 0.1  # re-send earlier readings (bridge restart duplicates)
+    dup = rng.random(n) < 0.1
     src = np.maximum(np.arange(n) - rng.integers(1, 800, n), 0)
     ts = [ts[j] if d else t for t, d, j in zip(ts, dup, src)]
     series = [series[j] if d else s for s, d, j in zip(series, dup, src)]
     t = table(series, ts, [1.0] * n)
-    records = [t.slice(i, 40) for i in range(0, n, 40)]
+    return [t.slice(i, per_record) for i in range(0, n, per_record)]
+
+
+def replayed(cfg: CleanConfig, records: list[pa.Table], restart: int) -> dict:
+    """What a fresh engine makes of ``records`` replayed from offset ``restart``: offset -> result."""
+    restored = CleanEngine(cfg, UnitTable({}))
+    return {offset: restored.process(records[offset], offset) for offset in range(restart, len(records))}
+
+
+def test_clean_replay_from_live_offset_rebuilds_dedup_and_watermark():
+    """A restarted engine replaying from live_offset() classifies later records like the original."""
+    records = duplicated_stream(4000, seed=11, start_ms=0)
     cfg = clean_config(lateness_s=2.0, horizon_s=5.0, skew_s=1e6)
     original = CleanEngine(cfg, UnitTable({}))
     results, b, restart = [], 60, None
@@ -325,9 +336,7 @@ def test_clean_replay_from_live_offset_rebuilds_dedup_and_watermark():
             restart = original.live_offset()
         results.append(original.process(rec, offset))
     assert 0 <= restart < b
-    restored = CleanEngine(cfg, UnitTable({}))
-    for offset in range(restart, len(records)):
-        r = restored.process(records[offset], offset)
+    for offset, r in replayed(cfg, records, restart).items():
         if offset >= b:
             want = results[offset]
             assert r.clean.equals(want.clean)
