@@ -38,6 +38,10 @@ class RunConfig:
     dir: str = ".aimass/run"
     log_level: str = field(default="INFO", metadata=_choices("DEBUG", "INFO", "WARNING", "ERROR"))
     metrics_host: str = "127.0.0.1"  # where stages serve Prometheus metrics; 0.0.0.0 in containers
+    # On one machine (`aimass up` / `demo`): predict and sink run this many nice steps below the
+    # reading -> alert path (bridge, workers, alerter), so a burst of window closes or a big insert
+    # never delays a threshold alarm; 0 = all equal. Clusters separate them by CPU requests instead.
+    background_nice: int = field(default=10, metadata=_range(0, 19))
 
 
 @dataclass
@@ -206,6 +210,10 @@ class AlertConfig:
     # Batches start at most this often: each one costs a state transaction, a flush and a commit
     # (~2-4 ms of CPU) however few records it holds; this is also the most it adds to alert latency.
     batch_interval_ms: int = field(default=100, metadata=_range(0, 10_000))
+    # Engine / join / quality checkpoints and offset commits happen at most this often (alarms,
+    # notifications and events are saved every batch); a crash replays at most this much input,
+    # which the engine and the alarm store absorb. 0 = every batch.
+    checkpoint_ms: int = field(default=1000, metadata=_range(0, 600_000))
 
 
 @dataclass

@@ -83,14 +83,19 @@ def pid_alive(pid: int) -> bool:
 
 
 def spawn(name: str, argv: list[str], log: Path, env: dict | None = None, cwd: str | None = None,
-          new_session: bool = True) -> subprocess.Popen:
-    """Start ``argv`` with stdout/stderr into ``log``; a missing binary raises StackError."""
+          new_session: bool = True, nice: int = 0) -> subprocess.Popen:
+    """Start ``argv`` with stdout/stderr into ``log``, ``nice`` steps below normal CPU priority;
+    a missing binary raises StackError."""
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=cwd,
+        proc = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 stdin=subprocess.DEVNULL, start_new_session=new_session)
     except FileNotFoundError:
         raise StackError(f"cannot start {name}: {argv[0]} not found") from None
+    if nice:
+        # set before the interpreter has started its threads, which inherit it
+        os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    return proc
 
 
 def stop_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool:

@@ -45,6 +45,7 @@ class Stage:
     crashes_in_a_row: int = 0
     restart_due: float | None = None  # monotonic time of the next automatic restart
     exit_codes: list[int] = field(default_factory=list)
+    nice: int = 0  # CPU priority steps below normal (os.nice)
 
 
 class Supervisor:
@@ -66,13 +67,14 @@ class Supervisor:
 
     # -- starting and stopping -------------------------------------------------------------
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-        """Start stage ``name`` running ``argv`` with ``env`` over this process's environment; returns its PID."""
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, nice: int = 0) -> int:
+        """Start stage ``name`` running ``argv`` with ``env`` over this process's environment, ``nice``
+        steps below normal CPU priority (restarts too); returns its PID."""
         with self._lock:
             if name in self.stages and self.alive(name):
                 raise StackError(f"stage {name} is already running (pid {self.stages[name].proc.pid}); "
                                  f"kill or restart it instead")
-            stage = Stage(name, list(argv), dict(env or {}), self.log_dir / f"{name}.log")
+            stage = Stage(name, list(argv), dict(env or {}), self.log_dir / f"{name}.log", nice=nice)
             self.stages[name] = stage
             self._launch(stage)
             if self.auto_restart and (self._monitor is None or not self._monitor.is_alive()):
@@ -85,7 +87,7 @@ class Supervisor:
         stage.log.parent.mkdir(parents=True, exist_ok=True)
         with open(stage.log, "a") as f:
             f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start {stage.name}: {' '.join(stage.argv)}\n")
-        stage.proc = spawn(stage.name, stage.argv, stage.log, env={**os.environ, **stage.env})
+        stage.proc = spawn(stage.name, stage.argv, stage.log, env={**os.environ, **stage.env}, nice=stage.nice)
         stage.started_at = time.monotonic()
         stage.restart_due = None
         self._write_stages()

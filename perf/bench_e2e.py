@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "perf"))
 
 from _cpu import cpu_seconds  # noqa: E402
+from _loadgen import BatchPublisher  # noqa: E402
 from bench_ingest import create_session  # noqa: E402
 from aimass.clickhouse import open_reader  # noqa: E402
 from aimass.config import Config, load_config, to_env  # noqa: E402
@@ -61,7 +62,6 @@ from aimass.stack import down, kafka_client_config, read_stack, up  # noqa: E402
 from aimass.supervisor import Supervisor, scrape  # noqa: E402
 from streams import contract  # noqa: E402
 from streams.kafka import consumer_config  # noqa: E402
-from streams.mqtt import Publisher  # noqa: E402
 from streams.payloads import TopicPattern, encode_senml  # noqa: E402
 from streams.simulator import METRICS  # noqa: E402
 
@@ -70,6 +70,7 @@ PACK = 10  # SenML records per pack: the 10 metrics of one device-tick
 SPIKE = 120.0  # injected temperature (valid range of temp: -60..150 Cel); the rule fires above 100
 LIGHT_RATE = 5000  # readings/s of the second latency phase: the pipeline's latency when it is not saturated
 SECRET = "bench-e2e-webhook-secret"
+PACING_S = 0.005  # a paced publisher sends what is due in batches this far apart
 HOPS = ("publish_to_bridge_p50_ms", "bridge_to_raw_p50_ms", "bridge_to_clean_p50_ms", "bridge_to_clean_p99_ms",
         "bridge_to_alert_p50_ms", "bridge_to_alert_p99_ms", "bridge_to_stored_p50_ms")
 
@@ -130,31 +131,45 @@ def bench_config(workdir: Path, webhook_port: int, bridge_flush_ms: int | None, 
 def publish_share(cfg: Config, tenant: str, devices: range, ticks: int, msgs_per_s: float, spike_every_s: float,
                   out) -> None:
     """One publisher process: ``ticks`` packs for each device of ``devices``, round robin, paced at
-    ``msgs_per_s`` (0: as fast as possible); every ``spike_every_s`` one temperature reads SPIKE."""
+    ``msgs_per_s`` (0: as fast as possible) in batches of one PACING_S tick, each reading stamped
+    with its batch's wall clock; every ``spike_every_s`` one temperature reads SPIKE."""
     pattern = TopicPattern(cfg.mqtt.topic_pattern)
     topics = [pattern.topic(tenant, f"dev-{d:05d}") for d in devices]
     metrics = [(name, m.base, m.unit) for name, m in METRICS.items()]
     last_ts = [0] * len(topics)
     spiked = [False] * len(topics)
+    total = ticks * len(topics)
+    batch_min = max(1, int(msgs_per_s * PACING_S))
     spikes, next_spike, sent = 0, time.time() + spike_every_s, 0
     start = time.time()
-    with Publisher(cfg, f"bench-pub-{tenant}-{devices.start}", qos=1) as pub:
-        for k in range(ticks):
-            for i, topic in enumerate(topics):
-                if msgs_per_s:
-                    while (wait := start + sent / msgs_per_s - time.time()) > 0:
-                        pub.service(wait)
-                now_ms = int(time.time() * 1000)
+    with BatchPublisher(cfg, f"bench-pub-{tenant}-{devices.start}") as pub:
+        while sent < total:
+            if msgs_per_s:
+                due = min(total, int((time.time() - start) * msgs_per_s) + 1)
+                if due - sent < batch_min and due < total:
+                    pub.service(max(0.0, start + (sent + batch_min) / msgs_per_s - time.time()))
+                    continue
+            else:
+                due = min(total, sent + 1000)
+            now_ms = int(time.time() * 1000)
+            payloads: dict[tuple[int, int, bool], bytes] = {}  # devices in one batch mostly share a payload
+            batch = []
+            for n in range(sent, due):
+                k, i = divmod(n, len(topics))
                 ts = last_ts[i] = max(now_ms, last_ts[i] + 1)
                 # a device whose last reading spiked is skipped: its alarm must clear before it can raise again
                 spike = spike_every_s > 0 and now_ms >= next_spike * 1000 and not spiked[i]
                 spiked[i] = spike
                 if spike:
                     spikes, next_spike = spikes + 1, next_spike + spike_every_s
-                pack = [(name, ts, SPIKE if spike and name == "temp" else base + (k % 7) * 0.01, unit)
-                        for name, base, unit in metrics]
-                pub.publish(topic, encode_senml(pack))
-                sent += 1
+                key = (ts, k % 7, spike)
+                if (payload := payloads.get(key)) is None:
+                    payload = payloads[key] = encode_senml(
+                        [(name, ts, SPIKE if spike and name == "temp" else base + (k % 7) * 0.01, unit)
+                         for name, base, unit in metrics])
+                batch.append((topics[i], payload))
+            pub.send(batch)
+            sent = due
         acked = pub.drain(timeout_s=120)
     out.put({"messages": sent, "readings": sent * PACK, "spikes": spikes, "acked": acked,
              "elapsed_s": time.time() - start})
@@ -475,6 +490,8 @@ def main() -> int:
     p.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     p.add_argument("--live-s", type=float,
                    help="seconds of live load at half the max rate (default 60; quick 15), then half as long at 5k/s")
+    p.add_argument("--live-rate", type=float,
+                   help="readings/s of the first latency phase (default: half the maximum rate just measured)")
     p.add_argument("--baseline-s", type=float, help="time limit per baseline (default 120; quick 25)")
     p.add_argument("--bridge-flush-ms", type=int, help="AI Mass bridge.flush_ms (default: the config's, 50)")
     p.add_argument("--partitions", type=int, help="kafka.partitions of every keyed topic (default: the config's, 6)")
@@ -498,7 +515,8 @@ def main() -> int:
         try:
             ai.start_without_bridge()
             maxrate = aimass_max_rate(ai, readings, args.publishers)
-            latency = aimass_latency(ai, "half", maxrate["readings_per_s"] / 2, live_s, args.publishers)
+            latency = aimass_latency(ai, "half", args.live_rate or maxrate["readings_per_s"] / 2, live_s,
+                                     args.publishers)
             light = aimass_latency(ai, "light", LIGHT_RATE, live_s / 2, args.publishers)
         finally:
             ai.stop()

@@ -238,12 +238,12 @@ class Client(paho.Client):
             self._last_bytes_received = paho.time_func()
 
 
-def make_client(cfg: Config, client_id: str, manual_ack: bool = False) -> Client:
-    """A paho MQTT v5 client with this config's credentials and TLS options (not yet connected)."""
+def make_client(cfg: Config, client_id: str, manual_ack: bool = False, cls: type[Client] = Client) -> Client:
+    """A paho MQTT v5 client (``cls``) with this config's credentials and TLS options (not yet connected)."""
     _packet.Properties = _SharedTableProperties
     m = cfg.mqtt
-    client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
-                         manual_ack=manual_ack, reconnect_on_failure=False)
+    client = cls(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
+                 manual_ack=manual_ack, reconnect_on_failure=False)
     if m.username:
         client.username_pw_set(m.username, Config.secret(m.password_env) or None)
     if m.tls:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from aimass.procs import free_port, port_in_use, wait_until
 from streams import contract
@@ -69,7 +69,7 @@ def hook_server():
     server.server_close()
 
 
-def write_config(cfg, tmp_path: Path, hook_port: int) -> Path:
+def write_config(cfg, tmp_path: Path, hook_port: int, checkpoint_ms: int = 1000) -> Path:
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "rules.yaml").write_text(RULES.format(port=hook_port))
@@ -89,6 +89,7 @@ reload_s = 0.5
 quality_every_s = 1
 label_grace_s = 0
 backoff_initial_s = 0.1
+checkpoint_ms = {checkpoint_ms}
 """)
     return path
 
@@ -103,11 +104,27 @@ def start_alerter(config: Path, log: Path, api_port: int) -> subprocess.Popen:
     return proc
 
 
+def pump_partition(cfg, topic: contract.Topic) -> int:
+    """The partition of the test device (acme/pump-1) in ``topic``."""
+    return contract.partition_for("acme", "pump-1", contract.topic_partitions(topic, cfg.kafka.partitions))
+
+
 def produce(cfg, topic: contract.Topic, table: pa.Table) -> None:
     producer = Producer(producer_config(cfg))
-    partition = contract.partition_for("acme", "pump-1", contract.topic_partitions(topic, cfg.kafka.partitions))
-    producer.produce(topic.name(cfg.kafka.topic_prefix), contract.encode(table, topic.schema), partition=partition)
+    producer.produce(topic.name(cfg.kafka.topic_prefix), contract.encode(table, topic.schema),
+                     partition=pump_partition(cfg, topic))
     assert producer.flush(10) == 0
+
+
+def committed_windows(cfg) -> int:
+    """The alerter group's committed offset in the test device's window-rows partition."""
+    group = Consumer(consumer_config(cfg, f"{cfg.kafka.topic_prefix}-alerter"))
+    try:
+        name = contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix)
+        [tp] = group.committed([TopicPartition(name, pump_partition(cfg, contract.WINDOW_ROWS))], timeout=10)
+        return tp.offset
+    finally:
+        group.close()
 
 
 class Reader:
@@ -213,3 +230,34 @@ def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server):
         for reader in (alerts, outcomes, quality, dead, notifications):
             reader.close()
     assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def test_alerter_sigkill_replays_what_its_checkpoint_does_not_cover(cfg, tmp_path, hook_server):
+    """Offsets are committed only with a checkpoint (alert.checkpoint_ms): a SIGKILL between two
+    replays the input since the last one, and the replay raises nothing twice."""
+    config = write_config(cfg, tmp_path, hook_server.server_address[1], checkpoint_ms=600_000)
+    log = tmp_path / "alerter.log"
+    alerts = Reader(cfg, contract.ALERT_EVENTS)
+    proc = start_alerter(config, log, cfg.alert.api_port)
+    try:
+        produce(cfg, contract.WINDOW_ROWS, windows(dict(window_end_ms=10_000, mean=85.0)))
+        wait_until(lambda: committed_windows(cfg) == 1, 30, "the first batch's checkpoint", proc, log)
+        produce(cfg, contract.WINDOW_ROWS, windows(dict(window_end_ms=20_000, mean=90.0)))  # 2 windows hot: raised
+        alerts.until(lambda rs: ("hot", "raised") in transitions(rs))
+        proc.kill()
+        proc.wait(30)
+        assert committed_windows(cfg) == 1  # the raising window is not covered by a checkpoint: it comes again
+
+        proc = start_alerter(config, log, cfg.alert.api_port)
+        produce(cfg, contract.WINDOW_ROWS, windows(dict(window_end_ms=30_000, mean=60.0)))
+        rows = alerts.until(lambda rs: ("hot", "cleared") in transitions(rs))
+        assert transitions(rows).count(("hot", "raised")) == 1
+        [alarm] = [a for a in json.loads(cli(config, "list", "--json").stdout) if a["rule"] == "hot"]
+        assert (alarm["state"], alarm["count"]) == ("cleared_unack", 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert committed_windows(cfg) == 3  # a clean stop checkpoints and commits what it processed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        alerts.close()

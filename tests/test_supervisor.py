@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from aimass.config import Config
+from aimass.demo import stage_plans
 from aimass.procs import StackError, free_port, pid_alive, port_in_use, wait_until
 from aimass.supervisor import STAGES_FILE, Supervisor, aimass_argv, backoff_s, scrape
 
@@ -72,6 +75,27 @@ def test_kill_then_restart_gives_a_new_process(sup: Supervisor) -> None:
     assert new != old and sup.alive("worker") and not pid_alive(old)
     wait_until(lambda: _ready_lines(sup, "worker") == 2, 15, "restarted stage")
     assert json.loads((sup.run_dir / STAGES_FILE).read_text())["servers"][0]["pid"] == new
+
+
+def test_nice_stage_keeps_its_priority_across_restarts(sup: Supervisor) -> None:
+    """A background stage (predict, sink on one machine) runs below normal priority, restarted too."""
+    normal = sup.start("bridge", SLEEPER)
+    background = sup.start("predict", SLEEPER, nice=7)
+    _ready(sup, "predict")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, normal) == base
+    assert os.getpriority(os.PRIO_PROCESS, background) == min(19, base + 7)
+    sup.kill("predict")
+    wait_until(lambda: not sup.alive("predict"), 10, "killed stage to die")
+    restarted = sup.restart("predict")
+    assert restarted != background and os.getpriority(os.PRIO_PROCESS, restarted) == min(19, base + 7)
+
+
+def test_stage_plans_put_predict_and_sink_below_the_alert_path() -> None:
+    cfg = Config()
+    cfg.run.background_nice = 12
+    assert {p.name: p.nice for p in stage_plans(cfg, workers=2)} == {
+        "sink": 12, "predict": 12, "alerter": 0, "worker-1": 0, "worker-2": 0, "bridge": 0}
 
 
 def test_stop_all_terms_then_kills(sup: Supervisor) -> None:
