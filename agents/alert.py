@@ -40,7 +40,7 @@ from aimass.config import Config
 from rules.alarms import AlarmStore, StateDB, now_ms, should_notify
 from rules.api import make_app
 from rules.delivery import Dispatcher, Outbox, Senders
-from rules.engine import Engine, RuleWatcher
+from rules.engine import Engine, RuleWatcher, warm_up
 from rules.groundtruth import OutcomeJoiner, QualityTracker
 from streams import contract
 from streams.kafka import consume_available, consumer_config, producer_config
@@ -73,6 +73,7 @@ class Alerter:
         self.store = AlarmStore(self.db)
         self.outbox = Outbox(self.db)
         self.engine = Engine()
+        warm_up()  # the first alarm must not wait for the rule kernel to compile
         self.watcher = RuleWatcher(a.rules_path, self.engine)
         self.joiner = OutcomeJoiner(a.outcome_horizon_s)
         self.quality = QualityTracker(a.label_grace_s, a.anomaly_threshold)

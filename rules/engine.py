@@ -91,6 +91,17 @@ def step_rule(series: np.ndarray, ts: np.ndarray, selected: np.ndarray, cond: np
     return kinds
 
 
+def warm_up() -> None:
+    """Compile ``step_rule`` (or load it from numba's cache) now: that takes a second or two, and a
+    stream whose conditions are all false never calls it, so otherwise the first alarm pays for it."""
+    ints, flags = np.zeros(1, np.int64), np.zeros(1, np.bool_)
+    arrow_ts = ints.copy()
+    arrow_ts.setflags(write=False)  # times usually come zero-copy (read-only) from Arrow, else converted
+    for ts in (arrow_ts, ints.copy()):
+        step_rule(ints, ts, flags, flags.copy(), flags.copy(), 0, 0.0, 0.0, flags.copy(), ints.copy(),
+                  ints.copy(), flags.copy(), ints.copy(), ints.copy())
+
+
 class RuleState:
     """One rule's state machine per series: flat arrays indexed by series id, grown on demand."""
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from rules.alarms import AlarmStore, StateDB, should_notify
 from rules.engine import Engine, RuleWatcher
 from tests.fixtures_rules import readings, ruleset, windows
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run(engine: Engine, stream: str, table) -> list[tuple[str, int]]:
@@ -32,6 +37,30 @@ def test_for_n_windows_needs_consecutive_true_rows(tmp_path):
 """)
     # true, true, false (reset), true, true, true -> fires on the 6th window (60 s) only
     assert run(engine, "windows", windows(*window_rows([85, 86, 70, 90, 91, 92]))) == [("fire", 60_000)]
+
+
+# Run in a fresh interpreter: the other tests here compile the kernel too, which would hide a gap.
+WARM_UP_CHECK = r"""
+import sys
+from pathlib import Path
+from rules.engine import Engine, step_rule, warm_up
+from tests.fixtures_rules import readings, ruleset, windows
+warm_up()
+compiled = list(step_rule.signatures)
+engine = Engine(ruleset(Path(sys.argv[1]), "rules:\n"
+                        "  - {name: hot, stream: windows, condition: mean > 80}\n"
+                        "  - {name: spike, stream: readings, condition: value > 90}\n"))
+assert engine.process("windows", windows(dict(window_end_ms=10_000, window_start_ms=0, mean=85.0)))
+assert engine.process("readings", readings(dict(ts_ms=1000, value=95.0)))
+assert step_rule.signatures == compiled, "a real batch compiled another signature"
+"""
+
+
+def test_warm_up_compiles_the_signature_real_batches_use(tmp_path):
+    """The alerter warms the rule kernel at start; readings and windows must not compile it again."""
+    r = subprocess.run([sys.executable, "-c", WARM_UP_CHECK, str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_for_duration_in_event_time(tmp_path):
