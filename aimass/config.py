@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from aimass.procs import PRIORITIES
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
@@ -38,10 +40,12 @@ class RunConfig:
     dir: str = ".aimass/run"
     log_level: str = field(default="INFO", metadata=_choices("DEBUG", "INFO", "WARNING", "ERROR"))
     metrics_host: str = "127.0.0.1"  # where stages serve Prometheus metrics; 0.0.0.0 in containers
-    # On one machine (`aimass up` / `demo`): predict and sink run this many nice steps below the
-    # reading -> alert path (bridge, workers, alerter), so a burst of window closes or a big insert
-    # never delays a threshold alarm; 0 = all equal. Clusters separate them by CPU requests instead.
-    background_nice: int = field(default=10, metadata=_range(0, 19))
+    # CPU priority of predict and sink when one machine runs every stage (`aimass demo`): "idle"
+    # (Linux SCHED_IDLE) gives them only CPU time the reading -> alert path (bridge, workers,
+    # alerter) leaves, so the burst of predictions at every window close never delays a threshold
+    # alarm; under full load they lag (Kafka holds their input). "low" = 10 nice steps; "normal".
+    # Clusters separate stages with CPU requests instead.
+    background_priority: str = field(default="idle", metadata=_choices(*PRIORITIES))
 
 
 @dataclass

@@ -39,7 +39,7 @@ class StagePlan:
     command: str
     env: dict[str, str]
     metrics_port: int
-    nice: int = 0  # CPU priority steps below normal (`run.background_nice` for predict and sink)
+    priority: str = "normal"  # CPU priority (`run.background_priority` for predict and sink)
 
 
 def stage_plans(cfg: Config, workers: int = 2, bridges: int = 1) -> list[StagePlan]:
@@ -47,7 +47,7 @@ def stage_plans(cfg: Config, workers: int = 2, bridges: int = 1) -> list[StagePl
 
     Extra workers and bridges get their own metrics ports (+10 per instance) and client ids.
     """
-    background = cfg.run.background_nice
+    background = cfg.run.background_priority
     plans = [StagePlan("sink", "sink", {}, cfg.clickhouse.metrics_port, background),
              StagePlan("predict", "predict", {}, cfg.predict.metrics_port, background),
              StagePlan("alerter", "alerter", {}, cfg.alert.metrics_port)]
@@ -70,7 +70,7 @@ def start_pipeline(cfg: Config, sup: Supervisor, plans: list[StagePlan], base_en
     """Start every stage and wait until each serves its metrics (it is up and consuming)."""
     for plan in plans:
         say(f"starting {plan.name} (`aimass {plan.command}`, log {sup.log_dir / plan.name}.log) ...")
-        sup.start(plan.name, aimass_argv(plan.command), {**base_env, **plan.env}, plan.nice)
+        sup.start(plan.name, aimass_argv(plan.command), {**base_env, **plan.env}, plan.priority)
     deadline = time.monotonic() + 120
     waiting = {p.name: p.metrics_port for p in plans}
     while waiting and time.monotonic() < deadline:

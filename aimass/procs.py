@@ -83,19 +83,36 @@ def pid_alive(pid: int) -> bool:
 
 
 def spawn(name: str, argv: list[str], log: Path, env: dict | None = None, cwd: str | None = None,
-          new_session: bool = True, nice: int = 0) -> subprocess.Popen:
-    """Start ``argv`` with stdout/stderr into ``log``, ``nice`` steps below normal CPU priority;
+          new_session: bool = True, priority: str = "normal") -> subprocess.Popen:
+    """Start ``argv`` with stdout/stderr into ``log`` at CPU ``priority`` (see ``set_priority``);
     a missing binary raises StackError."""
+    check_priority(priority)
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 stdin=subprocess.DEVNULL, start_new_session=new_session)
     except FileNotFoundError:
         raise StackError(f"cannot start {name}: {argv[0]} not found") from None
-    if nice:
-        # set before the interpreter has started its threads, which inherit it
-        os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    set_priority(proc.pid, priority)  # before the interpreter has started its threads, which inherit it
     return proc
+
+
+PRIORITIES = ("normal", "low", "idle")
+
+
+def check_priority(priority: str) -> None:
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+
+
+def set_priority(pid: int, priority: str) -> None:
+    """CPU priority of ``pid``: "normal" leaves it; "low" is 10 nice steps below this process;
+    "idle" is Linux's SCHED_IDLE (CPU time only when nothing else wants it; nice 19 elsewhere)."""
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    elif priority in ("low", "idle"):
+        steps = 10 if priority == "low" else 19
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + steps))
 
 
 def stop_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool:

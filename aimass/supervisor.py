@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from aimass.procs import Server, StackError, spawn
+from aimass.procs import Server, StackError, check_priority, spawn
 from aimass.stack import STAGES_FILE
 
 
@@ -45,7 +45,7 @@ class Stage:
     crashes_in_a_row: int = 0
     restart_due: float | None = None  # monotonic time of the next automatic restart
     exit_codes: list[int] = field(default_factory=list)
-    nice: int = 0  # CPU priority steps below normal (os.nice)
+    priority: str = "normal"  # CPU priority (aimass.procs.set_priority)
 
 
 class Supervisor:
@@ -67,14 +67,15 @@ class Supervisor:
 
     # -- starting and stopping -------------------------------------------------------------
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, nice: int = 0) -> int:
-        """Start stage ``name`` running ``argv`` with ``env`` over this process's environment, ``nice``
-        steps below normal CPU priority (restarts too); returns its PID."""
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, priority: str = "normal") -> int:
+        """Start stage ``name`` running ``argv`` with ``env`` over this process's environment at CPU
+        ``priority`` (restarts too: ``aimass.procs.set_priority``); returns its PID."""
+        check_priority(priority)
         with self._lock:
             if name in self.stages and self.alive(name):
                 raise StackError(f"stage {name} is already running (pid {self.stages[name].proc.pid}); "
                                  f"kill or restart it instead")
-            stage = Stage(name, list(argv), dict(env or {}), self.log_dir / f"{name}.log", nice=nice)
+            stage = Stage(name, list(argv), dict(env or {}), self.log_dir / f"{name}.log", priority=priority)
             self.stages[name] = stage
             self._launch(stage)
             if self.auto_restart and (self._monitor is None or not self._monitor.is_alive()):
@@ -87,7 +88,8 @@ class Supervisor:
         stage.log.parent.mkdir(parents=True, exist_ok=True)
         with open(stage.log, "a") as f:
             f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} start {stage.name}: {' '.join(stage.argv)}\n")
-        stage.proc = spawn(stage.name, stage.argv, stage.log, env={**os.environ, **stage.env}, nice=stage.nice)
+        stage.proc = spawn(stage.name, stage.argv, stage.log, env={**os.environ, **stage.env},
+                           priority=stage.priority)
         stage.started_at = time.monotonic()
         stage.restart_due = None
         self._write_stages()

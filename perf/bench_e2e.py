@@ -549,6 +549,9 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the run directory (logs, stores) afterwards")
     args = p.parse_args()
     readings = args.readings or (300_000 if args.quick else 2_000_000)
+    if readings < 300_000:
+        p.error("--readings must be at least 300,000: a smaller backlog is stored in one or two inserts, "
+                "too few to time the drain")
     live_s = args.live_s or (15.0 if args.quick else 60.0)
     baseline_s = args.baseline_s or (25.0 if args.quick else 120.0)
     step_s = args.ramp_step_s or (5.0 if args.quick else 10.0)

@@ -77,25 +77,31 @@ def test_kill_then_restart_gives_a_new_process(sup: Supervisor) -> None:
     assert json.loads((sup.run_dir / STAGES_FILE).read_text())["servers"][0]["pid"] == new
 
 
-def test_nice_stage_keeps_its_priority_across_restarts(sup: Supervisor) -> None:
-    """A background stage (predict, sink on one machine) runs below normal priority, restarted too."""
+def test_background_stage_keeps_its_priority_across_restarts(sup: Supervisor) -> None:
+    """Predict and sink on one machine run at SCHED_IDLE (or 10 nice steps lower), restarted too."""
     normal = sup.start("bridge", SLEEPER)
-    background = sup.start("predict", SLEEPER, nice=7)
-    _ready(sup, "predict")
+    idle = sup.start("predict", SLEEPER, priority="idle")
+    low = sup.start("sink", SLEEPER, priority="low")
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    assert os.getpriority(os.PRIO_PROCESS, normal) == base
-    assert os.getpriority(os.PRIO_PROCESS, background) == min(19, base + 7)
+    assert os.sched_getscheduler(normal) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, normal) == base
+    assert os.sched_getscheduler(idle) == os.SCHED_IDLE
+    assert os.sched_getscheduler(low) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, low) == min(19, base + 10)
+    _ready(sup, "predict")
     sup.kill("predict")
     wait_until(lambda: not sup.alive("predict"), 10, "killed stage to die")
     restarted = sup.restart("predict")
-    assert restarted != background and os.getpriority(os.PRIO_PROCESS, restarted) == min(19, base + 7)
+    assert restarted != idle and os.sched_getscheduler(restarted) == os.SCHED_IDLE
+    with pytest.raises(ValueError, match="priority must be one of normal, low, idle"):
+        sup.start("typo", SLEEPER, priority="lowest")
 
 
 def test_stage_plans_put_predict_and_sink_below_the_alert_path() -> None:
     cfg = Config()
-    cfg.run.background_nice = 12
-    assert {p.name: p.nice for p in stage_plans(cfg, workers=2)} == {
-        "sink": 12, "predict": 12, "alerter": 0, "worker-1": 0, "worker-2": 0, "bridge": 0}
+    assert cfg.run.background_priority == "idle"
+    cfg.run.background_priority = "low"
+    assert {p.name: p.priority for p in stage_plans(cfg, workers=2)} == {
+        "sink": "low", "predict": "low", "alerter": "normal", "worker-1": "normal", "worker-2": "normal",
+        "bridge": "normal"}
 
 
 def test_stop_all_terms_then_kills(sup: Supervisor) -> None:
