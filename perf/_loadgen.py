@@ -18,17 +18,7 @@ import time
 from paho.mqtt.enums import MQTTErrorCode
 
 from aimass.config import Config
-from streams.mqtt import Client, connect, make_client
-
-
-def _remaining_length(n: int) -> bytes:
-    """MQTT variable byte integer."""
-    out = bytearray()
-    while True:
-        byte, n = n & 127, n >> 7
-        out.append(byte | (128 if n else 0))
-        if not n:
-            return bytes(out)
+from streams.mqtt import Client, connect, encode_varint, make_client
 
 
 class _CountingClient(Client):
@@ -68,7 +58,7 @@ class BatchPublisher:
             self._mid = self._mid % 65535 + 1
             # v5 PUBLISH: topic, packet id, empty properties, payload
             body_len = len(head) + 3 + len(payload)
-            packets.append(b"\x32" + _remaining_length(body_len) + head + self._mid.to_bytes(2, "big") + b"\x00"
+            packets.append(b"\x32" + encode_varint(body_len) + head + self._mid.to_bytes(2, "big") + b"\x00"
                            + payload)
             self.published += 1
         sock = self.client._sock

@@ -94,6 +94,16 @@ class PacketSplitter:
         return True
 
 
+def encode_varint(n: int) -> bytes:
+    """An MQTT variable byte integer (remaining lengths, property lengths)."""
+    out = bytearray()
+    while True:
+        byte, n = n & 127, n >> 7
+        out.append(byte | (128 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     """An MQTT variable byte integer at ``pos``: (value, position after it); value -1 if malformed,
     position past the end if cut off."""

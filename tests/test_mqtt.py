@@ -4,23 +4,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.mqtt import PacketSplitter
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 127, n >> 7
-        out.append(byte | (128 if n else 0))
-        if not n:
-            return bytes(out)
+from streams.mqtt import PacketSplitter, _varint, encode_varint
 
 
 def publish(topic: bytes, payload: bytes, qos: int, mid: int, props: bytes = b"", v5: bool = True) -> bytes:
     """A PUBLISH packet as a broker sends it (MQTT 5 or 3.1.1)."""
     body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"")
-    body += (varint(len(props)) + props if v5 else b"") + payload
-    return bytes([0x30 | qos << 1]) + varint(len(body)) + body
+    body += (encode_varint(len(props)) + props if v5 else b"") + payload
+    return bytes([0x30 | qos << 1]) + encode_varint(len(body)) + body
 
 
 def puback(mid: int, reason: int | None = None) -> bytes:
@@ -96,3 +87,9 @@ def test_qos2_topic_aliases_and_malformed_packets_are_left_to_paho():
 def test_without_handlers_everything_goes_to_paho():
     stream = publish(b"a/b", b"payload", 1, 9) + puback(3) + PINGRESP
     assert PacketSplitter().split(stream) == stream
+
+
+@given(st.integers(min_value=0, max_value=268_435_455))  # the largest MQTT variable byte integer
+def test_varint_round_trip(n):
+    encoded = encode_varint(n)
+    assert len(encoded) <= 4 and _varint(encoded, 0) == (n, len(encoded))
