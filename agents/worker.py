@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+import pyarrow as pa
 from prometheus_client import start_http_server
 
 from agents import clean, window
 from aimass.config import Config
+from streams import contract
 from streams.app import make_app, run_worker
+from streams.units import UnitTable
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,29 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on this port (default: worker.metrics_port; 0 = off)")
 
 
+def warm_up(cfg: Config) -> None:
+    """Run a synthetic batch through fresh clean and window engines, so numba compiles (or loads from
+    its cache) every kernel before the first live batch: otherwise that batch waits 1-2 s for it."""
+    size_s = max(size for size, _ in cfg.window.specs())
+    ts = [i * 1000 for i in range(size_s + int(cfg.clean.allowed_lateness_s) + 2)] + [0]  # + a late copy
+    n = len(ts)
+    raw = contract.decode(contract.encode(pa.table({  # decoded, so the arrays are read-only as in Kafka
+        "tenant": ["warm-up"] * n, "device_id": ["d"] * n, "metric": ["temp"] * n, "ts_ms": ts,
+        "value": [20.0] * (n - 2) + [float("nan"), 20.0], "unit": ["Cel"] * n, "received_ms": ts,
+    }, schema=contract.READINGS), contract.READINGS), contract.READINGS)
+    cleaner = clean.CleanEngine(cfg.clean, UnitTable.load(cfg.clean.units_file))
+    result = cleaner.process(raw)
+    cleaner.live_offset()
+    windows = window.WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
+    readings = contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS)
+    windows.update(readings, 0, result.max_ts_before, 0)
+    windows.live_offset()
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.metrics_port is not None:
         cfg.worker.metrics_port = args.metrics_port
+    warm_up(cfg)
     app = make_app(cfg, "worker")
     clean.register(app, cfg)
     window.register(app, cfg)

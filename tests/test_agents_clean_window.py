@@ -3,7 +3,10 @@ exactly the expected clean readings, dead letters, late readings and window rows
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +20,8 @@ from streams.kafka import producer_config
 from tests.fixtures_stream import T0, consume, readings, rows_of, start_worker, stop_worker
 
 pytestmark = pytest.mark.timeout(240)
+
+REPO = Path(__file__).resolve().parent.parent
 
 DEV = ("acme", "dev1", "temp")
 
@@ -94,3 +99,40 @@ def test_worker_cleans_and_windows_known_input(cfg, tmp_path):
     assert "aimass_clean_late_total 1.0" in metrics
     assert 'aimass_clean_rejected_total{reason="duplicate"} 1.0' in metrics
     assert f"aimass_window_rows_total {float(len(want_df))}" in metrics
+
+
+# Run in a fresh interpreter: other tests compile the kernels too, which would hide a gap.
+WARM_UP_CHECK = r"""
+import pyarrow as pa
+from agents import kernels, worker
+from agents.clean import CleanEngine
+from agents.window import WindowEngine
+from aimass.config import load_config
+from streams import contract
+from streams.units import UnitTable
+
+def compiled():
+    return {name: list(f.signatures) for name, f in vars(kernels).items() if hasattr(f, "signatures")}
+
+cfg = load_config()
+worker.warm_up(cfg)
+before = compiled()
+assert before["clean_update"] and before["window_update"], before
+rows = [("t", f"d{i % 3}", "humidity", 60_000 + 700 * i, 40.0 + i % 5, "%RH", 60_100 + 700 * i) for i in range(200)]
+raw = contract.decode(contract.encode(pa.Table.from_pylist(
+    [dict(zip(contract.READINGS.names, r)) for r in rows], schema=contract.READINGS), contract.READINGS), contract.READINGS)
+cleaner = CleanEngine(cfg.clean, UnitTable.load(cfg.clean.units_file))
+windows = WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
+result = cleaner.process(raw, 7)
+clean = contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS)
+closed, _ = windows.update(clean, 3, result.max_ts_before, 7)
+assert closed.num_rows, "the batch should close windows"
+cleaner.live_offset(), windows.live_offset()
+assert compiled() == before, "a live batch compiled another kernel signature"
+"""
+
+
+def test_worker_warm_up_compiles_what_live_batches_use():
+    """`aimass worker` warms its kernels at start; the first live batch must not compile anything."""
+    r = subprocess.run([sys.executable, "-c", WARM_UP_CHECK], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
