@@ -119,8 +119,8 @@ worker.warm_up(cfg)
 before = compiled()
 assert before["clean_update"] and before["window_update"], before
 rows = [("t", f"d{i % 3}", "humidity", 60_000 + 700 * i, 40.0 + i % 5, "%RH", 60_100 + 700 * i) for i in range(200)]
-raw = contract.decode(contract.encode(pa.Table.from_pylist(
-    [dict(zip(contract.READINGS.names, r)) for r in rows], schema=contract.READINGS), contract.READINGS), contract.READINGS)
+table = pa.Table.from_pylist([dict(zip(contract.READINGS.names, r)) for r in rows], schema=contract.READINGS)
+raw = contract.decode(contract.encode(table, contract.READINGS), contract.READINGS)
 cleaner = CleanEngine(cfg.clean, UnitTable.load(cfg.clean.units_file))
 windows = WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
 result = cleaner.process(raw, 7)
