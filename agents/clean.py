@@ -11,8 +11,9 @@ are reproducible after a restart) and ``raw_offset`` (its source record, so the 
 skips records this stage emitted twice around a restart).
 
 State (watermark, dedup set) survives restarts by replay (``streams.replay``): the committed
-offset stays at the oldest raw record still in the dedup horizon or holding the max event time,
-so a new owner rebuilds exactly the dedup set and watermark. One approximation: a reading that
+offset stays at the first raw record of the dedup set's oldest generation (so up to the horizon
+and a quarter back) or the one holding the max event time, so a new owner rebuilds exactly the
+dedup set and watermark. One approximation: a reading that
 was late before the restart point and is duplicated later may be reported as "duplicate"
 instead of "late" after a restart (rejected either way; windows are unaffected).
 """
@@ -72,11 +73,9 @@ class CleanEngine:
         self.horizon_ms = max(int(clean.dedup_horizon_s * 1000), self.lateness_ms)
         self.skew_ms = int(clean.max_clock_skew_s * 1000)
         self.series = K.SeriesIndex()
-        self.seen = K.DedupSet()
+        self.seen = K.DedupSet(self.horizon_ms)
         self.max_ts = K.NO_TS
         self.max_ts_offset = -1
-        self.oldest_seen_offset = -1     # as of the last prune; -1: take the next record's offset
-        self.pruned_at_ts = K.NO_TS      # max_ts at the last prune
 
     def process(self, raw: pa.Table, offset: int = 0) -> CleanResult:
         """Classify every reading of one raw batch (Kafka ``offset``) in arrival order."""
@@ -91,12 +90,8 @@ class CleanEngine:
             verdict[~np.isfinite(value)] = K.NON_FINITE
         series = self.series.lookup(raw["tenant"], raw["device_id"], raw["metric"])
         max_ts_before = self.max_ts
-        if self.oldest_seen_offset < 0:
-            self.oldest_seen_offset = offset
-        self.seen.reserve(raw.num_rows, self.max_ts, self.horizon_ms)
-        self.seen.count, self.max_ts, self.max_ts_offset = K.clean_update(
-            series, ts, np.full(raw.num_rows, offset, np.int64), verdict, self.seen.keys, self.seen.offsets,
-            self.seen.count, self.max_ts, self.max_ts_offset, self.lateness_ms, self.horizon_ms)
+        self.max_ts, self.max_ts_offset = self.seen.check(series, ts, offset, verdict, self.max_ts,
+                                                          self.max_ts_offset, self.lateness_ms, self.horizon_ms)
         ok = verdict == K.OK
         clean = raw.set_column(raw.schema.get_field_index("value"), "value", pa.array(canonical)) \
                    .set_column(raw.schema.get_field_index("unit"), "unit", unit).filter(ok)
@@ -105,17 +100,8 @@ class CleanEngine:
                            verdict)
 
     def live_offset(self) -> int:
-        """Oldest raw offset the dedup set or the watermark depends on (-1: none).
-
-        Finding the dedup set's oldest offset rebuilds the whole set (milliseconds per call with a
-        long horizon), so it is redone only once event time has moved a tenth of the horizon on. In
-        between, the older answer stands: entries only expire or arrive with higher offsets, so it
-        is an earlier, still exact restart point.
-        """
-        if self.max_ts == K.NO_TS or self.max_ts - self.pruned_at_ts >= self.horizon_ms // 10:
-            self.oldest_seen_offset = self.seen.prune(self.max_ts, self.horizon_ms)
-            self.pruned_at_ts = self.max_ts
-        live = [o for o in (self.oldest_seen_offset, self.max_ts_offset) if o >= 0]
+        """Oldest raw offset the dedup set or the watermark depends on (-1: none): the restart point."""
+        live = [o for o in (self.seen.live_offset(), self.max_ts_offset) if o >= 0]
         return min(live) if live else -1
 
 

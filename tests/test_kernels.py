@@ -346,13 +346,37 @@ def test_clean_replay_from_live_offset_rebuilds_dedup_and_watermark():
 def test_dedup_table_spreads_the_series_of_one_timestamp():
     """Keys of one timestamp differ only in their high (series) bits: the slot hash must still spread
     them, or every reading of a tick probes one long chain (it did, with a bare multiply)."""
-    table = K.DedupSet(1 << 15)
+    table = np.zeros(1 << 15, np.int64)
     ts = 1_795_452_670_000
     keys = [((series << K._TS_BITS) | (ts & K._TS_MASK)) + 1 for series in range(10_000)]
     probes = []
     for key in keys:
-        home = K._slot(np.zeros_like(table.keys), key)  # the slot in an empty table
-        slot = K._slot(table.keys, key)
-        table.keys[slot] = key
-        probes.append((slot - home) % table.keys.shape[0])
+        home = K._slot(np.zeros_like(table), key)  # the slot in an empty table
+        slot = K._slot(table, key)
+        table[slot] = key
+        probes.append((slot - home) % table.shape[0])
     assert np.mean(probes) < 2 and max(probes) < 64  # linear probing at load 0.3: ~0.2 expected
+
+
+def test_dedup_set_at_a_steady_rate_keeps_a_bounded_set_of_generations_and_never_rehashes(monkeypatch):
+    """Expiry drops whole generations: at a steady rate the set holds the horizon and a quarter, and
+    once the first generation is sized nothing is rehashed (a rebuild stalled the partition)."""
+    rehashed_at = []
+    rehash = K._rehash
+    monkeypatch.setattr(K, "_rehash", lambda keys, capacity: rehashed_at.append(second) or rehash(keys, capacity))
+    horizon_ms, n = 100_000, 500
+    series = np.arange(n, dtype=np.int64)
+    seen, max_ts, max_ts_offset = K.DedupSet(horizon_ms), K.NO_TS, -1
+    for second in range(1000):
+        verdict = np.zeros(n, np.int8)
+        max_ts, max_ts_offset = seen.check(series, np.full(n, second * 1000, np.int64), second, verdict, max_ts,
+                                           max_ts_offset, 5000, horizon_ms)
+        assert not verdict.any()
+        assert len(seen.tables) <= K.DEDUP_GENERATIONS + 1
+        # the restart point: the horizon, a quarter of it, and the span being filled back at most
+        assert second - seen.live_offset() <= 1.5 * horizon_ms / 1000 + 2
+    assert rehashed_at and max(rehashed_at) < 30  # only the first generation grew
+    assert sum(seen.counts) <= n * (1.5 * horizon_ms / 1000 + 2)
+    copies = np.zeros(n, np.int8)
+    seen.check(series, np.full(n, 950_000, np.int64), 1000, copies, max_ts, max_ts_offset, 5000, horizon_ms)
+    assert (copies == K.DUPLICATE).all()  # 49 s old: still in the set
