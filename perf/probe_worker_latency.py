@@ -20,6 +20,8 @@ and window engines alone (``engines_speedup_vs_before``: no broker, no lag-depen
 
     python perf/probe_worker_latency.py [--quick] [--rate 100] [--readings 50] [--seconds 20]
                                         [--before CHECKOUT] [--profile DIR] [--run-dir DIR]
+    python perf/probe_worker_latency.py --engines-only --before CHECKOUT [--engine-s 800]
+                                        [--engine-rate 11700] [--engine-record 2340]
 
 Last line: one JSON object.
 """
@@ -150,10 +152,11 @@ def profile(pid: int, out_dir: str, name: str, seconds: float) -> subprocess.Pop
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def engines_main(seconds: int) -> int:
-    """In-process CPU of the clean + window engines over ``seconds`` of one partition's share of
-    5,000 readings/s in 50-reading records, the restart offsets asked once per second like the
-    commit timer does (no broker, no lag: what changes is only the engine code on sys.path)."""
+def engines_main(seconds: int, readings_per_s: int = 850, per_record: int = 50) -> int:
+    """In-process CPU and worst record time (after the first second) of the clean + window engines
+    over ``seconds`` of one partition's readings (default ~850/s: one of 6 partitions at 5k/s) in
+    ``per_record``-reading records, the restart offsets asked once per second like the commit timer does (no broker, no
+    lag: what changes is only the engine code on sys.path)."""
     from agents.clean import CleanEngine
     from agents.window import WindowEngine
     from streams.units import UnitTable
@@ -163,27 +166,34 @@ def engines_main(seconds: int) -> int:
     cfg.clean.allowed_lateness_s = 1.0
     clean = CleanEngine(cfg.clean, UnitTable.load(cfg.clean.units_file))
     window = WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
-    devices = np.array([f"dev{d:05d}" for d in range(100)], dtype=object)
-    records_per_s, t0 = 17, 1_763_900_000_000  # ~833 readings/s: one of 6 partitions at 5k/s
-    cpu0 = time.process_time()
+    devices = np.array([f"dev{d:05d}" for d in range(max(100, per_record))], dtype=object)
+    records_per_s, t0 = max(1, readings_per_s // per_record), 1_763_900_000_000
+    cpu0, worst_ms, accounted = time.process_time(), 0.0, 0
     for offset in range(seconds * records_per_s):
         now = t0 + offset * 1000 // records_per_s
-        raw = contract.decode(raw_record(devices, offset * 50, 50, now), contract.READINGS)
+        raw = contract.decode(raw_record(devices, offset * per_record, per_record, now), contract.READINGS)
+        started = time.perf_counter()
         result = clean.process(raw, offset)
+        accounted += result.clean.num_rows + result.dead.num_rows + result.late.num_rows
         window.update(contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS),
                       offset, result.max_ts_before, offset)
         if offset % records_per_s == 0:
             clean.live_offset()
             window.live_offset()
-    print(json.dumps({"cpu_us_per_reading": (time.process_time() - cpu0) / (seconds * records_per_s * 50) * 1e6}))
+        if offset >= records_per_s:  # the first second loads the kernels
+            worst_ms = max(worst_ms, (time.perf_counter() - started) * 1000)
+    readings = seconds * records_per_s * per_record
+    print(json.dumps({"cpu_us_per_reading": (time.process_time() - cpu0) / readings * 1e6,
+                      "worst_record_ms": worst_ms, "lost": readings - accounted}))
     return 0
 
 
-def engines_cpu(code: Path, seconds: int) -> float:
-    """CPU µs per reading of ``engines_main`` run with the engine code of checkout ``code``."""
-    out = subprocess.run([sys.executable, __file__, "--engines", str(seconds)], cwd=code, check=True,
-                         env={**os.environ, "PROBE_CODE_DIR": str(code)}, capture_output=True, text=True).stdout
-    return round(json.loads(out.splitlines()[-1])["cpu_us_per_reading"], 2)
+def engines_run(code: Path, seconds: int, readings_per_s: int, per_record: int) -> dict:
+    """``engines_main``'s figures, run with the engine code of checkout ``code``."""
+    out = subprocess.run([sys.executable, __file__, "--engines", str(seconds), str(readings_per_s), str(per_record)],
+                         cwd=code, check=True, env={**os.environ, "PROBE_CODE_DIR": str(code)},
+                         capture_output=True, text=True).stdout
+    return {k: round(v, 2) for k, v in json.loads(out.splitlines()[-1]).items()}
 
 
 def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_ms: int, code: Path = REPO) -> dict:
@@ -260,6 +270,19 @@ def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_m
             "cpu_s": round(cpu, 2), "cpu_us_per_reading": round(cpu / max(watcher.clean_readings, 1) * 1e6, 2)}
 
 
+def engines_comparison(args: argparse.Namespace) -> dict:
+    """The engines in-process, this checkout's and ``--before``'s, on the same input."""
+    say(f"engines in-process, {args.engine_s} s of one partition's {args.engine_rate:,d} readings/s in records of "
+        f"{args.engine_record:,d} (now, before) ...")
+    now = engines_run(REPO, args.engine_s, args.engine_rate, args.engine_record)
+    before = engines_run(Path(args.before).resolve(), args.engine_s, args.engine_rate, args.engine_record)
+    return {"engines_readings_per_s": args.engine_rate, "engines_cpu_us_per_reading": now["cpu_us_per_reading"],
+            "before_engines_cpu_us_per_reading": before["cpu_us_per_reading"],
+            "engines_speedup_vs_before": round(before["cpu_us_per_reading"] / max(now["cpu_us_per_reading"], 1e-9), 2),
+            "engines_worst_record_ms": now["worst_record_ms"],
+            "before_engines_worst_record_ms": before["worst_record_ms"], "engines_lost": now["lost"] + before["lost"]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,6 +294,11 @@ def main() -> int:
     p.add_argument("--warmup-s", type=float, default=5.0, help="seconds produced before measuring (default 5)")
     p.add_argument("--engine-s", type=int, default=300,
                    help="with --before: event-time seconds of the in-process engine comparison (default 300)")
+    p.add_argument("--engine-rate", type=int, default=850,
+                   help="readings/s of the one partition the engine comparison feeds (default 850)")
+    p.add_argument("--engine-record", type=int, default=50, help="readings per record there (default 50)")
+    p.add_argument("--engines-only", action="store_true",
+                   help="with --before: only the in-process engine comparison, no broker and no worker process")
     p.add_argument("--run-dir", default="", help="keep broker and worker logs here (default: a temporary dir)")
     p.add_argument("--profile", default="", metavar="DIR", help="write py-spy profiles of each hop to DIR")
     p.add_argument("--skip-baseline", action="store_true", help="only the worker, no pass-through hop")
@@ -278,7 +306,13 @@ def main() -> int:
                    help="also run the worker of another checkout (e.g. a `git worktree` of an older commit)")
     args = p.parse_args()
     if args.quick:
-        args.seconds, args.warmup_s = 8.0, 3.0
+        args.seconds, args.warmup_s, args.engine_s = 8.0, 3.0, min(args.engine_s, 60)
+    if args.engines_only:
+        if not args.before:
+            p.error("--engines-only compares with another checkout: give --before CHECKOUT")
+        out = engines_comparison(args)
+        print(json.dumps({**out, "lost": out["engines_lost"]}))
+        return 0
     with tempfile.TemporaryDirectory(prefix="probe-worker-") as tmp:
         run_dir = Path(args.run_dir or tmp)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -309,11 +343,8 @@ def main() -> int:
            **{f"worker_{k}": v for k, v in w.items() if k != "lost"},
            "lost": sum(r["lost"] for r in results.values())}
     if args.before:
-        say(f"engines in-process, {args.engine_s} s of one partition's readings (now, before) ...")
-        out["engines_cpu_us_per_reading"] = engines_cpu(REPO, args.engine_s)
-        out["before_engines_cpu_us_per_reading"] = engines_cpu(Path(args.before).resolve(), args.engine_s)
-        out["engines_speedup_vs_before"] = round(out["before_engines_cpu_us_per_reading"]
-                                                 / max(out["engines_cpu_us_per_reading"], 1e-9), 2)
+        out.update(engines_comparison(args))
+        out["lost"] += out["engines_lost"]
     if "before" in results:
         b = results["before"]
         out.update({f"before_{k}": v for k, v in b.items() if k.startswith(("clean_p", "window_wait", "cpu_us"))})
@@ -329,5 +360,5 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--passthrough"]:
         sys.exit(passthrough_main(sys.argv))
     if sys.argv[1:2] == ["--engines"]:
-        sys.exit(engines_main(int(sys.argv[2])))
+        sys.exit(engines_main(*map(int, sys.argv[2:])))
     sys.exit(main())
