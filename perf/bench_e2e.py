@@ -13,7 +13,7 @@ and, in AI Mass, more). Phases:
    therefore not what is measured. Rate = the middle 80% of the stored rows over the time the
    store took to insert them (`inserted_at` quantiles 10%..90%).
 2. AI Mass live maximum: the same publishers, now paced and running on the same two cores as the
-   pipeline, offer rising rates (20%, 25%, 30% ... of the drain maximum, 10 s each) until the
+   pipeline, offer rising rates (20%, 25%, 30% ... of the drain maximum, 20 s each) until the
    pipeline falls behind; the live maximum is the highest step it kept pace with (at the step's end
    at most 1 s of it still queued before the workers and 3 s not yet stored). Draining a backlog
    is cheaper per reading than live traffic (bigger reads and batches everywhere, no publishers),
@@ -554,7 +554,7 @@ def main() -> int:
     p.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     p.add_argument("--live-s", type=float,
                    help="seconds of live load at half the max rate (default 60; quick 15), then half as long at 5k/s")
-    p.add_argument("--ramp-step-s", type=float, help="seconds per step of the live ramp (default 10; quick 5)")
+    p.add_argument("--ramp-step-s", type=float, help="seconds per step of the live ramp (default 20; quick 5)")
     p.add_argument("--live-rate", type=float,
                    help="readings/s of the first latency phase (default: half the live maximum the ramp found)")
     p.add_argument("--baseline-s", type=float, help="time limit per baseline (default 120; quick 25)")
@@ -569,7 +569,7 @@ def main() -> int:
                 "too few to time the drain")
     live_s = args.live_s or (15.0 if args.quick else 60.0)
     baseline_s = args.baseline_s or (25.0 if args.quick else 120.0)
-    step_s = args.ramp_step_s or (5.0 if args.quick else 10.0)
+    step_s = args.ramp_step_s or (5.0 if args.quick else 20.0)
     baseline_readings = 100_000 if args.quick else 300_000
     os.chdir(REPO)  # the model repository and rules paths are relative to the repository
     workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
