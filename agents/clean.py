@@ -91,7 +91,7 @@ class CleanEngine:
         series = self.series.lookup(raw["tenant"], raw["device_id"], raw["metric"])
         max_ts_before = self.max_ts
         self.max_ts, self.max_ts_offset = self.seen.check(series, ts, offset, verdict, self.max_ts,
-                                                          self.max_ts_offset, self.lateness_ms, self.horizon_ms)
+                                                          self.max_ts_offset, self.lateness_ms)
         ok = verdict == K.OK
         clean = raw.set_column(raw.schema.get_field_index("value"), "value", pa.array(canonical)) \
                    .set_column(raw.schema.get_field_index("unit"), "unit", unit).filter(ok)

@@ -169,9 +169,10 @@ class DedupSet:
     nearly all of them, skip the lookups.
     """
 
-    def __init__(self, horizon_ms: int, capacity: int = 1 << 12) -> None:
+    def __init__(self, horizon_ms: int) -> None:
+        self.horizon_ms = horizon_ms
         self.span_ms = -(-horizon_ms // DEDUP_GENERATIONS)  # rounded up: G spans cover the horizon
-        self.tables = [np.zeros(capacity, np.int64)]       # oldest first; the last one is filling
+        self.tables = [np.zeros(_capacity(0), np.int64)]   # oldest first; the last one is filling
         self.counts = [0]
         self.first_offsets = [-1]                          # Kafka offset of each one's first reading
         self.opened_at = NO_TS                             # max_ts when the filling one opened
@@ -180,7 +181,7 @@ class DedupSet:
         self.spare_zeroed = 0                              # ... zeroed up to here
 
     def check(self, series: np.ndarray, ts: np.ndarray, offset: int, verdict: np.ndarray, max_ts: int,
-              max_ts_offset: int, lateness_ms: int, horizon_ms: int) -> tuple[int, int]:
+              max_ts_offset: int, lateness_ms: int) -> tuple[int, int]:
         """Mark duplicates and late readings of one record (Kafka ``offset``) in ``verdict``, remember
         the accepted ones; returns the new (max_ts, offset of the record that set it)."""
         self._rotate(max_ts)
@@ -190,7 +191,7 @@ class DedupSet:
         older = self.tables[-2::-1] + [_NO_TABLE] * (DEDUP_GENERATIONS + 1 - len(self.tables))
         added, max_ts, max_ts_offset = clean_update(
             series, ts, offset, verdict, self.tables[-1], *older, self.newest, max_ts, max_ts_offset,
-            lateness_ms, horizon_ms)
+            lateness_ms, self.horizon_ms)
         if added and self.first_offsets[-1] < 0:
             self.first_offsets[-1] = offset
         self.counts[-1] += added

@@ -42,7 +42,6 @@ def warm_up(cfg: Config) -> None:
     }, schema=contract.READINGS), contract.READINGS), contract.READINGS)
     cleaner = clean.CleanEngine(cfg.clean, UnitTable.load(cfg.clean.units_file))
     result = cleaner.process(raw)
-    cleaner.live_offset()
     windows = window.WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
     readings = contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS)
     windows.update(readings, 0, result.max_ts_before, 0)

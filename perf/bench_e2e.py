@@ -553,7 +553,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="AI Mass Faust worker processes (default 2)")
     p.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     p.add_argument("--live-s", type=float,
-                   help="seconds of live load at half the max rate (default 60; quick 15), then half as long at 5k/s")
+                   help="seconds of each live load at half a maximum rate (default 60; quick 15); the 5k/s one "
+                        "runs half as long")
     p.add_argument("--ramp-step-s", type=float, help="seconds per step of the live ramp (default 20; quick 5)")
     p.add_argument("--live-rate", type=float,
                    help="readings/s of the first latency phase (default: half the live maximum the ramp found)")

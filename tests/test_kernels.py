@@ -370,7 +370,7 @@ def test_dedup_set_at_a_steady_rate_keeps_a_bounded_set_of_generations_and_never
     for second in range(1000):
         verdict = np.zeros(n, np.int8)
         max_ts, max_ts_offset = seen.check(series, np.full(n, second * 1000, np.int64), second, verdict, max_ts,
-                                           max_ts_offset, 5000, horizon_ms)
+                                           max_ts_offset, 5000)
         assert not verdict.any()
         assert len(seen.tables) <= K.DEDUP_GENERATIONS + 1
         # the restart point: the horizon, a quarter of it, and the span being filled back at most
@@ -378,5 +378,5 @@ def test_dedup_set_at_a_steady_rate_keeps_a_bounded_set_of_generations_and_never
     assert rehashed_at and max(rehashed_at) < 30  # only the first generation grew
     assert sum(seen.counts) <= n * (1.5 * horizon_ms / 1000 + 2)
     copies = np.zeros(n, np.int8)
-    seen.check(series, np.full(n, 950_000, np.int64), 1000, copies, max_ts, max_ts_offset, 5000, horizon_ms)
+    seen.check(series, np.full(n, 950_000, np.int64), 1000, copies, max_ts, max_ts_offset, 5000)
     assert (copies == K.DUPLICATE).all()  # 49 s old: still in the set
