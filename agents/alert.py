@@ -36,14 +36,14 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from aimass.config import Config
-from rules.alarms import AlarmStore, StateDB, now_ms, should_notify
-from rules.api import make_app
-from rules.delivery import Dispatcher, Outbox, Senders
-from rules.engine import Engine, RuleWatcher, warm_up
-from rules.groundtruth import OutcomeJoiner, QualityTracker
-from streams import contract
-from streams.kafka import consume_available, consumer_config, producer_config
+from aimass.core.config import Config
+from aimass.rules.alarms import AlarmStore, StateDB, now_ms, should_notify
+from aimass.rules.api import make_app
+from aimass.rules.delivery import Dispatcher, Outbox, Senders
+from aimass.rules.engine import Engine, RuleWatcher, warm_up
+from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
+from aimass.core import contract
+from aimass.streams.kafka import consume_available, consumer_config, producer_config
 
 log = logging.getLogger("aimass.alerter")
 

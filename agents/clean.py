@@ -1,7 +1,7 @@
 """The clean stage: raw reading batches in, clean batches, dead letters and late readings out.
 
 Per batch (vectorised, then one numba pass for the stateful part): non-finite values, unknown
-units and out-of-range values (``streams.units``), readings more than ``clean.max_clock_skew_s``
+units and out-of-range values (``aimass.streams.units``), readings more than ``clean.max_clock_skew_s``
 after their bridge receive time ("future"), duplicates of (device, metric, ts) within
 ``clean.dedup_horizon_s`` (at least the allowed lateness), and late readings (event time below
 the partition watermark: max event time - ``clean.allowed_lateness_s``). Rejects go to the
@@ -10,7 +10,7 @@ headers ``max_ts_before`` (the watermark base before it, so the window agent's l
 are reproducible after a restart) and ``raw_offset`` (its source record, so the window agent
 skips records this stage emitted twice around a restart).
 
-State (watermark, dedup set) survives restarts by replay (``streams.replay``): the committed
+State (watermark, dedup set) survives restarts by replay (``aimass.streams.replay``): the committed
 offset stays at the first raw record of the dedup set's oldest generation (so up to the horizon
 and a quarter back) or the one holding the max event time, so a new owner rebuilds exactly the
 dedup set and watermark. One approximation: a reading that
@@ -27,12 +27,12 @@ import numpy as np
 import pyarrow as pa
 from prometheus_client import Counter
 
-from agents import kernels as K
-from aimass.config import CleanConfig, Config
-from streams import contract
-from streams.app import raw_topic
-from streams.replay import ReplayedPartitions
-from streams.units import UnitTable
+from aimass.agents import kernels as K
+from aimass.core.config import CleanConfig, Config
+from aimass.core import contract
+from aimass.streams.app import raw_topic
+from aimass.streams.replay import ReplayedPartitions
+from aimass.streams.units import UnitTable
 
 
 READINGS_IN = Counter("aimass_clean_readings_in_total", "Readings the clean stage received")

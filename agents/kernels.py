@@ -5,7 +5,7 @@ A series is (tenant, device_id, metric); ``SeriesIndex`` maps series to dense in
 
 Event time: a watermark ``max_ts - lateness`` per partition, advanced reading by reading in
 arrival order, so every decision is a deterministic function of the ordered input (the
-restart mechanism in ``agents.window`` relies on this). A reading is late when its ts is below
+restart mechanism in ``aimass.agents.window`` relies on this). A reading is late when its ts is below
 the watermark seen before it.
 
 Windows: each window spec is (size, hop) with size a multiple of hop (tumbling: hop == size).

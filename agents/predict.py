@@ -1,8 +1,8 @@
 """The predict stage (`aimass predict`): window rows in, prediction rows and drift events out.
 
 Per poll: decode the window records, run River prequentially per partition (predict, then
-learn; ``models.online``), send every new feature row to Triton in batched requests
-(``models.triton_client``), and write one PREDICTIONS record per output partition plus the
+learn; ``aimass.models.online``), send every new feature row to Triton in batched requests
+(``aimass.models.triton_client``), and write one PREDICTIONS record per output partition plus the
 DRIFT events. Only windows of ``predict.window_s`` are predicted (other sizes are for other
 consumers); a record that is not a WINDOWS batch, or a window with a non-finite mean, goes to
 the dead-letter topic with its reason. Rows Triton did not answer (breaker open, timeout,
@@ -36,12 +36,12 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
-from aimass.config import Config
-from models import online
-from models.features import denormalize
-from models.triton_client import TritonModels
-from streams import contract
-from streams.kafka import consume_available, consumer_config, producer_config
+from aimass.core.config import Config
+from aimass.models import online
+from aimass.models.features import denormalize
+from aimass.models.triton_client import TritonModels
+from aimass.core import contract
+from aimass.streams.kafka import consume_available, consumer_config, producer_config
 
 log = logging.getLogger(__name__)
 

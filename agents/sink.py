@@ -1,6 +1,6 @@
 """`aimass sink`: store every result topic in ClickHouse (embedded chDB or a server).
 
-The sink consumes the stored topics (``streams.tables.TABLES``), buffers the decoded Arrow
+The sink consumes the stored topics (``aimass.core.tables.TABLES``), buffers the decoded Arrow
 batches per table, and flushes a table when it holds ``clickhouse.flush_rows`` rows or its
 oldest record waited ``clickhouse.flush_ms`` (``side_flush_factor`` times that for the tables
 other than readings: every insert has a fixed CPU cost, ~20-30 ms in chDB with its merges, and
@@ -37,13 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from aimass.clickhouse import ChdbStore, QueryServer, Store, StoreError, fill_nulls, open_store
-from aimass.config import Config
-from aimass.db import migrate
-from aimass.procs import StackError, port_in_use
-from streams import contract, tables
-from streams.kafka import consumer_config, producer_config
-from streams.tables import LEGACY, TableSpec
+from aimass.core.clickhouse import ChdbStore, QueryServer, Store, StoreError, fill_nulls, open_store
+from aimass.core.config import Config
+from aimass.core.db import migrate
+from aimass.core.procs import StackError, port_in_use
+from aimass.core import contract, tables
+from aimass.streams.kafka import consumer_config, producer_config
+from aimass.core.tables import LEGACY, TableSpec
 
 log = logging.getLogger("aimass.sink")
 

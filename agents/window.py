@@ -2,10 +2,10 @@
 
 ``WindowEngine`` holds the state of one partition (series index, pane rings, window history)
 and turns clean micro-batches into closed window rows with the numba kernels of
-``agents.kernels``. ``batch_windows`` runs the same engine over a whole history offline (training,
+``aimass.agents.kernels``. ``batch_windows`` runs the same engine over a whole history offline (training,
 backtests), so offline and online windows are the same function.
 
-State across restarts and rebalances (no Faust tables, no changelog: ``streams.replay``):
+State across restarts and rebalances (no Faust tables, no changelog: ``aimass.streams.replay``):
 window rows are a deterministic function of the clean partition read in order, because the
 watermark travels with the data (header ``max_ts_before`` of each clean record), EWMA and
 z-score read only the series' windows of the last ``window.zscore_history`` hops, and a clean
@@ -31,12 +31,12 @@ import numpy as np
 import pyarrow as pa
 from prometheus_client import Counter
 
-from agents import kernels as K
-from agents.clean import MAX_TS_HEADER, RAW_OFFSET_HEADER
-from aimass.config import Config, WindowConfig
-from streams import contract
-from streams.app import raw_topic
-from streams.replay import ReplayedPartitions
+from aimass.agents import kernels as K
+from aimass.agents.clean import MAX_TS_HEADER, RAW_OFFSET_HEADER
+from aimass.core.config import Config, WindowConfig
+from aimass.core import contract
+from aimass.streams.app import raw_topic
+from aimass.streams.replay import ReplayedPartitions
 
 WINDOW_ROWS = Counter("aimass_window_rows_total", "Window rows emitted")
 WINDOW_REPLAYED = Counter("aimass_window_replayed_readings_total",

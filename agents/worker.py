@@ -2,7 +2,7 @@
 
 Start several (on one or more machines, same configuration): they form one consumer group and
 split the partitions; when one stops or dies, the others take its partitions over and rebuild
-its state by replay (see ``streams.replay``). Prometheus metrics on ``worker.metrics_port``.
+its state by replay (see ``aimass.streams.replay``). Prometheus metrics on ``worker.metrics_port``.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import logging
 import pyarrow as pa
 from prometheus_client import start_http_server
 
-from agents import clean, window
-from aimass.config import Config
-from streams import contract
-from streams.app import make_app, run_worker
-from streams.units import UnitTable
+from aimass.agents import clean, window
+from aimass.core.config import Config
+from aimass.core import contract
+from aimass.streams.app import make_app, run_worker
+from aimass.streams.units import UnitTable
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from aimass.clickhouse import open_reader
-from aimass.config import Config
+from aimass.core.clickhouse import open_reader
+from aimass.core.config import Config
 from aimass.demo import Pipeline, detection_scores, pipeline_running
-from aimass.procs import StackError
-from streams.history_replay import configure as configure_replay, load_history, replay
-from streams.simulator import write_table
+from aimass.core.procs import StackError
+from aimass.streams.history_replay import configure as configure_replay, load_history, replay
+from aimass.streams.simulator import write_table
 
 SERIES = ["device_id", "metric"]
 

@@ -11,26 +11,26 @@ import importlib
 import logging
 import sys
 
-from aimass.config import ConfigError, load_config
-from aimass.procs import StackError
+from aimass.core.config import ConfigError, load_config
+from aimass.core.procs import StackError
 
 # name -> (module, configure function, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "up": ("aimass.stack", "configure_up", "run_up", "start the embedded stack (mosquitto, kafka broker, tritonserver)"),
-    "status": ("aimass.stack", "configure_none", "run_status", "show what the embedded stack runs and where"),
-    "down": ("aimass.stack", "configure_none", "run_down", "stop exactly what `aimass up` started"),
-    "bridge": ("streams.bridge", "configure", "run", "run the MQTT -> Kafka bridge"),
-    "simulate": ("streams.simulator", "configure", "run", "publish simulated device telemetry with injected anomalies"),
-    "replay": ("streams.history_replay", "configure", "run", "publish a CSV/Parquet history through MQTT in event-time order"),
-    "worker": ("agents.worker", "configure", "run", "run a Faust worker (clean + window agents)"),
-    "predict": ("agents.predict", "configure", "run", "run the predict stage (Triton + River)"),
-    "alerter": ("agents.alert", "configure", "run", "run the rule engine, alarms, notifications and the alarm API"),
-    "sink": ("agents.sink", "configure", "run", "store every result topic in ClickHouse / chDB"),
-    "rules": ("rules.cli", "configure_rules", "run_rules", "validate rule files (`aimass rules check FILE...`)"),
-    "alerts": ("rules.cli", "configure_alerts", "run_alerts", "list and acknowledge alarms"),
-    "train": ("models.cli", "configure_train", "run_train", "train the forecaster and anomaly models, gated promotion"),
-    "models": ("models.cli", "configure_models", "run_models", "list model versions, metrics and which one serves"),
-    "db": ("aimass.db", "configure", "run", "database tasks (`aimass db migrate`)"),
+    "up": ("aimass.core.stack", "configure_up", "run_up", "start the embedded stack (mosquitto, kafka broker, tritonserver)"),
+    "status": ("aimass.core.stack", "configure_none", "run_status", "show what the embedded stack runs and where"),
+    "down": ("aimass.core.stack", "configure_none", "run_down", "stop exactly what `aimass up` started"),
+    "bridge": ("aimass.streams.bridge", "configure", "run", "run the MQTT -> Kafka bridge"),
+    "simulate": ("aimass.streams.simulator", "configure", "run", "publish simulated device telemetry with injected anomalies"),
+    "replay": ("aimass.streams.history_replay", "configure", "run", "publish a CSV/Parquet history through MQTT in event-time order"),
+    "worker": ("aimass.agents.worker", "configure", "run", "run a Faust worker (clean + window agents)"),
+    "predict": ("aimass.agents.predict", "configure", "run", "run the predict stage (Triton + River)"),
+    "alerter": ("aimass.agents.alert", "configure", "run", "run the rule engine, alarms, notifications and the alarm API"),
+    "sink": ("aimass.agents.sink", "configure", "run", "store every result topic in ClickHouse / chDB"),
+    "rules": ("aimass.rules.cli", "configure_rules", "run_rules", "validate rule files (`aimass rules check FILE...`)"),
+    "alerts": ("aimass.rules.cli", "configure_alerts", "run_alerts", "list and acknowledge alarms"),
+    "train": ("aimass.models.cli", "configure_train", "run_train", "train the forecaster and anomaly models, gated promotion"),
+    "models": ("aimass.models.cli", "configure_models", "run_models", "list model versions, metrics and which one serves"),
+    "db": ("aimass.core.db", "configure", "run", "database tasks (`aimass db migrate`)"),
     "query": ("aimass.query", "configure", "run", "run a named report against the store; --plot draws it"),
     "grafana": ("aimass.grafana", "configure", "run", "build dashboards as code, push them to a Grafana"),
     "demo": ("aimass.demo", "configure", "run", "run the whole pipeline on the embedded stack with live progress"),

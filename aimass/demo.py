@@ -19,13 +19,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aimass.clickhouse import open_reader
-from aimass.config import Config, to_env
+from aimass.core.clickhouse import open_reader
+from aimass.core.config import Config, to_env
 from aimass.receiver import WebhookReceiver
-from aimass.stack import down, up
-from aimass.supervisor import Supervisor, aimass_argv, scrape
-from rules.groundtruth import QualityTracker
-from streams.simulator import SimSpec, publish
+from aimass.core.stack import down, up
+from aimass.core.supervisor import Supervisor, aimass_argv, scrape
+from aimass.rules.groundtruth import QualityTracker
+from aimass.streams.simulator import SimSpec, publish
 
 WEBHOOK_PORT = 8099  # the example receivers (rules/examples/receivers.yaml) post here
 DRAIN_TABLES = ("readings", "rejects", "windows", "predictions", "outcomes", "alerts")

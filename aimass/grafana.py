@@ -26,7 +26,7 @@ from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
-from aimass.config import Config, ConfigError
+from aimass.core.config import Config, ConfigError
 
 PLUGIN = "grafana-clickhouse-datasource"
 DATASOURCE_UID = "aimass-clickhouse"
@@ -305,7 +305,7 @@ def build_dashboard(spec: DashboardSpec) -> dict[str, Any]:
 
 def datasource(cfg: Config) -> dict[str, Any]:
     """The ClickHouse data source as Grafana's API takes it (password from the environment)."""
-    from aimass.clickhouse import parse_url
+    from aimass.core.clickhouse import parse_url
 
     url = cfg.clickhouse.url or "clickhouse://default@127.0.0.1:9000/aimass"
     p = parse_url(url, cfg.secret(cfg.clickhouse.password_env))

@@ -14,9 +14,9 @@ from typing import Callable
 
 import pyarrow as pa
 
-from aimass.clickhouse import Store, StoreError, open_reader
-from aimass.config import Config, ConfigError
-from streams import tables
+from aimass.core.clickhouse import Store, StoreError, open_reader
+from aimass.core.config import Config, ConfigError
+from aimass.core import tables
 
 
 def quote(value: str) -> str:

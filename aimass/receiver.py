@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from rules.delivery import sign
+from aimass.rules.delivery import sign
 
 
 def verify(secret: str, timestamp: str, body: bytes, signature: str, tolerance_s: float = 300.0,

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from aimass.config import Config
-from aimass.procs import StackError
-from models import registry, train
-from streams import contract
+from aimass.core.config import Config
+from aimass.core.procs import StackError
+from aimass.models import registry, train
+from aimass.core import contract
 
 
 def read_table(path: str, schema: pa.Schema) -> pa.Table:
@@ -31,23 +31,23 @@ def read_table(path: str, schema: pa.Schema) -> pa.Table:
 
 def _windows_from_readings(readings: pa.Table, window_s: int) -> pa.Table:
     try:
-        from agents.window import batch_windows
+        from aimass.agents.window import batch_windows
     except ImportError:
-        raise StackError("training from readings needs agents.window.batch_windows, which this checkout lacks; "
+        raise StackError("training from readings needs aimass.agents.window.batch_windows, which this checkout lacks; "
                          "pass --windows FILE (a WINDOWS-schema export) instead") from None
     return batch_windows(readings, window_s)
 
 
 def _ms_expr(field_name: str, dialect: str) -> str:
     """A contract ``X_ms`` field as Int64 ms in SQL (modern: DateTime64 column ``X_at``; legacy: stored as is)."""
-    from streams.tables import MODERN, column_name
+    from aimass.core.tables import MODERN, column_name
 
     return f"toUnixTimestamp64Milli(`{column_name(field_name)}`)" if dialect == MODERN else f"`{field_name}`"
 
 
 def query_contract(store, table: str, schema: pa.Schema, where: str = "1") -> pa.Table:
     """Rows of a stored contract table as a table of ``schema`` (time columns back to int64 ms)."""
-    from streams.tables import is_time_field
+    from aimass.core.tables import is_time_field
 
     cols = ", ".join(f"{_ms_expr(f.name, store.dialect)} AS `{f.name}`" if is_time_field(f) else f"`{f.name}`"
                      for f in schema)
@@ -57,7 +57,7 @@ def query_contract(store, table: str, schema: pa.Schema, where: str = "1") -> pa
 
 def store_history(cfg: Config, window_s: int, hours: float) -> tuple[pa.Table, pa.Table]:
     """(windows of ``window_s`` from the last ``hours``, every label) from ClickHouse / chDB."""
-    from aimass.clickhouse import open_reader
+    from aimass.core.clickhouse import open_reader
 
     store = open_reader(cfg)
     try:
@@ -82,7 +82,7 @@ def training_data(args: argparse.Namespace, cfg: Config, window_s: int, say=prin
     if args.readings:
         readings = read_table(args.readings, contract.READINGS)
         return _windows_from_readings(readings, window_s), labels, f"readings file {args.readings}"
-    from streams.simulator import generate
+    from aimass.streams.simulator import generate
 
     say(f"simulating {args.devices} devices x {args.metrics} metrics for {args.duration_s:.0f}s at {args.rate_hz} Hz "
         f"(seed {args.seed}, {args.anomalies} anomalies) ...")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from river import anomaly, drift, linear_model, optim, stats
 
-from models import features
-from models.registry import atomic_write
+from aimass.models import features
+from aimass.models.registry import atomic_write
 
 FORECASTER_NAME = "river_ar:online"
 ANOMALY_NAME = "river_hst:online"

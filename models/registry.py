@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from models import onnx_export
+from aimass.models import onnx_export
 
 MODELS = ("forecaster", "anomaly")
 OUTPUTS = {"forecaster": onnx_export.FORECAST, "anomaly": onnx_export.SCORE}

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models import features, onnx_export, registry
+from aimass.models import features, onnx_export, registry
 
 log = logging.getLogger(__name__)
 

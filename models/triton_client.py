@@ -19,7 +19,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from prometheus_client import Gauge, Histogram
 
-from models import onnx_export
+from aimass.models import onnx_export
 
 log = logging.getLogger(__name__)
 

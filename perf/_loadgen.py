@@ -4,11 +4,11 @@ The benchmarks run the devices on the same two cores as the pipeline they measur
 microsecond the load generator spends is taken from the system under test. paho's ``publish``
 costs about 45 us per message (one ``send`` each, its in-flight bookkeeping); this writer builds
 the packets itself, sends a whole batch with one ``sendall`` and counts PUBACKs in
-``streams.mqtt.PacketSplitter``, a few microseconds per message. Connection, credentials, TLS and
-keep-alive stay paho's (``streams.mqtt.make_client`` / ``connect``).
+``aimass.streams.mqtt.PacketSplitter``, a few microseconds per message. Connection, credentials, TLS and
+keep-alive stay paho's (``aimass.streams.mqtt.make_client`` / ``connect``).
 
 Not a device library: no resend after a reconnect (a dropped connection fails the run, and the
-benchmark's accounting shows the loss), which is why the product's ``streams.mqtt.Publisher``
+benchmark's accounting shows the loss), which is why the product's ``aimass.streams.mqtt.Publisher``
 keeps paho's path.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 
 from paho.mqtt.enums import MQTTErrorCode
 
-from aimass.config import Config
-from streams.mqtt import Client, connect, encode_varint, make_client
+from aimass.core.config import Config
+from aimass.streams.mqtt import Client, connect, encode_varint, make_client
 
 
 class _CountingClient(Client):

@@ -29,10 +29,10 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aimass.config import Config, load_config  # noqa: E402
-from streams.kafka import producer_config  # noqa: E402
-from streams.mqtt import connect, make_client  # noqa: E402
-from streams.payloads import TopicPattern  # noqa: E402
+from aimass.core.config import Config, load_config  # noqa: E402
+from aimass.streams.kafka import producer_config  # noqa: E402
+from aimass.streams.mqtt import connect, make_client  # noqa: E402
+from aimass.streams.payloads import TopicPattern  # noqa: E402
 
 WINDOW_MS = 10_000
 SCHEMA = ("CREATE TABLE IF NOT EXISTS bench.readings (device_id String, metric LowCardinality(String), "
@@ -45,7 +45,7 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS bench.readings (device_id String, metric L
 
 
 def senml_readings(pack: list[dict]) -> list[tuple[str, int, float]]:
-    """(metric, ts_ms, value) of a SenML pack as `streams.payloads.encode_senml` writes it."""
+    """(metric, ts_ms, value) of a SenML pack as `aimass.streams.payloads.encode_senml` writes it."""
     base_s = pack[0].get("bt", 0.0)
     return [(r["n"], int(round((base_s + r.get("t", 0.0)) * 1000)), float(r["v"])) for r in pack]
 
@@ -138,7 +138,7 @@ def forwarder(cfg: Config, client_id: str, topic: str, per_reading: bool) -> Non
 
 def faust_worker(cfg: Config, topic_name: str, store_dir: str) -> int:
     """One Faust agent handling one reading per message, one chDB INSERT per row."""
-    from streams.app import make_app, run_worker
+    from aimass.streams.app import make_app, run_worker
     app = make_app(cfg, "bench-per-message")
     topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
                       partitions=cfg.kafka.partitions)

@@ -61,17 +61,17 @@ sys.path.insert(0, str(REPO / "perf"))
 from _cpu import cpu_seconds  # noqa: E402
 from _loadgen import BatchPublisher  # noqa: E402
 from bench_ingest import create_session  # noqa: E402
-from aimass.clickhouse import open_reader  # noqa: E402
-from aimass.config import Config, load_config, to_env  # noqa: E402
+from aimass.core.clickhouse import open_reader  # noqa: E402
+from aimass.core.config import Config, load_config, to_env  # noqa: E402
 from aimass.demo import StagePlan, stage_plans, start_pipeline  # noqa: E402
-from aimass.procs import free_port  # noqa: E402
+from aimass.core.procs import free_port  # noqa: E402
 from aimass.receiver import WebhookReceiver  # noqa: E402
-from aimass.stack import down, kafka_client_config, read_stack, up  # noqa: E402
-from aimass.supervisor import Supervisor, scrape  # noqa: E402
-from streams import contract  # noqa: E402
-from streams.kafka import consumer_config  # noqa: E402
-from streams.payloads import TopicPattern, encode_senml  # noqa: E402
-from streams.simulator import METRICS  # noqa: E402
+from aimass.core.stack import down, kafka_client_config, read_stack, up  # noqa: E402
+from aimass.core.supervisor import Supervisor, scrape  # noqa: E402
+from aimass.core import contract  # noqa: E402
+from aimass.streams.kafka import consumer_config  # noqa: E402
+from aimass.streams.payloads import TopicPattern, encode_senml  # noqa: E402
+from aimass.streams.simulator import METRICS  # noqa: E402
 
 DEVICES = 1000
 PACK = 10  # SenML records per pack: the 10 metrics of one device-tick

@@ -37,14 +37,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from _cpu import cpu_seconds  # noqa: E402
-from aimass.config import Config  # noqa: E402
-from aimass.procs import free_port, stop_pid  # noqa: E402
-from aimass.stack import create_topics, kafka_client_config, start_kafka, start_mosquitto, stop_server  # noqa: E402
-from streams import contract  # noqa: E402
-from streams.bridge import subscriptions  # noqa: E402
-from streams.kafka import consumer_config, producer_config  # noqa: E402
-from streams.mqtt import Publisher, connect, make_client  # noqa: E402
-from streams.payloads import TopicPattern, encode_reading, encode_senml  # noqa: E402
+from aimass.core.config import Config  # noqa: E402
+from aimass.core.procs import free_port, stop_pid  # noqa: E402
+from aimass.core.stack import create_topics, kafka_client_config, start_kafka, start_mosquitto, stop_server  # noqa: E402
+from aimass.core import contract  # noqa: E402
+from aimass.streams.bridge import subscriptions  # noqa: E402
+from aimass.streams.kafka import consumer_config, producer_config  # noqa: E402
+from aimass.streams.mqtt import Publisher, connect, make_client  # noqa: E402
+from aimass.streams.payloads import TopicPattern, encode_reading, encode_senml  # noqa: E402
 from tests.fixtures_ingest import config_env  # noqa: E402
 
 DEVICES = 100
@@ -306,7 +306,7 @@ def main() -> int:
     p.add_argument("--forwarder", nargs=2, metavar=("CLIENT_ID", "TOPIC"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.forwarder:
-        from aimass.config import load_config
+        from aimass.core.config import load_config
         forwarder(load_config(), *args.forwarder)
         return 0
     messages = args.messages or (20_000 if args.quick else 100_000)

@@ -1,10 +1,10 @@
 """Window kernel benchmark: the numba window-update kernel vs pandas groupby/rolling vs per-reading
 River ``stats`` updates, on the same readings in the same run.
 
-- kernel: ``agents.kernels.window_update`` (10 s tumbling windows: count, mean, min, max, std,
+- kernel: ``aimass.agents.kernels.window_update`` (10 s tumbling windows: count, mean, min, max, std,
   first, last, rate, EWMA, z-score) over micro-batches of 50k readings in arrival order, one core.
   Timed by CPU time of this process (the machine is shared); wall time reported too.
-- engine: ``agents.window.WindowEngine`` with the default specs (10 s, 60 s, 30 s/10 s sliding),
+- engine: ``aimass.agents.window.WindowEngine`` with the default specs (10 s, 60 s, 30 s/10 s sliding),
   series indexing from Arrow strings and Arrow output included.
 - pandas (baseline): groupby (series, window) aggregation of the same statistics over the whole
   data set at once, then a groupby rolling over window means for EWMA and z-score.
@@ -36,10 +36,10 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agents import kernels as K  # noqa: E402
-from agents.window import WindowEngine, _SpecState  # noqa: E402
-from aimass.config import WindowConfig  # noqa: E402
-from streams import contract  # noqa: E402
+from aimass.agents import kernels as K  # noqa: E402
+from aimass.agents.window import WindowEngine, _SpecState  # noqa: E402
+from aimass.core.config import WindowConfig  # noqa: E402
+from aimass.core import contract  # noqa: E402
 
 WINDOW_S = 10
 LATENESS_MS = 5_000

@@ -1,9 +1,9 @@
 """Benchmark of the predict stage's model paths, side by side in one run.
 
-- Triton through the agent's client (models.triton_client.TritonModels), both models per row:
+- Triton through the agent's client (aimass.models.triton_client.TritonModels), both models per row:
   batched (``triton.max_rows_per_request`` rows per request) vs one request per row, same
   client settings otherwise (same number of requests in flight), same server.
-- River prequential updates (models.online.OnlinePartition.step) per second.
+- River prequential updates (aimass.models.online.OnlinePartition.step) per second.
 - The whole Predictor (River + batched Triton) per second.
 Floors (issue 4): >= 100k rows/s batched and >= 50x the per-row baseline.
 
@@ -26,12 +26,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agents.predict import Predictor  # noqa: E402
-from aimass.config import Config  # noqa: E402
-from aimass.procs import free_port  # noqa: E402
-from aimass.stack import start_triton, stop_server  # noqa: E402
-from models import online, registry  # noqa: E402
-from models.triton_client import TritonModels  # noqa: E402
+from aimass.agents.predict import Predictor  # noqa: E402
+from aimass.core.config import Config  # noqa: E402
+from aimass.core.procs import free_port  # noqa: E402
+from aimass.core.stack import start_triton, stop_server  # noqa: E402
+from aimass.models import online, registry  # noqa: E402
+from aimass.models.triton_client import TritonModels  # noqa: E402
 from tests.fixtures_predict import synthetic_windows  # noqa: E402
 
 

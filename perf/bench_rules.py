@@ -2,7 +2,7 @@
 
 Both sides run in the same process on the same rows and must emit the same signals (``lost``
 counts any difference). Rates are rows per CPU second of this process (the machine is shared and
-wall time swings with other people's load); wall-clock rates are printed too. Vectorized: ``rules.engine.Engine`` on Arrow batches (one batch = one
+wall time swings with other people's load); wall-clock rates are printed too. Vectorized: ``aimass.rules.engine.Engine`` on Arrow batches (one batch = one
 Kafka record's worth of rows). Baseline: for every row and every rule, the selector globs, the
 condition's row evaluator (``Compiled.row``) and the same for/clear/repeat state machine in plain
 Python. Last line: one JSON object.
@@ -23,9 +23,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rules.engine import Engine  # noqa: E402
-from rules.model import Rule, RuleSet, load_rules  # noqa: E402
-from streams import contract  # noqa: E402
+from aimass.rules.engine import Engine  # noqa: E402
+from aimass.rules.model import Rule, RuleSet, load_rules  # noqa: E402
+from aimass.core import contract  # noqa: E402
 
 TEMPLATES = [
     ("mean > {t}", "mean < {t} - 5", "2 windows"),

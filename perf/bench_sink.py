@@ -48,14 +48,14 @@ from confluent_kafka import Consumer, Producer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agents.sink import Journal, Sink  # noqa: E402
-from aimass.clickhouse import ChdbStore, ServerStore  # noqa: E402
-from aimass.config import Config  # noqa: E402
-from aimass.db import migrate  # noqa: E402
-from aimass.procs import free_port, stop_pid  # noqa: E402
-from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
-from streams import contract  # noqa: E402
-from streams.kafka import consumer_config, producer_config  # noqa: E402
+from aimass.agents.sink import Journal, Sink  # noqa: E402
+from aimass.core.clickhouse import ChdbStore, ServerStore  # noqa: E402
+from aimass.core.config import Config  # noqa: E402
+from aimass.core.db import migrate  # noqa: E402
+from aimass.core.procs import free_port, stop_pid  # noqa: E402
+from aimass.core.stack import create_topics, start_kafka, stop_server  # noqa: E402
+from aimass.core import contract  # noqa: E402
+from aimass.streams.kafka import consumer_config, producer_config  # noqa: E402
 
 RECORD_ROWS = 5_000
 PACED_RECORD_ROWS = 833  # the bridge's mean micro-batch when draining (perf/RESULTS.md, bench_e2e)

@@ -39,14 +39,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from _cpu import cpu_seconds  # noqa: E402
-from agents.clean import CleanEngine  # noqa: E402
-from agents.window import WindowEngine  # noqa: E402
-from aimass.config import Config, to_env  # noqa: E402
-from aimass.procs import free_port  # noqa: E402
-from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
-from streams import contract  # noqa: E402
-from streams.kafka import producer_config  # noqa: E402
-from streams.units import UnitTable  # noqa: E402
+from aimass.agents.clean import CleanEngine  # noqa: E402
+from aimass.agents.window import WindowEngine  # noqa: E402
+from aimass.core.config import Config, to_env  # noqa: E402
+from aimass.core.procs import free_port  # noqa: E402
+from aimass.core.stack import create_topics, start_kafka, stop_server  # noqa: E402
+from aimass.core import contract  # noqa: E402
+from aimass.streams.kafka import producer_config  # noqa: E402
+from aimass.streams.units import UnitTable  # noqa: E402
 
 RECORD_ROWS = 5_000
 T0 = 1_763_899_980_000
@@ -139,8 +139,8 @@ def naive_agent_main() -> int:
     """A Faust worker with one per-message agent: JSON reading in, dict-based windows, JSON rows out."""
     from prometheus_client import Counter, start_http_server
 
-    from aimass.config import load_config
-    from streams.app import make_app, run_worker
+    from aimass.core.config import load_config
+    from aimass.streams.app import make_app, run_worker
 
     cfg = load_config()
     app = make_app(cfg, "naive")
@@ -265,7 +265,7 @@ def main() -> int:
         naive_topics = [f"{cfg.kafka.topic_prefix}.naive.raw", f"{cfg.kafka.topic_prefix}.naive.windows"]
         from confluent_kafka.admin import AdminClient, NewTopic
 
-        from aimass.stack import kafka_client_config
+        from aimass.core.stack import kafka_client_config
         admin = AdminClient(kafka_client_config(cfg))
         for fut in admin.create_topics([NewTopic(t, cfg.kafka.partitions, 1, config={
                 "retention.ms": "604800000", "retention.bytes": "-1"}) for t in naive_topics]).values():

@@ -47,12 +47,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("PROBE_CODE_DIR", str(REPO)))  # --before runs another checkout's code
 
 from _cpu import cpu_seconds  # noqa: E402
-from aimass.config import Config, to_env  # noqa: E402
-from aimass.procs import free_port, stop_pid  # noqa: E402
-from aimass.stack import create_topics, start_kafka, stop_server  # noqa: E402
-from aimass.supervisor import aimass_argv  # noqa: E402
-from streams import contract  # noqa: E402
-from streams.kafka import consumer_config, producer_config  # noqa: E402
+from aimass.core.config import Config, to_env  # noqa: E402
+from aimass.core.procs import free_port, stop_pid  # noqa: E402
+from aimass.core.stack import create_topics, start_kafka, stop_server  # noqa: E402
+from aimass.core.supervisor import aimass_argv  # noqa: E402
+from aimass.core import contract  # noqa: E402
+from aimass.streams.kafka import consumer_config, producer_config  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -117,7 +117,7 @@ class Watcher(threading.Thread):
 
 def passthrough_main(argv: list[str]) -> int:
     """Baseline hop: confluent consume RAW -> decode -> encode -> produce CLEAN, commit after delivery."""
-    from aimass.config import load_config
+    from aimass.core.config import load_config
 
     cfg = load_config()
     prefix = cfg.kafka.topic_prefix
@@ -157,9 +157,9 @@ def engines_main(seconds: int, readings_per_s: int = 850, per_record: int = 50) 
     over ``seconds`` of one partition's readings (default ~850/s: one of 6 partitions at 5k/s) in
     ``per_record``-reading records, the restart offsets asked once per second like the commit timer does (no broker, no
     lag: what changes is only the engine code on sys.path)."""
-    from agents.clean import CleanEngine
-    from agents.window import WindowEngine
-    from streams.units import UnitTable
+    from aimass.agents.clean import CleanEngine
+    from aimass.agents.window import WindowEngine
+    from aimass.streams.units import UnitTable
 
     cfg = Config()
     cfg.window.sizes_s = "2"
@@ -188,10 +188,23 @@ def engines_main(seconds: int, readings_per_s: int = 850, per_record: int = 50) 
     return 0
 
 
+def import_root(code: Path) -> Path:
+    """A folder whose ``aimass`` package is checkout ``code``'s, laid out as setup.cfg's package_dir
+    maps it (``streams/`` as ``aimass.streams``, ...): put first on sys.path, it wins over the
+    editable install of this checkout. The checkout must have the one-namespace layout."""
+    root = Path(tempfile.mkdtemp(prefix="probe-code-"))
+    (root / "aimass").mkdir()
+    for entry in (code / "aimass").iterdir():
+        (root / "aimass" / entry.name).symlink_to(entry)
+    for stage in ("streams", "agents", "models", "rules"):
+        (root / "aimass" / stage).symlink_to(code / stage)
+    return root
+
+
 def engines_run(code: Path, seconds: int, readings_per_s: int, per_record: int) -> dict:
     """``engines_main``'s figures, run with the engine code of checkout ``code``."""
     out = subprocess.run([sys.executable, __file__, "--engines", str(seconds), str(readings_per_s), str(per_record)],
-                         cwd=code, check=True, env={**os.environ, "PROBE_CODE_DIR": str(code)},
+                         cwd=code, check=True, env={**os.environ, "PROBE_CODE_DIR": str(import_root(code))},
                          capture_output=True, text=True).stdout
     return {k: round(v, 2) for k, v in json.loads(out.splitlines()[-1]).items()}
 
@@ -201,7 +214,7 @@ def run_hop(name: str, cfg: Config, argv: list[str], log: Path, args, lateness_m
     rate, return latency/CPU figures."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMASS_")}
     env.update(to_env(cfg))
-    env.update(AIMASS_RUN_LOG_LEVEL="INFO", PYTHONPATH=str(code))
+    env.update(AIMASS_RUN_LOG_LEVEL="INFO", PYTHONPATH=str(import_root(code)))
     proc = subprocess.Popen(argv, env=env, cwd=code, stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     watcher = Watcher(cfg, cfg.kafka.topic_prefix, lateness_ms)

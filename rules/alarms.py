@@ -13,7 +13,7 @@ marked flapping (one "flapping" event); while it flaps its raise/clear events ar
 emitted but not notified.
 
 Everything lives in one SQLite file (``StateDB``, WAL, synchronous=FULL): alarms, the
-notification outbox (``rules.delivery``), checkpoints of the engine and the ground-truth join,
+notification outbox (``aimass.rules.delivery``), checkpoints of the engine and the ground-truth join,
 and an ``outgoing`` queue of Kafka records written in the same transaction as the state change
 that produced them, deleted only once Kafka has them. A restart therefore loses nothing.
 """
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from rules.engine import Signal
+from aimass.rules.engine import Signal
 
 ACTIVE = ("active_unack", "active_ack")
 # Transitions that notify receivers (unless the alarm is flapping; "flapping" itself always does).

@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from rules.alarms import Alarm, AlarmStore
+from aimass.rules.alarms import Alarm, AlarmStore
 
 OnEvents = Callable[[list[dict]], Awaitable[None]]
 

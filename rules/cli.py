@@ -8,9 +8,9 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 
-from aimass.config import Config
-from aimass.procs import StackError
-from rules.model import RulesInvalid, load_rules
+from aimass.core.config import Config
+from aimass.core.procs import StackError
+from aimass.rules.model import RulesInvalid, load_rules
 
 
 def configure_rules(p: argparse.ArgumentParser) -> None:

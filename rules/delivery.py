@@ -35,10 +35,10 @@ from typing import Any, Callable
 
 import aiohttp
 
-from aimass.config import Config
-from rules.alarms import StateDB, now_ms
-from rules.model import ReceiverSpec, render
-from streams import contract
+from aimass.core.config import Config
+from aimass.rules.alarms import StateDB, now_ms
+from aimass.rules.model import ReceiverSpec, render
+from aimass.core import contract
 
 log = logging.getLogger(__name__)
 

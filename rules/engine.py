@@ -1,7 +1,7 @@
 """The rule engine: vectorized conditions over whole batches, then a compiled per-series state machine.
 
 For each rule the selector and the condition (and the clear condition) are evaluated on the
-whole Arrow batch with numpy (``rules.expr``). A numba kernel then walks the batch's rows in
+whole Arrow batch with numpy (``aimass.rules.expr``). A numba kernel then walks the batch's rows in
 order and advances the per-(rule, series) state machine, held in flat arrays indexed by a
 dense series id (``SeriesRegistry``):
 
@@ -10,7 +10,7 @@ dense series id (``SeriesRegistry``):
 
 Python only touches the rows where something happened. A series is (tenant, device_id, metric,
 window_s) with window_s 0 for readings. The engine emits ``Signal``s (fire / clear / repeat);
-``rules.alarms`` turns them into alarm lifecycle events. A row at or before the last event time a
+``aimass.rules.alarms`` turns them into alarm lifecycle events. A row at or before the last event time a
 tracked series has seen is a replay and is skipped. ``RuleWatcher`` reloads rule files while
 running; a bad file is rejected with its errors and the previous rules keep running.
 """
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-from rules.model import Rule, RuleSet, Selector, RulesInvalid, load_rules, render, rule_files, template_fields
+from aimass.rules.model import Rule, RuleSet, Selector, RulesInvalid, load_rules, render, rule_files, template_fields
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams import contract
+from aimass.core import contract
 
 _SEP = "\x1f"
 _PRED_COLUMNS = ["tenant", "device_id", "metric", "window_s", "target_end_ms", "forecast", "band_low", "band_high",

@@ -16,7 +16,7 @@ A rule file holds ``rules:`` (a list) and/or ``receivers:`` (a mapping name -> r
         repeat: 10m                      # re-notify while active; absent: never
         receivers: [ops-hook]
 
-``load_rules`` reads every file, checks every field and expression (``rules.expr``), and
+``load_rules`` reads every file, checks every field and expression (``aimass.rules.expr``), and
 returns a ``RuleSet`` or raises ``RulesInvalid`` listing ``file:line:col: message`` for
 every error found, from the YAML node marks.
 """
@@ -31,8 +31,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import yaml
 
-from rules.expr import BOOL, NUM, STR, Compiled, ExprError, compile_expr
-from streams import contract
+from aimass.rules.expr import BOOL, NUM, STR, Compiled, ExprError, compile_expr
+from aimass.core import contract
 
 # stream -> (schema, event-time column, source receive-time column or "", default value expression)
 STREAMS: dict[str, tuple[pa.Schema, str, str, str]] = {

@@ -2,7 +2,7 @@
 
 Each stage (``worker`` for clean + window, ``predict``, ...) runs its own Faust app with its
 own consumer group id, so stages scale and restart independently. Topics carry raw bytes:
-each value is one Arrow IPC micro-batch from ``streams.contract``.
+each value is one Arrow IPC micro-batch from ``aimass.core.contract``.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Awaitable, Callable
 
 import faust
 
-from aimass.config import Config
-from streams import contract
+from aimass.core.config import Config
+from aimass.core import contract
 
 
 class StageApp(faust.App):
@@ -124,7 +124,7 @@ def raw_topic(app: faust.App, cfg: Config, topic: contract.Topic, acks: bool = T
     """The Faust topic of a contract topic (raw bytes keys and values).
 
     ``acks=False``: Faust never commits this topic's offsets; the agent commits them itself
-    (``streams.replay``).
+    (``aimass.streams.replay``).
     """
     return app.topic(topic.name(cfg.kafka.topic_prefix), key_type=bytes, value_type=bytes,
                      key_serializer="raw", value_serializer="raw", acks=acks,

@@ -2,7 +2,7 @@
 
 Subscribes (persistent session, manual acks; with ``bridge.share_group`` an MQTT v5 shared
 subscription ``$share/<group>/...`` so that several bridges split the load) to device telemetry
-and labels, validates every message (``streams.payloads``), and
+and labels, validates every message (``aimass.streams.payloads``), and
 turns the accepted readings into columnar micro-batches: one Kafka record per (partition,
 flush), the partition chosen explicitly with ``contract.partition_for`` so every reading of a
 device lands in one partition, in arrival order. A flush happens at ``bridge.flush_readings``
@@ -28,12 +28,12 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from paho.mqtt.enums import MQTTErrorCode
 from prometheus_client import Counter, Histogram, start_http_server
 
-from aimass.config import Config
-from aimass.procs import StackError
-from streams import contract
-from streams.kafka import producer_config
-from streams.mqtt import BufferedSocket, connect, make_client
-from streams.payloads import Limits, Rejected, TopicPattern, parse_label, parse_telemetry
+from aimass.core.config import Config
+from aimass.core.procs import StackError
+from aimass.core import contract
+from aimass.streams.kafka import producer_config
+from aimass.streams.mqtt import BufferedSocket, connect, make_client
+from aimass.streams.payloads import Limits, Rejected, TopicPattern, parse_label, parse_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Bridge:
         return route
 
     def _on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int) -> None:
-        """One MQTT message (``streams.mqtt.PacketSplitter``): into the batch, or rejected."""
+        """One MQTT message (``aimass.streams.mqtt.PacketSplitter``): into the batch, or rejected."""
         received = now_ms()
         batch = self.batch
         if not batch.n_messages:

@@ -1,4 +1,4 @@
-"""Replay history through the live pipeline (`aimass replay FILE`; module streams.history_replay).
+"""Replay history through the live pipeline (`aimass replay FILE`; module aimass.streams.history_replay).
 
 Reads a CSV or Parquet file with a timestamp and a value column (optional device, metric
 and unit columns, or one device/metric given on the command line), sorts it by event time
@@ -18,10 +18,10 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from aimass.config import Config
-from aimass.procs import StackError
-from streams.mqtt import Publisher
-from streams.payloads import ID_RE, METRIC_RE, MS_THRESHOLD, TopicPattern, check_unit, encode_reading
+from aimass.core.config import Config
+from aimass.core.procs import StackError
+from aimass.streams.mqtt import Publisher
+from aimass.streams.payloads import ID_RE, METRIC_RE, MS_THRESHOLD, TopicPattern, check_unit, encode_reading
 
 TS_COLUMNS = ("ts_ms", "ts", "timestamp", "time", "datetime", "date")
 VALUE_COLUMNS = ("value", "y", "reading")

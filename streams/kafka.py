@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from confluent_kafka import Consumer, Message
 
-from aimass.config import Config
-from aimass.stack import kafka_client_config
+from aimass.core.config import Config
+from aimass.core.stack import kafka_client_config
 
 
 def producer_config(cfg: Config, **overrides) -> dict:

@@ -18,8 +18,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from aimass.config import Config
-from aimass.procs import StackError
+from aimass.core.config import Config
+from aimass.core.procs import StackError
 
 log = logging.getLogger(__name__)
 

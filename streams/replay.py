@@ -28,9 +28,9 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from faust.types import TP
 
-from aimass.config import Config
-from streams import contract
-from streams.kafka import consumer_config
+from aimass.core.config import Config
+from aimass.core import contract
+from aimass.streams.kafka import consumer_config
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from aimass.config import Config
-from streams import contract
-from streams.mqtt import Publisher
-from streams.payloads import TopicPattern, encode_label, encode_reading, encode_senml
+from aimass.core.config import Config
+from aimass.core import contract
+from aimass.streams.mqtt import Publisher
+from aimass.streams.payloads import TopicPattern, encode_label, encode_reading, encode_senml
 
 ANOMALY_KINDS = ("spike", "level_shift", "stuck", "drift")
 FORMATS = ("json", "multi", "senml")

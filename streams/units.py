@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aimass.config import ConfigError
+from aimass.core.config import ConfigError
 
 
 @dataclass(frozen=True)

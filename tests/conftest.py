@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from aimass.config import Config
-from aimass.procs import Server, free_port
-from aimass.stack import create_topics, start_kafka, start_mosquitto, start_triton, stop_server
+from aimass.core.config import Config
+from aimass.core.procs import Server, free_port
+from aimass.core.stack import create_topics, start_kafka, start_mosquitto, start_triton, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 

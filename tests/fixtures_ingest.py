@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 from confluent_kafka import Consumer, TopicPartition
 
-from aimass.config import Config, to_env
-from aimass.procs import stop_pid
-from streams import contract
-from streams.kafka import consumer_config
+from aimass.core.config import Config, to_env
+from aimass.core.procs import stop_pid
+from aimass.core import contract
+from aimass.streams.kafka import consumer_config
 
 REPO = Path(__file__).resolve().parent.parent
 

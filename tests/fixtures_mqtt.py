@@ -6,8 +6,8 @@ import time
 
 import paho.mqtt.client as paho
 
-from aimass.config import Config
-from streams.mqtt import connect, make_client
+from aimass.core.config import Config
+from aimass.streams.mqtt import connect, make_client
 
 
 class Collector:

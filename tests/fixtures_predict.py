@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from streams import contract
+from aimass.core import contract
 
 T0_MS = 1_790_000_000_000
 

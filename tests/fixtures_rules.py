@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rules.model import RuleSet, load_rules
-from streams import contract
+from aimass.rules.model import RuleSet, load_rules
+from aimass.core import contract
 
 READING = dict(tenant="acme", device_id="pump-1", metric="temperature", ts_ms=0, value=0.0, unit="Cel",
                received_ms=0)

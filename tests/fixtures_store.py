@@ -18,13 +18,13 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from agents.sink import Journal, Record, Sink, to_store_table
-from aimass.config import Config
-from aimass.db import migrate
-from aimass.procs import Server, free_port, port_in_use, spawn, stop_pid, wait_until
-from aimass.supervisor import aimass_argv
-from streams import contract, tables
-from streams.kafka import consumer_config, producer_config
+from aimass.agents.sink import Journal, Record, Sink, to_store_table
+from aimass.core.config import Config
+from aimass.core.db import migrate
+from aimass.core.procs import Server, free_port, port_in_use, spawn, stop_pid, wait_until
+from aimass.core.supervisor import aimass_argv
+from aimass.core import contract, tables
+from aimass.streams.kafka import consumer_config, producer_config
 
 SERVER_USER = "aimass"
 

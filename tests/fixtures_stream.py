@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from aimass.config import Config, to_env
-from streams import contract
-from streams.kafka import consumer_config, producer_config
+from aimass.core.config import Config, to_env
+from aimass.core import contract
+from aimass.streams.kafka import consumer_config, producer_config
 
 T0 = 1_763_899_980_000  # a fixed ms timestamp, aligned to 60 s
 

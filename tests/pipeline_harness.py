@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from aimass.clickhouse import open_reader
-from aimass.config import Config, to_env
+from aimass.core.clickhouse import open_reader
+from aimass.core.config import Config, to_env
 from aimass.demo import stage_plans, start_pipeline
-from aimass.procs import free_port
+from aimass.core.procs import free_port
 from aimass.receiver import WebhookReceiver
-from aimass.stack import create_topics
-from aimass.supervisor import Supervisor, scrape
+from aimass.core.stack import create_topics
+from aimass.core.supervisor import Supervisor, scrape
 from tests.conftest import make_config
 
 SECRET = "e2e-test-signing-secret"

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Producer
 
-from agents.window import batch_windows
-from aimass.procs import free_port
-from streams import contract
-from streams.kafka import producer_config
+from aimass.agents.window import batch_windows
+from aimass.core.procs import free_port
+from aimass.core import contract
+from aimass.streams.kafka import producer_config
 from tests.fixtures_stream import T0, consume, readings, rows_of, start_worker, stop_worker
 
 pytestmark = pytest.mark.timeout(240)
@@ -104,12 +104,12 @@ def test_worker_cleans_and_windows_known_input(cfg, tmp_path):
 # Run in a fresh interpreter: other tests compile the kernels too, which would hide a gap.
 WARM_UP_CHECK = r"""
 import pyarrow as pa
-from agents import kernels, worker
-from agents.clean import CleanEngine
-from agents.window import WindowEngine
-from aimass.config import load_config
-from streams import contract
-from streams.units import UnitTable
+from aimass.agents import kernels, worker
+from aimass.agents.clean import CleanEngine
+from aimass.agents.window import WindowEngine
+from aimass.core.config import load_config
+from aimass.core import contract
+from aimass.streams.units import UnitTable
 
 def compiled():
     return {name: list(f.signatures) for name, f in vars(kernels).items() if hasattr(f, "signatures")}

@@ -17,12 +17,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from aimass.procs import StackError, free_port
-from aimass.stack import create_topics, start_kafka, start_mosquitto, stop_server
-from streams import contract
-from streams.mqtt import Publisher, connect, make_client
-from streams.payloads import TopicPattern, encode_reading
-from streams.simulator import SimSpec, publish
+from aimass.core.procs import StackError, free_port
+from aimass.core.stack import create_topics, start_kafka, start_mosquitto, stop_server
+from aimass.core import contract
+from aimass.streams.mqtt import Publisher, connect, make_client
+from aimass.streams.payloads import TopicPattern, encode_reading
+from aimass.streams.simulator import SimSpec, publish
 from tests.conftest import REPO, make_config
 from tests.fixtures_ingest import BridgeProcess, isolate, read_records, rows_of
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.clean import CleanEngine
-from streams.units import UnitTable
+from aimass.agents.clean import CleanEngine
+from aimass.streams.units import UnitTable
 from tests.test_kernels import clean_config, duplicated_stream, replayed
 
 

@@ -1,7 +1,7 @@
 """Configuration: defaults, TOML file, environment precedence, and errors that name the key."""
 import pytest
 
-from aimass.config import Config, ConfigError, describe, load_config
+from aimass.core.config import Config, ConfigError, describe, load_config
 
 
 def test_defaults_run_the_embedded_stack():
@@ -80,7 +80,7 @@ def test_describe_lists_every_key_with_its_env_name():
 
 
 def test_to_env_round_trips_every_key(tmp_path):
-    from aimass.config import to_env
+    from aimass.core.config import to_env
     cfg = load_config(env={"AIMASS_KAFKA_PARTITIONS": "3", "AIMASS_MQTT_TLS": "true", "AIMASS_RUN_DIR": str(tmp_path)})
     again = load_config(env=to_env(cfg))
     assert again == cfg
@@ -89,7 +89,7 @@ def test_to_env_round_trips_every_key(tmp_path):
 def test_readme_configuration_reference_is_current():
     from pathlib import Path
 
-    from aimass.config import reference_markdown
+    from aimass.core.config import reference_markdown
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate the README table: python -c " \
-        "'from aimass.config import reference_markdown; print(reference_markdown())'"
+        "'from aimass.core.config import reference_markdown; print(reference_markdown())'"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aimass.procs import free_port, pid_alive
+from aimass.core.procs import free_port, pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from aimass.cli import COMMANDS
-from aimass.config import Config, describe, load_config
-from rules.model import load_rules
-from streams import contract
+from aimass.core.config import Config, describe, load_config
+from aimass.rules.model import load_rules
+from aimass.core import contract
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -17,9 +17,9 @@ import time
 import pytest
 import pyarrow.parquet as pq
 
-from aimass.procs import free_port
-from streams.simulator import METRICS, SimSpec, publish
-from rules.alarms import should_notify
+from aimass.core.procs import free_port
+from aimass.streams.simulator import METRICS, SimSpec, publish
+from aimass.rules.alarms import should_notify
 from tests.pipeline_harness import READING_STAGES, TestPipeline, pipeline_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from aimass.procs import free_port
-from aimass.stack import start_mosquitto, start_triton, stop_server
-from streams.mqtt import Publisher
-from streams.simulator import SimSpec, publish
-from rules.alarms import should_notify
+from aimass.core.procs import free_port
+from aimass.core.stack import start_mosquitto, start_triton, stop_server
+from aimass.streams.mqtt import Publisher
+from aimass.streams.simulator import SimSpec, publish
+from aimass.rules.alarms import should_notify
 from tests.pipeline_harness import READING_STAGES, TestPipeline, pipeline_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from aimass import grafana
-from aimass.clickhouse import ChdbStore
-from aimass.config import Config
-from aimass.db import migrate
+from aimass.core.clickhouse import ChdbStore
+from aimass.core.config import Config
+from aimass.core.db import migrate
 from tests.fixtures_store import NOW_MS, chdb_config, chdb_run_dir, seed_report_data  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""streams.kafka against the real broker: consume_available hands over what is there, without
+"""aimass.streams.kafka against the real broker: consume_available hands over what is there, without
 waiting for a full batch."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 
 from confluent_kafka import Consumer, Producer
 
-from streams import contract
-from streams.kafka import consume_available, consumer_config, producer_config
+from aimass.core import contract
+from aimass.streams.kafka import consume_available, consumer_config, producer_config
 
 
 def test_consume_available_returns_what_is_there_instead_of_waiting_for_a_full_batch(cfg):

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from agents import kernels as K
-from agents.clean import CleanEngine
-from agents.window import WindowEngine, batch_windows
-from aimass.config import CleanConfig
-from streams import contract
-from streams.units import UnitTable
+from aimass.agents import kernels as K
+from aimass.agents.clean import CleanEngine
+from aimass.agents.window import WindowEngine, batch_windows
+from aimass.core.config import CleanConfig
+from aimass.core import contract
+from aimass.streams.units import UnitTable
 
 HOP_MS = 1000
 LATENESS_MS = 2500

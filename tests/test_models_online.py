@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import features, onnx_export, online, registry, train
-from models.triton_client import CircuitBreaker
+from aimass.models import features, onnx_export, online, registry, train
+from aimass.models.triton_client import CircuitBreaker
 from tests.fixtures_predict import synthetic_windows
 
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from aimass.cli import main
-from aimass.procs import free_port
-from aimass.stack import start_triton, stop_server
-from models import cli, onnx_export, registry, train
-from models.triton_client import TritonModels
+from aimass.core.procs import free_port
+from aimass.core.stack import start_triton, stop_server
+from aimass.models import cli, onnx_export, registry, train
+from aimass.models.triton_client import TritonModels
 from tests.fixtures_predict import synthetic_windows
 
 pytestmark = pytest.mark.integration

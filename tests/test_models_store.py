@@ -6,12 +6,12 @@ import time
 import pyarrow as pa
 import pytest
 
-from agents.sink import Record, to_store_table
-from aimass.clickhouse import open_store
-from aimass.config import Config
-from aimass.db import migrate
-from models.cli import store_history
-from streams import contract, tables
+from aimass.agents.sink import Record, to_store_table
+from aimass.core.clickhouse import open_store
+from aimass.core.config import Config
+from aimass.core.db import migrate
+from aimass.models.cli import store_history
+from aimass.core import contract, tables
 from tests.fixtures_predict import synthetic_windows
 from tests.fixtures_store import chdb_config, chdb_run_dir, clickhouse_server  # noqa: F401
 

@@ -9,8 +9,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from models import onnx_export, registry, train
-from models.triton_client import TritonModels
+from aimass.models import onnx_export, registry, train
+from aimass.models.triton_client import TritonModels
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent / "triton_repo"

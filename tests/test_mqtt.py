@@ -1,10 +1,10 @@
-"""streams.mqtt.PacketSplitter: PUBLISH and PUBACK packets out of a byte stream, at any read boundary."""
+"""aimass.streams.mqtt.PacketSplitter: PUBLISH and PUBACK packets out of a byte stream, at any read boundary."""
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.mqtt import PacketSplitter, _varint, encode_varint
+from aimass.streams.mqtt import PacketSplitter, _varint, encode_varint
 
 
 def publish(topic: bytes, payload: bytes, qos: int, mid: int, props: bytes = b"", v5: bool = True) -> bytes:

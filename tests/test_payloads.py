@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.payloads import (
+from aimass.streams.payloads import (
     REASONS, Limits, Reading, Rejected, TopicPattern, encode_label, encode_reading, encode_senml, parse_label,
     parse_telemetry,
 )

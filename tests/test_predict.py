@@ -16,12 +16,12 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from agents.predict import PredictStage
-from aimass.procs import free_port
-from aimass.stack import create_topics
-from models import online, registry
-from streams import contract
-from streams.kafka import consumer_config, producer_config
+from aimass.agents.predict import PredictStage
+from aimass.core.procs import free_port
+from aimass.core.stack import create_topics
+from aimass.models import online, registry
+from aimass.core import contract
+from aimass.streams.kafka import consumer_config, producer_config
 from tests.conftest import make_config
 from tests.fixtures_predict import synthetic_windows
 

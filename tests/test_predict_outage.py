@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agents.predict import Predictor
-from aimass.config import Config
-from aimass.procs import free_port, stop_pid
-from aimass.stack import start_triton, stop_server
-from models import online
-from models.triton_client import TritonModels
+from aimass.agents.predict import Predictor
+from aimass.core.config import Config
+from aimass.core.procs import free_port, stop_pid
+from aimass.core.stack import start_triton, stop_server
+from aimass.models import online
+from aimass.models.triton_client import TritonModels
 from tests.fixtures_predict import synthetic_windows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

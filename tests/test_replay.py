@@ -9,10 +9,10 @@ import time
 import pandas as pd
 import pytest
 
-from aimass.procs import StackError
-from streams import contract
-from streams.history_replay import load_history, replay
-from streams.payloads import Limits, parse_telemetry
+from aimass.core.procs import StackError
+from aimass.core import contract
+from aimass.streams.history_replay import load_history, replay
+from aimass.streams.payloads import Limits, parse_telemetry
 from tests.conftest import REPO, make_config
 from tests.fixtures_ingest import BridgeProcess, config_env, isolate, read_records, rows_of
 from tests.fixtures_mqtt import Collector

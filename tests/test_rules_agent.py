@@ -19,9 +19,9 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from aimass.procs import free_port, port_in_use, wait_until
-from streams import contract
-from streams.kafka import consumer_config, producer_config
+from aimass.core.procs import free_port, port_in_use, wait_until
+from aimass.core import contract
+from aimass.streams.kafka import consumer_config, producer_config
 from tests.fixtures_rules import labels, predictions, windows
 
 pytestmark = pytest.mark.integration

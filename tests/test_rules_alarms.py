@@ -6,10 +6,10 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from aimass.procs import free_port
-from rules.alarms import AlarmStore, StateDB
-from rules.api import make_app
-from rules.engine import Engine
+from aimass.core.procs import free_port
+from aimass.rules.alarms import AlarmStore, StateDB
+from aimass.rules.api import make_app
+from aimass.rules.engine import Engine
 from tests.fixtures_rules import ruleset, windows
 
 RULE = ("rules:\n  - {name: hot, stream: windows, condition: mean > 80, clear: mean < 75, severity: critical,\n"

@@ -18,12 +18,12 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from aimass.config import Config
-from aimass.procs import free_port
-from rules.alarms import StateDB
-from rules.delivery import Dispatcher, Outbox, Senders, backoff_s
-from rules.model import ReceiverSpec
-from streams import contract
+from aimass.core.config import Config
+from aimass.core.procs import free_port
+from aimass.rules.alarms import StateDB
+from aimass.rules.delivery import Dispatcher, Outbox, Senders, backoff_s
+from aimass.rules.model import ReceiverSpec
+from aimass.core import contract
 
 SECRET = "webhook-test-secret"
 

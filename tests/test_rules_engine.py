@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rules.alarms import AlarmStore, StateDB, should_notify
-from rules.engine import Engine, RuleWatcher
+from aimass.rules.alarms import AlarmStore, StateDB, should_notify
+from aimass.rules.engine import Engine, RuleWatcher
 from tests.fixtures_rules import readings, ruleset, windows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_for_n_windows_needs_consecutive_true_rows(tmp_path):
 WARM_UP_CHECK = r"""
 import sys
 from pathlib import Path
-from rules.engine import Engine, step_rule, warm_up
+from aimass.rules.engine import Engine, step_rule, warm_up
 from tests.fixtures_rules import readings, ruleset, windows
 warm_up()
 compiled = list(step_rule.signatures)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rules.groundtruth import OutcomeJoiner, QualityTracker
+from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
 from tests.fixtures_rules import labels, predictions, windows
 
 
@@ -49,7 +49,7 @@ def test_unmatched_predictions_expire_and_checkpoint_round_trips():
 
 
 def test_windows_wait_for_late_predictions_and_checkpoint_incrementally(tmp_path):
-    from rules.alarms import StateDB
+    from aimass.rules.alarms import StateDB
     db = StateDB(tmp_path / "state.sqlite")
     j = OutcomeJoiner(horizon_s=60)
     j.add_windows(windows(dict(window_end_ms=20_000, mean=5.0), dict(window_end_ms=30_000, mean=6.0)))

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rules.expr import BOOL, NUM, ExprError, compile_expr
-from rules.model import RulesInvalid, load_rules, parse_duration, parse_rate, render, stream_columns
+from aimass.rules.expr import BOOL, NUM, ExprError, compile_expr
+from aimass.rules.model import RulesInvalid, load_rules, parse_duration, parse_rate, render, stream_columns
 from tests.conftest import REPO
 
 WINDOW_COLUMNS = stream_columns("windows")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from aimass.procs import free_port
-from aimass.supervisor import scrape
-from streams.simulator import SimSpec, publish
+from aimass.core.procs import free_port
+from aimass.core.supervisor import scrape
+from aimass.streams.simulator import SimSpec, publish
 from tests.pipeline_harness import TestPipeline, pipeline_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

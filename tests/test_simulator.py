@@ -11,9 +11,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from streams import contract
-from streams.payloads import Limits, parse_label, parse_telemetry
-from streams.simulator import METRICS, SimSpec, generate, publish
+from aimass.core import contract
+from aimass.streams.payloads import Limits, parse_label, parse_telemetry
+from aimass.streams.simulator import METRICS, SimSpec, generate, publish
 from tests.conftest import REPO, make_config
 from tests.fixtures_ingest import config_env
 from tests.fixtures_mqtt import Collector

@@ -5,10 +5,10 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Producer
 
-from agents.sink import Sink
-from aimass.clickhouse import ChdbStore
-from streams import contract
-from streams.kafka import producer_config
+from aimass.agents.sink import Sink
+from aimass.core.clickhouse import ChdbStore
+from aimass.core import contract
+from aimass.streams.kafka import producer_config
 from tests.fixtures_store import (Running, chdb_config, chdb_run_dir, committed, counts,  # noqa: F401
                                   expected_counts, produce, readings, sample_tables, sink_on, wait_for)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from agents.sink import Batch, Record, Sink, identity_order, to_store_table
-from aimass.clickhouse import ChdbStore
-from streams import contract, tables
+from aimass.agents.sink import Batch, Record, Sink, identity_order, to_store_table
+from aimass.core.clickhouse import ChdbStore
+from aimass.core import contract, tables
 from tests.fixtures_store import (Running, chdb_config, chdb_run_dir, committed, counts,  # noqa: F401
                                   produce, readings, sample_tables, sink_on, wait_for)
 

@@ -7,10 +7,10 @@ import urllib.request
 
 import pytest
 
-from aimass.clickhouse import HttpReader
-from aimass.procs import free_port
-from aimass.supervisor import aimass_argv
-from streams import contract
+from aimass.core.clickhouse import HttpReader
+from aimass.core.procs import free_port
+from aimass.core.supervisor import aimass_argv
+from aimass.core import contract
 from tests.fixtures_store import counts, expected_counts, produce, readings, run_sink_process, sample_tables, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

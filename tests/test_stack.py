@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from aimass.procs import StackError, free_port, pid_alive
-from aimass.stack import start_mosquitto
-from streams import contract
+from aimass.core.procs import StackError, free_port, pid_alive
+from aimass.core.stack import start_mosquitto
+from aimass.core import contract
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,9 +82,9 @@ def test_help_lists_every_command():
 
 
 def test_down_also_stops_supervised_stages(tmp_path):
-    from aimass.config import Config
-    from aimass.stack import down
-    from aimass.supervisor import Supervisor
+    from aimass.core.config import Config
+    from aimass.core.stack import down
+    from aimass.core.supervisor import Supervisor
 
     cfg = Config()
     cfg.run.dir = str(tmp_path)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from aimass.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError, check_read_only
-from aimass.config import Config
-from aimass.db import migrate
-from aimass.procs import free_port
+from aimass.core.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError, check_read_only
+from aimass.core.config import Config
+from aimass.core.db import migrate
+from aimass.core.procs import free_port
 from aimass.query import REPORTS, format_table, run_report
-from streams import contract, tables
+from aimass.core import contract, tables
 from tests.fixtures_store import chdb_config, chdb_run_dir, counts, insert, readings, seed_report_data  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from agents.sink import Batch, Manifest, Record, dead_letter_rows, row_ids, to_store_table
-from aimass.clickhouse import StoreError, classify, fill_nulls, parse_url
-from aimass.config import Config, ConfigError
-from aimass.db import ttl_settings
-from aimass.procs import StackError
-from streams import contract, tables
+from aimass.agents.sink import Batch, Manifest, Record, dead_letter_rows, row_ids, to_store_table
+from aimass.core.clickhouse import StoreError, classify, fill_nulls, parse_url
+from aimass.core.config import Config, ConfigError
+from aimass.core.db import ttl_settings
+from aimass.core.procs import StackError
+from aimass.core import contract, tables
 
 
 def test_every_stored_topic_maps_to_one_table_and_every_contract_field_to_a_column():

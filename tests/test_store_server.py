@@ -5,11 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from agents.sink import RETRIES, Record, to_store_table
-from aimass.clickhouse import ServerStore, StoreError, open_store
-from aimass.db import migrate
-from aimass.procs import free_port, stop_pid
-from streams import contract, tables
+from aimass.agents.sink import RETRIES, Record, to_store_table
+from aimass.core.clickhouse import ServerStore, StoreError, open_store
+from aimass.core.db import migrate
+from aimass.core.procs import free_port, stop_pid
+from aimass.core import contract, tables
 from tests.fixtures_store import (Running, clickhouse_server, committed, counts, expected_counts,  # noqa: F401
                                   produce, readings, sample_tables, sink_on, start_clickhouse_server, wait_for)
 

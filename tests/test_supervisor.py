@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from aimass.config import Config
+from aimass.core.config import Config
 from aimass.demo import stage_plans
-from aimass.procs import StackError, free_port, pid_alive, port_in_use, wait_until
-from aimass.supervisor import STAGES_FILE, Supervisor, aimass_argv, backoff_s, scrape
+from aimass.core.procs import StackError, free_port, pid_alive, port_in_use, wait_until
+from aimass.core.supervisor import STAGES_FILE, Supervisor, aimass_argv, backoff_s, scrape
 
 # A stage that says it is ready, then sleeps; it prints an env var so overrides can be checked.
 SLEEPER = [sys.executable, "-c", "import os,time; print('ready', os.environ.get('STAGE_COLOR'), flush=True); "

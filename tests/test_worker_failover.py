@@ -12,12 +12,12 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from agents.clean import CleanEngine
-from agents.window import WindowEngine
-from aimass.procs import wait_until
-from streams import contract
-from streams.kafka import consumer_config, producer_config
-from streams.units import UnitTable
+from aimass.agents.clean import CleanEngine
+from aimass.agents.window import WindowEngine
+from aimass.core.procs import wait_until
+from aimass.core import contract
+from aimass.streams.kafka import consumer_config, producer_config
+from aimass.streams.units import UnitTable
 from tests.fixtures_stream import consume, partition_of, rows_of, start_worker, stop_worker, synthetic
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,4 +1,4 @@
--- AI Mass ClickHouse schema (legacy dialect), generated from streams/tables.py by `aimass db sql`; do not edit.
+-- AI Mass ClickHouse schema (legacy dialect), generated from aimass/core/tables.py by `aimass db sql`; do not edit.
 
 CREATE DATABASE IF NOT EXISTS `aimass`;
 

@@ -1,6 +1,6 @@
 """`aimass db`: create or upgrade the ClickHouse schema (idempotent), print it as SQL.
 
-``migrate`` runs every ``CREATE ... IF NOT EXISTS`` from ``streams/tables.py``, then brings
+``migrate`` runs every ``CREATE ... IF NOT EXISTS`` from ``aimass/core/tables.py``, then brings
 existing tables up to date: columns added to the contract are added to the table, and a
 changed TTL (``clickhouse.ttl_days`` / ``clickhouse.ttl_overrides``) is applied. Running it
 twice changes nothing the second time.
@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import re
 
-from aimass.clickhouse import Store, open_store
-from aimass.config import Config, ConfigError
-from streams import tables
-from streams.tables import MODERN
+from aimass.core.clickhouse import Store, open_store
+from aimass.core.config import Config, ConfigError
+from aimass.core import tables
+from aimass.core.tables import MODERN
 
 
 def ttl_settings(cfg: Config) -> dict[str, int]:

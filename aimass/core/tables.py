@@ -1,6 +1,6 @@
 """The ClickHouse schema, defined once: one table per stored contract topic, plus rollups.
 
-Columns are derived from the contract's Arrow schemas (``streams/contract.py``):
+Columns are derived from the contract's Arrow schemas (``aimass/core/contract.py``):
 int64 ``X_ms`` fields become ``DateTime64(3, 'UTC')`` columns named ``X_at`` (``ts_ms`` -> ``ts``),
 strings become ``LowCardinality(String)`` unless free text, and every column gets a codec.
 Tables are ``ReplacingMergeTree`` ordered by the row identity (so a row the sink stores
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from streams import contract
+from aimass.core import contract
 
 MODERN = "modern"
 LEGACY = "legacy"
@@ -319,6 +319,6 @@ def schema_ddl(database: str, dialect: str = MODERN, ttl_days: int = 30, overrid
 
 def schema_sql(database: str = "aimass", dialect: str = MODERN, ttl_days: int = 30) -> str:
     """The whole schema as one SQL script (committed under deploy/clickhouse/)."""
-    header = (f"-- AI Mass ClickHouse schema ({dialect} dialect), generated from streams/tables.py by "
+    header = (f"-- AI Mass ClickHouse schema ({dialect} dialect), generated from aimass/core/tables.py by "
               f"`aimass db sql`; do not edit.\n")
     return header + "".join(f"\n{s};\n" for s in schema_ddl(database, dialect, ttl_days))

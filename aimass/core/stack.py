@@ -20,12 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from aimass.config import Config
-from aimass.procs import Server, StackError, pid_alive, port_in_use, spawn, stop_pid, wait_until
-from streams import contract
+from aimass.core.config import Config
+from aimass.core.procs import Server, StackError, pid_alive, port_in_use, spawn, stop_pid, wait_until
+from aimass.core import contract
 
 STACK_FILE = "stack.json"
-STAGES_FILE = "stages.json"  # written by aimass.supervisor for the stage processes
+STAGES_FILE = "stages.json"  # written by aimass.core.supervisor for the stage processes
 
 
 # --- Mosquitto ------------------------------------------------------------------------

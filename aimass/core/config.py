@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from aimass.procs import PRIORITIES
+from aimass.core.procs import PRIORITIES
 
 
 class ConfigError(ValueError):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from aimass.procs import Server, StackError, check_priority, spawn
-from aimass.stack import STAGES_FILE
+from aimass.core.procs import Server, StackError, check_priority, spawn
+from aimass.core.stack import STAGES_FILE
 
 
 
@@ -45,7 +45,7 @@ class Stage:
     crashes_in_a_row: int = 0
     restart_due: float | None = None  # monotonic time of the next automatic restart
     exit_codes: list[int] = field(default_factory=list)
-    priority: str = "normal"  # CPU priority (aimass.procs.set_priority)
+    priority: str = "normal"  # CPU priority (aimass.core.procs.set_priority)
 
 
 class Supervisor:
@@ -69,7 +69,7 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, priority: str = "normal") -> int:
         """Start stage ``name`` running ``argv`` with ``env`` over this process's environment at CPU
-        ``priority`` (restarts too: ``aimass.procs.set_priority``); returns its PID."""
+        ``priority`` (restarts too: ``aimass.core.procs.set_priority``); returns its PID."""
         check_priority(priority)
         with self._lock:
             if name in self.stages and self.alive(name):

@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aimass.config import Config
-from aimass.procs import StackError
-from streams.tables import LEGACY, MODERN
+from aimass.core.config import Config
+from aimass.core.procs import StackError
+from aimass.core.tables import LEGACY, MODERN
 
 log = logging.getLogger(__name__)
 
