@@ -149,8 +149,9 @@ def test_image_installs_every_package_and_runs_aimass() -> None:
     assert 'ENTRYPOINT ["aimass"]' in text
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    packages = [p.rstrip("*") for p in cfg["options.packages.find"]["include"].split()]
-    assert all(f"COPY {p} ./{p}" in text for p in packages)
+    folders = [line.split("=")[1].strip() for line in cfg["options"]["package_dir"].strip().splitlines()]
+    assert sorted(folders) == ["agents", "aimass", "models", "rules", "streams"]
+    assert all(f"COPY {f} ./{f}" in text for f in folders)
 
 
 # --- kubernetes ----------------------------------------------------------------------
