@@ -3,13 +3,17 @@
 It starts Mosquitto, the Kafka broker and tritonserver (`aimass up`), every stage as its own
 supervised process (bridge, two workers, predict, alerter, sink), a verifying webhook
 receiver for the alerts, and the simulator with injected anomalies. It shows live progress
-(rates per stage, backlog, active alarms), then prints a summary read back from the store.
-The data stays in the store for `aimass query`. Ctrl-C stops everything cleanly.
+(``aimass.demo_screen``: a table per stage redrawn in place on a terminal, a line every 10 s
+elsewhere), then prints a summary read back from the store and writes it to
+``<run dir>/demo-summary.json``. The data stays in the store for `aimass query`. Ctrl-C stops
+everything cleanly.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import secrets
 import threading
@@ -21,9 +25,10 @@ import pyarrow.parquet as pq
 
 from aimass.core.clickhouse import open_reader
 from aimass.core.config import Config, to_env
-from aimass.receiver import WebhookReceiver
 from aimass.core.stack import down, up
 from aimass.core.supervisor import Supervisor, aimass_argv, scrape
+from aimass.demo_screen import LiveScreen, detection_table
+from aimass.receiver import WebhookReceiver
 from aimass.rules.groundtruth import QualityTracker
 from aimass.streams.simulator import SimSpec, publish
 
@@ -123,22 +128,6 @@ def pipeline_running(cfg: Config) -> bool:
     return bool(scrape(cfg.bridge.metrics_port)) and bool(scrape(cfg.clickhouse.metrics_port))
 
 
-def progress_line(elapsed_s: float, m: dict[str, float], prev: dict[str, float], dt: float, published: int) -> str:
-    """One line of live progress from the stages' metrics."""
-    def rate(name: str) -> float:
-        return (m.get(name, 0.0) - prev.get(name, 0.0)) / dt if dt > 0 else 0.0
-
-    bridged = m.get("aimass_bridge_readings_produced_total", 0)
-    stored = m.get('aimass_sink_rows_total{table="readings"}', 0)
-    return (f"[{elapsed_s:5.0f}s] published {published:>8,d} | bridge {rate('aimass_bridge_readings_produced_total'):7,.0f}/s"
-            f" rejected {m.get('aimass_bridge_rejected_total', 0):,.0f} | clean {rate('aimass_clean_readings_out_total'):7,.0f}/s"
-            f" late {m.get('aimass_clean_late_total', 0):,.0f} | windows {rate('aimass_window_rows_total'):5,.0f}/s"
-            f" | predictions {rate('aimass_predict_rows_total'):5,.0f}/s"
-            f" degraded {m.get('aimass_predict_degraded_rows_total', 0):,.0f}"
-            f" | stored {stored:>8,.0f} backlog {max(0.0, bridged - stored):>7,.0f}"
-            f" | alarms {m.get('aimass_alarms_active', 0):.0f} active")
-
-
 def percentiles(reader, sql_expr: str, table: str, where: str = "1") -> tuple[float, float]:
     """p50 and p99 of an expression over a table (seconds), NaN when empty."""
     t = reader.query(f"SELECT quantile(0.5)({sql_expr}) AS p50, quantile(0.99)({sql_expr}) AS p99 "
@@ -169,6 +158,7 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
         reader, "dateDiff('millisecond', source_received_at, event_at) / 1000", f"{db}.alerts",
         f"{t} AND transition IN ('raised', 'reraised') AND toUnixTimestamp64Milli(source_received_at) > 0")
     scores = detection_scores(pq.read_table(labels_path) if labels_path.exists() else None, alerts)
+    raised = [a for a in alerts if a["transition"] in ("raised", "reraised")]
 
     say("\n=== AI Mass demo summary ===")
     say(f"readings published      {published.get('readings', 0):,d} in {published.get('messages', 0):,d} MQTT messages")
@@ -176,20 +166,36 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
     say("rejected / late         " + (", ".join(f"{r['stage']}:{r['reason']}={r['n']}" for r in rejects) or "none"))
     say(f"windows                 {windows:,.0f}")
     say(f"predictions             {predictions:,.0f} ({(degraded / predictions if predictions else 0):.1%} degraded)")
-    raised = [a for a in alerts if a["transition"] in ("raised", "reraised")]
-    say(f"alarm events            {len(alerts)} ({len(raised)} raised); webhook received {len(receiver.events)} "
-        f"events in {len(receiver.notifications)} notifications, {receiver.bad_signatures} bad signatures")
-    for s in scores:
-        say(f"detection {s['rule'] or s['model']:<22s} precision {s['precision']:.2f} recall {s['recall']:.2f} "
-            f"mean delay {s['mean_delay_s']:.1f}s (TP {s['true_positives']}, FP {s['false_positives']}, "
-            f"FN {s['false_negatives']})")
-    say(f"latency publish->stored p50 {stored_p50:.2f}s p99 {stored_p99:.2f}s; "
-        f"publish->alert p50 {alert_p50:.2f}s p99 {alert_p99:.2f}s")
+    say(f"alarm events            {len(alerts)} ({len(raised)} raised)")
+    say(f"webhook                 {len(receiver.events)} events in {len(receiver.notifications)} notifications, "
+        f"{receiver.bad_signatures} bad signatures")
+    say(f"latency                 publish->stored p50 {stored_p50:.2f}s p99 {stored_p99:.2f}s")
+    say(f"                        publish->alert p50 {alert_p50:.2f}s p99 {alert_p99:.2f}s")
+    say("")
+    for line in detection_table(scores):
+        say(line)
+    summary = {"tenant": tenant, "published": published, "stored": stored, "rejects": rejects, "windows": windows,
+               "predictions": predictions, "degraded": degraded, "alert_events": len(alerts),
+               "alarms_raised": len(raised), "webhook_events": len(receiver.events),
+               "webhook_notifications": len(receiver.notifications), "webhook_bad_signatures": receiver.bad_signatures,
+               "detection": scores, "latency_stored_p50_s": stored_p50, "latency_stored_p99_s": stored_p99,
+               "latency_alert_p50_s": alert_p50, "latency_alert_p99_s": alert_p99}
+    path = cfg.run_dir / "demo-summary.json"
+    path.write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
+    say(f"\nsummary written to {path}")
     say("explore: `aimass query --list`, e.g. `aimass query top-anomalous`")
-    return {"stored": stored, "rejects": rejects, "windows": windows, "predictions": predictions,
-            "degraded": degraded, "alerts": len(alerts), "quality": scores,
-            "latency_stored_p50_s": stored_p50, "latency_stored_p99_s": stored_p99,
-            "latency_alert_p50_s": alert_p50, "latency_alert_p99_s": alert_p99}
+    return summary
+
+
+def json_safe(value):
+    """``value`` as strict JSON takes it: NaN as null, timestamps as ISO 8601."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value.isoformat() if hasattr(value, "isoformat") else value
 
 
 def detection_scores(labels: pa.Table | None, alerts: list[dict]) -> list[dict]:
@@ -240,7 +246,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                 publish(cfg, spec, labels_path=labels_path, progress=live.update, stop=stop.is_set)), daemon=True)
             sim.start()
             watch_until_drained(pipe, lambda: not sim.is_alive(),
-                                lambda: int(published.get("readings", live["readings"])), args.minutes * 60 + 180, say)
+                                lambda: int(published.get("readings", live["readings"])), args.minutes * 60,
+                                args.minutes * 60 + 180, LiveScreen())
             summarize(cfg, tenant, published, labels_path, pipe.receiver, say)
         say(f"data kept in {cfg.run_dir} (`aimass query` reads it)")
         return 0
@@ -251,24 +258,24 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         stop.set()
 
 
-def watch_until_drained(pipe: Pipeline, source_done, published, max_s: float, say=print) -> None:
-    """Print progress every 2 s until the source is done and the sink stored nothing new for 10 s."""
-    t0 = prev_t = drained_since = time.monotonic()
-    prev: dict[str, float] = {}
+def watch_until_drained(pipe: Pipeline, source_done, published, publish_s: float, max_s: float,
+                        screen: LiveScreen) -> None:
+    """Show progress until the source is done and the sink stored nothing new for 10 s."""
+    t0 = drained_since = time.monotonic()
     last_stored = -1.0
     while True:
-        time.sleep(2)
+        time.sleep(screen.interval_s)
         now = time.monotonic()
         m = scrape(*pipe.metrics_ports)
-        say(progress_line(now - t0, m, prev, now - prev_t, published()))
-        prev, prev_t = m, now
+        done = source_done()
+        screen.update(now, {**m, "published": published()}, now - t0, None if done else publish_s - (now - t0))
         # Data tables only: the alerter writes quality rows every few seconds, forever.
         stored = sum(m.get(f'aimass_sink_rows_total{{table="{t}"}}', 0) for t in DRAIN_TABLES)
-        if source_done():
+        if done:
             if stored != last_stored or stored == 0:
                 last_stored, drained_since = stored, now
             elif now - drained_since > 10:
                 return
         if now - t0 > max_s:
-            say(f"pipeline did not drain within {max_s:.0f}s; summarizing anyway")
+            print(f"pipeline did not drain within {max_s:.0f}s; summarizing anyway")
             return

@@ -3,6 +3,10 @@
 Reads through the running sink's SQL endpoint in chDB mode (the sink owns the data dir),
 opens chDB directly when no sink runs, or queries the ClickHouse server of clickhouse.url.
 Reports use modern SQL (chDB, ClickHouse >= 22.3). `aimass query --list` shows them.
+
+Times are for people: every time column a report returns is a UTC ``DateTime64`` (``utc``), shown
+as ISO 8601 in tables, CSV and JSON and as dates on plot axes; ``--epoch`` gives epoch
+milliseconds in CSV / JSON for scripts.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aimass.core.clickhouse import Store, StoreError, open_reader
 from aimass.core.config import Config, ConfigError
@@ -24,6 +29,12 @@ def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def utc(expr: str) -> str:
+    """``expr`` as a UTC DateTime64(3): a plain DateTime (``toStartOfInterval``, rollup buckets)
+    comes back from chDB as bare epoch seconds otherwise."""
+    return f"toDateTime64({expr}, 3, 'UTC')"
+
+
 @dataclass(frozen=True)
 class Report:
     """A named query: its SQL from the options, and how --plot draws it."""
@@ -31,14 +42,14 @@ class Report:
     name: str
     help: str
     sql: Callable[[argparse.Namespace, str], str]
-    plot: Callable[[pa.Table, str, argparse.Namespace], None]
+    plot: Callable[[pa.Table, str, argparse.Namespace], list[str]]
 
 
 # --- SQL ------------------------------------------------------------------------------
 
 def summary_sql(args: argparse.Namespace, db: str) -> str:
-    parts = [f"SELECT '{t.name}' AS table, count() AS rows, max({t.time_column}) AS latest, "
-             f"max(inserted_at) AS last_insert FROM `{db}`.`{t.name}` FINAL" for t in tables.TABLES]
+    parts = [f"SELECT '{t.name}' AS table, count() AS rows, {utc(f'max({t.time_column})')} AS latest, "
+             f"{utc('max(inserted_at)')} AS last_insert FROM `{db}`.`{t.name}` FINAL" for t in tables.TABLES]
     return " UNION ALL ".join(parts) + " ORDER BY table"
 
 
@@ -67,13 +78,13 @@ def device_sql(args: argparse.Namespace, db: str) -> str:
         where += f" AND metric = {quote(args.metric)}"
     return f"""
 WITH r AS (
-  SELECT metric, toStartOfInterval(ts, INTERVAL {args.window_s} SECOND) AS bucket, count() AS readings,
+  SELECT metric, {utc(f"toStartOfInterval(ts, INTERVAL {args.window_s} SECOND)")} AS bucket, count() AS readings,
          avg(value) AS mean
   FROM `{db}`.readings FINAL
   WHERE {where} AND ts >= now64(3) - INTERVAL {args.minutes} MINUTE
   GROUP BY metric, bucket),
 p AS (
-  SELECT metric, target_end_at - INTERVAL window_s SECOND AS bucket, forecast, band_low, band_high, anomaly
+  SELECT metric, {utc("target_end_at - INTERVAL window_s SECOND")} AS bucket, forecast, band_low, band_high, anomaly
   FROM `{db}`.predictions FINAL
   WHERE {where} AND window_s = {args.window_s} AND target_end_at >= now64(3) - INTERVAL {args.minutes} MINUTE)
 SELECT r.metric AS metric, r.bucket AS bucket, r.readings AS readings, round(r.mean, 4) AS mean,
@@ -86,7 +97,7 @@ SETTINGS join_use_nulls = 1"""
 
 def rejects_sql(args: argparse.Namespace, db: str) -> str:
     return f"""
-SELECT stage, reason, count() AS rejects, max(rejected_at) AS last_seen, any(detail) AS example
+SELECT stage, reason, count() AS rejects, {utc("max(rejected_at)")} AS last_seen, any(detail) AS example
 FROM `{db}`.rejects FINAL
 WHERE rejected_at >= now64(3) - INTERVAL {args.hours} HOUR {tenant_filter(args)}
 GROUP BY stage, reason ORDER BY rejects DESC LIMIT {args.limit}"""
@@ -95,8 +106,9 @@ GROUP BY stage, reason ORDER BY rejects DESC LIMIT {args.limit}"""
 def alerts_sql(args: argparse.Namespace, db: str) -> str:
     return f"""
 SELECT rule, tenant, device_id, metric, argMax(severity, event_at) AS severity, argMax(state, event_at) AS state,
-       count() AS transitions, min(event_at) AS first_event, max(event_at) AS last_event,
-       argMax(message, event_at) AS message
+       count() AS transitions, {utc("min(event_at)")} AS first_event, {utc("max(event_at)")} AS last_event,
+       argMaxIf(message, event_at, transition IN ('raised', 'reraised')) AS raised_message,
+       argMax(message, event_at) AS latest_message
 FROM `{db}`.alerts FINAL
 WHERE event_at >= now64(3) - INTERVAL {args.hours} HOUR {tenant_filter(args)}
 GROUP BY rule, tenant, device_id, metric
@@ -114,7 +126,7 @@ GROUP BY forecaster_model ORDER BY outcomes DESC LIMIT {args.limit}"""
 
 def ingest_sql(args: argparse.Namespace, db: str) -> str:
     return f"""
-SELECT bucket AS minute, countMerge(n) AS readings, uniqExact(device_id) AS devices
+SELECT {utc("bucket")} AS minute, countMerge(n) AS readings, uniqExact(device_id) AS devices
 FROM `{db}`.readings_1m
 WHERE bucket >= now() - INTERVAL {args.minutes} MINUTE {tenant_filter(args)}
 GROUP BY minute ORDER BY minute"""
@@ -136,37 +148,47 @@ def _figure():
     return plt, fig, ax
 
 
-def _save(plt, fig, ax, path: str, title: str) -> None:
+def _save(plt, fig, ax, path: str, title: str) -> list[str]:
+    """Write the figure; returns the x axis' tick labels as drawn."""
     ax.set_title(title)
+    if ax.xaxis.get_converter() is not None:  # a time axis: dates in UTC, never epoch numbers
+        import matplotlib.dates as mdates
+
+        locator = mdates.AutoDateLocator(tz="UTC")
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz="UTC"))
+        ax.set_xlabel("time (UTC)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+    ticks = [label.get_text() for label in ax.get_xticklabels()]
     plt.close(fig)
+    return ticks
 
 
-def bar_plot(x: str | tuple[str, ...], y: str) -> Callable[[pa.Table, str, argparse.Namespace], None]:
+def bar_plot(x: str | tuple[str, ...], y: str) -> Callable[[pa.Table, str, argparse.Namespace], list[str]]:
     """A horizontal bar chart of ``y`` per ``x`` (columns joined with "/")."""
-    def draw(table: pa.Table, path: str, args: argparse.Namespace) -> None:
+    def draw(table: pa.Table, path: str, args: argparse.Namespace) -> list[str]:
         plt, fig, ax = _figure()
         cols = (x,) if isinstance(x, str) else x
         labels = ["/".join(str(table.column(c)[i].as_py()) for c in cols) for i in range(table.num_rows)]
         ax.barh(labels[::-1], table.column(y).to_pylist()[::-1])
         ax.set_xlabel(y)
-        _save(plt, fig, ax, path, f"{args.report}: {y}")
+        return _save(plt, fig, ax, path, f"{args.report}: {y}")
     return draw
 
 
-def line_plot(x: str, ys: tuple[str, ...]) -> Callable[[pa.Table, str, argparse.Namespace], None]:
-    def draw(table: pa.Table, path: str, args: argparse.Namespace) -> None:
+def line_plot(x: str, ys: tuple[str, ...]) -> Callable[[pa.Table, str, argparse.Namespace], list[str]]:
+    def draw(table: pa.Table, path: str, args: argparse.Namespace) -> list[str]:
         plt, fig, ax = _figure()
         for y in ys:
             ax.plot(table.column(x).to_pylist(), table.column(y).to_pylist(), label=y)
         ax.legend()
-        _save(plt, fig, ax, path, args.report)
+        return _save(plt, fig, ax, path, args.report)
     return draw
 
 
-def device_plot(table: pa.Table, path: str, args: argparse.Namespace) -> None:
+def device_plot(table: pa.Table, path: str, args: argparse.Namespace) -> list[str]:
     """Window means against the forecast and its band, one colour per metric."""
     plt, fig, ax = _figure()
     for metric in sorted(set(table.column("metric").to_pylist())):
@@ -178,7 +200,7 @@ def device_plot(table: pa.Table, path: str, args: argparse.Namespace) -> None:
         high = [v if v is not None else float("nan") for v in rows["band_high"]]
         ax.fill_between(t, low, high, color=line.get_color(), alpha=0.15)
     ax.legend()
-    _save(plt, fig, ax, path, f"device {args.device}: readings vs predictions")
+    return _save(plt, fig, ax, path, f"device {args.device}: readings vs predictions")
 
 
 REPORTS: dict[str, Report] = {r.name: r for r in (
@@ -202,11 +224,23 @@ def run_report(store: Store, args: argparse.Namespace) -> pa.Table:
     return store.query(REPORTS[args.report].sql(args, store.database))
 
 
+def readable_times(table: pa.Table, epoch: bool = False) -> pa.Table:
+    """Time columns as ISO 8601 UTC strings (``2026-12-03T09:15:00.000Z``), or epoch milliseconds."""
+    columns = []
+    for name, col in zip(table.column_names, table.columns):
+        if pa.types.is_timestamp(col.type):
+            ms = pc.cast(col, pa.timestamp("ms", "UTC"))
+            # Arrow's %S of a millisecond timestamp carries the milliseconds: 09:15:00.000
+            col = pc.cast(ms, pa.int64()) if epoch else pc.strftime(ms, "%Y-%m-%dT%H:%M:%SZ")
+        columns.append(col)
+    return pa.table(columns, names=table.column_names)
+
+
 def format_table(table: pa.Table) -> str:
-    """A plain-text table, or a note when there are no rows."""
+    """A plain-text table with UTC times, or a note when there are no rows."""
     if table.num_rows == 0:
         return "(no rows)"
-    return table.to_pandas().to_string(index=False, max_colwidth=60)
+    return readable_times(table).to_pandas().to_string(index=False, max_colwidth=60)
 
 
 # --- CLI ------------------------------------------------------------------------------
@@ -222,7 +256,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant", help="only this tenant")
     p.add_argument("--metric", help="only this metric (device report)")
     p.add_argument("--window-s", type=int, default=10, help="window size of the device report (default 10)")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="output format (default table); times are ISO 8601 UTC")
+    p.add_argument("--epoch", action="store_true", help="with --format csv/json: times as epoch milliseconds")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the report into this PNG file")
     p.add_argument("--sql", action="store_true", help="print the report's SQL instead of running it")
     p.epilog = "reports:\n" + "\n".join(f"  {r.name:14s} {r.help}" for r in REPORTS.values())
@@ -244,9 +280,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         store.close()
     if args.format == "csv":
-        table.to_pandas().to_csv(sys.stdout, index=False)
+        readable_times(table, args.epoch).to_pandas().to_csv(sys.stdout, index=False)
     elif args.format == "json":
-        print(json.dumps(table.to_pylist(), default=str, indent=1))
+        print(json.dumps(readable_times(table, args.epoch).to_pylist(), default=str, indent=1))
     else:
         print(format_table(table))
     if args.plot:

@@ -113,7 +113,8 @@ class Alarm:
     window_s: int
     state: str = "active_unack"
     value: float = float("nan")
-    message: str = ""
+    message: str = ""            # rendered for the latest event
+    raised_message: str = ""     # rendered for the event that (last) raised it
     labels: dict = field(default_factory=dict)
     first_ms: int = 0            # event time the alarm last became active
     last_ms: int = 0             # event time of the last change
@@ -166,6 +167,8 @@ class AlarmStore:
                 transition = "repeated"
             alarm.severity, alarm.labels = s.rule.severity, dict(s.rule.labels)
             alarm.value, alarm.message, alarm.last_ms = s.value, s.message, s.ts_ms
+            if s.kind == "fire":
+                alarm.raised_message = s.message
             self._dirty.add(aid)
             started_flapping = transition != "repeated" and self._track_flapping(alarm, s)
             events.append(self._event(alarm, transition, wall_ms, s.ts_ms, s.received_ms))

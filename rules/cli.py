@@ -65,6 +65,12 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
+def alarm_text(alarm: dict) -> str:
+    """The latest message, and the raising one where it differs: a cleared alarm still says why it was raised."""
+    raised = alarm.get("raised_message", "")
+    return alarm["message"] if not raised or raised == alarm["message"] else f"{alarm['message']} (raised: {raised})"
+
+
 def run_alerts(args: argparse.Namespace, cfg: Config) -> int:
     base = args.url or f"http://{cfg.alert.api_host}:{cfg.alert.api_port}"
     if args.action == "ack":
@@ -86,6 +92,6 @@ def run_alerts(args: argparse.Namespace, cfg: Config) -> int:
     for a in alarms:
         series = f"{a['tenant']}/{a['device_id']}/{a['metric']}" + (f"@{a['window_s']}s" if a["window_s"] else "")
         print(f"{a['alarm_id']:16}  {a['state']:13}  {a['severity']:8}  {a['rule'][:24]:24}  {series[:40]:40}  "
-              f"{_when(a['first_ms']):19}  {a['message']}")
+              f"{_when(a['first_ms']):19}  {alarm_text(a)}")
     print(f"{len(alarms)} alarm(s)")
     return 0

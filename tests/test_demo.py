@@ -34,6 +34,11 @@ def test_demo_runs_the_pipeline_and_summarizes(tmp_path):
                  .replace(",", ""))
     assert published > 0 and stored == published
     assert "publish->stored p50" in out and "stages stopped: " in out
+    summary = json.loads((tmp_path / "demo-summary.json").read_text())   # the same summary, for scripts
+    assert summary["published"]["readings"] == published and summary["stored"] == stored
+    assert {"precision", "recall", "mean_delay_s"} <= set(summary["detection"][0])
+    progress = [line for line in out.splitlines() if line.startswith("[")]   # not a terminal: a line every 10 s
+    assert len(progress) >= 3 and all(len(line) <= 100 and "\x1b" not in line for line in progress), progress
     assert not (tmp_path / "stack.json").exists()  # the stack was stopped
     stages = (tmp_path / "stages.json").read_text() if (tmp_path / "stages.json").exists() else '{"servers": []}'
     assert not any(pid_alive(s["pid"]) for s in json.loads(stages)["servers"])  # no stage left running

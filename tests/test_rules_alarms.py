@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 
 import aiohttp
 from aiohttp import web
@@ -9,6 +10,7 @@ from aiohttp import web
 from aimass.core.procs import free_port
 from aimass.rules.alarms import AlarmStore, StateDB
 from aimass.rules.api import make_app
+from aimass.rules.cli import alarm_text
 from aimass.rules.engine import Engine
 from tests.fixtures_rules import ruleset, windows
 
@@ -41,6 +43,20 @@ def test_lifecycle_with_acknowledgements(tmp_path):
     event = store.acknowledge(aid, "carol")
     assert (event["transition"], event["state"]) == ("acknowledged", "cleared")
     assert store.acknowledge("nope", "x") is None
+
+
+def test_an_alarm_keeps_the_message_that_raised_it(tmp_path):
+    engine = Engine(ruleset(tmp_path, RULE.replace("severity: critical", "severity: critical, message: 'mean {value:.0f}'")))
+    store = AlarmStore(StateDB(tmp_path / "s.sqlite"))
+    [raised] = fire_and_clear(engine, store, [90])
+    [cleared] = fire_and_clear(engine, store, [70], start_s=20)
+    alarm = store.alarms[raised["alarm_id"]]
+    assert (raised["message"], cleared["message"]) == ("mean 90", "mean 70")
+    assert (alarm.message, alarm.raised_message) == ("mean 70", "mean 90")
+    assert alarm_text(asdict(alarm)) == "mean 70 (raised: mean 90)"
+    fire_and_clear(engine, store, [95], start_s=30)
+    assert (alarm.message, alarm.raised_message) == ("mean 95", "mean 95")
+    assert alarm_text(asdict(alarm)) == "mean 95"
 
 
 def test_state_survives_a_restart(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from aimass.core.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError, check_read_only
@@ -17,7 +19,8 @@ from aimass.core.db import migrate
 from aimass.core.procs import free_port
 from aimass.query import REPORTS, format_table, run_report
 from aimass.core import contract, tables
-from tests.fixtures_store import chdb_config, chdb_run_dir, counts, insert, readings, seed_report_data  # noqa: F401
+from tests.fixtures_store import (NOW_MS, _fill, chdb_config, chdb_run_dir, counts, insert,  # noqa: F401
+                                  readings, seed_report_data)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,8 +106,17 @@ def test_every_report_runs_and_plots(store, name, tmp_path):
     assert table.num_rows > 0, f"{name} returned no rows"
     assert "no rows" not in format_table(table)
     png = tmp_path / f"{name}.png"
-    REPORTS[name].plot(table, str(png), args)
+    ticks = REPORTS[name].plot(table, str(png), args)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Times a person reads are UTC times: typed as such, ISO in the table, dates on a time axis.
+    time_columns = [c for c in table.column_names if c in ("latest", "last_insert", "bucket", "last_seen",
+                                                           "first_event", "last_event", "minute")]
+    assert all(pa.types.is_timestamp(table.schema.field(c).type) for c in time_columns), table.schema
+    text = format_table(table)
+    assert all(re.search(r"\b20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\b", text) for _ in time_columns), text
+    assert not re.search(r"\b1[6-9]\d{8}\b", text), text  # no epoch seconds or milliseconds
+    if name in ("device", "ingest"):
+        assert ticks and all(re.fullmatch(r"[\d:\-A-Za-z ]+", t) for t in ticks) and any(":" in t for t in ticks), ticks
     if name == "top-anomalous":
         devices = table.column("device_id").to_pylist()
         assert devices.index("wild") < devices.index("calm")
@@ -113,6 +125,20 @@ def test_every_report_runs_and_plots(store, name, tmp_path):
         assert row["readings"] == 10 and row["forecast"] == 20.0 and row["band_high"] == 22.0
     if name == "summary":
         assert dict(zip(table.column("table").to_pylist(), table.column("rows").to_pylist()))["readings"] == 1280
+
+
+def test_alerts_report_keeps_the_raising_message_next_to_the_latest(store):
+    """A cleared alarm still says why it was raised (the clear event's own text says all is well)."""
+    events = {"tenant": ["acme"] * 2, "device_id": ["pump-1"] * 2, "metric": ["temp"] * 2, "rule": ["high"] * 2,
+              "severity": ["warning"] * 2, "event_id": ["e-raised", "e-cleared"],
+              "event_ms": [NOW_MS - 60_000, NOW_MS - 30_000], "transition": ["raised", "cleared"],
+              "state": ["active_unack", "cleared_unack"], "message": ["anomaly score 0.93", "anomaly score 0.01"]}
+    insert(store, contract.ALERT_EVENTS, _fill(contract.ALERTS, 2, 60, events))
+    args = argparse.Namespace(report="alerts", device=None, hours=1.0, minutes=30.0, limit=20, tenant="acme",
+                              metric=None, window_s=10)
+    row, = run_report(store, args).to_pylist()
+    assert (row["raised_message"], row["latest_message"], row["transitions"]) == \
+        ("anomaly score 0.93", "anomaly score 0.01", 2)
 
 
 def test_aimass_query_cli_opens_chdb_directly_when_no_sink_runs(tmp_path):

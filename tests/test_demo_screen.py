@@ -1,0 +1,79 @@
+"""The demo's screen: steady rates from counters that move once per flush, a table redrawn in place
+no wider than 100 columns, a line every 10 s off a terminal, and aligned summary tables."""
+from __future__ import annotations
+
+import io
+import math
+
+from aimass.demo_screen import WIDTH, LiveScreen, Rates, aligned, detection_table, live_table
+
+
+def flushing_counters(t: float) -> dict[str, float]:
+    """Every stage at 1,000 readings/s, but each counter moves only once per 5 s flush."""
+    flushed = math.floor(t / 5) * 5 * 1000
+    return {"published": t * 1000, "aimass_bridge_readings_produced_total": flushed,
+            "aimass_clean_readings_in_total": flushed, "aimass_clean_readings_out_total": flushed,
+            'aimass_sink_rows_total{table="readings"}': flushed, "aimass_bridge_rejected_total": 3,
+            "aimass_clean_rejected_total": 2, "aimass_clean_late_total": 1, "aimass_alarms_active": 4}
+
+
+def test_rates_are_averaged_over_ten_seconds_not_one_flush():
+    rates, seen = Rates(), []
+    for i in range(1, 61):
+        t = i * 1.0
+        rates.add(t, flushing_counters(t))
+        if t >= 12:
+            seen.append(rates.rate("bridge"))
+    # Over one 1 s tick the rate would be 0 or 5,000/s; over 10 s it stays near the real 1,000/s.
+    assert min(seen) >= 500 and max(seen) <= 1500
+    assert abs(sum(seen) / len(seen) - 1000) < 100
+    assert rates.rate("publish") == 1000
+
+
+def test_live_table_has_a_row_per_stage_and_fits_100_columns():
+    rates = Rates()
+    for t in (0.0, 10.0):
+        rates.add(t, flushing_counters(t))
+    lines = live_table(flushing_counters(10.0), rates, 75, 105)
+    assert lines[0].startswith("AI Mass demo  elapsed 1:15  publishing, 1:45 left") and "alarms active 4" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["publish", "bridge", "clean", "window", "predict", "alert", "sink"]
+    bridge = next(line for line in lines if line.startswith("bridge"))
+    assert bridge.split()[1:5] == ["1,000", "10,000", "0", "3"]        # rate, total, backlog, rejected messages
+    clean = next(line for line in lines if line.startswith("clean"))
+    assert "2 +1 late" in clean
+    huge = {k: 1e12 for k in flushing_counters(0)}
+    assert all(len(line) <= WIDTH for line in live_table(huge, rates, 1e6, None))
+    assert "draining" in live_table(huge, rates, 1e6, None)[0]
+
+
+def test_terminal_redraws_in_place_and_a_log_gets_a_line_every_ten_seconds():
+    tty = io.StringIO()
+    screen = LiveScreen(tty, terminal=True)
+    for t in range(3):
+        screen.update(float(t), flushing_counters(t), t, 60 - t)
+    out = tty.getvalue()
+    rows = len(live_table(flushing_counters(0), Rates(), 0, 0))
+    assert out.count(f"\x1b[{rows}F") == 2                              # back to the top before each redraw
+    assert out.count("\x1b[2K") == 3 * rows
+
+    log = io.StringIO()
+    screen = LiveScreen(log, terminal=False)
+    for t in range(0, 31, 2):
+        screen.update(float(t), flushing_counters(t), t, 60 - t)
+    lines = log.getvalue().splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[0:00", "[0:10", "[0:20", "[0:30"]
+    assert all(len(line) <= WIDTH and "\x1b" not in line for line in lines)
+
+
+def test_summary_tables_are_aligned():
+    lines = aligned(["name", "n"], [["a", "1"], ["longer", "1,000"]])
+    assert lines == ["name        n", "a           1", "longer  1,000"]
+    scores = [{"rule": "window_zscore", "model": "", "precision": 0.3, "recall": 0.5, "mean_delay_s": 12.34,
+               "true_positives": 6, "false_positives": 14, "false_negatives": 6},
+              {"rule": "", "model": "anomaly", "precision": math.nan, "recall": 0.0, "mean_delay_s": math.nan,
+               "true_positives": 0, "false_positives": 0, "false_negatives": 12}]
+    header, zscore, model = detection_table(scores)
+    assert header.split() == ["detection", "precision", "recall", "mean", "delay", "s", "TP", "FP", "FN"]
+    assert zscore.split() == ["rule", "window_zscore", "0.30", "0.50", "12.3", "6", "14", "6"]
+    assert model.split() == ["model", "anomaly", "-", "0.00", "-", "0", "0", "12"]
+    assert len({len(line) for line in (header, zscore)}) == 1           # right-aligned to the same edge
