@@ -383,51 +383,64 @@ class ReadOnlyQueries:
     wait for the lock (only for CPU: ``max_threads`` bounds that)."""
 
     def __init__(self, store: ChdbStore, limits: QueryLimits):
-        from chdb import session
-
         self.database, self.limits = store.database, limits
         store.execute(f"CREATE DATABASE IF NOT EXISTS `{store.database}`")
-        url = f"{store.path}?{limits.session_settings(store.database)}"
+        self.url = f"{store.path}?{limits.session_settings(store.database)}"
         self.pool: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(limits.max_concurrent):
-            s = session.Session(url)
-            _read_sessions.append(s)
-            self.pool.put(s)
+            self.pool.put(self._open())
         probe = self.pool.get()
         try:
             others = _rows(probe, "SELECT lower(name) FROM system.databases")
             table_functions = _rows(probe, "SELECT lower(name) FROM system.table_functions")
         finally:
             self.pool.put(probe)
-        self.other_databases = frozenset(others) - {database.lower() for database in [self.database]}
+        self.other_databases = frozenset(others) - {self.database.lower()}
         self.denied = DENIED_FUNCTIONS | (frozenset(table_functions) - SAFE_TABLE_FUNCTIONS)
+
+    def _open(self):
+        from chdb import session
+
+        s = session.Session(self.url)
+        _read_sessions.append(s)
+        return s
+
+    def _discard(self, s) -> None:
+        _read_sessions.remove(s)
+        s.close()
 
     def run(self, sql: str) -> bytes:
         """One checked query -> Arrow IPC stream bytes; QueryRefused or StoreError otherwise."""
         s = self.pool.get()
         try:
-            try:
-                canonical = _rows(s, "SELECT formatQuery({q:String})", q=_escape(sql), raw=True)
-            except Exception as exc:  # noqa: BLE001 - syntax errors and multi-statements
-                raise QueryRefused(f"not one valid statement: {classify(exc)}", 400) from None
-            check_canonical(canonical)
-            try:
-                ast = _rows(s, f"EXPLAIN AST {canonical}", raw=True)
-            except Exception as exc:  # noqa: BLE001
-                raise classify(exc) from None
-            check_ast(ast, self.database, self.other_databases, self.denied)
-            try:
-                return s.query(canonical, "ArrowStream").bytes()
-            except Exception as exc:  # noqa: BLE001
-                raise classify(exc) from None
+            return self._run(s, sql)
+        except BaseException:
+            # A failed query can leave unread result bytes in a chDB session: start the next one clean.
+            self._discard(s)
+            s = self._open()
+            raise
         finally:
             self.pool.put(s)
 
+    def _run(self, s, sql: str) -> bytes:
+        try:
+            canonical = _rows(s, "SELECT formatQuery({q:String})", q=_escape(sql), raw=True)
+        except Exception as exc:  # noqa: BLE001 - syntax errors and multi-statements
+            raise QueryRefused(f"not one valid statement: {classify(exc)}", 400) from None
+        check_canonical(canonical)
+        try:
+            ast = _rows(s, f"EXPLAIN AST {canonical}", raw=True)
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+        check_ast(ast, self.database, self.other_databases, self.denied)
+        try:
+            return s.query(canonical, "ArrowStream").bytes()
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+
     def close(self) -> None:
         while not self.pool.empty():
-            s = self.pool.get()
-            _read_sessions.remove(s)
-            s.close()
+            self._discard(self.pool.get())
 
 
 def _escape(text: str) -> str:
