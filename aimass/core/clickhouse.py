@@ -320,7 +320,7 @@ class QueryRefused(ValueError):
 class QueryLimits:
     """What one query on the endpoint may use (set by the server, not by the query)."""
 
-    timeout_s: float = 10.0
+    timeout_s: float = 30.0
     max_rows: int = 5_000_000
     max_bytes: int = 512 << 20
     max_concurrent: int = 2
