@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import signal
 import threading
 import time

@@ -227,7 +227,6 @@ def test_the_engine_itself_refuses_what_the_parse_check_lets_through(store, tmp_
     setting changes and table functions still fail with READONLY."""
     server = QueryServer(store, free_port(), TOKEN).start()
     db = store.database
-    server.queries.denied = frozenset()
     try:
         s = server.queries.pool.get()
         for sql in (f"INSERT INTO {db}.readings (tenant) VALUES ('x')", f"DROP TABLE {db}.readings",
@@ -339,8 +338,8 @@ def test_the_sink_token_is_generated_0600_in_the_run_dir_and_read_back(tmp_path,
     path.chmod(0o666)  # someone else could have planted it
     with pytest.raises(UnsafeFileError, match="group or others may write"):
         read_query_token(cfg)
-    os.chown(path, 65534, 65534) if os.geteuid() == 0 else None
-    path.chmod(0o600)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # only root can give the file to another user
+        path.chmod(0o600)
+        os.chown(path, 65534, 65534)
         with pytest.raises(UnsafeFileError, match="belongs to uid 65534"):
             ensure_query_token(cfg)
