@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -37,9 +36,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from aimass.core.clickhouse import ChdbStore, QueryServer, Store, StoreError, fill_nulls, open_store
+from aimass.core.clickhouse import (ChdbStore, QueryLimits, QueryServer, Store, StoreError, ensure_query_token,
+                                   fill_nulls, open_store)
 from aimass.core.config import Config
 from aimass.core.db import migrate
+from aimass.core.files import write_private
 from aimass.core.procs import StackError, port_in_use
 from aimass.core import contract, tables
 from aimass.streams.kafka import consumer_config, producer_config
@@ -198,13 +199,7 @@ class Journal:
             return None
 
     def save(self, manifest: Manifest) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_private(self.path, manifest.to_json().encode())
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -539,7 +534,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  other tables (windows, predictions, alerts, rejects ...) after clickhouse.side_flush_factor x flush_ms\n"
                 "stores:\n"
                 "  clickhouse.url empty: embedded chDB under <run dir>/chdb; the sink then serves read-only\n"
-                "    SQL on 127.0.0.1:clickhouse.query_port for `aimass query` and the demo\n"
+                "    SQL on 127.0.0.1:clickhouse.query_port for `aimass query` and the demo (bearer token from\n"
+                "    $AIMASS_QUERY_TOKEN, else generated into <run dir>/query-token, mode 0600)\n"
                 "  clickhouse://user:password@host:9000/db: a ClickHouse server over the native protocol\n"
                 "    (password from $AIMASS_CLICKHOUSE_PASSWORD when not in the URL; TLS: clickhouse.secure)")
 
@@ -559,7 +555,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         if port_in_use(ch.query_port):
             raise StackError(f"clickhouse.query_port {ch.query_port} is in use (another sink?): stop it or set "
                              f"AIMASS_CLICKHOUSE_QUERY_PORT")
-        query_server = QueryServer(store, ch.query_port, cfg.secret(ch.query_token_env)).start()
+        query_server = QueryServer(store, ch.query_port, ensure_query_token(cfg), QueryLimits.of(cfg)).start()
     if ch.metrics_port:
         start_http_server(ch.metrics_port, addr=cfg.run.metrics_host)
     # A store outage can outlast the default 5 min poll interval: stay in the group while retrying.

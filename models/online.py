@@ -8,7 +8,8 @@ residuals that emits drift events. The detector is HalfSpaceTrees on two feature
 into [0, 1] by a fixed tanh (a MinMaxScaler is stretched by the first outlier): the newest
 normalized mean and the forecaster's residual on it; its raw score is calibrated to 0..1
 like Triton's (0 at the running median, 0.5 at the running 99th percentile).
-``save``/``load`` pickle a partition's state atomically under the checkpoint directory.
+``save``/``load`` pickle a partition's state atomically (mode 0600) under the checkpoint directory;
+``load`` refuses a file another user owns or may write (unpickling runs code).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from river import anomaly, drift, linear_model, optim, stats
 
+from aimass.core.files import check_private
 from aimass.models import features
 from aimass.models.registry import atomic_write
 
@@ -162,9 +164,12 @@ class OnlinePartition:
 
     @staticmethod
     def load(path: Path, k: int) -> "OnlinePartition":
-        """The checkpointed state at ``path``, or a fresh one if there is none (or it is for another K)."""
+        """The checkpointed state at ``path``, or a fresh one if there is none (or it is for another K).
+
+        UnsafeFileError, before anything is unpickled, if another user owns it or may write it."""
         path = Path(path)
         if path.exists():
+            check_private(path, "checkpoint")
             state = pickle.loads(path.read_bytes())
             if isinstance(state, OnlinePartition) and state.k == k:
                 return state

@@ -13,9 +13,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from aimass.core.files import write_private as atomic_write  # noqa: F401 - used here and by online
 from aimass.models import onnx_export
 
 MODELS = ("forecaster", "anomaly")
@@ -24,21 +24,6 @@ OUTPUTS = {"forecaster": onnx_export.FORECAST, "anomaly": onnx_export.SCORE}
 GATE_METRIC = {"forecaster": ("mae_norm", True), "anomaly": ("auc", False)}
 MAX_BATCH = 65536
 BACKEND_SOURCE = Path(__file__).with_name("triton_model.py")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def config_text(name: str, k: int, live_version: int) -> str:

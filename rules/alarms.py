@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from aimass.core.files import create_private
 from aimass.rules.engine import Signal
 
 ACTIVE = ("active_unack", "active_ack")
@@ -42,8 +43,7 @@ class StateDB:
     """The alerter's durable state: one SQLite file; callers group writes in one transaction with ``with db:``."""
 
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(path)
+        self.path = create_private(path)  # SQLite gives its -wal / -shm files the same mode
         self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from aimass.core.clickhouse import HttpReader
+from aimass.core.clickhouse import HttpReader, ensure_query_token
 from aimass.core.procs import free_port
 from aimass.core.supervisor import aimass_argv
 from aimass.core import contract
@@ -42,7 +42,7 @@ def test_sigkill_mid_batch_then_restart_leaves_every_row_exactly_once(cfg, tmp_p
     want["readings"] += 40 * 3000
     conf, port = tmp_path / "aimass.toml", free_port()
     write_config(cfg, conf, port)
-    reader = HttpReader(port, cfg.clickhouse.database)
+    reader = HttpReader(port, cfg.clickhouse.database, ensure_query_token(cfg))  # the sink reuses it
 
     kills = 0
     for kill_at in (0.2, 0.6):  # kill twice, at about 20% and 60% of the rows stored

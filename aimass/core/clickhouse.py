@@ -7,7 +7,8 @@ has them). Errors come out as ``StoreError`` with ``retryable`` set: retryable o
 data; permanent ones (the data does not fit) are not.
 
 chDB allows one process per data directory: the sink owns it and serves read-only SQL on
-127.0.0.1 (``QueryServer``); ``open_reader(cfg)`` uses that endpoint when the sink runs and
+127.0.0.1 (``QueryServer``: token always required, read-only engine session, checked parse,
+limits; docs/security.md); ``open_reader(cfg)`` uses that endpoint when the sink runs and
 opens chDB directly when it does not.
 """
 from __future__ import annotations
@@ -15,10 +16,13 @@ from __future__ import annotations
 import atexit
 import hmac
 import logging
+import queue
 import re
+import secrets
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aimass.core.config import Config
+from aimass.core.files import check_private, private_dir, write_private
 from aimass.core.procs import StackError
 from aimass.core.tables import LEGACY, MODERN
 
@@ -101,6 +106,7 @@ class Store(Protocol):
 _CHDB_LOCK = threading.Lock()
 _chdb_session = None
 _chdb_path: str | None = None
+_read_sessions: list = []  # the query endpoint's read-only sessions, closed before the writer's
 
 
 def _open_chdb_session(path: Path):
@@ -113,7 +119,7 @@ def _open_chdb_session(path: Path):
     if _chdb_session is not None:
         _chdb_session.close()
         _chdb_session = None
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         _chdb_session = session.Session(str(path))
     except Exception as exc:  # noqa: BLE001 - chDB raises plain RuntimeErrors
@@ -126,6 +132,8 @@ def _open_chdb_session(path: Path):
 def _close_chdb_session() -> None:
     """Close the session before interpreter shutdown (chDB complains when it is torn down late)."""
     global _chdb_session
+    while _read_sessions:
+        _read_sessions.pop().close()
     if _chdb_session is not None:
         _chdb_session.close()
         _chdb_session = None
@@ -273,59 +281,282 @@ def _to_arrow(col) -> pa.Array:
 
 
 # --- the sink's read-only SQL endpoint ------------------------------------------------
+#
+# Defence in depth, the engine first: every query runs on a chDB session opened with
+# readonly=1 and the limits as startup settings, which no query can change (the engine refuses
+# INSERT / DDL / SET / SETTINGS and the table functions that reach files, URLs, servers and
+# programs). Two holes remain in that mode, closed by checking the engine's own parse:
+# `INTO OUTFILE` (chDB's client writes the file) and the scalar file() function, plus DESCRIBE
+# of a table function (it fetches to infer a schema). The parse: formatQuery() turns the text
+# into one canonical statement (comments gone, multi-statements refused), EXPLAIN AST of that
+# text lists every node, and the canonical text is what runs.
 
-READ_ONLY = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN)\b", re.IGNORECASE)
+TOKEN_FILE = "query-token"
+MAX_SQL_BYTES = 64 * 1024
+MAX_MEMORY_BYTES = 2 << 30
+STATEMENTS = frozenset({"SelectWithUnionQuery", "SelectIntersectExceptQuery", "Explain", "DescribeQuery",
+                        "ShowTables", "ShowColumns", "ShowCreateTableQuery"})
+# Table functions that only generate rows (format() is also a scalar function; as a table it parses
+# the literal it is given). Every other table function is refused, whatever the engine allows.
+SAFE_TABLE_FUNCTIONS = frozenset({"numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series",
+                                  "generateseries", "values", "view", "format"})
+# Scalar functions that reach files, other servers or tables outside the store.
+DENIED_FUNCTIONS = frozenset({"file", "catboostevaluate", "hascolumnintable", "joinget", "joingetornull",
+                              "addresstoline", "addresstolinewithinlines", "addresstosymbol", "demangle"})
+AST_LINE = re.compile(r"^( *)(\w+)(?: +([^ ]+))?")
+QUOTED_IDENTIFIER_WITH_ESCAPE = re.compile(r"`[^`]*\\")
+STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'")
 
 
-def check_read_only(sql: str) -> str:
-    """The statement if it is one read-only query; ValueError otherwise."""
-    body = sql.strip().rstrip(";")
-    if not READ_ONLY.match(body) or ";" in body or re.search(r"\bINTO\s+OUTFILE\b", body, re.IGNORECASE):
-        raise ValueError("only one read-only statement (SELECT/WITH/SHOW/DESCRIBE/EXISTS/EXPLAIN) is accepted")
-    return body
+class QueryRefused(ValueError):
+    """A query the endpoint will not run; ``status`` is its HTTP status, the message says why."""
+
+    def __init__(self, message: str, status: int = 403):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """What one query on the endpoint may use (set by the server, not by the query)."""
+
+    timeout_s: float = 30.0
+    max_rows: int = 5_000_000
+    max_bytes: int = 512 << 20
+    max_concurrent: int = 2
+    max_threads: int = 2
+
+    @classmethod
+    def of(cls, cfg: Config) -> "QueryLimits":
+        ch = cfg.clickhouse
+        return cls(ch.query_timeout_s, ch.query_max_rows, ch.query_max_bytes, ch.query_max_concurrent,
+                   ch.query_max_threads)
+
+    def session_settings(self, database: str) -> str:
+        """chDB startup settings (connection-string query) of a read-only session."""
+        return "&".join(f"{k}={v}" for k, v in {
+            "readonly": 1, "database": database, "max_execution_time": self.timeout_s,
+            "timeout_overflow_mode": "throw", "max_result_rows": self.max_rows, "max_result_bytes": self.max_bytes,
+            "result_overflow_mode": "throw", "max_threads": self.max_threads, "max_memory_usage": MAX_MEMORY_BYTES,
+            "max_query_size": MAX_SQL_BYTES, "function_sleep_max_microseconds_per_block": 100_000,
+            "allow_introspection_functions": 0}.items())
+
+
+def check_canonical(canonical: str) -> None:
+    """Refuse the clauses a read-only engine still honours: INTO OUTFILE, FORMAT and SETTINGS."""
+    if QUOTED_IDENTIFIER_WITH_ESCAPE.search(STRING_LITERAL.sub("''", canonical)):
+        raise QueryRefused("identifiers with escaped characters are not accepted", 400)
+    for line in canonical.splitlines():
+        clause = line.lstrip().split(" ", 2)
+        if clause[:2] == ["INTO", "OUTFILE"]:
+            raise QueryRefused("INTO OUTFILE is refused: the query port never writes files")
+        if clause[0] == "SETTINGS":
+            raise QueryRefused("SETTINGS are refused: the query port sets the limits "
+                               "(clickhouse.query_timeout_s, query_max_rows, query_max_bytes, query_max_threads)")
+        if clause[0] == "FORMAT" and not line.startswith(" "):
+            raise QueryRefused("FORMAT is refused: the query port answers in Arrow IPC (`aimass query` converts)", 400)
+
+
+def check_ast(explain_ast: str, database: str, other_databases: frozenset[str], denied: frozenset[str]) -> None:
+    """Refuse statements other than SELECT / SHOW / DESCRIBE / EXPLAIN, denied functions and other databases."""
+    for i, line in enumerate(explain_ast.splitlines()):
+        m = AST_LINE.match(line)
+        if not m:
+            continue
+        kind, name = m.group(2), (m.group(3) or "")
+        if i == 0 and kind not in STATEMENTS:
+            raise QueryRefused(f"only SELECT, SHOW, DESCRIBE and EXPLAIN are accepted, not {kind}")
+        if kind == "Function" and name.lower() in denied:
+            raise QueryRefused(f"{name}() is refused: the query port reads only the tables of database {database}")
+        if kind in ("TableIdentifier", "Identifier") and "." in name:
+            db = name.split(".", 1)[0].strip("`")
+            if (kind == "TableIdentifier" and db != database) or db.lower() in other_databases:
+                raise QueryRefused(f"{name} is refused: the query port reads only the tables of database {database}")
+        if kind == "Identifier" and i == 1 and name.strip("`").lower() in other_databases:
+            raise QueryRefused(f"{name} is refused: the query port reads only database {database}")
+
+
+class ReadOnlyQueries:
+    """Read-only chDB sessions on the store's directory, one per concurrent query.
+
+    They are separate from the writer's session and lock, so a running query never makes an insert
+    wait for the lock (only for CPU: ``max_threads`` bounds that)."""
+
+    def __init__(self, store: ChdbStore, limits: QueryLimits):
+        self.database, self.limits = store.database, limits
+        store.execute(f"CREATE DATABASE IF NOT EXISTS `{store.database}`")
+        self.url = f"{store.path}?{limits.session_settings(store.database)}"
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(limits.max_concurrent):
+            self.pool.put(self._open())
+        probe = self.pool.get()
+        try:
+            others = _rows(probe, "SELECT lower(name) FROM system.databases")
+            table_functions = _rows(probe, "SELECT lower(name) FROM system.table_functions")
+        finally:
+            self.pool.put(probe)
+        self.other_databases = frozenset(others) - {self.database.lower()}
+        self.denied = DENIED_FUNCTIONS | (frozenset(table_functions) - SAFE_TABLE_FUNCTIONS)
+
+    def _open(self):
+        from chdb import session
+
+        s = session.Session(self.url)
+        _read_sessions.append(s)
+        return s
+
+    def _discard(self, s) -> None:
+        _read_sessions.remove(s)
+        s.close()
+
+    def run(self, sql: str) -> bytes:
+        """One checked query -> Arrow IPC stream bytes; QueryRefused or StoreError otherwise."""
+        s = self.pool.get()
+        try:
+            return self._run(s, sql)
+        except BaseException:
+            # A failed query can leave unread result bytes in a chDB session: start the next one clean.
+            self._discard(s)
+            s = self._open()
+            raise
+        finally:
+            self.pool.put(s)
+
+    def _run(self, s, sql: str) -> bytes:
+        try:
+            canonical = _rows(s, "SELECT formatQuery({q:String})", q=_escape(sql), raw=True)
+        except Exception as exc:  # noqa: BLE001 - syntax errors and multi-statements
+            raise QueryRefused(f"not one valid statement: {classify(exc)}", 400) from None
+        check_canonical(canonical)
+        try:
+            ast = _rows(s, f"EXPLAIN AST {canonical}", raw=True)
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+        check_ast(ast, self.database, self.other_databases, self.denied)
+        try:
+            return s.query(canonical, "ArrowStream").bytes()
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+
+    def close(self) -> None:
+        while not self.pool.empty():
+            self._discard(self.pool.get())
+
+
+def _escape(text: str) -> str:
+    """A query parameter value in ClickHouse's escaped text form."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def _rows(s, sql: str, raw: bool = False, **params):
+    out = s.query(sql, "TabSeparatedRaw", params=params or None).bytes().decode()
+    return out if raw else out.split()
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with at most ``max_connections`` handler threads; beyond, 503 and close."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 34\r\nRetry-After: 1\r\n"
+                            b"Connection: close\r\n\r\ntoo many connections: retry later\n")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class QueryServer:
-    """Serves ``POST /query`` (SQL body -> Arrow IPC stream) from the sink's chDB on 127.0.0.1."""
+    """Serves ``POST /query`` (SQL body -> Arrow IPC stream) from the sink's chDB on 127.0.0.1.
 
-    def __init__(self, store: ChdbStore, port: int, token: str = ""):
-        self.store = store
-        handler = self._handler_class(store, token)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self.httpd.daemon_threads = True
+    A bearer token is always required; the Host header must name the bind address (no DNS rebinding);
+    bodies are capped at MAX_SQL_BYTES; beyond ``max_concurrent`` running queries the answer is 429.
+    Every refusal is a 4xx whose body says why."""
+
+    def __init__(self, store: ChdbStore, port: int, token: str, limits: QueryLimits = QueryLimits()):
+        if not token:
+            raise ValueError("the query port needs a token (ensure_query_token makes one)")
+        self.queries = ReadOnlyQueries(store, limits)
+        self.httpd = _BoundedHTTPServer(("127.0.0.1", port), None, 4 * limits.max_concurrent + 4)
+        self.httpd.RequestHandlerClass = self._handler_class(self.queries, token, self.port, limits)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="query-server", daemon=True)
 
     @staticmethod
-    def _handler_class(store: ChdbStore, token: str):
+    def _handler_class(queries: ReadOnlyQueries, token: str, port: int, limits: QueryLimits):
+        hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
+        running = threading.BoundedSemaphore(limits.max_concurrent)
+
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # seconds a client may take to send its request
+
             def log_message(self, fmt, *args):  # quiet: the sink logs its own progress
                 log.debug("query endpoint: " + fmt, *args)
 
-            def _reply(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            def _reply(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", **headers) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in headers.items():
+                    self.send_header(k.replace("_", "-"), v)
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _refuse(self, status: int, why: str, **headers) -> None:
+                self.close_connection = True
+                self._reply(status, f"{why}\n".encode(), **headers)
+
+            def _host_ok(self) -> bool:
+                if self.headers.get("Host", "") in hosts:
+                    return True
+                self._refuse(421, f"Host must be 127.0.0.1:{port} or localhost:{port}")
+                return False
+
             def do_GET(self):
+                if not self._host_ok():
+                    return
                 if self.path == "/health":
-                    self._reply(200, f"ok {store.database}\n".encode())
+                    self._reply(200, f"ok {queries.database}\n".encode())
                 else:
-                    self._reply(404, b"POST /query with SQL; GET /health\n")
+                    self._refuse(404, "POST /query with SQL; GET /health")
 
             def do_POST(self):
-                if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
-                    return self._reply(401, b"missing or wrong bearer token\n")
+                if not self._host_ok():
+                    return
+                if not hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
+                    return self._refuse(401, "missing or wrong bearer token: send `Authorization: Bearer <token>` "
+                                             f"(the sink keeps it in <run dir>/{TOKEN_FILE}, mode 0600, unless "
+                                             "clickhouse.query_token_env names a variable that holds it)")
                 if self.path != "/query":
-                    return self._reply(404, b"POST /query\n")
-                sql = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode("utf-8", "replace")
+                    return self._refuse(404, "POST /query")
                 try:
-                    data = store.query_arrow_stream(check_read_only(sql))
-                except ValueError as exc:
-                    return self._reply(400, f"{exc}\n".encode())
+                    size = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    return self._refuse(411, "Content-Length is required")
+                if not 0 < size <= MAX_SQL_BYTES:
+                    return self._refuse(413, f"the SQL must be 1..{MAX_SQL_BYTES} bytes, not {size}")
+                if not running.acquire(blocking=False):
+                    return self._refuse(429, f"{limits.max_concurrent} queries already running "
+                                             "(clickhouse.query_max_concurrent): retry later", Retry_After="1")
+                try:
+                    data = queries.run(self.rfile.read(size).decode("utf-8", "replace"))
+                except QueryRefused as exc:
+                    return self._refuse(exc.status, f"refused: {exc}")
                 except StoreError as exc:
-                    return self._reply(422, f"{exc}\n".encode())
+                    status = 403 if exc.code == 164 else 422
+                    return self._refuse(status, f"{'refused by the read-only engine' if status == 403 else 'failed'}: {exc}")
+                finally:
+                    running.release()
                 self._reply(200, data, "application/vnd.apache.arrow.stream")
 
         return Handler
@@ -341,6 +572,31 @@ class QueryServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.queries.close()
+
+
+def query_token_path(cfg: Config) -> Path:
+    return cfg.run_dir / TOKEN_FILE
+
+
+def read_query_token(cfg: Config) -> str:
+    """The query port's token: from clickhouse.query_token_env, else <run dir>/query-token, else ""."""
+    token = cfg.secret(cfg.clickhouse.query_token_env)
+    path = query_token_path(cfg)
+    if token or not path.exists():
+        return token
+    check_private(path, "query token")
+    return path.read_text().strip()
+
+
+def ensure_query_token(cfg: Config) -> str:
+    """The token the sink requires: the configured or stored one, else a new one stored 0600 in the run dir."""
+    token = read_query_token(cfg)
+    if not token:
+        token = secrets.token_urlsafe(32)
+        private_dir(cfg.run_dir)
+        write_private(query_token_path(cfg), token.encode())
+    return token
 
 
 class HttpReader:
@@ -403,7 +659,7 @@ def open_reader(cfg: Config) -> Store:
     """A store to read from: the server, the running sink's endpoint, or chDB opened directly."""
     ch = cfg.clickhouse
     if not ch.url and ch.query_port:
-        reader = HttpReader(ch.query_port, ch.database, cfg.secret(ch.query_token_env))
+        reader = HttpReader(ch.query_port, ch.database, read_query_token(cfg))
         if reader.alive():
             return reader
     return open_store(cfg)

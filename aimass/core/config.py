@@ -241,7 +241,12 @@ class ClickHouseConfig:
     retry_max_s: float = field(default=30.0, metadata=_range(0.01, 86400))
     connect_timeout_s: float = field(default=5.0, metadata=_range(0.1, 600))
     query_port: int = field(default=9125, metadata=_range(0, 65535))  # sink's read-only SQL endpoint (chDB mode)
-    query_token_env: str = "AIMASS_QUERY_TOKEN"  # optional bearer token for that endpoint
+    query_token_env: str = "AIMASS_QUERY_TOKEN"  # its bearer token; unset: generated into <run dir>/query-token
+    query_timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))  # per query on that endpoint
+    query_max_rows: int = field(default=5_000_000, metadata=_range(1, 1_000_000_000))  # result rows per query
+    query_max_bytes: int = field(default=512 << 20, metadata=_range(1024, 1 << 40))  # result bytes per query
+    query_max_concurrent: int = field(default=2, metadata=_range(1, 64))  # queries at once; more get 429
+    query_max_threads: int = field(default=2, metadata=_range(1, 256))  # engine threads per query
 
 
 @dataclass

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from aimass.core.config import Config
+from aimass.core.files import private_dir
 from aimass.core.procs import Server, StackError, pid_alive, port_in_use, spawn, stop_pid, wait_until
 from aimass.core import contract
 
@@ -271,7 +272,7 @@ def read_stack(cfg: Config) -> list[Server]:
 
 
 def _write_stack(cfg: Config, servers: list[Server]) -> None:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.run_dir)
     stack_file(cfg).write_text(json.dumps({"started": time.time(), "servers": [s.to_dict() for s in servers]},
                                           indent=2))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from aimass.core.files import private_dir
 from aimass.core.procs import Server, StackError, check_priority, spawn
 from aimass.core.stack import STAGES_FILE
 
@@ -156,7 +157,7 @@ class Supervisor:
         """Record PIDs in stages.json (same shape as stack.json: a list of procs.Server)."""
         servers = [Server(s.name, s.proc.pid, log=str(s.log), argv=s.argv).to_dict()
                    for s in self.stages.values() if s.proc is not None and s.proc.poll() is None]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.run_dir)
         tmp = self.run_dir / (STAGES_FILE + ".tmp")
         tmp.write_text(json.dumps({"started": time.time(), "servers": servers}, indent=2))
         tmp.replace(self.run_dir / STAGES_FILE)
