@@ -197,7 +197,7 @@ def _smtp_send(o: dict, password: str, msg: EmailMessage) -> None:
 
 
 class TokenBucket:
-    """Per-receiver rate limit: ``rate`` sends per second, bursts of ``burst``."""
+    """A rate limit (a receiver's, an API token's): ``rate`` per second, bursts of ``burst``."""
 
     def __init__(self, rate: float, burst: int):
         self.rate, self.burst = rate, max(1, burst)
@@ -213,6 +213,10 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+    def retry_after_s(self) -> float:
+        """Seconds until ``take`` succeeds again (after it failed)."""
+        return max(0.0, 1 - self.tokens) / self.rate if self.rate > 0 else 0.0
 
 
 def backoff_s(attempts: int, initial_s: float, max_s: float, rng: random.Random = random.Random()) -> float:
@@ -273,6 +277,11 @@ class Outbox:
         """Receivers with a composed notification not yet attempted (held back by the rate limit)."""
         return {r for (r,) in self.db.conn.execute(
             "SELECT DISTINCT receiver FROM notifications WHERE status = 'pending' AND attempts = 0")}
+
+    def retrying(self) -> dict[str, int]:
+        """receiver -> notifications that failed at least once and wait for a retry."""
+        return dict(self.db.conn.execute("SELECT receiver, COUNT(*) FROM notifications "
+                                         "WHERE status = 'pending' AND attempts > 0 GROUP BY receiver"))
 
     def pending_count(self) -> int:
         return self.db.conn.execute("SELECT (SELECT COUNT(*) FROM notifications WHERE status = 'pending') + "
