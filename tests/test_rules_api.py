@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from aimass.agents.alert import Alerter
 from aimass.rules.alarms import AlarmStore, StateDB
 from aimass.rules.api import ApiHooks, api_tls_context, api_tokens, make_app, parse_tokens
 from aimass.rules.engine import Engine
-from tests.fixtures_rules import ruleset, windows
+from tests.fixtures_rules import ruleset, tls_files, windows  # noqa: F401
 
 RULE = """
 rules:
@@ -224,15 +223,6 @@ def test_malformed_bodies_get_400_never_500(tmp_path):
     assert all("e.g." in error or "between" in error for _, error in got.values())  # says what it expects
     assert too_big == 413
     assert store.alarms[aid].state == "active_unack" and store.alarms[aid].silenced_until_ms == 0
-
-
-@pytest.fixture
-def tls_files(tmp_path) -> tuple[str, str]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
 
 
 def test_api_over_tls_with_a_self_signed_certificate(tmp_path, tls_files):

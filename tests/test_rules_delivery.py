@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import ssl
-import subprocess
 import time
 from email import message_from_bytes
 from pathlib import Path
@@ -27,6 +26,7 @@ from aimass.receiver import WebhookReceiver
 from aimass.rules.delivery import Dispatcher, Outbox, Senders, backoff_s, sign
 from aimass.rules.model import ReceiverSpec, RulesInvalid, load_rules
 from aimass.core import contract
+from tests.fixtures_rules import tls_files  # noqa: F401
 
 SECRET = "webhook-test-secret"
 
@@ -121,6 +121,20 @@ async def pump(d: Dispatcher, outbox: Outbox, until: float, done=lambda: False) 
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"still pending after the deadline: {outbox.pending_count()}")
+
+
+async def deliver_to(port: int, path: str, handler, db: StateDB, outbox: Outbox, d: Dispatcher, senders: Senders,
+                     items: list[tuple[dict, str]]) -> None:
+    """Serve ``handler`` at ``path``, enqueue (event, receiver) ``items`` and deliver them all."""
+    runner = await serve(port, path, handler)
+    with db:
+        for e, receiver in items:
+            outbox.enqueue(e, (receiver,))
+    try:
+        await pump(d, outbox, time.monotonic() + 10)
+    finally:
+        await runner.cleanup()
+        await senders.close()
 
 
 def queued(db: StateDB, topic: contract.Topic) -> list[dict]:
@@ -284,31 +298,12 @@ def test_sms_gateway_request_template(tmp_path):
                         group_wait_s=0)
     db, outbox, d, senders = dispatcher(tmp_path, {"sms": spec})
 
-    async def scenario() -> None:
-        runner = await serve(port, "/send", gateway)
-        with db:
-            outbox.enqueue(event(7), ("sms",))
-        try:
-            await pump(d, outbox, time.monotonic() + 10)
-        finally:
-            await runner.cleanup()
-            await senders.close()
-
-    asyncio.run(scenario())
+    asyncio.run(deliver_to(port, "/send", gateway, db, outbox, d, senders, [(event(7), "sms")]))
     assert [body["recipient"] for _, body in got] == ["+15550100", "+15550101"]
     headers, body = got[0]
     assert headers["Authorization"] == "Bearer tok"
     assert body["msg"] == "WARNING raised: hot pump-7/temperature"
     assert headers["Idempotency-Key"] == f"{body['ref']}-0"
-
-
-@pytest.fixture
-def tls_files(tmp_path) -> tuple[str, str]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
 
 
 class Inbox:
@@ -380,14 +375,7 @@ def test_receiver_example_refuses_replays_with_a_new_key_a_changed_body_or_a_sta
     statuses: dict[str, int] = {}
 
     async def scenario() -> None:
-        runner = await serve(capture_port, "/hook", capture)
-        with db:
-            outbox.enqueue(event(1), ("hook",))
-        try:
-            await pump(d, outbox, time.monotonic() + 10)
-        finally:
-            await runner.cleanup()
-            await senders.close()
+        await deliver_to(capture_port, "/hook", capture, db, outbox, d, senders, [(event(1), "hook")])
         [(headers, body)] = captured
         keep = {k: headers[k] for k in ("Content-Type", "X-Aimass-Timestamp", "X-Aimass-Signature", "Idempotency-Key")}
         stale_ts = str(int(time.time()) - 301)
