@@ -36,9 +36,9 @@ import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from aimass.core.config import Config
+from aimass.core.config import Config, ConfigError
 from aimass.rules.alarms import AlarmStore, StateDB, now_ms, should_notify
-from aimass.rules.api import make_app
+from aimass.rules.api import ApiHooks, api_tls_context, api_tokens, make_app
 from aimass.rules.delivery import Dispatcher, Outbox, Senders
 from aimass.rules.engine import Engine, RuleWatcher, warm_up
 from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
@@ -149,11 +149,12 @@ class Alerter:
     def persist(self, events: list[dict], checkpoint: bool = False) -> None:
         """Save alarms, enqueue notifications and queue the events for Kafka, atomically."""
         rules = {r.name: r for r in self.engine.ruleset.rules}
+        at = now_ms()
         with self.db:
             self.store.save()
             for e in events:
                 rule = rules.get(e["rule"])
-                if rule is not None and rule.receivers and should_notify(e):
+                if rule is not None and rule.receivers and should_notify(e) and not self.store.silenced(e["alarm_id"], at):
                     self.outbox.enqueue(e, rule.receivers)
             self.db.queue(self.topic(contract.ALERT_EVENTS), events)
             if checkpoint:
@@ -166,6 +167,14 @@ class Alerter:
             if e["source_received_ms"]:
                 LATENCY.observe(max(0.0, (e["event_ms"] - e["source_received_ms"]) / 1000))
         ACTIVE.set(self.store.active_count())
+
+    def reload_rules(self) -> dict:
+        """Re-read the rule files now (POST /rules/reload)."""
+        loaded = self.watcher.poll(force=True)
+        RULES.set(len(self.engine.ruleset.rules))
+        RULE_FILE_ERRORS.set(len(self.watcher.errors))
+        return {"loaded": loaded, "rules": len(self.engine.ruleset.rules),
+                "receivers": len(self.engine.ruleset.receivers), "errors": self.watcher.errors}
 
     def queue_quality(self) -> None:
         rows = self.quality.rows(now_ms())
@@ -222,6 +231,8 @@ class AlerterService:
         self.io = KafkaIO(cfg)
         self.group_id = group_id or f"{cfg.kafka.topic_prefix}-alerter"
         self.stopping = asyncio.Event()
+        self.consumer: Consumer | None = None
+        self.kafka_error = ""  # why the last publish failed; "" once Kafka takes the output again
 
     def publish(self, tables: list[tuple[contract.Topic, pa.Table]]) -> int:
         """Produce tables plus the durable queue and flush (blocking: run in a thread); returns last seq sent."""
@@ -243,8 +254,10 @@ class AlerterService:
         while True:
             try:
                 last = await loop.run_in_executor(None, self.publish, tables)
+                self.kafka_error = ""
                 break
             except KafkaException as exc:
+                self.kafka_error = str(exc)[:500]
                 if self.stopping.is_set():
                     raise
                 log.error("Kafka did not take the alerter's output (%s); retrying, offsets stay uncommitted", exc)
@@ -264,19 +277,48 @@ class AlerterService:
             except asyncio.TimeoutError:
                 pass
 
+    def consumer_lag(self) -> dict[str, int | None]:
+        """"topic[partition]" -> records not yet consumed (None where the broker has not said its end yet)."""
+        if self.consumer is None:
+            return {}
+        lag: dict[str, int | None] = {}
+        for tp in self.consumer.position(self.consumer.assignment()):
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            lag[f"{tp.topic}[{tp.partition}]"] = max(0, high - tp.offset) if high >= 0 and tp.offset >= 0 else None
+        return lag
+
+    def status(self) -> dict:
+        """GET /status: what this alerter knows about its own health."""
+        a = self.alerter
+        return {"rules": len(a.engine.ruleset.rules), "rule_file_errors": a.watcher.errors,
+                "alarms_active": a.store.active_count(),
+                "kafka": {"ok": not self.kafka_error, "last_error": self.kafka_error,
+                          "records_waiting": a.db.queue_depth()},
+                "consumer_lag": self.consumer_lag(),
+                "delivery": {"pending": a.outbox.pending_count(), "retrying_by_receiver": a.outbox.retrying(),
+                             "in_flight": len(a.dispatcher.in_flight)}}
+
     async def serve_api(self):
         from aiohttp import web
 
         async def on_events(events: list[dict]) -> None:
             self.alerter.persist(events)
 
-        token = Config.secret(self.cfg.alert.api_token_env)
-        if not token:
-            log.warning("%s is not set: the alarm API will refuse every request", self.cfg.alert.api_token_env)
-        runner = web.AppRunner(make_app(self.alerter.store, token, on_events), access_log=None)
+        a = self.cfg.alert
+        try:
+            tokens = api_tokens(a)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not tokens:
+            log.warning("neither %s nor %s is set: the alarm API will refuse every request",
+                        a.api_tokens_env, a.api_token_env)
+        context = api_tls_context(a)
+        hooks = ApiHooks(on_events, self.status, self.alerter.reload_rules)
+        runner = web.AppRunner(make_app(self.alerter.store, tokens, hooks, a), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.cfg.alert.api_host, self.cfg.alert.api_port).start()
-        log.info("alarm API on http://%s:%d", self.cfg.alert.api_host, self.cfg.alert.api_port)
+        await web.TCPSite(runner, a.api_host, a.api_port, ssl_context=context).start()
+        log.info("alarm API on %s://%s:%d (%d tokens: %s)", "https" if context else "http", a.api_host, a.api_port,
+                 len(tokens), ", ".join(f"{t.name}={t.role}" for t in tokens))
         return runner
 
     async def run(self) -> None:
@@ -285,7 +327,7 @@ class AlerterService:
         self.alerter.watcher.poll()
         if not self.alerter.engine.ruleset.rules and self.alerter.watcher.errors:
             log.error("starting with no rules: fix the files above (they are re-read every %.1fs)", a.reload_s)
-        consumer = Consumer(consumer_config(self.cfg, self.group_id))
+        consumer = self.consumer = Consumer(consumer_config(self.cfg, self.group_id))
         consumer.subscribe(list(self.alerter.inputs))
         runner = await self.serve_api() if a.api_port else None
         delivery = asyncio.create_task(self.deliver_forever())

@@ -1,8 +1,11 @@
 """A verifying webhook receiver: what a system receiving AI Mass alerts should do.
 
-It checks the HMAC-SHA256 signature (``X-Aimass-Signature: v1=hex(hmac(secret, ts + "." + body))``)
-and the timestamp's freshness, acts on each ``Idempotency-Key`` once, and keeps what it got.
-The demo and the end-to-end tests run it in a background thread.
+It checks the HMAC-SHA256 signature (``X-Aimass-Signature: v2=hex(hmac(secret, ts + "." + key + "."
++ body))``, key = the ``Idempotency-Key`` header) and the timestamp's freshness, and acts on each
+key once. Replays are refused: a stale or future timestamp, or a changed key or body, fails
+the signature check (401); a fresh copy of a request already acted on is acknowledged without
+acting again. Keys are remembered for ``keep_s`` (at least twice the tolerance, so no replay
+can outlive the memory of its key, even from a sender whose clock is ahead). The demo and the end-to-end tests run it in a background thread.
 """
 from __future__ import annotations
 
@@ -18,14 +21,13 @@ from aiohttp import web
 from aimass.rules.delivery import sign
 
 
-def verify(secret: str, timestamp: str, body: bytes, signature: str, tolerance_s: float = 300.0,
+def verify(secret: str, timestamp: str, key: str, body: bytes, signature: str, tolerance_s: float = 300.0,
            now: float | None = None) -> bool:
-    """True when ``signature`` signs ``timestamp.body`` with ``secret`` and the timestamp is fresh."""
-    try:
-        age = abs((time.time() if now is None else now) - int(timestamp))
-    except ValueError:
+    """True when ``signature`` signs ``timestamp.key.body`` with ``secret`` and the timestamp is fresh."""
+    if not timestamp.isdigit():
         return False
-    return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
+    age = abs((time.time() if now is None else now) - int(timestamp))
+    return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, key, body), signature)
 
 
 @dataclass
@@ -35,6 +37,8 @@ class WebhookReceiver:
     secret: str
     port: int
     path: str = "/aimass/alerts"
+    tolerance_s: float = 300.0  # how far a request's timestamp may be from this clock
+    keep_s: float = 86400.0     # how long keys acted on are remembered (never less than 2 x tolerance_s)
     events: list[dict] = field(default_factory=list)
     notifications: dict[str, float] = field(default_factory=dict)  # idempotency key -> received time
     duplicates: int = 0
@@ -44,17 +48,25 @@ class WebhookReceiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        if not verify(self.secret, request.headers.get("X-Aimass-Timestamp", ""), body,
-                      request.headers.get("X-Aimass-Signature", "")):
-            self.bad_signatures += 1
-            return web.Response(status=401, text="bad signature")
         key = request.headers.get("Idempotency-Key", "")
+        if not verify(self.secret, request.headers.get("X-Aimass-Timestamp", ""), key, body,
+                      request.headers.get("X-Aimass-Signature", ""), self.tolerance_s):
+            self.bad_signatures += 1
+            return web.Response(status=401, text="bad signature or stale timestamp")
+        now = time.time()
+        self.forget(now)
         if key in self.notifications:
-            self.duplicates += 1  # already acted on: acknowledge, do nothing
+            self.duplicates += 1  # already acted on (a retry or a replay): acknowledge, do nothing
             return web.Response(text="duplicate")
-        self.notifications[key] = time.time()
+        self.notifications[key] = now
         self.events.extend(json.loads(body)["events"])
         return web.Response(text="ok")
+
+    def forget(self, now: float) -> None:
+        """Drop keys older than ``keep_s`` (never those a request could still be replayed with)."""
+        horizon = now - max(self.keep_s, 2 * self.tolerance_s)
+        while self.notifications and next(iter(self.notifications.values())) < horizon:
+            del self.notifications[next(iter(self.notifications))]
 
     def start(self) -> "WebhookReceiver":
         ready = threading.Event()

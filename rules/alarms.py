@@ -7,6 +7,10 @@ Lifecycle (``state``)::
     active_ack   --clear--> cleared
     cleared / cleared_unack --fire--> active_unack   (the same alarm, "reraised", count + 1)
 
+An operator can silence an alarm's notifications until a time (``silence``); its events are
+still emitted and stored. Acknowledgements and silences are events too, carrying the ``actor``
+(the name of the API token used), so the store keeps who did what, when.
+
 A fire for an alarm that is already active changes nothing, so replayed input never duplicates
 an alarm. An alarm that changes state ``flapping.changes`` times within ``flapping.within`` is
 marked flapping (one "flapping" event); while it flaps its raise/clear events are still
@@ -92,6 +96,9 @@ class StateDB:
         return [(seq, topic, json.loads(row)) for seq, topic, row in self.conn.execute(
             "SELECT seq, topic, row FROM outgoing ORDER BY seq LIMIT ?", (limit,))]
 
+    def queue_depth(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM outgoing").fetchone()[0]
+
     def unqueue(self, upto_seq: int) -> None:
         with self:
             self.conn.execute("DELETE FROM outgoing WHERE seq <= ?", (upto_seq,))
@@ -123,6 +130,7 @@ class Alarm:
     changes_ms: list = field(default_factory=list)  # event times of recent raise/clear
     acked_by: str = ""
     acked_ms: int = 0
+    silenced_until_ms: int = 0   # wall-clock time until which its notifications are held back
 
     @property
     def active(self) -> bool:
@@ -186,7 +194,7 @@ class AlarmStore:
         alarm.flapping = flapping
         return started
 
-    def acknowledge(self, aid: str, by: str, wall_ms: int | None = None) -> dict | None:
+    def acknowledge(self, aid: str, by: str, actor: str = "", wall_ms: int | None = None) -> dict | None:
         """Acknowledge an alarm; its event, or None when it does not exist or needs no ack."""
         alarm = self.alarms.get(aid)
         if alarm is None or alarm.state not in ("active_unack", "cleared_unack"):
@@ -195,7 +203,21 @@ class AlarmStore:
         alarm.state = "active_ack" if alarm.state == "active_unack" else "cleared"
         alarm.acked_by, alarm.acked_ms = by, wall_ms
         self._dirty.add(aid)
-        return self._event(alarm, "acknowledged", wall_ms, wall_ms, 0)
+        return self._event(alarm, "acknowledged", wall_ms, wall_ms, 0, actor)
+
+    def silence(self, aid: str, for_s: float, actor: str = "", wall_ms: int | None = None) -> dict | None:
+        """Hold back an alarm's notifications for ``for_s`` seconds (0 lifts a silence); its event, or None if unknown."""
+        alarm = self.alarms.get(aid)
+        if alarm is None:
+            return None
+        wall_ms = wall_ms or now_ms()
+        alarm.silenced_until_ms = wall_ms + int(for_s * 1000) if for_s > 0 else 0
+        self._dirty.add(aid)
+        return self._event(alarm, "silenced" if for_s > 0 else "unsilenced", wall_ms, wall_ms, 0, actor)
+
+    def silenced(self, aid: str, at_ms: int) -> bool:
+        alarm = self.alarms.get(aid)
+        return alarm is not None and alarm.silenced_until_ms > at_ms
 
     def listing(self, include_cleared: bool = False) -> list[Alarm]:
         """Alarms needing attention (active or cleared-unacknowledged), or all, newest first."""
@@ -212,7 +234,7 @@ class AlarmStore:
         self._dirty.clear()
 
     @staticmethod
-    def _event(alarm: Alarm, transition: str, wall_ms: int, ts_ms: int, received_ms: int) -> dict:
+    def _event(alarm: Alarm, transition: str, wall_ms: int, ts_ms: int, received_ms: int, actor: str = "") -> dict:
         event_id = hashlib.sha1(f"{alarm.alarm_id}|{transition}|{ts_ms}|{alarm.count}".encode()).hexdigest()[:20]
         return {
             "event_id": event_id, "event_ms": wall_ms, "rule": alarm.rule, "severity": alarm.severity,
@@ -220,7 +242,7 @@ class AlarmStore:
             "state": alarm.state, "transition": transition, "value": alarm.value, "message": alarm.message,
             "labels_json": json.dumps(alarm.labels, sort_keys=True), "first_ms": alarm.first_ms,
             "count": alarm.count, "flapping": alarm.flapping, "source_received_ms": received_ms,
-            "alarm_id": alarm.alarm_id, "ts_ms": ts_ms,
+            "alarm_id": alarm.alarm_id, "ts_ms": ts_ms, "actor": actor,
         }
 
 

@@ -12,11 +12,14 @@ Flow (all state in the alerter's ``StateDB``, so it survives a restart):
    400) it goes to the dead-letter topic (stage="notify"). Every attempt's outcome is queued as
    ``contract.NOTIFICATIONS`` rows.
 
-Senders: JSON webhooks signed with HMAC-SHA256 over ``"{timestamp}.{body}"`` (headers
-``X-Aimass-Timestamp``, ``X-Aimass-Signature: v1=<hex>``, ``Idempotency-Key``; see
-docs/webhooks.md), SMS through an HTTP gateway with a configurable request template, and email
-over SMTP (STARTTLS or implicit TLS, optional auth). Secrets come from env vars named in the
-receiver's settings.
+Senders: JSON webhooks signed with HMAC-SHA256 over ``"{timestamp}.{idempotency key}.{body}"``
+(headers ``X-Aimass-Timestamp``, ``X-Aimass-Signature: v2=<hex>``, ``Idempotency-Key``; see
+docs/webhooks.md), so neither the time nor the key a receiver deduplicates on can be changed
+without the secret; SMS through an HTTP gateway with a configurable request template; and email
+over SMTP (STARTTLS or implicit TLS, optional auth; a password is never sent over a plain
+connection unless the receiver sets ``allow_plaintext_auth: true``). HTTP redirects are not
+followed (a 3xx is a permanent error) unless the receiver sets ``follow_redirects: true``.
+Secrets come from env vars named in the receiver's settings.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import aiohttp
 
 from aimass.core.config import Config
 from aimass.rules.alarms import StateDB, now_ms
-from aimass.rules.model import ReceiverSpec, render
+from aimass.rules.model import PLAINTEXT_AUTH, ReceiverSpec, render
 from aimass.core import contract
 
 log = logging.getLogger(__name__)
@@ -76,9 +79,10 @@ class Notification:
         return f"{len(self.events)} alarm events ({', '.join(sorted({x['rule'] for x in self.events}))})"
 
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The X-Aimass-Signature value of a webhook body."""
-    return "v1=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+def sign(secret: str, timestamp: str, key: str, body: bytes) -> str:
+    """The X-Aimass-Signature value of a webhook request: HMAC-SHA256 of "{timestamp}.{key}.{body}"."""
+    signed = timestamp.encode() + b"." + key.encode() + b"." + body
+    return "v2=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
 def webhook_body(n: Notification) -> bytes:
@@ -89,7 +93,10 @@ def webhook_body(n: Notification) -> bytes:
                        "text": n.text(), "events": events}, sort_keys=True, allow_nan=False).encode()
 
 
-def _http_error(status: int, text: str) -> DeliveryError:
+def _http_error(status: int, text: str, location: str = "") -> DeliveryError:
+    if 300 <= status < 400:
+        return DeliveryError(f"HTTP {status} redirect to {location or '?'} not followed: point the receiver's url "
+                             f"at the final address, or set follow_redirects: true on it", permanent=True)
     permanent = 400 <= status < 500 and status not in (408, 409, 425, 429)
     return DeliveryError(f"HTTP {status}: {text[:200]}", permanent=permanent)
 
@@ -123,9 +130,11 @@ class Senders:
         session = await self.session()
         timeout = aiohttp.ClientTimeout(total=float(spec.options.get("timeout", 10)))
         method = str(spec.options.get("method", "POST")).upper()
-        async with session.request(method, url, headers=headers, timeout=timeout, **body) as resp:
+        follow = spec.options.get("follow_redirects") is True
+        async with session.request(method, url, headers=headers, timeout=timeout, allow_redirects=follow,
+                                   **body) as resp:
             if resp.status >= 300:
-                raise _http_error(resp.status, await resp.text())
+                raise _http_error(resp.status, await resp.text(), resp.headers.get("Location", ""))
 
     async def webhook(self, spec: ReceiverSpec, n: Notification) -> None:
         secret = self.secret(spec.options["secret_env"])
@@ -136,7 +145,8 @@ class Senders:
         ts = str(int(time.time()))
         headers = {**{k: str(v) for k, v in (spec.options.get("headers") or {}).items()},
                    "Content-Type": "application/json", "X-Aimass-Timestamp": ts,
-                   "X-Aimass-Signature": sign(secret, ts, body), "Idempotency-Key": n.notification_id}
+                   "X-Aimass-Signature": sign(secret, ts, n.notification_id, body),
+                   "Idempotency-Key": n.notification_id}
         await self._post(spec, spec.options["url"], headers, data=body)
 
     async def sms(self, spec: ReceiverSpec, n: Notification) -> None:
@@ -178,6 +188,8 @@ def _render_tree(template: Any, values: dict) -> Any:
 def _smtp_send(o: dict, password: str, msg: EmailMessage) -> None:
     """Blocking SMTP send (run in a thread): implicit TLS, STARTTLS or plain, then optional login."""
     mode = o.get("tls", "starttls")
+    if mode == "none" and o.get("username") and o.get("allow_plaintext_auth") is not True:
+        raise DeliveryError(PLAINTEXT_AUTH, permanent=True)
     context = ssl.create_default_context(cafile=o.get("ca_file") or None)
     port = int(o.get("port", {"ssl": 465, "starttls": 587, "none": 25}[mode]))
     timeout = float(o.get("timeout", 10))
@@ -197,7 +209,7 @@ def _smtp_send(o: dict, password: str, msg: EmailMessage) -> None:
 
 
 class TokenBucket:
-    """Per-receiver rate limit: ``rate`` sends per second, bursts of ``burst``."""
+    """A rate limit (a receiver's, an API token's): ``rate`` per second, bursts of ``burst``."""
 
     def __init__(self, rate: float, burst: int):
         self.rate, self.burst = rate, max(1, burst)
@@ -213,6 +225,10 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+    def retry_after_s(self) -> float:
+        """Seconds until ``take`` succeeds again (after it failed)."""
+        return max(0.0, 1 - self.tokens) / self.rate if self.rate > 0 else 0.0
 
 
 def backoff_s(attempts: int, initial_s: float, max_s: float, rng: random.Random = random.Random()) -> float:
@@ -273,6 +289,11 @@ class Outbox:
         """Receivers with a composed notification not yet attempted (held back by the rate limit)."""
         return {r for (r,) in self.db.conn.execute(
             "SELECT DISTINCT receiver FROM notifications WHERE status = 'pending' AND attempts = 0")}
+
+    def retrying(self) -> dict[str, int]:
+        """receiver -> notifications that failed at least once and wait for a retry."""
+        return dict(self.db.conn.execute("SELECT receiver, COUNT(*) FROM notifications "
+                                         "WHERE status = 'pending' AND attempts > 0 GROUP BY receiver"))
 
     def pending_count(self) -> int:
         return self.db.conn.execute("SELECT (SELECT COUNT(*) FROM notifications WHERE status = 'pending') + "

@@ -346,10 +346,10 @@ class RuleWatcher:
                 out.append((str(f), 0, 0))
         return tuple(out)
 
-    def poll(self) -> bool:
-        """Reload if the files changed; True when new rules were installed."""
+    def poll(self, force: bool = False) -> bool:
+        """Reload if the files changed (or ``force``); True when new rules were installed."""
         sig = self.signature()
-        if sig == self._signature:
+        if sig == self._signature and not force:
             return False
         self._signature = sig
         try:

@@ -43,6 +43,8 @@ STREAMS: dict[str, tuple[pa.Schema, str, str, str]] = {
 }
 SEVERITIES = ("info", "warning", "critical")
 RECEIVER_KINDS = ("webhook", "sms", "email")
+PLAINTEXT_AUTH = ("tls: none with a username would send the SMTP password in clear text: use tls: starttls or ssl, "
+                  "or set allow_plaintext_auth: true on the receiver")
 # Names a message template may use besides the stream's columns.
 TEMPLATE_EXTRAS = ("rule", "severity", "value", "state", "transition", "count")
 
@@ -410,10 +412,11 @@ class _FileLoader:
     def receiver(self, name: str, node: yaml.Node) -> ReceiverSpec | None:
         common = ("kind", "rate_limit", "burst", "group_wait", "group_max")
         per_kind = {
-            "webhook": ("url", "secret_env", "headers", "timeout"),
-            "sms": ("url", "method", "to", "body", "headers", "token_env", "content_type", "timeout"),
+            "webhook": ("url", "secret_env", "headers", "timeout", "follow_redirects"),
+            "sms": ("url", "method", "to", "body", "headers", "token_env", "content_type", "timeout",
+                    "follow_redirects"),
             "email": ("host", "port", "tls", "ca_file", "username", "password_env", "from", "to", "subject",
-                      "timeout"),
+                      "timeout", "allow_plaintext_auth"),
         }
         fields = self.mapping(node, f"receiver {name!r}", None)
         if fields is None:
@@ -439,6 +442,12 @@ class _FileLoader:
             options["to"] = [options["to"]]
         if kind == "email" and "tls" in options and options["tls"] not in ("starttls", "ssl", "none"):
             self.error(fields["tls"][1], "tls: accepted: starttls, ssl, none")
+        for flag in ("follow_redirects", "allow_plaintext_auth"):
+            if flag in options and not isinstance(options[flag], bool):
+                self.error(fields[flag][1], f"{flag} must be true or false")
+        if (kind == "email" and options.get("tls") == "none" and options.get("username")
+                and options.get("allow_plaintext_auth") is not True):
+            self.error(fields["tls"][1], f"receiver {name!r}: {PLAINTEXT_AUTH}")
         if kind == "email" and "port" in options and not isinstance(options["port"], int):
             self.error(fields["port"][1], "port must be an integer")
         if kind == "sms" and "body" in options and not isinstance(options["body"], (str, dict)):

@@ -49,6 +49,13 @@ PUBLISH_TO_KAFKA = Histogram("aimass_bridge_publish_to_kafka_seconds",
 TOPIC_CACHE_MAX = 200_000
 
 
+# A packet the broker accepts (at most bridge.max_packet_bytes) can grow by a few bytes on its way
+# to the bridge (an MQTT 3.1.1 publish gains a properties length, a length field can grow): the
+# bridge announces and accepts this much more, so the broker never drops for the bridge a message
+# it took from a device (an oversized payload is dead-lettered instead).
+FORWARD_SLACK_BYTES = 64
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -173,6 +180,7 @@ class Bridge:
         ReadingColumns().table()  # pay pyarrow's lazy imports (~1 s) now, not in the first flush
         self.client = make_client(cfg, self.client_id, manual_ack=True)
         self.client.on_publish_packet = self._on_publish
+        self.client.max_packet_bytes = cfg.bridge.max_packet_bytes + FORWARD_SLACK_BYTES
 
     # --- receive ----------------------------------------------------------------------
 

@@ -24,6 +24,10 @@ from aimass.core.procs import StackError
 log = logging.getLogger(__name__)
 
 
+class PacketTooLarge(OSError):
+    """The broker sent a packet above the Maximum Packet Size this client announced: the connection is dropped."""
+
+
 class PacketSplitter:
     """Takes the hot packets out of the bytes read from the broker, before paho sees them.
 
@@ -32,14 +36,17 @@ class PacketSplitter:
 
     Every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, failed acks, packets with no handler
     set, ...) is returned, in order, for paho. paho's receive path costs tens of microseconds per
-    packet (INFRA.md); this one a few. A packet cut at the end of a read waits for the rest.
+    packet (INFRA.md); this one a few. A packet cut at the end of a read waits for the rest, unless
+    its header already says it is longer than ``max_packet`` (bytes, 0 = no limit): then
+    ``PacketTooLarge`` is raised before any of it is buffered.
     """
 
     def __init__(self, on_publish: Callable[[bytes, bytes, int, int], None] | None = None,
-                 on_puback: Callable[[int], None] | None = None, mqtt_v5: bool = True):
+                 on_puback: Callable[[int], None] | None = None, mqtt_v5: bool = True, max_packet: int = 0):
         self.on_publish = on_publish
         self.on_puback = on_puback
         self.mqtt_v5 = mqtt_v5
+        self.max_packet = max_packet
         self._tail = b""
 
     def split(self, data: bytes) -> bytes:
@@ -56,6 +63,9 @@ class PacketSplitter:
                 pos = end
                 break
             packet_end = pos + length
+            if self.max_packet and pos <= end and packet_end - start > self.max_packet:
+                raise PacketTooLarge(f"the MQTT broker sent a {packet_end - start}-byte packet, above the "
+                                     f"{self.max_packet} bytes announced (bridge.max_payload_bytes + headers)")
             if pos > end or packet_end > end:
                 pos = start  # incomplete: wait for the rest
                 break
@@ -215,13 +225,14 @@ class Client(paho.Client):
     """
 
     on_publish_packet: Callable[[bytes, bytes, int, int], None] | None = None
+    max_packet_bytes: int = 0  # refuse incoming packets above this (also announce it in ``connect``)
 
     def _create_socket(self):
         sock = super()._create_socket()
         if self._transport != "tcp":
             return sock
         splitter = PacketSplitter(self.on_publish_packet, self._puback_success,
-                                  self._protocol == MQTTProtocolVersion.MQTTv5)
+                                  self._protocol == MQTTProtocolVersion.MQTTv5, self.max_packet_bytes)
         return BufferedSocket(sock, splitter, self._note_bytes_received)
 
     def loop(self, timeout: float = 1.0) -> MQTTErrorCode:
@@ -271,6 +282,8 @@ def connect(client: paho.Client, cfg: Config, clean_start: bool = True, session_
         props.SessionExpiryInterval = session_expiry_s
     if receive_maximum:
         props.ReceiveMaximum = receive_maximum
+    if getattr(client, "max_packet_bytes", 0):  # the broker must not send us anything larger
+        props.MaximumPacketSize = client.max_packet_bytes
     result: dict = {}
 
     def on_connect(_c, _u, _flags, reason_code, _props):

@@ -1,9 +1,11 @@
-"""Hand-made contract tables and rule files for the rules/alerter tests."""
+"""Hand-made contract tables, rule files and a self-signed certificate for the rules/alerter tests."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from aimass.rules.model import RuleSet, load_rules
 from aimass.core import contract
@@ -55,3 +57,13 @@ def ruleset(tmp_path: Path, text: str, name: str = "rules.yaml") -> RuleSet:
     path = tmp_path / name
     path.write_text(text)
     return load_rules(path)
+
+
+@pytest.fixture
+def tls_files(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key (PEM paths)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)

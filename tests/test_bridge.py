@@ -43,10 +43,10 @@ def assert_device_order(rows: list[dict], partitions: int) -> None:
         last[key] = row["ts_ms"]
 
 
-def mosquitto_pub(cfg, topic: str, lines: list[bytes]) -> None:
+def mosquitto_pub(cfg, topic: str, lines: list[bytes], version: str = "mqttv5") -> None:
     """Publish one message per line with the real `mosquitto_pub` client (QoS 1)."""
     subprocess.run([shutil.which("mosquitto_pub") or "mosquitto_pub", "-h", cfg.mqtt.host,
-                    "-p", str(cfg.mqtt.port), "-q", "1", "-V", "mqttv5", "-t", topic, "-l"],
+                    "-p", str(cfg.mqtt.port), "-q", "1", "-V", version, "-t", topic, "-l"],
                    input=b"\n".join(lines) + b"\n", check=True, timeout=30)
 
 
@@ -62,6 +62,10 @@ def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_lette
         b"not json": "bad_json",
         b"[]": "bad_schema",
     }
+    # an MQTT 3.1.1 packet of exactly bridge.max_packet_bytes (fixed header with a 3-byte length, topic, QoS 1
+    # packet id, payload): the broker takes it, and it reaches the (MQTT 5) bridge to be dead-lettered, never
+    # dropped on the way for being a byte longer there
+    largest = b"x" * (cfg.bridge.max_packet_bytes - 4 - (2 + len(telemetry.topic("cli", "cli-1"))) - 2)
     lines = good[:100] + list(bad) + good[100:]
     cfg.bridge.metrics_port = free_port()
     with BridgeProcess(cfg, "b1", tmp_path / "bridge.log") as bridge:
@@ -71,11 +75,12 @@ def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_lette
                                      pack_size=10, seed=1))
         mosquitto_pub(cfg, telemetry.topic("cli", "cli-1"), lines)
         mosquitto_pub(cfg, telemetry.topic("cli", "bad$id"), [good[0]])
+        mosquitto_pub(cfg, telemetry.topic("cli", "cli-1"), [largest], "mqttv311")
         mosquitto_pub(cfg, TopicPattern(cfg.mqtt.labels_pattern).topic("cli", "cli-1"),
                       [orjson.dumps({"start": now_ms - 5000, "end": now_ms, "kind": "maintenance"})])
         expected = sim["readings"] + packs["readings"] + len(good)
         rows = rows_of(read_records(cfg, contract.RAW, expected))
-        dead = rows_of(read_records(cfg, contract.DEAD_LETTER, len(bad) + 1, settle_s=0.2))
+        dead = rows_of(read_records(cfg, contract.DEAD_LETTER, len(bad) + 2, settle_s=0.2))
         labels = rows_of(read_records(cfg, contract.LABEL_ROWS, sim["labels_published"] + 1, settle_s=0.2))
         with urllib.request.urlopen(f"http://127.0.0.1:{cfg.bridge.metrics_port}/metrics", timeout=10) as resp:
             metrics = {name: value for name, value in re.findall(r"^(aimass_\S+) (\S+)$", resp.read().decode(), re.M)}
@@ -93,6 +98,7 @@ def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_lette
     got = {(r["payload"], r["reason"], r["mqtt_topic"], r["stage"]) for r in dead}
     want = {(p, reason, telemetry.topic("cli", "cli-1"), "bridge") for p, reason in bad.items()}
     want.add((good[0], "bad_device_id", telemetry.topic("cli", "bad$id"), "bridge"))
+    want.add((largest, "too_large", telemetry.topic("cli", "cli-1"), "bridge"))
     assert got == want and len(dead) == len(want)
     assert all(r["detail"] for r in dead)
 

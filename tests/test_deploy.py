@@ -275,3 +275,21 @@ def test_k8s_objects_made_outside_the_manifests_are_documented() -> None:
     readme = (DEPLOY / "README.md").read_text()
     for name in outside:
         assert re.search(rf"kubectl -n aimass create (?:configmap|secret generic) {name}\b", readme), name
+
+
+def test_alarm_api_is_published_on_loopback_or_inside_the_cluster_only() -> None:
+    alerter = COMPOSE["services"]["alerter"]
+    assert alerter["ports"] and all(str(p).startswith("127.0.0.1:") for p in alerter["ports"])
+    assert "AIMASS_API_TOKENS" in alerter["environment"]
+    service = kinds("Service")["alerter"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    [policy] = [doc for _, doc in K8S if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "alerter"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    api_rules = [r for r in policy["spec"]["ingress"] if {"port": 8080, "protocol": "TCP"} in r["ports"]]
+    assert api_rules == [{"from": [{"podSelector": {}}], "ports": [{"port": 8080, "protocol": "TCP"}]}]
+
+
+def test_shipped_mosquitto_config_caps_packets_like_the_bridge() -> None:
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    assert re.findall(r"^max_packet_size (\d+)$", conf, re.M) == [str(Config().bridge.max_packet_bytes)]
+    assert re.findall(r"^allow_anonymous (\w+)$", conf, re.M) == ["false"]

@@ -1,10 +1,12 @@
-"""aimass.streams.mqtt.PacketSplitter: PUBLISH and PUBACK packets out of a byte stream, at any read boundary."""
+"""aimass.streams.mqtt.PacketSplitter: PUBLISH and PUBACK packets out of a byte stream, at any read boundary;
+packets above the announced maximum size refused."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aimass.streams.mqtt import PacketSplitter, _varint, encode_varint
+from aimass.streams.mqtt import PacketSplitter, PacketTooLarge, _varint, encode_varint
 
 
 def publish(topic: bytes, payload: bytes, qos: int, mid: int, props: bytes = b"", v5: bool = True) -> bytes:
@@ -93,3 +95,14 @@ def test_without_handlers_everything_goes_to_paho():
 def test_varint_round_trip(n):
     encoded = encode_varint(n)
     assert len(encoded) <= 4 and _varint(encoded, 0) == (n, len(encoded))
+
+
+def test_a_packet_above_the_maximum_is_refused_from_its_header_before_it_is_buffered():
+    limit = 1000
+    splitter = PacketSplitter(lambda *msg: None, mqtt_v5=True, max_packet=limit)
+    at_limit = publish(b"t", b"x" * (limit - 7), 0, 0)  # 3 fixed header + 3 topic + 1 props + payload = limit
+    assert len(at_limit) == limit and splitter.split(at_limit) == b""
+    too_big = publish(b"t", b"x" * (limit - 6), 0, 0)
+    with pytest.raises(PacketTooLarge, match=f"{limit + 1}-byte packet, above the {limit} bytes"):
+        splitter.split(too_big[:4])  # only the header has arrived
+    assert PacketSplitter(lambda *msg: None, max_packet=0).split(too_big) == b""  # 0: no limit

@@ -22,7 +22,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from aimass.core.procs import free_port, port_in_use, wait_until
 from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
+from aimass.core.clickhouse import ChdbStore
 from tests.fixtures_rules import labels, predictions, windows
+from tests.fixtures_store import Running, chdb_config, chdb_run_dir, sink_on, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -158,7 +160,7 @@ def transitions(rows: list[dict]) -> list[tuple[str, str]]:
     return [(r["rule"], r["transition"]) for r in rows]
 
 
-def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server):
+def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server, chdb_run_dir):  # noqa: F811
     config = write_config(cfg, tmp_path, hook_server.server_address[1])
     log = tmp_path / "alerter.log"
     alerts, outcomes = Reader(cfg, contract.ALERT_EVENTS), Reader(cfg, contract.OUTCOME_ROWS)
@@ -205,7 +207,10 @@ def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server):
         assert acked.returncode == 0, acked.stderr
         assert "active_ack" in acked.stdout
         assert cli(config, "ack", hot_alarm["alarm_id"]).returncode == 1  # already acknowledged
-        alerts.until(lambda rs: ("hot", "acknowledged") in transitions(rs))
+        rows = alerts.until(lambda rs: ("hot", "acknowledged") in transitions(rs))
+        [acked_event] = [r for r in rows if r["transition"] == "acknowledged"]  # the audit record: who, when, what
+        assert (acked_event["actor"], acked_event["rule"], acked_event["device_id"]) == ("default", "hot", "pump-1")
+        assert time.time() * 1000 - 60_000 < acked_event["event_ms"] <= time.time() * 1000
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -230,6 +235,15 @@ def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server):
         for reader in (alerts, outcomes, quality, dead, notifications):
             reader.close()
     assert proc.returncode == 0, log.read_text()[-3000:]
+    # the sink stores the acknowledgement with the token's name (never its secret) next to the alarm
+    sink_cfg = chdb_config(cfg, chdb_run_dir)
+    db = sink_cfg.clickhouse.database
+    sink = sink_on(sink_cfg, ChdbStore(sink_cfg.run_dir / "chdb", db))
+    with Running(sink):
+        stored = wait_for(lambda: sink.store.query(
+            f"SELECT rule, device_id, actor, toUnixTimestamp64Milli(event_at) AS at FROM `{db}`.alerts FINAL "
+            f"WHERE transition = 'acknowledged'").to_pylist() or None, 60, "the acknowledgement in the store")
+    assert stored == [{"rule": "hot", "device_id": "pump-1", "actor": "default", "at": acked_event["event_ms"]}]
 
 
 def test_alerter_sigkill_replays_what_its_checkpoint_does_not_cover(cfg, tmp_path, hook_server):

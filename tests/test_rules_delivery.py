@@ -1,6 +1,7 @@
 """Delivery to real local receivers: an aiohttp webhook receiver (signed, down for a while, acting on each
 idempotency key once), an SMS gateway, a real SMTP server (aiosmtpd, STARTTLS + AUTH); retries, dead
-letters, grouping and rate limits through the durable outbox."""
+letters, grouping and rate limits through the durable outbox; replays refused by the receiver example,
+redirects not followed, no SMTP password over a plain connection."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +9,11 @@ import hashlib
 import hmac
 import json
 import ssl
-import subprocess
 import time
 from email import message_from_bytes
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
@@ -21,9 +22,11 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from aimass.core.config import Config
 from aimass.core.procs import free_port
 from aimass.rules.alarms import StateDB
-from aimass.rules.delivery import Dispatcher, Outbox, Senders, backoff_s
-from aimass.rules.model import ReceiverSpec
+from aimass.receiver import WebhookReceiver
+from aimass.rules.delivery import Dispatcher, Outbox, Senders, backoff_s, sign
+from aimass.rules.model import ReceiverSpec, RulesInvalid, load_rules
 from aimass.core import contract
+from tests.fixtures_rules import tls_files  # noqa: F401
 
 SECRET = "webhook-test-secret"
 
@@ -45,11 +48,12 @@ def make_cfg() -> Config:
 
 
 def verify(secret: str, headers, body: bytes, tolerance_s: int = 300) -> bool:
-    """What a receiver does (docs/webhooks.md): recompute the HMAC over "{timestamp}.{body}"."""
-    ts = headers.get("X-Aimass-Timestamp", "")
+    """What a receiver does (docs/webhooks.md): recompute the HMAC over "{timestamp}.{key}.{body}"."""
+    ts, key = headers.get("X-Aimass-Timestamp", ""), headers.get("Idempotency-Key", "")
     if not ts.isdigit() or abs(time.time() - int(ts)) > tolerance_s:
         return False
-    expected = "v1=" + hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    signed = ts.encode() + b"." + key.encode() + b"." + body
+    expected = "v2=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, headers.get("X-Aimass-Signature", ""))
 
 
@@ -117,6 +121,20 @@ async def pump(d: Dispatcher, outbox: Outbox, until: float, done=lambda: False) 
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"still pending after the deadline: {outbox.pending_count()}")
+
+
+async def deliver_to(port: int, path: str, handler, db: StateDB, outbox: Outbox, d: Dispatcher, senders: Senders,
+                     items: list[tuple[dict, str]]) -> None:
+    """Serve ``handler`` at ``path``, enqueue (event, receiver) ``items`` and deliver them all."""
+    runner = await serve(port, path, handler)
+    with db:
+        for e, receiver in items:
+            outbox.enqueue(e, (receiver,))
+    try:
+        await pump(d, outbox, time.monotonic() + 10)
+    finally:
+        await runner.cleanup()
+        await senders.close()
 
 
 def queued(db: StateDB, topic: contract.Topic) -> list[dict]:
@@ -280,31 +298,12 @@ def test_sms_gateway_request_template(tmp_path):
                         group_wait_s=0)
     db, outbox, d, senders = dispatcher(tmp_path, {"sms": spec})
 
-    async def scenario() -> None:
-        runner = await serve(port, "/send", gateway)
-        with db:
-            outbox.enqueue(event(7), ("sms",))
-        try:
-            await pump(d, outbox, time.monotonic() + 10)
-        finally:
-            await runner.cleanup()
-            await senders.close()
-
-    asyncio.run(scenario())
+    asyncio.run(deliver_to(port, "/send", gateway, db, outbox, d, senders, [(event(7), "sms")]))
     assert [body["recipient"] for _, body in got] == ["+15550100", "+15550101"]
     headers, body = got[0]
     assert headers["Authorization"] == "Bearer tok"
     assert body["msg"] == "WARNING raised: hot pump-7/temperature"
     assert headers["Idempotency-Key"] == f"{body['ref']}-0"
-
-
-@pytest.fixture
-def tls_files(tmp_path) -> tuple[str, str]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
 
 
 class Inbox:
@@ -359,3 +358,153 @@ def test_email_over_starttls_with_auth_to_a_real_smtp_server(tmp_path, tls_files
     text = msg.get_payload()
     assert "[WARNING] raised hot acme/pump-1/temperature: pump-1 is hot" in text
     assert "[CRITICAL] raised hot acme/pump-2/temperature: pump-2 is hot" in text
+
+
+def test_receiver_example_refuses_replays_with_a_new_key_a_changed_body_or_a_stale_timestamp(tmp_path):
+    """A request captured on the wire, replayed at aimass.receiver: the signature covers the
+    timestamp, the idempotency key and the body, and keys are remembered past the tolerance window."""
+    capture_port, receiver_port = free_port(), free_port()
+    captured: list[tuple[dict, bytes]] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        captured.append((dict(request.headers), await request.read()))
+        return web.json_response({"ok": True})
+
+    db, outbox, d, senders = dispatcher(tmp_path, {"hook": webhook(capture_port, group_wait_s=0)})
+    receiver = WebhookReceiver(SECRET, receiver_port, path="/hook").start()
+    statuses: dict[str, int] = {}
+
+    async def scenario() -> None:
+        await deliver_to(capture_port, "/hook", capture, db, outbox, d, senders, [(event(1), "hook")])
+        [(headers, body)] = captured
+        keep = {k: headers[k] for k in ("Content-Type", "X-Aimass-Timestamp", "X-Aimass-Signature", "Idempotency-Key")}
+        stale_ts = str(int(time.time()) - 301)
+        attempts = {
+            "original": (keep, body),
+            "same again": (keep, body),
+            "new key": ({**keep, "Idempotency-Key": "f" * 32}, body),
+            "no key": ({k: v for k, v in keep.items() if k != "Idempotency-Key"}, body),
+            "changed body": (keep, body.replace(b"pump-1", b"pump-9")),
+            "stale, re-signed": ({**keep, "X-Aimass-Timestamp": stale_ts,
+                                  "X-Aimass-Signature": sign(SECRET, stale_ts, keep["Idempotency-Key"], body)}, body),
+            "old v1 signature": ({**keep, "X-Aimass-Signature": "v1=" + hmac.new(
+                SECRET.encode(), keep["X-Aimass-Timestamp"].encode() + b"." + body, hashlib.sha256).hexdigest()}, body),
+        }
+        async with aiohttp.ClientSession() as s:
+            for name, (headers, data) in attempts.items():
+                async with s.post(receiver.url, headers=headers, data=data) as r:
+                    statuses[name] = r.status
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        receiver.stop()
+    assert statuses == {"original": 200, "same again": 200, "new key": 401, "no key": 401, "changed body": 401,
+                        "stale, re-signed": 401, "old v1 signature": 401}
+    assert [e["event_id"] for e in receiver.events] == ["ev0001"]  # acted on once
+    assert (receiver.duplicates, receiver.bad_signatures) == (1, 5)
+    # keys are never forgotten while a captured request could still be replayed
+    receiver.keep_s = 0
+    receiver.forget(time.time() + 2 * receiver.tolerance_s - 1)
+    assert len(receiver.notifications) == 1
+    receiver.forget(time.time() + 2 * receiver.tolerance_s + 1)
+    assert receiver.notifications == {}
+
+
+def test_redirects_are_not_followed_unless_the_receiver_allows_them(tmp_path):
+    redirect_port, target_port = free_port(), free_port()
+    target_hits: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        status = 307 if request.path.endswith("307") else 302
+        return web.Response(status=status, headers={"Location": f"http://127.0.0.1:{target_port}/elsewhere"})
+
+    async def target(request: web.Request) -> web.Response:
+        target_hits.append(request.method)
+        return web.json_response({"ok": True})
+
+    specs = {name: ReceiverSpec(name, "webhook", {"url": f"http://127.0.0.1:{redirect_port}/{path}",
+                                                  "secret_env": "HOOK_SECRET", **extra}, group_wait_s=0)
+             for name, path, extra in (("h302", "hook302", {}), ("h307", "hook307", {}),
+                                       ("allowed", "hook307", {"follow_redirects": True}))}
+    db, outbox, d, senders = dispatcher(tmp_path, specs)
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", redirect)
+        redirector = web.AppRunner(app)
+        await redirector.setup()
+        await web.TCPSite(redirector, "127.0.0.1", redirect_port).start()
+        app2 = web.Application()
+        app2.router.add_route("*", "/elsewhere", target)
+        elsewhere = web.AppRunner(app2)
+        await elsewhere.setup()
+        await web.TCPSite(elsewhere, "127.0.0.1", target_port).start()
+        with db:
+            for i, name in enumerate(specs):
+                outbox.enqueue(event(i), (name,))
+        try:
+            await pump(d, outbox, time.monotonic() + 10)
+        finally:
+            await redirector.cleanup()
+            await elsewhere.cleanup()
+            await senders.close()
+
+    asyncio.run(scenario())
+    rows = queued(db, contract.NOTIFICATION_ROWS)
+    assert {r["receiver"]: (r["status"], r["attempts"]) for r in rows} == {
+        "h302": ("dead_letter", 1), "h307": ("dead_letter", 1), "allowed": ("delivered", 1)}
+    assert target_hits == ["POST"]  # only the receiver that allows redirects reached the target
+    error = next(r["error"] for r in rows if r["receiver"] == "h302")
+    assert "302 redirect" in error and "follow_redirects: true" in error
+
+
+PLAIN_MAIL = """
+receivers:
+  mail: {{kind: email, host: 127.0.0.1, port: {port}, tls: none, username: aimass, password_env: SMTP_PW,
+         from: aimass@example.com, to: ops@example.com, group_wait: 0s{extra}}}
+"""
+
+
+def test_smtp_refuses_to_send_a_password_without_tls_unless_allowed(tmp_path):
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append((auth_data.login, auth_data.password))
+        return AuthResult(success=True)
+
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_require_tls=False)
+    controller.start()
+    (tmp_path / "plain.yaml").write_text(PLAIN_MAIL.format(port=port, extra=""))
+    with pytest.raises(RulesInvalid) as refused:
+        load_rules(tmp_path / "plain.yaml")
+    [error] = refused.value.errors
+    assert "plain.yaml:3:" in str(error) and "clear text" in str(error) and "allow_plaintext_auth" in str(error)
+    (tmp_path / "allowed.yaml").write_text(PLAIN_MAIL.format(port=port, extra=", allow_plaintext_auth: true"))
+    allowed = load_rules(tmp_path / "allowed.yaml").receivers["mail"]
+    # the loader is not the only guard: a receiver built another way is refused when sending
+    unsafe = ReceiverSpec("unsafe", "email", {k: v for k, v in allowed.options.items() if k != "allow_plaintext_auth"},
+                          group_wait_s=0)
+    db, outbox, d, senders = dispatcher(tmp_path, {"unsafe": unsafe, "mail": allowed})
+
+    async def scenario() -> None:
+        with db:
+            outbox.enqueue(event(1), ("unsafe",))
+        await pump(d, outbox, time.monotonic() + 10)
+        assert logins == []  # the password never left
+        with db:
+            outbox.enqueue(event(2), ("mail",))
+        await pump(d, outbox, time.monotonic() + 10)
+        await senders.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        controller.stop()
+    rows = queued(db, contract.NOTIFICATION_ROWS)
+    assert {r["receiver"]: r["status"] for r in rows} == {"unsafe": "dead_letter", "mail": "delivered"}
+    assert "clear text" in next(r["error"] for r in rows if r["receiver"] == "unsafe")
+    assert logins == [(b"aimass", b"pw")] and len(inbox.messages) == 1  # explicitly allowed: sent

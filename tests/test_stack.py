@@ -1,18 +1,22 @@
-"""The embedded stack: `aimass up / status / down` on free ports, and clear start-up errors."""
+"""The embedded stack: `aimass up / status / down` on free ports, clear start-up errors, and the embedded
+Mosquitto's limits (loopback only, maximum packet size)."""
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from aimass.core.config import MQTT_HEADER_ALLOWANCE, Config
 from aimass.core.procs import StackError, free_port, pid_alive
-from aimass.core.stack import start_mosquitto
+from aimass.core.stack import start_mosquitto, stop_server
 from aimass.core import contract
+from aimass.streams.mqtt import encode_varint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,3 +99,57 @@ def test_down_also_stops_supervised_stages(tmp_path):
     assert not pid_alive(pid)
     assert any("sleeper" in line for line in lines)
     assert not (tmp_path / "stages.json").exists()
+
+
+def _mqtt_string(s: bytes) -> bytes:
+    return len(s).to_bytes(2, "big") + s
+
+
+def _raw_publish_session(port: int, topic: bytes, payload: bytes) -> bool:
+    """CONNECT (MQTT 3.1.1, anonymous) and one QoS 0 PUBLISH over a raw socket; True if the broker
+    still answers a PINGREQ afterwards (False: it dropped the connection)."""
+    def packet(kind: int, body: bytes) -> bytes:
+        return bytes([kind]) + encode_varint(len(body)) + body
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(packet(0x10, _mqtt_string(b"MQTT") + b"\x04\x02\x00\x1e" + _mqtt_string(b"raw-publisher")))
+        assert s.recv(4)[:1] == b"\x20"  # CONNACK
+        s.sendall(packet(0x30, _mqtt_string(topic) + payload) + b"\xc0\x00")  # PUBLISH, PINGREQ
+        try:
+            return s.recv(2) == b"\xd0\x00"  # PINGRESP
+        except ConnectionResetError:
+            return False
+
+
+@pytest.mark.integration
+def test_embedded_mosquitto_is_loopback_only_and_refuses_packets_above_the_maximum(tmp_path):
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    limit = Config().bridge.max_packet_bytes
+    assert limit == Config().bridge.max_payload_bytes + MQTT_HEADER_ALLOWANCE
+    port = free_port()
+    server = start_mosquitto(tmp_path, port)
+    got: list[int] = []
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="size-watcher")
+    sub.on_message = lambda _c, _u, msg: got.append(len(msg.payload))
+    try:
+        conf = (Path(server.log).parent / "mosquitto.conf").read_text()
+        assert f"max_packet_size {limit}\n" in conf and f"listener {port} 127.0.0.1\n" in conf
+        sub.connect("127.0.0.1", port)
+        sub.subscribe("size/#")
+        sub.loop_start()
+        topic = b"size/test"
+        # Mosquitto counts a packet as 1 byte of fixed header + its remaining length (topic + payload)
+        fits = limit - 1 - (2 + len(topic))
+        assert _raw_publish_session(port, topic, b"a" * fits)
+        assert not _raw_publish_session(port, topic, b"b" * (fits + 1))  # one byte over: disconnected
+        assert _raw_publish_session(port, topic, b"c")
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == [fits, 1]  # the oversized message never reached a subscriber
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        stop_server(server)

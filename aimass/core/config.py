@@ -88,6 +88,13 @@ class KafkaConfig:
     fetch_max_wait_ms: int = field(default=100, metadata=_range(1, 10000))
 
 
+# Room for an MQTT PUBLISH's headers on top of bridge.max_payload_bytes: fixed header (5), topic
+# (2 + its length: topics up to ~4 KB), packet id (2) and v5 properties. The bridge announces
+# max_payload_bytes + this as its MQTT v5 Maximum Packet Size, and every shipped Mosquitto
+# config sets it as max_packet_size.
+MQTT_HEADER_ALLOWANCE = 4096
+
+
 @dataclass
 class BridgeConfig:
     """MQTT -> Kafka bridge: validation limits and micro-batch flushing."""
@@ -111,6 +118,11 @@ class BridgeConfig:
     session_expiry_s: int = field(default=86400, metadata=_range(0, 4294967295))
     # Kafka must confirm a record within this; else the bridge starts a new producer and sends it again.
     kafka_timeout_s: float = field(default=30.0, metadata=_range(1, 3600))
+
+    @property
+    def max_packet_bytes(self) -> int:
+        """The largest MQTT packet the bridge and the broker accept."""
+        return self.max_payload_bytes + MQTT_HEADER_ALLOWANCE
 
 
 @dataclass
@@ -201,7 +213,17 @@ class AlertConfig:
     state_dir: str = ""  # default: <run dir>/alerts
     api_host: str = "127.0.0.1"
     api_port: int = field(default=8080, metadata=_range(0, 65535))
-    api_token_env: str = "AIMASS_API_TOKEN"
+    api_token_env: str = "AIMASS_API_TOKEN"  # `aimass alerts` sends it; on the alerter: one admin token "default"
+    api_tokens_env: str = "AIMASS_API_TOKENS"  # on the alerter: "name:role:secret,..." (role: read|operate|admin)
+    api_rate_per_s: float = field(default=20.0, metadata=_range(0.1, 100_000))  # per token
+    api_burst: int = field(default=40, metadata=_range(1, 1_000_000))
+    # per client address, for requests without a valid token (guessing, /healthz)
+    api_address_rate_per_s: float = field(default=5.0, metadata=_range(0.1, 100_000))
+    api_address_burst: int = field(default=50, metadata=_range(1, 1_000_000))
+    api_max_body_bytes: int = field(default=16384, metadata=_range(256, 16 * 1024 * 1024))
+    api_tls_cert_file: str = ""  # both set: the API serves HTTPS only
+    api_tls_key_file: str = ""
+    api_tls_ca_file: str = ""  # `aimass alerts`: CA that signed the API's certificate (default: the system's)
     webhook_secret_env: str = "AIMASS_WEBHOOK_SECRET"  # the demo generates this secret when unset
     max_attempts: int = field(default=15, metadata=_range(1, 100))
     backoff_initial_s: float = field(default=0.5, metadata=_range(0.01, 3600))

@@ -127,6 +127,7 @@ ALERTS = pa.schema([
     ("metric", pa.string()),
     ("state", pa.string()),            # active_unack | active_ack | cleared_unack | cleared
     ("transition", pa.string()),       # raised | reraised | acknowledged | cleared | repeated | flapping
+                                       # | silenced | unsilenced
     ("value", pa.float64()),
     ("message", pa.string()),
     ("labels_json", pa.string()),
@@ -134,6 +135,7 @@ ALERTS = pa.schema([
     ("count", pa.int64()),             # times raised
     ("flapping", pa.bool_()),
     ("source_received_ms", pa.int64()),  # bridge receive time of the triggering data (latency)
+    ("actor", pa.string()),            # API token name behind an acknowledgement or silence; "" for rules
 ])
 
 DRIFT = pa.schema([

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from aimass.core.config import Config
+from aimass.core.config import BridgeConfig, Config
 from aimass.core.files import private_dir
 from aimass.core.procs import Server, StackError, pid_alive, port_in_use, spawn, stop_pid, wait_until
 from aimass.core import contract
@@ -40,8 +40,11 @@ def mosquitto_binary() -> str:
 
 
 def start_mosquitto(run_dir: Path, port: int, password_file: str = "", acl_file: str = "",
-                    tls: dict[str, str] | None = None) -> Server:
-    """Start Mosquitto on 127.0.0.1:port with persistence and no queue-limit drops."""
+                    tls: dict[str, str] | None = None,
+                    max_packet_bytes: int = BridgeConfig().max_packet_bytes) -> Server:
+    """Start Mosquitto on 127.0.0.1:port with persistence, no queue-limit drops and a maximum packet size.
+
+    Without ``password_file`` any local client may connect (anonymous, loopback only)."""
     binary = mosquitto_binary()
     _check_free("mosquitto", port)
     d = _mosquitto_dir(run_dir / f"mosquitto-{port}")
@@ -56,6 +59,8 @@ def start_mosquitto(run_dir: Path, port: int, password_file: str = "", acl_file:
         "max_queued_bytes 0",
         "max_inflight_messages 0",
         "set_tcp_nodelay true",
+        # bridge.max_payload_bytes + MQTT_HEADER_ALLOWANCE: larger packets disconnect their sender
+        f"max_packet_size {max_packet_bytes}",
         "log_dest stdout",
         "log_type error",
         "log_type warning",
@@ -286,7 +291,7 @@ def up(cfg: Config, with_triton: bool = True, say=print) -> list[Server]:
     try:
         if "mosquitto" not in names:
             say(f"starting mosquitto on 127.0.0.1:{cfg.mqtt.port} ...")
-            servers.append(start_mosquitto(cfg.run_dir, cfg.mqtt.port))
+            servers.append(start_mosquitto(cfg.run_dir, cfg.mqtt.port, max_packet_bytes=cfg.bridge.max_packet_bytes))
             _write_stack(cfg, servers)
         if "kafka" not in names:
             say(f"starting kafka broker on 127.0.0.1:{kafka_port} ...")

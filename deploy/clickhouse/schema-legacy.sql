@@ -160,6 +160,7 @@ CREATE TABLE IF NOT EXISTS `aimass`.`alerts` (
   `flapping` UInt8,
   `source_received_ms` Int64,
   `source_received_at` DateTime('UTC') ALIAS toDateTime(intDiv(source_received_ms, 1000), 'UTC'),
+  `actor` String,
   `inserted_at` DateTime('UTC') DEFAULT now()
 )
 ENGINE = ReplacingMergeTree()

@@ -153,6 +153,7 @@ CREATE TABLE IF NOT EXISTS `aimass`.`alerts` (
   `count` Int64 CODEC(T64, ZSTD(1)),
   `flapping` Bool,
   `source_received_at` DateTime64(3, 'UTC') CODEC(Delta, ZSTD(1)),
+  `actor` LowCardinality(String) CODEC(ZSTD(1)),
   `inserted_at` DateTime64(3, 'UTC') DEFAULT now64(3) CODEC(Delta, ZSTD(1))
 )
 ENGINE = ReplacingMergeTree()
