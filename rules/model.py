@@ -318,8 +318,10 @@ class _FileLoader:
             self.error(None, f"YAML: {exc.problem or exc.context}", mark.line + 1 if mark else 1,
                        mark.column + 1 if mark else 1)
             return
-        except yaml.YAMLError as exc:  # the reader's errors (e.g. control characters) carry no mark
-            self.error(None, f"YAML: {exc}")
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow: no mark, a position
+            before = text[:exc.position]
+            self.error(None, f"YAML: character U+{int(exc.character):04X} is not allowed in YAML; remove it",
+                       before.count("\n") + 1, exc.position - before.rfind("\n"))
             return
         if root is None:  # an editor's half-written save must not silently drop every rule
             self.error(None, "the file is empty; write `rules: []` to define no rules, or delete the file")
