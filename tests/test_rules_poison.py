@@ -16,18 +16,12 @@ import pytest
 from aimass.core import contract
 from aimass.core.procs import free_port, wait_until
 from tests.fixtures_rules import POISON_FILES, POISON_VALUE, windows
+from tests.test_rules_agent import RULES as AGENT_RULES
 from tests.test_rules_agent import Hook, Reader, hook_server, produce, start_alerter, write_config  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
-RULES = """
-receivers:
-  hook: {{kind: webhook, url: "http://127.0.0.1:{port}/hook", secret_env: TEST_HOOK_SECRET, group_wait: 0s}}
-rules:
-  - name: hot
-    stream: windows
-    condition: mean > 80
-    clear: mean < 75
+RULES = AGENT_RULES + """\
   - name: fragile
     stream: windows
     condition: sqrt(mean) > 100
@@ -50,6 +44,11 @@ def replace_rules(path, content: str | bytes, step: int) -> None:
     os.utime(path, ns=(ns, ns))
 
 
+def hot(device: str, mean: float = 90.0) -> list[dict]:
+    """Two windows of ``device``: enough for the hot rule (mean > 80 for 2 windows)."""
+    return [dict(device_id=device, window_end_ms=end, mean=mean) for end in (10_000, 20_000)]
+
+
 def test_poison_rules_never_take_the_alerter_down(cfg, tmp_path, hook_server):
     metrics_port = free_port()
     config = write_config(cfg, tmp_path, hook_server.server_address[1], rules_text=RULES, metrics_port=metrics_port)
@@ -60,7 +59,7 @@ def test_poison_rules_never_take_the_alerter_down(cfg, tmp_path, hook_server):
     try:
         # the fragile rule fails on live data: suspended, named by a rule_error alarm; hot alarms in the same batch
         produce(cfg, contract.WINDOW_ROWS, windows(dict(device_id="d1", window_end_ms=10_000, mean=POISON_VALUE),
-                                                   dict(device_id="d2", window_end_ms=10_000, mean=90.0)))
+                                                   *hot("d2")))
         rows = alerts.until(lambda rs: raised(rs, "hot", "d2") and raised(rs, "rule_error", metric="fragile"))
         [error] = raised(rows, "rule_error", metric="fragile")
         assert error["severity"] == "critical"
@@ -75,7 +74,7 @@ def test_poison_rules_never_take_the_alerter_down(cfg, tmp_path, hook_server):
             replace_rules(rules_file, content, step)
             wait_until(lambda: f"{rules_file}:{want}" in log.read_text(errors="replace"), 30,
                        f"{case}: the rejected reload in the log", proc, log)
-            produce(cfg, contract.WINDOW_ROWS, windows(dict(device_id=case, window_end_ms=10_000, mean=90.0)))
+            produce(cfg, contract.WINDOW_ROWS, windows(*hot(case)))
             alerts.until(lambda rs: raised(rs, "hot", case))
             assert proc.poll() is None, f"{case}: the alerter exited"
 
@@ -86,9 +85,8 @@ def test_poison_rules_never_take_the_alerter_down(cfg, tmp_path, hook_server):
         [cleared] = [r for r in rows if r["rule"] == "rule_error" and r["transition"] == "cleared"]
         assert (cleared["metric"], cleared["first_ms"]) == ("fragile", error["first_ms"])  # the same alarm
         assert len(raised(rows, "rule_error", metric="fragile")) == 1
-        produce(cfg, contract.WINDOW_ROWS, windows(dict(device_id="last", window_end_ms=10_000, mean=POISON_VALUE),
-                                                   dict(device_id="last", window_end_ms=20_000, mean=90.0)))
-        alerts.until(lambda rs: raised(rs, "hot", "last"))
+        produce(cfg, contract.WINDOW_ROWS, windows(*hot("last", 2000.0)))
+        alerts.until(lambda rs: raised(rs, "hot", "last") and raised(rs, "fragile", "last"))
         assert "Traceback" not in log.read_text(errors="replace")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
