@@ -80,6 +80,9 @@ POISON_FILES: dict[str, tuple[str | bytes, str]] = {
                    "5:14: message: {value:>2000000000}: '>2000000000': widths and precisions are at most 64"),
     "huge_precision": (_rule("mean > 80", '    message: "{mean:.999999999f}"\n'),
                        "5:14: message: {mean:.999999999f}: '.999999999f': widths and precisions are at most 64"),
+    "huge_sms_body": ("receivers:\n  sms:\n    kind: sms\n    url: http://x\n    to: '+1'\n"
+                      "    body: {to: '{to}', text: '{text:.3000000000}'}\n",
+                      "6:11: body: {text:.3000000000}: '.3000000000': widths and precisions are at most 64"),
     "bad_format_spec": (_rule("mean > 80", '    message: "{mean:%%%}"\n'), "5:14: message: {mean:%%%}: '%%%' is not"),
     "huge_message": (_rule("mean > 80", f'    message: "{"x" * 5000}"\n'), "5:14: message: 5000 characters"),
     "unknown_field": (_rule("nosuch > 1"), "4:16: condition: unknown field 'nosuch'"),
