@@ -426,24 +426,26 @@ class RuleWatcher:
         return tuple(out)
 
     def poll(self) -> bool:
-        """Reload if the files changed; True when new rules were installed."""
-        sig = self.signature()
-        if sig == self._signature:
-            return False
-        self._signature = sig
+        """Reload if the files changed; True when new rules were installed. Whatever the files hold
+        (or a directory that cannot be listed), the previous rules keep running."""
         try:
+            sig = self.signature()
+            if sig == self._signature:
+                return False
+            self._signature = sig
             ruleset = load_checked(self.path)
-        except Exception as exc:  # noqa: BLE001 - whatever the files hold, the previous rules keep running
-            self.errors = ([str(e) for e in exc.errors] if isinstance(exc, RulesInvalid)
-                           else [f"{self.path}: cannot load ({type(exc).__name__}: {str(exc)[:200]})"])
-            log.error("rule files rejected, %d previous rules keep running:\n  %s",
-                      len(self.engine.ruleset.rules), "\n  ".join(self.errors))
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            errors = ([str(e) for e in exc.errors] if isinstance(exc, RulesInvalid)
+                      else [f"{self.path}: cannot load ({type(exc).__name__}: {str(exc)[:200]})"])
+            if errors != self.errors:  # an unlistable directory fails every poll: say it once
+                log.error("rule files rejected, %d previous rules keep running:\n  %s",
+                          len(self.engine.ruleset.rules), "\n  ".join(errors))
+            self.errors = errors
             return False
         self.errors = []
         self.engine.set_rules(ruleset)
         log.info("loaded %d rules and %d receivers from %s", len(ruleset.rules), len(ruleset.receivers), self.path)
         return True
-
 
 
 # --- trial run --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from aimass.rules import engine as engine_module
 from aimass.rules import expr
 from aimass.rules.alarms import AlarmStore, StateDB, should_notify
 from aimass.rules.engine import Engine, RuleWatcher
@@ -288,3 +289,20 @@ def test_a_rule_that_raises_is_suspended_with_a_rule_error_alarm(tmp_path, monke
         ("rule_error", "cleared", "fragile", error["alarm_id"])]
     assert "runs again" in cleared[0]["message"]
     assert restored.process("windows", windows(dict(window_end_ms=40_000, mean=POISON_VALUE))) == []
+
+
+def test_a_reload_that_raises_keeps_the_previous_rules(tmp_path, monkeypatch):
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "a.yaml").write_text("rules:\n  - {name: hot, stream: windows, condition: mean > 80}\n")
+    engine = Engine()
+    watcher = RuleWatcher(str(rules_dir), engine)
+    assert watcher.poll() is True
+
+    def unlistable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(engine_module, "rule_files", unlistable)
+    assert watcher.poll() is False
+    assert watcher.errors == [f"{rules_dir}: cannot load (PermissionError: [Errno 13] Permission denied: "
+                              f"'{rules_dir}')"]
+    assert run(engine, "windows", windows(*window_rows([90]))) == [("fire", 10_000)]
