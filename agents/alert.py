@@ -41,6 +41,7 @@ from aimass.rules.alarms import AlarmStore, StateDB, now_ms, should_notify
 from aimass.rules.api import ApiHooks, api_tls_context, api_tokens, make_app
 from aimass.rules.delivery import Dispatcher, Outbox, Senders
 from aimass.rules.engine import Engine, RuleWatcher, warm_up
+from aimass.rules.model import RULE_ERROR
 from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
 from aimass.core import contract
 from aimass.streams.kafka import consume_available, consumer_config, producer_config
@@ -51,6 +52,7 @@ EVENTS = Counter("aimass_alert_events_total", "Alarm state-change events", ["tra
 ACTIVE = Gauge("aimass_alarms_active", "Alarms currently active")
 RULES = Gauge("aimass_rules_loaded", "Rules the engine runs")
 RULE_FILE_ERRORS = Gauge("aimass_rule_file_errors", "Errors in the rule files on disk (0 when they load)")
+RULE_ERRORS = Counter("aimass_rule_errors_total", "Rules suspended after failing on a batch", ["rule"])
 NOTIFICATIONS = Counter("aimass_notifications_total", "Notification attempts by outcome", ["receiver", "status"])
 LATENCY = Histogram("aimass_alert_latency_seconds", "Alarm event time minus bridge receive time of its data",
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
@@ -120,7 +122,7 @@ class Alerter:
             log.warning("%d undecodable records sent to the dead-letter topic", len(rejects))
             out.append((contract.DEAD_LETTER, pa.Table.from_pylist(rejects, schema=contract.REJECTS)))
         batches = {s: pa.concat_tables(ts) for s, ts in tables.items()}
-        signals = []
+        signals = self.engine.take_notices()
         if "labels" in batches:
             self.quality.add_labels(batches["labels"])
         outcomes = []
@@ -141,6 +143,9 @@ class Alerter:
                 out.append((contract.OUTCOME_ROWS, outcome_table))
         if "readings" in batches:
             signals += self.engine.process("readings", batches["readings"])
+        for s in signals:
+            if s.rule.name == RULE_ERROR and s.kind == "fire":
+                RULE_ERRORS.labels(s.series[2]).inc()
         events = self.store.apply(signals)
         self.quality.add_alert_events(events)
         self.persist(events, checkpoint)
@@ -148,14 +153,13 @@ class Alerter:
 
     def persist(self, events: list[dict], checkpoint: bool = False) -> None:
         """Save alarms, enqueue notifications and queue the events for Kafka, atomically."""
-        rules = {r.name: r for r in self.engine.ruleset.rules}
         at = now_ms()
         with self.db:
             self.store.save()
             for e in events:
-                rule = rules.get(e["rule"])
-                if rule is not None and rule.receivers and should_notify(e) and not self.store.silenced(e["alarm_id"], at):
-                    self.outbox.enqueue(e, rule.receivers)
+                receivers = self.engine.receivers_of(e["rule"], (e["tenant"], e["device_id"], e["metric"], 0))
+                if receivers and should_notify(e) and not self.store.silenced(e["alarm_id"], at):
+                    self.outbox.enqueue(e, receivers)
             self.db.queue(self.topic(contract.ALERT_EVENTS), events)
             if checkpoint:
                 self.db.put("engine", json.dumps(self.engine.snapshot()))
@@ -359,7 +363,8 @@ class AlerterService:
                     records.append((m.topic(), m.value()))
                     uncommitted[(m.topic(), m.partition())] = m.offset() + 1
                 checkpoint = bool(uncommitted) and time.monotonic() >= next_checkpoint
-                tables = self.alerter.process(records, checkpoint) if records or checkpoint else []
+                busy = records or checkpoint or self.alerter.engine.notices  # notices: rule_error clears
+                tables = self.alerter.process(records, checkpoint) if busy else []
                 await self.flush(tables)
                 if checkpoint:  # the checkpoint just written covers every offset processed so far
                     await commit()

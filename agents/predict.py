@@ -190,8 +190,8 @@ class PredictStage:
     # Rebalance callbacks run inside the consumer's poll, i.e. between two batches.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self.predictor.partitions[tp.partition] = online.OnlinePartition.load(self._ckpt(tp.partition),
-                                                                                  self.predictor.k)
+            self.predictor.partitions[tp.partition] = online.OnlinePartition.load(
+                self._ckpt(tp.partition), self.predictor.k, self.cfg.predict.band_k)
         log.info("assigned partitions %s (River state restored from %s)", [tp.partition for tp in partitions],
                  self.checkpoints)
 

@@ -163,8 +163,9 @@ class OnlinePartition:
         atomic_write(Path(path), pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
 
     @staticmethod
-    def load(path: Path, k: int) -> "OnlinePartition":
-        """The checkpointed state at ``path``, or a fresh one if there is none (or it is for another K).
+    def load(path: Path, k: int, band_k: float) -> "OnlinePartition":
+        """The checkpointed state at ``path``, or a fresh one if there is none (or it is for another K);
+        either way with the configured ``band_k`` (a checkpoint keeps the one it was written with).
 
         UnsafeFileError, before anything is unpickled, if another user owns it or may write it."""
         path = Path(path)
@@ -172,5 +173,6 @@ class OnlinePartition:
             check_private(path, "checkpoint")
             state = pickle.loads(path.read_bytes())
             if isinstance(state, OnlinePartition) and state.k == k:
+                state.band_k = band_k
                 return state
-        return OnlinePartition(k)
+        return OnlinePartition(k, band_k)

@@ -11,19 +11,21 @@ from datetime import datetime, timezone
 
 from aimass.core.config import Config
 from aimass.core.procs import StackError
-from aimass.rules.model import RulesInvalid, load_rules
+from aimass.rules.engine import load_checked
+from aimass.rules.model import RulesInvalid
 
 
 def configure_rules(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    check = sub.add_parser("check", help="validate rule/receiver files; errors as FILE:LINE:COL: message")
+    check = sub.add_parser("check", help="validate rule/receiver files and run each rule on a synthetic batch of "
+                                         "its stream; errors as FILE:LINE:COL: message")
     check.add_argument("files", nargs="+", metavar="FILE", help="rule files or directories of *.yaml")
 
 
 def run_rules(args: argparse.Namespace, cfg: Config) -> int:
-    """Exit 0 when every file is valid, 1 otherwise (each error printed with its location)."""
+    """Exit 0 when every file is valid (what the alerter would load), 1 otherwise (each error printed with its location)."""
     try:
-        ruleset = load_rules(args.files)
+        ruleset = load_checked(args.files)
     except RulesInvalid as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)

@@ -13,11 +13,20 @@ window_s) with window_s 0 for readings. The engine emits ``Signal``s (fire / cle
 ``aimass.rules.alarms`` turns them into alarm lifecycle events. A row at or before the last event time a
 tracked series has seen is a replay and is skipped. ``RuleWatcher`` reloads rule files while
 running; a bad file is rejected with its errors and the previous rules keep running.
+
+Failures are contained per rule. Before a file is accepted (``load_checked``, also what
+``aimass rules check`` runs) each rule runs on a synthetic batch of its stream holding the awkward
+values (zeros, extremes, NaN, nulls, empty strings) and renders its message for every row; a rule
+that still raises on a live batch is suspended (``Suspension``) until its definition changes, and
+the engine emits a ``rule_error`` alarm naming it (to the rule's receivers) while the other rules
+run on; the alarm clears when the rule is changed or removed.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -26,7 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-from aimass.rules.model import Rule, RuleSet, Selector, RulesInvalid, load_rules, render, rule_files, template_fields
+from aimass.rules.expr import BOOL, NUM, compile_expr
+from aimass.rules.model import (RULE_ERROR, STREAMS, Rule, RuleError, RuleSet, RulesInvalid, Selector, load_rules,
+                                render, rule_files, template_fields)
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +256,35 @@ class Batch:
         return self._global_ids
 
 
+def rule_definition(rule: Rule) -> str:
+    """Everything a rule does, as text: a suspended rule runs again once this changes."""
+    return repr((rule_fingerprint(rule), rule.value.source, rule.message, rule.labels, rule.severity,
+                 rule.repeat_s, rule.receivers))
+
+
+_ALWAYS, _ZERO = compile_expr("true", {}, BOOL), compile_expr("0", {}, NUM)
+
+
+@dataclass
+class Suspension:
+    """A rule taken out of evaluation after it raised, until its definition changes (JSON-able)."""
+
+    rule: str
+    definition: str
+    error: str               # "ValueError: ..."
+    where: str               # file:line of the rule
+    receivers: list[str]
+
+    def signal(self, kind: str) -> Signal:
+        """The ``rule_error`` alarm's fire (the rule failed) or clear (it was changed or removed)."""
+        text = (f"rule {self.rule!r} ({self.where}) was changed or removed and runs again" if kind == "clear" else
+                f"rule {self.rule!r} ({self.where}) failed and is suspended until it is changed: {self.error}")
+        rule = Rule(name=RULE_ERROR, stream="", selector=Selector(), condition=_ALWAYS, clear=None, value=_ZERO,
+                    severity="critical", labels=(("failed_rule", self.rule), ("file", self.where)),
+                    message=text.replace("{", "{{").replace("}", "}}"), receivers=tuple(self.receivers))
+        return Signal(kind, rule, ("", "", self.rule, 0), int(time.time() * 1000), 0.0, 0, {}, 0)
+
+
 class Engine:
     """Evaluates a RuleSet on batches of each stream and keeps per-(rule, series) state."""
 
@@ -253,24 +293,61 @@ class Engine:
         self.registry = SeriesRegistry()
         self.states: dict[str, RuleState] = {}
         self.fingerprints = {r.name: rule_fingerprint(r) for r in self.ruleset.rules}
+        self.receivers = {r.name: r.receivers for r in self.ruleset.rules}
+        self.suspended: dict[str, Suspension] = {}
+        self.notices: list[Signal] = []  # rule_error clears from set_rules, taken by the next batch
 
     def set_rules(self, ruleset: RuleSet) -> None:
-        """Swap in new rules; series state is kept for rules whose logic did not change."""
+        """Swap in new rules; series state is kept for rules whose logic did not change, a suspended
+        rule stays suspended while its definition is the same."""
         new = {r.name: rule_fingerprint(r) for r in ruleset.rules}
         self.states = {name: s for name, s in self.states.items() if self.fingerprints.get(name) == new.get(name)}
         self.ruleset, self.fingerprints = ruleset, new
+        self.receivers = {r.name: r.receivers for r in ruleset.rules}
+        definitions = {r.name: rule_definition(r) for r in ruleset.rules}
+        for name, suspension in list(self.suspended.items()):
+            if definitions.get(name) != suspension.definition:
+                del self.suspended[name]
+                self.notices.append(suspension.signal("clear"))
+
+    def take_notices(self) -> list[Signal]:
+        """Signals not tied to a batch (``rule_error`` clears) since the last call."""
+        notices, self.notices = self.notices, []
+        return notices
+
+    def receivers_of(self, rule_name: str, series: SeriesKey) -> tuple[str, ...]:
+        """Who an alarm's events go to: its rule's receivers; a ``rule_error`` alarm's, the failed rule's."""
+        if rule_name == RULE_ERROR:
+            failed = series[2]
+            if failed in self.suspended:
+                return tuple(self.suspended[failed].receivers)
+            rule_name = failed  # cleared: the rule as it is now
+        return self.receivers.get(rule_name, ())
 
     def process(self, stream: str, table: pa.Table) -> list[Signal]:
-        """Run every rule of ``stream`` over the batch (rows of each series in event-time order)."""
-        rules = self.ruleset.for_stream(stream)
+        """Run every rule of ``stream`` over the batch (rows of each series in event-time order); a rule
+        that raises is suspended and gives a ``rule_error`` signal instead."""
+        rules = [r for r in self.ruleset.for_stream(stream) if r.name not in self.suspended]
         if not rules or table.num_rows == 0:
             return []
         batch = Batch(table)
         signals: list[Signal] = []
         with np.errstate(all="ignore"):
             for rule in rules:
-                signals += self._process_rule(rule, batch)
+                try:
+                    signals += self._process_rule(rule, batch)
+                except Exception as exc:  # noqa: BLE001 - one rule's failure must not stop the others
+                    signals.append(self._suspend(rule, exc))
         return signals
+
+    def _suspend(self, rule: Rule, exc: Exception) -> Signal:
+        suspension = self.suspended[rule.name] = Suspension(
+            rule.name, rule_definition(rule), f"{type(exc).__name__}: {str(exc)[:300]}", f"{rule.file}:{rule.line}",
+            list(rule.receivers))
+        self.states.pop(rule.name, None)
+        log.error("rule %r (%s) failed on a %s batch and is suspended until it is changed: %s",
+                  rule.name, suspension.where, rule.stream, suspension.error)
+        return suspension.signal("fire")
 
     def _process_rule(self, rule: Rule, batch: Batch) -> list[Signal]:
         state = self.states.get(rule.name)
@@ -310,11 +387,13 @@ class Engine:
             if tracked:
                 states[name] = [[list(self.registry.keys[g]), *(getattr(st, f)[g].item() for f in RuleState.FIELDS)]
                                 for g in tracked]
-        return {"fingerprints": self.fingerprints, "states": states}
+        return {"fingerprints": self.fingerprints, "states": states,
+                "suspended": {name: asdict(s) for name, s in self.suspended.items()}}
 
     def restore(self, snap: dict) -> None:
         """Series state from ``snapshot``; ``set_rules`` then keeps it only for unchanged rules."""
         self.fingerprints = dict(snap["fingerprints"])
+        self.suspended = {name: Suspension(**s) for name, s in snap.get("suspended", {}).items()}
         self.states = {}
         for name, rows in snap["states"].items():
             st = self.states[name] = RuleState()
@@ -347,20 +426,76 @@ class RuleWatcher:
         return tuple(out)
 
     def poll(self, force: bool = False) -> bool:
-        """Reload if the files changed (or ``force``); True when new rules were installed."""
-        sig = self.signature()
-        if sig == self._signature and not force:
-            return False
-        self._signature = sig
+        """Reload if the files changed (or ``force``); True when new rules were installed. Whatever
+        the files hold (or a directory that cannot be listed), the previous rules keep running."""
         try:
-            ruleset = load_rules(self.path)
-        except RulesInvalid as exc:
-            self.errors = [str(e) for e in exc.errors]
-            log.error("rule files rejected, %d previous rules keep running:\n  %s",
-                      len(self.engine.ruleset.rules), "\n  ".join(self.errors))
+            sig = self.signature()
+            if sig == self._signature and not force:
+                return False
+            self._signature = sig
+            ruleset = load_checked(self.path)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            errors = ([str(e) for e in exc.errors] if isinstance(exc, RulesInvalid)
+                      else [f"{self.path}: cannot load ({type(exc).__name__}: {str(exc)[:200]})"])
+            if errors != self.errors:  # an unlistable directory fails every poll: say it once
+                log.error("rule files rejected, %d previous rules keep running:\n  %s",
+                          len(self.engine.ruleset.rules), "\n  ".join(errors))
+            self.errors = errors
             return False
         self.errors = []
         self.engine.set_rules(ruleset)
         log.info("loaded %d rules and %d receivers from %s", len(ruleset.rules), len(ruleset.receivers), self.path)
         return True
 
+
+# --- trial run --------------------------------------------------------------------------
+
+def _awkward_values(typ: pa.DataType) -> list:
+    """Values of one column type that expressions and templates trip over."""
+    if pa.types.is_string(typ):
+        return ["", "acme", "pump-1", "température", None]
+    if pa.types.is_boolean(typ):
+        return [True, False, None]
+    if pa.types.is_integer(typ):
+        top = 2 ** (typ.bit_width - 1) - 1
+        return [0, 1, -1, 7, top, -top - 1, None]
+    return [0.0, 1.0, -1.0, 2.5, -0.0, 5e-324, 1e300, -1e300, math.nan, math.inf, -math.inf, None]
+
+
+def synthetic_batch(stream: str, rows: int = 24) -> pa.Table:
+    """``rows`` rows of ``stream``'s contract schema, each column cycling through its awkward values."""
+    schema = STREAMS[stream][0]
+    columns = {}
+    for f in schema:
+        values = _awkward_values(f.type)
+        columns[f.name] = [values[i % len(values)] for i in range(rows)]
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def trial_run(rule: Rule) -> None:
+    """Run ``rule`` the way the engine does on a synthetic batch of its stream (every row selected)
+    and render its message for every row; raises whatever the rule would raise on live data."""
+    batch = Batch(synthetic_batch(rule.stream))
+    trial = replace(rule, selector=Selector(), for_s=0.0, for_windows=0)  # fire at once: values, messages too
+    with np.errstate(all="ignore"):
+        Engine(RuleSet(rules=[trial]))._process_rule(trial, batch)
+        values = np.asarray(rule.value.evaluate(batch.columns(rule.value.fields), batch.n), dtype=float)
+    columns = {n: batch.column(n).tolist() for n in template_fields(rule.message) if n in batch.names}
+    for i, value in enumerate(values.tolist()):
+        Signal("fire", rule, ("", "", "", 0), 0, value, 0, columns, i).message  # noqa: B018 - rendering is the test
+
+
+def load_checked(paths: list[str | Path] | str | Path) -> RuleSet:
+    """``load_rules``, then ``trial_run`` of every rule: a rule that would fail on data is rejected
+    at its line like any other error (``RulesInvalid``)."""
+    ruleset = load_rules(paths)
+    errors = []
+    for rule in ruleset.rules:
+        try:
+            trial_run(rule)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            errors.append(RuleError(rule.file, rule.line, 1, f"rule {rule.name!r} fails on a synthetic "
+                                                             f"{rule.stream} batch: {type(exc).__name__}: {str(exc)[:200]}"))
+    if errors:
+        raise RulesInvalid(errors)
+    return ruleset

@@ -18,6 +18,12 @@ helpers (``FUNCTIONS``, ``HELPERS``). User text is tokenized and parsed here, ne
 Python's ``eval``. ``compile_expr`` type-checks the tree against the stream's columns and
 returns a ``Compiled`` with a vectorized numpy evaluator and a row-by-row one (the baseline the
 benchmark compares against). NaN compares false, as in IEEE arithmetic.
+
+Whatever the text, the result is a ``Compiled`` or an ``ExprError`` with a column: nesting
+(parentheses, calls, ``not``, ``-``) is limited to ``MAX_NESTING`` levels and operator chains to a
+tree ``MAX_DEPTH`` deep, so neither parsing nor evaluation can exhaust the stack; string escapes
+are a fixed set; number literals must be finite. Every number is a float at evaluation (integer
+columns included), so arithmetic cannot overflow or raise, only give inf or NaN.
 """
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 NUM, BOOL, STR = "number", "boolean", "string"
+
+
+MAX_NESTING = 32   # parentheses, calls, 'not' and unary '-' inside one another
+MAX_DEPTH = 100    # operators in one chain (a + b + ...), nested levels included
 
 
 class ExprError(ValueError):
@@ -120,6 +130,17 @@ class _Parser:
     def __init__(self, text: str):
         self.tokens = tokenize(text)
         self.i = 0
+        self.nesting = 0
+
+    def nested(self, parse_one: Callable[[], Node]) -> Node:
+        """``parse_one()`` one nesting level deeper; ``ExprError`` past ``MAX_NESTING``."""
+        if self.nesting >= MAX_NESTING:
+            raise ExprError(f"nested more than {MAX_NESTING} levels deep; split the condition", self.peek().pos)
+        self.nesting += 1
+        try:
+            return parse_one()
+        finally:
+            self.nesting -= 1
 
     def peek(self) -> Token:
         return self.tokens[self.i]
@@ -163,7 +184,7 @@ class _Parser:
 
     def not_(self) -> Node:
         if (tok := self.accept("not")) is not None:
-            return Unary(tok.pos, "not", self.not_())
+            return Unary(tok.pos, "not", self.nested(self.not_))
         return self.compare()
 
     def compare(self) -> Node:
@@ -182,43 +203,86 @@ class _Parser:
 
     def unary(self) -> Node:
         if (tok := self.accept("-")) is not None:
-            return Unary(tok.pos, "-", self.unary())
+            return Unary(tok.pos, "-", self.nested(self.unary))
         return self.power()
 
     def power(self) -> Node:
         node = self.atom()
         if (tok := self.accept("**")) is not None:
-            node = Binary(tok.pos, "**", node, self.unary())
+            node = Binary(tok.pos, "**", node, self.nested(self.unary))
         return node
 
     def atom(self) -> Node:
         tok = self.take()
         if tok.kind == "num":
-            return Const(tok.pos, float(tok.text))
+            value = float(tok.text)
+            if math.isinf(value):
+                raise ExprError(f"number {tok.text[:24]!r} is too large (the largest is about 1.8e308)", tok.pos)
+            return Const(tok.pos, value)
         if tok.kind == "str":
-            return Const(tok.pos, bytes(tok.text[1:-1], "utf-8").decode("unicode_escape"))
+            return Const(tok.pos, unescape(tok))
         if tok.kind == "kw" and tok.text in ("true", "false"):
             return Const(tok.pos, tok.text == "true")
         if tok.kind == "name":
             if self.accept("("):
                 args: list[Node] = []
                 if not self.accept(")"):
-                    args.append(self.or_())
+                    args.append(self.nested(self.or_))
                     while self.accept(","):
-                        args.append(self.or_())
+                        args.append(self.nested(self.or_))
                     self.expect(")")
                 return Call(tok.pos, tok.text, tuple(args))
             return Field(tok.pos, tok.text)
         if tok.kind == "op" and tok.text == "(":
-            node = self.or_()
+            node = self.nested(self.or_)
             self.expect(")")
             return node
         raise ExprError(f"expected a value, found {tok.text or 'end of expression'!r}", tok.pos)
 
 
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|.)", re.DOTALL)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
+
+
+def unescape(tok: Token) -> str:
+    """The value of a string token; ``ExprError`` at an escape that is not one of ``_ESCAPES``, \\xHH, \\uHHHH."""
+    def one(m: re.Match) -> str:
+        code = m.group(1)
+        if len(code) > 1:
+            return chr(int(code[1:], 16))
+        if code not in _ESCAPES:
+            raise ExprError(f"bad escape '\\{code}' in a string: use \\n \\t \\r \\0 \\\\ \\\" \\' \\xHH or "
+                            "\\uHHHH", tok.pos + 1 + m.start())
+        return _ESCAPES[code]
+    return _ESCAPE.sub(one, tok.text[1:-1])
+
+
 def parse(text: str) -> Node:
     """The syntax tree of ``text``; raises ``ExprError`` with the offending column."""
-    return _Parser(text).parse()
+    tree = _Parser(text).parse()
+    _check_depth(tree)
+    return tree
+
+
+def _children(node: Node) -> tuple[Node, ...]:
+    if isinstance(node, Unary):
+        return (node.operand,)
+    if isinstance(node, Binary):
+        return (node.left, node.right)
+    if isinstance(node, Call):
+        return node.args
+    return ()
+
+
+def _check_depth(tree: Node) -> None:
+    """``ExprError`` at the first node deeper than ``MAX_DEPTH`` (walked without recursion)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ExprError(f"more than {MAX_DEPTH} operators deep; split the condition or use a selector",
+                            node.pos)
+        stack += [(child, depth + 1) for child in _children(node)]
 
 
 # --- functions and helpers ------------------------------------------------------------
@@ -338,6 +402,8 @@ def _compile(node: Node, columns: Mapping[str, str], fields: set[str],
             raise ExprError(f"unknown field {node.name!r}; this stream has: {known}", node.pos)
         fields.add(node.name)
         name = node.name
+        if columns[name] == NUM:  # integer columns too: float arithmetic cannot overflow or raise
+            return NUM, (lambda c: np.asarray(c[name], dtype=np.float64)), (lambda r: float(r[name]))
         return columns[name], (lambda c: c[name]), (lambda r: r[name])
     if isinstance(node, Unary):
         typ, vec, row = _compile(node.operand, columns, fields, text)

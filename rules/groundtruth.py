@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aimass.core import contract
+from aimass.rules.model import RULE_ERROR
 
 _SEP = "\x1f"
 _PRED_COLUMNS = ["tenant", "device_id", "metric", "window_s", "target_end_ms", "forecast", "band_low", "band_high",
@@ -206,9 +207,9 @@ class QualityTracker:
         self.pending.setdefault(source, []).append((tenant, device_id, metric, ts_ms))
 
     def add_alert_events(self, events: Iterable[dict]) -> None:
-        """Alarm activations are the rules' detections."""
+        """Alarm activations are the rules' detections (``rule_error``, the alerter's own alarm, is none)."""
         for e in events:
-            if e["transition"] in ("raised", "reraised"):
+            if e["transition"] in ("raised", "reraised") and e["rule"] != RULE_ERROR:
                 self.add_detection(self.source("rule", e["rule"]), e["tenant"], e["device_id"], e["metric"],
                                    e["ts_ms"])
 

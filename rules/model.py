@@ -18,7 +18,12 @@ A rule file holds ``rules:`` (a list) and/or ``receivers:`` (a mapping name -> r
 
 ``load_rules`` reads every file, checks every field and expression (``aimass.rules.expr``), and
 returns a ``RuleSet`` or raises ``RulesInvalid`` listing ``file:line:col: message`` for
-every error found, from the YAML node marks.
+every error found, from the YAML node marks. Any file is either loaded or rejected with its
+location: files over ``MAX_FILE_BYTES``, bytes that are not UTF-8, YAML nested deeper than
+``MAX_YAML_DEPTH`` and anything the checks themselves trip over become errors, never exceptions.
+Messages are bounded: format widths and precisions at most ``MAX_FORMAT``, a rendered message at
+most ``MAX_MESSAGE`` characters, at most ``MAX_LABELS`` labels of ``MAX_LABEL_CHARS``, so an alarm
+record stays small.
 """
 from __future__ import annotations
 
@@ -47,6 +52,13 @@ PLAINTEXT_AUTH = ("tls: none with a username would send the SMTP password in cle
                   "or set allow_plaintext_auth: true on the receiver")
 # Names a message template may use besides the stream's columns.
 TEMPLATE_EXTRAS = ("rule", "severity", "value", "state", "transition", "count")
+RULE_ERROR = "rule_error"      # the alerter's own alarm for a rule that failed at evaluation (a reserved name)
+MAX_FILE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 50
+MAX_FORMAT = 64                # largest width or precision in a template's {field:spec}
+MAX_MESSAGE = 1000             # characters of a rendered template (and of the template itself)
+MAX_NAME_CHARS = 200           # a rule's name
+MAX_LABELS, MAX_LABEL_CHARS = 20, 200
 
 
 def stream_columns(stream: str) -> dict[str, str]:
@@ -160,6 +172,9 @@ _WINDOWS = re.compile(r"^\s*(\d+)\s*(windows?|rows?)\s*$")
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TEMPLATE_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}]*))?\}")
+# Python's format-spec mini-language: [[fill]align][sign][z][#][0][width][grouping][.precision][type]
+_FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d+))?[bcdeEfFgGnosxX%]?",
+                          re.DOTALL)
 
 
 def parse_duration(text: Any) -> float:
@@ -183,17 +198,42 @@ def template_fields(template: str) -> list[str]:
     return [m.group(1) for m in _TEMPLATE_FIELD.finditer(template) if m.group(1)]
 
 
+def format_spec_error(spec: str) -> str | None:
+    """Why ``spec`` cannot be used in a template (not a format spec, or wider / more precise than
+    ``MAX_FORMAT``), or None."""
+    m = _FORMAT_SPEC.fullmatch(spec)
+    if m is None:
+        return f"{spec!r} is not a format spec (e.g. .2f, >8, d)"
+    if int(m.group("width") or 0) > MAX_FORMAT or int(m.group("precision") or 0) > MAX_FORMAT:
+        return f"{spec!r}: widths and precisions are at most {MAX_FORMAT}"
+    return None
+
+
+def template_errors(template: str) -> list[str]:
+    """What is wrong with a message template (too long, bad format specs)."""
+    errors = [f"{{{m.group(1)}:{m.group(2)}}}: {error}" for m in _TEMPLATE_FIELD.finditer(template)
+              if m.group(2) is not None and (error := format_spec_error(m.group(2)))]
+    if len(template) > MAX_MESSAGE:
+        errors.append(f"{len(template)} characters; at most {MAX_MESSAGE}")
+    return errors
+
+
 def render(template: str, values: dict[str, Any]) -> str:
-    """Fill ``{name}`` / ``{name:spec}`` from ``values`` (no attribute access, no code)."""
+    """Fill ``{name}`` / ``{name:spec}`` from ``values`` (no attribute access, no code); a spec that
+    cannot be used prints the plain value, and the result is cut to ``MAX_MESSAGE`` characters."""
     def one(m: re.Match) -> str:
         if m.group(0) in ("{{", "}}"):
             return m.group(0)[0]
         value = values.get(m.group(1), "")
+        spec = m.group(2) or ""
         try:
-            return format(value, m.group(2) or "")
-        except (TypeError, ValueError):
-            return str(value)
-    return _TEMPLATE_FIELD.sub(one, template)
+            if format_spec_error(spec) is None:
+                return format(value, spec)[:MAX_MESSAGE]
+        except Exception:  # noqa: BLE001 - a value the spec does not fit is printed plainly
+            pass
+        return str(value)[:MAX_MESSAGE]
+    text = _TEMPLATE_FIELD.sub(one, template[:MAX_MESSAGE])
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
 
 
 # --- loader ---------------------------------------------------------------------------
@@ -204,6 +244,23 @@ def rule_files(path: str | Path) -> list[Path]:
     if p.is_dir():
         return sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file())
     return [p]
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing (at the offending node) to compose nodes nested deeper than
+    ``MAX_YAML_DEPTH``: the composer recurses per level and would exhaust the stack."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 class _FileLoader:
@@ -223,20 +280,53 @@ class _FileLoader:
         self.errors.append(RuleError(str(self.path), line or 1, col or 1, message))
 
     def load(self, ruleset: RuleSet) -> None:
+        """Check the file, adding what it defines to ``ruleset``; any failure becomes an error here."""
         try:
-            text = self.path.read_text()
+            self._load(ruleset)
+        except Exception as exc:  # noqa: BLE001 - a file the checks trip over is rejected, never raised
+            self.error(None, f"cannot check this file ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "please report it with the file")
+
+    def guarded(self, node: yaml.Node, check: Callable[[yaml.Node], Any]) -> Any:
+        """``check(node)``, or None with an error at ``node`` if the check itself fails."""
+        try:
+            return check(node)
+        except Exception as exc:  # noqa: BLE001 - see load()
+            self.error(node, f"cannot check this ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "please report it with the file")
+            return None
+
+    def _load(self, ruleset: RuleSet) -> None:
+        try:
+            if self.path.stat().st_size > MAX_FILE_BYTES:
+                self.error(None, f"{self.path.stat().st_size} bytes; a rule file is at most {MAX_FILE_BYTES}")
+                return
+            data = self.path.read_bytes()
         except OSError as exc:
             self.error(None, f"cannot read: {exc.strerror or exc}")
             return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            before = data[:exc.start]
+            self.error(None, f"not UTF-8 text (byte {data[exc.start]:#04x}); rule files are UTF-8 YAML",
+                       before.count(b"\n") + 1, exc.start - before.rfind(b"\n"))
+            return
         self.lines = text.splitlines()
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_DepthLimitedLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             self.error(None, f"YAML: {exc.problem or exc.context}", mark.line + 1 if mark else 1,
                        mark.column + 1 if mark else 1)
             return
-        if root is None:
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow: no mark, a position
+            before = text[:exc.position]
+            self.error(None, f"YAML: character U+{int(exc.character):04X} is not allowed in YAML; remove it",
+                       before.count("\n") + 1, exc.position - before.rfind("\n"))
+            return
+        if root is None:  # an editor's half-written save must not silently drop every rule
+            self.error(None, "the file is empty; write `rules: []` to define no rules, or delete the file")
             return
         top = self.mapping(root, "a rule file", ("rules", "receivers"))
         if top is None:
@@ -247,7 +337,7 @@ class _FileLoader:
                 if name in self.declared_receivers:
                     self.error(key_node, f"receiver {name!r} is defined twice")
                 self.declared_receivers.add(name)
-                spec = self.receiver(name, node)
+                spec = self.guarded(node, lambda n: self.receiver(name, n))
                 if spec is not None:
                     ruleset.receivers[name] = spec
         if "rules" in top:
@@ -256,7 +346,7 @@ class _FileLoader:
                 self.error(seq, "rules must be a list of rules")
                 return
             for node in seq.value:
-                rule = self.rule(node)
+                rule = self.guarded(node, self.rule)
                 if rule is not None:
                     ruleset.rules.append(rule)
 
@@ -366,6 +456,8 @@ class _FileLoader:
         severity = self.scalar(fields, "severity", _choice("severity", SEVERITIES), "warning")
         labels = self.labels(fields)
         message = self.scalar(fields, "message", str, Rule.message)
+        for problem in template_errors(message):
+            self.error(fields["message"][1], f"message: {problem}")
         if "message" in fields and stream:
             for ref in template_fields(message):
                 if ref not in columns and ref not in TEMPLATE_EXTRAS and ref not in dict(labels):
@@ -398,7 +490,13 @@ class _FileLoader:
         if "labels" not in fields:
             return ()
         labels = self.mapping(fields["labels"][1], "labels", None) or {}
-        return tuple((k, str(getattr(v, "value", ""))) for k, (_, v) in labels.items())
+        if len(labels) > MAX_LABELS:
+            self.error(fields["labels"][1], f"{len(labels)} labels; at most {MAX_LABELS}")
+        out = tuple((k, str(getattr(v, "value", ""))) for k, (_, v) in labels.items())
+        for (key, value), (key_node, _) in zip(out, labels.values()):
+            if len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+                self.error(key_node, f"label {key[:40]!r}: keys and values are at most {MAX_LABEL_CHARS} characters")
+        return out
 
     def flapping(self, fields: dict) -> Flapping:
         if "flapping" not in fields:
@@ -452,6 +550,10 @@ class _FileLoader:
             self.error(fields["port"][1], "port must be an integer")
         if kind == "sms" and "body" in options and not isinstance(options["body"], (str, dict)):
             self.error(fields["body"][1], "body must be a template string or a mapping of templates")
+        for key in ("subject", "body"):
+            for template in _strings_in(options.get(key)):
+                for problem in template_errors(template):
+                    self.error(fields[key][1], f"{key}: {problem}")
         spec = ReceiverSpec(
             name=name, kind=kind, options=options,
             rate_per_s=self.scalar(fields, "rate_limit", parse_rate, 0.0),
@@ -462,9 +564,24 @@ class _FileLoader:
         return spec if len(self.errors) == before else None
 
 
+def _strings_in(value: Any) -> list[str]:
+    """Every string in a receiver option (a template, or a mapping / list of them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings_in(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings_in(v)]
+    return []
+
+
 def _name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
-        raise ValueError(f"{text!r}: use letters, digits, '_', '-', '.'")
+        raise ValueError(f"{text[:40]!r}: use letters, digits, '_', '-', '.'")
+    if len(text) > MAX_NAME_CHARS:
+        raise ValueError(f"{len(text)} characters; at most {MAX_NAME_CHARS}")
+    if text == RULE_ERROR:
+        raise ValueError(f"{RULE_ERROR!r} is reserved for the alarm the alerter raises when a rule fails")
     return text
 
 

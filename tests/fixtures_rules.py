@@ -4,9 +4,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
+from aimass.rules import expr
 from aimass.rules.model import RuleSet, load_rules
 from aimass.core import contract
 
@@ -67,3 +69,57 @@ def tls_files(tmp_path) -> tuple[str, str]:
                     "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
     return str(cert), str(key)
+
+
+def _rule(condition: str, extra: str = "") -> str:
+    return f"rules:\n  - name: hot\n    stream: windows\n    condition: {condition}\n{extra}"
+
+
+# Rule files that must be rejected with their location, never crash the loader or the alerter:
+# id -> (file content, "LINE:COL: start of the error message").
+POISON_FILES: dict[str, tuple[str | bytes, str]] = {
+    "bad_escape": (_rule("'device_id == \"\\x\"'"), "4:31: condition: bad escape '\\x'"),
+    "bad_unicode_escape": (_rule("'metric == \"\\u12\"'"), "4:28: condition: bad escape '\\u'"),
+    "deep_parentheses": (_rule("'" + "(" * 200 + "mean" + ")" * 200 + " > 1'"),
+                         "4:50: condition: nested more than 32 levels deep"),
+    "deep_not": (_rule("'" + "not " * 5000 + "mean > 1'"), "4:149: condition: nested more than 32 levels deep"),
+    "long_chain": (_rule("'" + "mean + " * 5000 + "mean > 1'"), "4:34331: condition: more than 100 operators deep"),
+    "deep_yaml_list": ("rules: " + "[" * 5000 + "]" * 5000 + "\n", "1:57: YAML: nested more than 50 levels deep"),
+    "deep_yaml_mapping": ("rules:\n  - name: hot\n    labels: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
+                          "3:198: YAML: nested more than 50 levels deep"),
+    "huge_number": (_rule("mean > 1e999"), "4:23: condition: number '1e999' is too large"),
+    "huge_width": (_rule("mean > 80", '    message: "{value:>2000000000}"\n'),
+                   "5:14: message: {value:>2000000000}: '>2000000000': widths and precisions are at most 64"),
+    "huge_precision": (_rule("mean > 80", '    message: "{mean:.999999999f}"\n'),
+                       "5:14: message: {mean:.999999999f}: '.999999999f': widths and precisions are at most 64"),
+    "huge_sms_body": ("receivers:\n  sms:\n    kind: sms\n    url: http://x\n    to: '+1'\n"
+                      "    body: {to: '{to}', text: '{text:.3000000000}'}\n",
+                      "6:11: body: {text:.3000000000}: '.3000000000': widths and precisions are at most 64"),
+    "bad_format_spec": (_rule("mean > 80", '    message: "{mean:%%%}"\n'), "5:14: message: {mean:%%%}: '%%%' is not"),
+    "huge_message": (_rule("mean > 80", f'    message: "{"x" * 5000}"\n'), "5:14: message: 5000 characters"),
+    "unknown_field": (_rule("nosuch > 1"), "4:16: condition: unknown field 'nosuch'"),
+    "unknown_key": (_rule("mean > 1", "    bogus: 1\n"), "5:5: unknown key 'bogus' in a rule"),
+    "reserved_name": ("rules:\n  - {name: rule_error, stream: windows, condition: mean > 1}\n",
+                      "2:12: name: 'rule_error' is reserved"),
+    "non_mapping": ("- just\n- a list\n", "1:1: a rule file must be a mapping"),
+    "rule_not_mapping": ("rules:\n  - 42\n", "2:5: a rule must be a mapping"),
+    "binary_garbage": (bytes(range(256)) * 4, "2:118: not UTF-8 text (byte 0x80)"),
+    "control_characters": ("rules: \x00\x01\n", "1:8: YAML: character U+0000 is not allowed"),
+    "empty": ("", "1:1: the file is empty"),
+    "oversized": ("#" * (1 << 20) + "\nrules: []\n", "1:1: 1048587 bytes; a rule file is at most 1048576"),
+}
+
+
+POISON_VALUE = 13.0
+
+
+def poisoned_sqrt() -> tuple:
+    """A test fault for ``expr.FUNCTIONS["sqrt"]``: rules compiled with it raise on ``POISON_VALUE``, a
+    value the trial run's synthetic batch does not hold, i.e. they pass every check and fail on live data."""
+    arity, vector, row = expr.FUNCTIONS["sqrt"]
+
+    def poisoned(x):
+        if np.any(np.asarray(x) == POISON_VALUE):
+            raise FloatingPointError(f"poisoned sqrt({POISON_VALUE})")
+        return vector(x)
+    return arity, poisoned, row

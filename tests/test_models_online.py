@@ -91,12 +91,25 @@ def test_checkpoint_round_trip_gives_identical_next_predictions(tmp_path):
     state = online.OnlinePartition(8)
     _feed(state, windows, 0, 400)
     state.save(tmp_path / "p0.pkl")
-    restored = online.OnlinePartition.load(tmp_path / "p0.pkl", 8)
+    restored = online.OnlinePartition.load(tmp_path / "p0.pkl", 8, 3.0)
     a, b = _feed(state, windows, 400, 600), _feed(restored, windows, 400, 600)
     assert len(a.rows) == 200
     for field in ("forecast", "anomaly", "band_scale", "x"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-    assert online.OnlinePartition.load(tmp_path / "missing.pkl", 8).series == {}
+    assert online.OnlinePartition.load(tmp_path / "missing.pkl", 8, 3.0).series == {}
+
+
+def test_a_loaded_partition_uses_the_configured_band_k(tmp_path):
+    """predict.band_k holds after a partition assignment, whether a checkpoint exists or not."""
+    windows, _ = synthetic_windows(5, 120, spike_every=17)
+    state = online.OnlinePartition(8)  # checkpoint written under the default band_k (3)
+    _feed(state, windows, 0, 400)
+    state.save(tmp_path / "p0.pkl")
+    restored = online.OnlinePartition.load(tmp_path / "p0.pkl", 8, 4.5)
+    assert online.OnlinePartition.load(tmp_path / "missing.pkl", 8, 4.5).band_k == 4.5
+    a, b = _feed(state, windows, 400, 600), _feed(restored, windows, 400, 600)
+    assert np.all(a.band_scale > 0)
+    np.testing.assert_allclose(b.band_scale, a.band_scale * 1.5)
 
 
 def test_replayed_windows_are_skipped_and_river_learns():

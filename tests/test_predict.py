@@ -115,7 +115,8 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     group.close()
     assert {tp.partition: tp.offset for tp in committed} == counts
     ckpt = tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict"
-    states = {p: online.OnlinePartition.load(ckpt / f"p{p}.pkl", cfg.predict.history_windows) for p in counts}
+    states = {p: online.OnlinePartition.load(ckpt / f"p{p}.pkl", cfg.predict.history_windows,
+                                                  cfg.predict.band_k) for p in counts}
     assert sum(len(s.series) for s in states.values()) == SERIES
     last_end = int(first["window_end_ms"].to_numpy().max())
     assert all(s.last_end_ms == last_end for st in states.values() for s in st.series.values())

@@ -23,6 +23,7 @@ from aimass.core.procs import free_port, port_in_use, wait_until
 from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
 from aimass.core.clickhouse import ChdbStore
+from tests.conftest import REPO
 from tests.fixtures_rules import labels, predictions, windows
 from tests.fixtures_store import Running, chdb_config, chdb_run_dir, sink_on, wait_for  # noqa: F401
 
@@ -71,10 +72,11 @@ def hook_server():
     server.server_close()
 
 
-def write_config(cfg, tmp_path: Path, hook_port: int, checkpoint_ms: int = 1000) -> Path:
+def write_config(cfg, tmp_path: Path, hook_port: int, checkpoint_ms: int = 1000, rules_text: str = RULES,
+                 metrics_port: int = 0) -> Path:
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "rules.yaml").write_text(RULES.format(port=hook_port))
+    (rules / "rules.yaml").write_text(rules_text.format(port=hook_port))
     path = tmp_path / "aimass.toml"
     path.write_text(f"""
 [run]
@@ -86,7 +88,7 @@ partitions = {cfg.kafka.partitions}
 [alert]
 rules_path = "{rules}"
 api_port = {cfg.alert.api_port}
-metrics_port = 0
+metrics_port = {metrics_port}
 reload_s = 0.5
 quality_every_s = 1
 label_grace_s = 0
@@ -99,9 +101,10 @@ checkpoint_ms = {checkpoint_ms}
 ENV = {**os.environ, "AIMASS_API_TOKEN": "test-token", "TEST_HOOK_SECRET": "hook-secret"}
 
 
-def start_alerter(config: Path, log: Path, api_port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "aimass.cli", "--config", str(config), "alerter"],
-                            stdout=subprocess.DEVNULL, stderr=log.open("a"), env=ENV)
+def start_alerter(config: Path, log: Path, api_port: int, python: tuple[str, ...] = ("-m", "aimass.cli")) -> subprocess.Popen:
+    """`aimass alerter` (or ``python`` args that run aimass.cli, e.g. after injecting a fault)."""
+    proc = subprocess.Popen([sys.executable, *python, "--config", str(config), "alerter"],
+                            stdout=subprocess.DEVNULL, stderr=log.open("a"), env=ENV, cwd=REPO)
     wait_until(lambda: port_in_use(api_port), 30, "alerter API", proc, log)
     return proc
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from aimass.rules import engine as engine_module
+from aimass.rules import expr
 from aimass.rules.alarms import AlarmStore, StateDB, should_notify
 from aimass.rules.engine import Engine, RuleWatcher
-from tests.fixtures_rules import readings, ruleset, windows
+from tests.fixtures_rules import POISON_VALUE, poisoned_sqrt, readings, ruleset, windows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -242,3 +244,65 @@ def test_engine_state_snapshot_round_trip(tmp_path):
     changed.restore(engine.snapshot())
     changed.set_rules(ruleset(tmp_path, "rules:\n" + text.replace("mean > 80", "mean > 85")))
     assert changed.states == {}  # the rule changed while the alerter was down: its progress is void
+
+
+FRAGILE = """
+receivers:
+  ops: {kind: webhook, url: "http://127.0.0.1:1/hook", secret_env: TEST_HOOK_SECRET}
+rules:
+  - {name: hot, stream: windows, condition: mean > 80}
+  - {name: fragile, stream: windows, condition: sqrt(mean) > 100, receivers: [ops]}
+"""
+
+
+def test_a_rule_that_raises_is_suspended_with_a_rule_error_alarm(tmp_path, monkeypatch):
+    """Evaluation errors are contained per rule: the failing rule is suspended and named by a
+    rule_error alarm (to its receivers); the other rules alarm in the same batch and after."""
+    monkeypatch.setitem(expr.FUNCTIONS, "sqrt", poisoned_sqrt())
+    engine = Engine(ruleset(tmp_path, FRAGILE))
+    store = AlarmStore(StateDB(tmp_path / "state.sqlite"))
+    batch = windows(dict(device_id="d1", window_end_ms=10_000, mean=POISON_VALUE),
+                    dict(device_id="d2", window_end_ms=10_000, mean=90.0))
+    events = store.apply(engine.process("windows", batch))
+    assert [(e["rule"], e["transition"], e["device_id"], e["metric"]) for e in events] == [
+        ("hot", "raised", "d2", "temperature"), ("rule_error", "raised", "", "fragile")]
+    error = events[1]
+    assert (error["severity"], json.loads(error["labels_json"])["failed_rule"]) == ("critical", "fragile")
+    assert "rule 'fragile' (" in error["message"] and "FloatingPointError: poisoned sqrt(13.0)" in error["message"]
+    assert engine.receivers_of("rule_error", ("", "", "fragile", 0)) == ("ops",)
+    assert set(engine.suspended) == {"fragile"}
+
+    # suspended: not evaluated again (no second error), the other rule still runs
+    again = engine.process("windows", windows(dict(device_id="d3", window_end_ms=20_000, mean=POISON_VALUE),
+                                              dict(device_id="d3", window_end_ms=30_000, mean=95.0)))
+    assert [(s.rule.name, s.kind, s.series[1]) for s in again] == [("hot", "fire", "d3")]
+
+    # a restart keeps the suspension; reloading the same rule keeps it; changing the rule clears the alarm
+    restored = Engine()
+    restored.restore(json.loads(json.dumps(engine.snapshot())))
+    restored.set_rules(ruleset(tmp_path, FRAGILE))
+    assert set(restored.suspended) == {"fragile"} and restored.take_notices() == []
+    restored.set_rules(ruleset(tmp_path, FRAGILE.replace("sqrt(mean) > 100", "mean > 1000")))
+    assert restored.suspended == {}
+    cleared = store.apply(restored.take_notices())
+    assert [(e["rule"], e["transition"], e["metric"], e["alarm_id"]) for e in cleared] == [
+        ("rule_error", "cleared", "fragile", error["alarm_id"])]
+    assert "runs again" in cleared[0]["message"]
+    assert restored.process("windows", windows(dict(window_end_ms=40_000, mean=POISON_VALUE))) == []
+
+
+def test_a_reload_that_raises_keeps_the_previous_rules(tmp_path, monkeypatch):
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "a.yaml").write_text("rules:\n  - {name: hot, stream: windows, condition: mean > 80}\n")
+    engine = Engine()
+    watcher = RuleWatcher(str(rules_dir), engine)
+    assert watcher.poll() is True
+
+    def unlistable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(engine_module, "rule_files", unlistable)
+    assert watcher.poll() is False
+    assert watcher.errors == [f"{rules_dir}: cannot load (PermissionError: [Errno 13] Permission denied: "
+                              f"'{rules_dir}')"]
+    assert run(engine, "windows", windows(*window_rows([90]))) == [("fire", 10_000)]

@@ -86,12 +86,14 @@ def test_quality_precision_recall_delay_hand_computed():
         alert("hot", 300_000, transition="cleared"),  # not a detection
         alert("hot", 307_000),                    # detects L2, delay 7 s
         alert("hot", 505_000, device="pump-1"),   # L3 is another device: false positive
+        alert("rule_error", 104_000),             # the alerter's own alarm (a rule failed): no detection
     ])
     # model: rising edges over 0.8 per series (114 s only; 116 s is the same episode)
     q.add_predictions(predictions(dict(window_end_ms=114_000, anomaly=0.9), dict(window_end_ms=116_000, anomaly=0.95),
                                   dict(window_end_ms=118_000, anomaly=0.1)))
     q.advance(1_000_000)
     rows = {(r["rule"], r["model"]): r for r in q.rows(computed_ms=1)}
+    assert set(rows) == {("hot", ""), ("", "ae:1")}
     hot = rows[("hot", "")]
     assert (hot["true_positives"], hot["false_positives"], hot["false_negatives"]) == (2, 2, 1)
     assert hot["precision"] == pytest.approx(3 / 5)     # 3 matched of 5 detections

@@ -2,6 +2,7 @@
 locations, through the library and through `aimass rules check`."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -10,9 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aimass.core.config import Config
+from aimass.rules import expr
+from aimass.rules.cli import run_rules
+from aimass.rules.engine import Engine, load_checked
 from aimass.rules.expr import BOOL, NUM, ExprError, compile_expr
-from aimass.rules.model import RulesInvalid, load_rules, parse_duration, parse_rate, render, stream_columns
+from aimass.rules.model import MAX_MESSAGE, RulesInvalid, load_rules, parse_duration, parse_rate, render, stream_columns
 from tests.conftest import REPO
+from tests.fixtures_rules import POISON_FILES, windows
 
 WINDOW_COLUMNS = stream_columns("windows")
 
@@ -170,3 +176,72 @@ def test_examples_are_valid_and_cli_reports_errors(tmp_path):
     assert res.returncode == 1
     assert f"{bad}:7:23: condition: expected a value, found '>'" in res.stderr.splitlines()
     assert "12 error(s)" in res.stderr
+
+
+# --- files and expressions that must be rejected, never raised; what passes the check runs ----------
+
+@pytest.mark.parametrize("case", sorted(POISON_FILES))
+def test_a_poison_file_is_rejected_with_its_location(tmp_path, capsys, case):
+    content, want = POISON_FILES[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(RulesInvalid) as err:
+        load_checked(path)
+    assert str(err.value.errors[0]).startswith(f"{path}:{want}")
+    # `aimass rules check` (its function, in-process; the command itself is run above): exit 1, the same line
+    assert run_rules(argparse.Namespace(files=[str(path)]), Config()) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"{path}:{want}") and lines[-1].endswith("the files were not accepted")
+
+
+def test_string_escapes_are_decoded_exactly():
+    cols = {"m": np.array(["é", "A\\", 'q"', "x"], dtype=object)}
+    for text in ('m == "é"', 'm == "\\u00e9"', 'm == "\\x41\\\\"', "m == 'q\"'", "m == \"q\\\"\""):
+        vec, rows = evaluate_both(text, cols)
+        assert vec.tolist() == rows and sum(rows) == 1, text
+
+
+def test_integer_columns_are_floats_in_arithmetic():
+    cols = {"count": np.array([0, 1, 2, 2**62], dtype=np.int64)}
+    with np.errstate(all="ignore"):
+        powered = compile_expr("count ** -count", {"count": NUM}).evaluate(cols, 4)
+        cubed = compile_expr("count * count * count > 0", {"count": NUM}).evaluate(cols, 4)
+    assert powered.tolist() == [1.0, 1.0, 0.25, 0.0]  # no ValueError for integers to negative powers
+    assert cubed.tolist() == [False, True, True, True]  # 2**186, not a wrapped-around int64
+
+
+def test_templates_are_capped_when_rendered():
+    assert render("{v:>2000000000}|{v:.999f}|{v:>8}", {"v": 1}) == "1|1|       1"
+    long = render("{v} {v}", {"v": "x" * 900})
+    assert len(long) == MAX_MESSAGE and long.endswith("x…")
+    assert len(render("{v}" * 2000, {"v": "ab"})) <= MAX_MESSAGE
+
+
+def test_what_passes_the_check_runs(tmp_path):
+    path = tmp_path / "edgy.yaml"
+    path.write_text("rules:\n"
+                    "  - {name: intpow, stream: windows, condition: count ** -count > 0}\n"
+                    "  - {name: divzero, stream: windows, condition: mean / (count - count) > 1e308}\n"
+                    "  - {name: wide, stream: windows, condition: window_end_ms * window_end_ms > 0,\n"
+                    "     message: '{device_id:>64} {mean:.64f} {count:,d} {zscore:e}'}\n")
+    engine = Engine(load_checked(path))
+    signals = engine.process("windows", windows(dict(count=10, mean=5.0, window_end_ms=10**10)))
+    assert sorted(s.rule.name for s in signals) == ["divzero", "intpow", "wide"]
+    assert len([s.message for s in signals][2]) <= MAX_MESSAGE
+
+
+def test_the_check_runs_each_rule_on_a_synthetic_batch(tmp_path, monkeypatch):
+    """An evaluation error the type check cannot see is an error at the rule's line, not a crash later."""
+    def sqrt(x):  # a numpy-level failure on infinite input, which the synthetic batch holds
+        if np.isinf(x).any():
+            raise FloatingPointError("overflow in sqrt")
+        return np.sqrt(x)
+    monkeypatch.setitem(expr.FUNCTIONS, "sqrt", (1, sqrt, abs))
+    path = tmp_path / "r.yaml"
+    path.write_text("rules:\n  - name: ok\n    stream: windows\n    condition: mean > 1\n"
+                    "  - name: fragile\n    stream: windows\n    condition: sqrt(mean) > 1\n")
+    assert [r.name for r in load_rules(path).rules] == ["ok", "fragile"]  # the type check passes it
+    with pytest.raises(RulesInvalid) as err:
+        load_checked(path)
+    [error] = err.value.errors
+    assert str(error).startswith(f"{path}:5:1: rule 'fragile' fails on a synthetic windows batch: FloatingPointError")
