@@ -153,7 +153,7 @@ class Alerter:
             self.store.save()
             for e in events:
                 rule = rules.get(e["rule"])
-                if rule is not None and rule.receivers and should_notify(e):
+                if self.cfg.alert.notify and rule is not None and rule.receivers and should_notify(e):
                     self.outbox.enqueue(e, rule.receivers)
             self.db.queue(self.topic(contract.ALERT_EVENTS), events)
             if checkpoint:
