@@ -158,7 +158,7 @@ class Alerter:
             self.store.save()
             for e in events:
                 receivers = self.engine.receivers_of(e["rule"], (e["tenant"], e["device_id"], e["metric"], 0))
-                if receivers and should_notify(e) and not self.store.silenced(e["alarm_id"], at):
+                if self.cfg.alert.notify and receivers and should_notify(e) and not self.store.silenced(e["alarm_id"], at):
                     self.outbox.enqueue(e, receivers)
             self.db.queue(self.topic(contract.ALERT_EVENTS), events)
             if checkpoint:

@@ -90,14 +90,16 @@ def start_pipeline(cfg: Config, sup: Supervisor, plans: list[StagePlan], base_en
 
 
 class Pipeline:
-    """The embedded stack, a verifying webhook receiver and every stage, as a context manager."""
+    """The embedded stack, a verifying webhook receiver (unless ``webhook_port`` is None) and every
+    stage, as a context manager."""
 
-    def __init__(self, cfg: Config, workers: int = 2, keep_stack: bool = False, say=print):
+    def __init__(self, cfg: Config, workers: int = 2, keep_stack: bool = False, say=print,
+                 webhook_port: int | None = WEBHOOK_PORT):
         self.cfg, self.workers, self.keep_stack, self.say = cfg, workers, keep_stack, say
         self.secret = os.environ.get(cfg.alert.webhook_secret_env) or secrets.token_hex(16)
         self.plans = stage_plans(cfg, workers)
         self.sup = Supervisor(cfg.run_dir, auto_restart=True)
-        self.receiver = WebhookReceiver(self.secret, WEBHOOK_PORT)
+        self.receiver = WebhookReceiver(self.secret, webhook_port) if webhook_port is not None else None
 
     @property
     def metrics_ports(self) -> list[int]:
@@ -105,7 +107,8 @@ class Pipeline:
 
     def __enter__(self) -> "Pipeline":
         up(self.cfg, say=self.say)
-        self.receiver.start()
+        if self.receiver:
+            self.receiver.start()
         try:
             start_pipeline(self.cfg, self.sup, self.plans,
                            {**to_env(self.cfg), self.cfg.alert.webhook_secret_env: self.secret},
@@ -117,7 +120,8 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         codes = self.sup.stop_all(timeout=20)
-        self.receiver.stop()
+        if self.receiver:
+            self.receiver.stop()
         self.say("stages stopped: " + ", ".join(f"{n}={c}" for n, c in codes.items()))
         if not self.keep_stack:
             down(self.cfg, say=self.say)
@@ -198,12 +202,17 @@ def json_safe(value):
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
+ANY_RULE = "(any rule)"
+
+
 def detection_scores(labels: pa.Table | None, alerts: list[dict]) -> list[dict]:
-    """Precision, recall and mean delay per rule: stored alarm events against labelled intervals."""
+    """Precision, recall and mean delay per rule, and for the alarms of every rule together
+    (``ANY_RULE``): stored alarm events against labelled intervals."""
     quality = QualityTracker()
     if labels is not None:
         quality.add_labels(labels)
-    quality.add_alert_events({**a, "ts_ms": _ms(a["ts"])} for a in alerts)
+    events = [{**a, "ts_ms": _ms(a["ts"])} for a in alerts]
+    quality.add_alert_events(events + [{**e, "rule": ANY_RULE} for e in events])
     quality.advance(2 ** 62)  # the run is over: settle every label and detection
     quality.decide()
     return quality.rows(int(time.time() * 1000))

@@ -1,14 +1,20 @@
 """Replay history through the live pipeline (`aimass replay FILE`; module aimass.streams.history_replay).
 
-Reads a CSV or Parquet file with a timestamp and a value column (optional device, metric
-and unit columns, or one device/metric given on the command line), sorts it by event time
-and publishes every reading as a single-reading JSON message with its original timestamp,
-at a chosen speed-up (``--speed 60``: one hour of history per minute; 0: as fast as possible).
+Reads a CSV (separator `,`, `;` or tab, from the header) or Parquet file, sorts it by event time
+and publishes every reading as a single-reading JSON message with its original timestamp, at a
+chosen speed-up (``--speed 60``: one hour of history per minute; 0: as fast as possible).
+
+Two shapes are accepted. Long: a timestamp and a value column, with optional device, metric and
+unit columns (or one device / metric given on the command line). Wide: a timestamp and one numeric
+column per metric (as SKAB and most exports have it); column names become metric names, with
+characters a metric name cannot hold replaced by ``_``. Per-row label columns (``anomaly``,
+``changepoint``: 0/1) are never published; they are kept with the readings for `aimass backtest`.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +33,8 @@ TS_COLUMNS = ("ts_ms", "ts", "timestamp", "time", "datetime", "date")
 VALUE_COLUMNS = ("value", "y", "reading")
 DEVICE_COLUMNS = ("device_id", "device")
 METRIC_COLUMNS = ("metric", "sensor", "name")
+LABEL_COLUMNS = ("anomaly", "changepoint")  # per-row 0/1 labels, SKAB's names
+READING_COLUMNS = ["device_id", "metric", "ts_ms", "value", "unit"]
 
 
 def _pick(frame: pd.DataFrame, given: str | None, candidates: tuple[str, ...], what: str,
@@ -56,32 +64,80 @@ def to_epoch_ms(column: pd.Series) -> np.ndarray:
     return (stamps.astype("datetime64[ns, UTC]").astype(np.int64) // 1_000_000).to_numpy()
 
 
+def read_frame(path: Path) -> pd.DataFrame:
+    """A Parquet file, or a CSV whose separator (`,`, `;` or tab) is the one its header uses."""
+    if path.suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    with path.open(newline="") as f:
+        header = f.readline()
+    sep = max((",", ";", "\t"), key=header.count)
+    return pd.read_csv(path, sep=sep)
+
+
+def metric_name(column: str) -> str:
+    """A wide file's column name as a metric name (``Volume Flow RateRMS`` -> ``Volume_Flow_RateRMS``)."""
+    name = re.sub(r"[^A-Za-z0-9_.:/-]+", "_", column.strip()).lstrip(".:/-")[:128]
+    if not METRIC_RE.fullmatch(name):
+        raise StackError(f"column {column!r} cannot be a metric name (metrics match {METRIC_RE.pattern})")
+    return name
+
+
+def wide_columns(frame: pd.DataFrame, taken: set[str]) -> list[str]:
+    """The metric columns of a wide file: every numeric column not otherwise used."""
+    return [c for c in frame.columns if c not in taken and c not in LABEL_COLUMNS
+            and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
+
+
 def load_history(path: str | Path, ts_column: str | None = None, value_column: str | None = None,
                  device_column: str | None = None, metric_column: str | None = None, unit_column: str | None = None,
                  device: str | None = None, metric: str | None = None, unit: str = "") -> pd.DataFrame:
-    """The file's readings as columns device_id, metric, ts_ms, value, unit, in event-time order."""
+    """The file's readings as columns device_id, metric, ts_ms, value, unit (plus the label columns
+    it has), in event-time order; ``attrs["wide"]`` says whether it had one column per metric."""
     path = Path(path)
     if not path.is_file():
         raise StackError(f"history file {path} does not exist")
-    frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    frame = read_frame(path)
     ts_col = _pick(frame, ts_column, TS_COLUMNS, "ts")
-    value_col = _pick(frame, value_column, VALUE_COLUMNS, "value")
-    device_col = None if device else _pick(frame, device_column, DEVICE_COLUMNS, "device")
-    metric_col = None if metric else _pick(frame, metric_column, METRIC_COLUMNS, "metric")
+    device_col = None if device else _pick(frame, device_column, DEVICE_COLUMNS, "device", required=False)
     unit_col = _pick(frame, unit_column, ("unit",), "unit", required=False)
-    out = pd.DataFrame({
-        "device_id": frame[device_col].astype(str) if device_col else device,
-        "metric": frame[metric_col].astype(str) if metric_col else metric,
-        "ts_ms": to_epoch_ms(frame[ts_col]),
-        "value": pd.to_numeric(frame[value_col], errors="coerce").astype(np.float64),
-        "unit": frame[unit_col].fillna("").astype(str) if unit_col else check_unit(unit),
-    })
+    value_col = _pick(frame, value_column, VALUE_COLUMNS, "value", required=False)
+    labels = [c for c in LABEL_COLUMNS if c in frame.columns]
+    ts_ms = to_epoch_ms(frame[ts_col])
+    if value_col is None:  # wide: one column per metric
+        metrics = wide_columns(frame, {ts_col, device_col, unit_col, metric_column})
+        if not metrics:
+            raise StackError(f"no value column (looked for {', '.join(VALUE_COLUMNS)}; name it with --value-column) "
+                             f"and no numeric metric columns; columns: {', '.join(frame.columns)}")
+        names = [metric_name(c) for c in metrics]
+        n = len(frame)
+        out = pd.DataFrame({
+            "device_id": np.repeat(frame[device_col].astype(str).to_numpy(), len(metrics)) if device_col else device,
+            "metric": np.tile(names, n), "ts_ms": np.repeat(ts_ms, len(metrics)),
+            "value": frame[metrics].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64).ravel(),
+            "unit": check_unit(unit),
+            **{c: np.repeat(frame[c].to_numpy(np.float64), len(metrics)) for c in labels},
+        })
+    else:
+        metric_col = None if metric else _pick(frame, metric_column, METRIC_COLUMNS, "metric")
+        out = pd.DataFrame({
+            "device_id": frame[device_col].astype(str) if device_col else device,
+            "metric": frame[metric_col].astype(str) if metric_col else metric,
+            "ts_ms": ts_ms,
+            "value": pd.to_numeric(frame[value_col], errors="coerce").astype(np.float64),
+            "unit": frame[unit_col].fillna("").astype(str) if unit_col else check_unit(unit),
+            **{c: frame[c].to_numpy(np.float64) for c in labels},
+        })
+    if out["device_id"].isna().any():
+        raise StackError(f"no device column (looked for {', '.join(DEVICE_COLUMNS)}); name it with --device-column "
+                         f"or give one device with --device; columns: {', '.join(frame.columns)}")
     bad_ids = sorted({d for d in out["device_id"].unique() if not ID_RE.fullmatch(d)})
     bad_metrics = sorted({m for m in out["metric"].unique() if not METRIC_RE.fullmatch(m)})
     if bad_ids or bad_metrics:
         raise StackError(f"invalid device ids {bad_ids[:5]} / metric names {bad_metrics[:5]} "
                          f"(ids must match {ID_RE.pattern}, metrics {METRIC_RE.pattern})")
-    return out.sort_values("ts_ms", kind="stable").reset_index(drop=True)
+    out = out.sort_values("ts_ms", kind="stable").reset_index(drop=True)
+    out.attrs["wide"] = value_col is None
+    return out
 
 
 def replay(cfg: Config, history: pd.DataFrame, tenant: str = "replay", speed: float = 0.0, qos: int | None = None,
@@ -94,7 +150,7 @@ def replay(cfg: Config, history: pd.DataFrame, tenant: str = "replay", speed: fl
     last_report = start
     first_ts = int(history["ts_ms"].iloc[0]) if len(history) else 0
     with Publisher(cfg, f"aimass-replay-{tenant}-{int(start * 1000) % 1_000_000}", qos=qos) as pub:
-        for device_id, metric, ts_ms, value, unit in history.itertuples(index=False, name=None):
+        for device_id, metric, ts_ms, value, unit in history[READING_COLUMNS].itertuples(index=False, name=None):
             if stop and stop():
                 break
             if not math.isfinite(value):

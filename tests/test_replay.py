@@ -43,6 +43,25 @@ def test_parquet_with_datetimes_device_and_metric_columns(tmp_path):
     ]
 
 
+def test_wide_semicolon_file_has_a_metric_per_column_and_keeps_its_labels(tmp_path):
+    """SKAB's shape: `;`-separated, local datetimes, one column per sensor, per-row labels."""
+    path = tmp_path / "skab.csv"
+    path.write_text("datetime;Accelerometer1RMS;Volume Flow RateRMS;anomaly;changepoint\n"
+                    "2020-03-09 10:14:34;0.5;32.0;1.0;1.0\n"
+                    "2020-03-09 10:14:33;0.25;31.0;0.0;0.0\n")
+    h = load_history(path, device="pump-1")
+    assert h.attrs["wide"] is True
+    assert h[["metric", "ts_ms", "value", "anomaly", "changepoint"]].to_dict("records") == [
+        {"metric": "Accelerometer1RMS", "ts_ms": 1_583_748_873_000, "value": 0.25, "anomaly": 0.0, "changepoint": 0.0},
+        {"metric": "Volume_Flow_RateRMS", "ts_ms": 1_583_748_873_000, "value": 31.0, "anomaly": 0.0, "changepoint": 0.0},
+        {"metric": "Accelerometer1RMS", "ts_ms": 1_583_748_874_000, "value": 0.5, "anomaly": 1.0, "changepoint": 1.0},
+        {"metric": "Volume_Flow_RateRMS", "ts_ms": 1_583_748_874_000, "value": 32.0, "anomaly": 1.0, "changepoint": 1.0},
+    ]
+    assert set(h["device_id"]) == {"pump-1"}
+    with pytest.raises(StackError, match="--device-column"):
+        load_history(path)                                   # one device per file needs a name
+
+
 def test_missing_columns_and_bad_ids_are_clear_errors(tmp_path):
     path = tmp_path / "h.csv"
     pd.DataFrame({"when": [1], "value": [1.0]}).to_csv(path, index=False)

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pytest
 
 from aimass.core.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError
-from aimass.core.config import Config
+from aimass.core.config import Config, ConfigError, load_config
+from aimass.core.tables import MAX_TTL_DAYS
 from aimass.core.db import migrate
 from aimass.core.procs import free_port
 from aimass.query import REPORTS, format_table, run_report
@@ -45,6 +46,37 @@ def test_migrate_is_idempotent_and_upgrades_columns_and_ttls(store):
     engine = store.query(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
                          f"AND name = 'readings'").column(0)[0].as_py()
     assert "ReplacingMergeTree" in engine and "toIntervalDay(7)" in engine and "PARTITION BY toDate(ts)" in engine
+
+
+def test_no_ttl_and_the_longest_ttl_keep_history_of_any_age(store):
+    """TTL expiry is a DateTime (it ends in 2106): the longest TTL allowed must not wrap around and
+    expire rows at once (36,500 days did: 2013 + 100 years read as 1977); 0 means no TTL at all."""
+    cfg = store.cfg
+    for days in (MAX_TTL_DAYS, 0):
+        s = ChdbStore(cfg.run_dir / "chdb", f"{store.database}_{days}")
+        cfg.clickhouse.database, cfg.clickhouse.ttl_days = s.database, days
+        migrate(s, cfg)
+        for t0 in (631_152_000_000, 1_367_366_400_000, NOW_MS - 60_000):     # 1990, 2013, now
+            insert(s, contract.CLEAN, readings(3, device=f"d{t0}", start_ms=t0))
+        s.execute(f"OPTIMIZE TABLE `{s.database}`.readings FINAL")             # applies the TTL
+        assert counts(s, s.database)["readings"] == 9, days
+    with pytest.raises(ConfigError, match="ttl_days"):
+        load_config(env={"AIMASS_CLICKHOUSE_TTL_DAYS": str(MAX_TTL_DAYS + 1)})
+
+
+def test_migrate_removes_and_restores_a_ttl(store):
+    cfg = store.cfg
+
+    def readings_ttl() -> str:
+        engine = store.query(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
+                             f"AND name = 'readings'").column(0)[0].as_py()
+        return engine.split(" TTL ")[1].split(" SETTINGS")[0] if " TTL " in engine else ""
+
+    assert "toIntervalDay(30)" in readings_ttl()
+    cfg.clickhouse.ttl_days = 0
+    assert "TTL of readings: 30 -> none days" in migrate(store, cfg) and readings_ttl() == ""
+    cfg.clickhouse.ttl_days = 30
+    assert "TTL of readings: none -> 30 days" in migrate(store, cfg) and "toIntervalDay(30)" in readings_ttl()
 
 
 def test_schema_types_codecs_and_rollups_are_modern(store):

@@ -103,6 +103,10 @@ class Store(Protocol):
 
 # --- embedded chDB --------------------------------------------------------------------
 
+# Tables are partitioned by day; a batch of history spans any number of days (a year of replayed
+# readings is 365 partitions), which ClickHouse refuses above 100 by default.
+HISTORY_INSERTS = "max_partitions_per_insert_block = 0"
+
 _CHDB_LOCK = threading.Lock()
 _chdb_session = None
 _chdb_path: str | None = None
@@ -176,7 +180,7 @@ class ChdbStore:
         # One big block per insert (fewer parts, fewer merges); identity duplicates collapse in
         # merges and FINAL, so the insert-time ReplacingMergeTree pass is not worth its cost.
         settings = ("deduplicate_blocks_in_dependent_materialized_views = 1, optimize_on_insert = 0, "
-                    "min_insert_block_size_rows = 1048576, max_block_size = 262144")
+                    f"min_insert_block_size_rows = 1048576, max_block_size = 262144, {HISTORY_INSERTS}")
         if token:
             settings += f", insert_deduplication_token = '{token}'"
         # chDB's Python() table function reads the local variable `data` zero-copy.
@@ -255,8 +259,10 @@ class ServerStore:
     def insert(self, table: str, data: pa.Table, token: str = "") -> None:
         cols = ", ".join(f"`{c}`" for c in data.column_names)
         settings = {}
+        if self.dialect == MODERN:
+            settings = {"max_partitions_per_insert_block": 0}
         if token and self.dialect == MODERN:
-            settings = {"insert_deduplication_token": token, "deduplicate_blocks_in_dependent_materialized_views": 1}
+            settings.update(insert_deduplication_token=token, deduplicate_blocks_in_dependent_materialized_views=1)
         columns = [_to_numpy(c) for c in data.columns]
         self._call(lambda: self.client.execute(f"INSERT INTO `{self.database}`.`{table}` ({cols}) VALUES",
                                                columns, columnar=True, settings=settings))

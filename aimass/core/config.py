@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from aimass.core.procs import PRIORITIES
+from aimass.core.tables import MAX_TTL_DAYS
 
 
 class ConfigError(ValueError):
@@ -224,6 +225,7 @@ class AlertConfig:
     api_tls_cert_file: str = ""  # both set: the API serves HTTPS only
     api_tls_key_file: str = ""
     api_tls_ca_file: str = ""  # `aimass alerts`: CA that signed the API's certificate (default: the system's)
+    notify: bool = True  # false: alarms are raised and stored, but no receiver is notified (backtests)
     webhook_secret_env: str = "AIMASS_WEBHOOK_SECRET"  # the demo generates this secret when unset
     max_attempts: int = field(default=15, metadata=_range(1, 100))
     backoff_initial_s: float = field(default=0.5, metadata=_range(0.01, 3600))
@@ -251,7 +253,7 @@ class ClickHouseConfig:
     password_env: str = "AIMASS_CLICKHOUSE_PASSWORD"
     secure: bool = False
     tls_ca_file: str = ""  # CA bundle that signed the server's certificate (default: the system's)
-    ttl_days: int = field(default=30, metadata=_range(1, 36500))
+    ttl_days: int = field(default=30, metadata=_range(0, MAX_TTL_DAYS))  # 0 = keep forever
     ttl_overrides: str = ""  # per-table TTL in days, e.g. "readings=7,readings_1h=365"
     flush_rows: int = field(default=200000, metadata=_range(1, 10_000_000))
     flush_ms: int = field(default=1000, metadata=_range(10, 600_000))

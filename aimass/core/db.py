@@ -62,7 +62,7 @@ def _existing_columns(store: Store, db: str) -> dict[str, set[str]]:
 
 
 def _apply_ttls(store: Store, db: str, default_days: int, overrides: dict[str, int]) -> list[str]:
-    """MODIFY TTL where a table's TTL differs from the configured days."""
+    """MODIFY TTL where a table's TTL differs from the configured days (REMOVE TTL for 0 days)."""
     t = store.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{db}'")
     engines = dict(zip(t.column("name").to_pylist(), t.column("engine_full").to_pylist()))
     wanted = {spec.name: f"toDateTime({spec.time_column})" for spec in tables.TABLES}
@@ -70,10 +70,14 @@ def _apply_ttls(store: Store, db: str, default_days: int, overrides: dict[str, i
     changes = []
     for name, expr in wanted.items():
         days = tables.ttl_for(name, default_days, overrides)
-        m = re.search(r"TTL .*?toIntervalDay\((\d+)\)", engines.get(name, ""))
-        if m and int(m.group(1)) != days:
-            store.execute(f"ALTER TABLE `{db}`.`{name}` MODIFY TTL {expr} + INTERVAL {days} DAY")
-            changes.append(f"TTL of {name}: {m.group(1)} -> {days} days")
+        if name not in engines:
+            continue
+        m = re.search(r"TTL .*?toIntervalDay\((\d+)\)", engines[name])
+        current = int(m.group(1)) if m else 0
+        if current != days:
+            action = f"MODIFY TTL {expr} + INTERVAL {days} DAY" if days else "REMOVE TTL"
+            store.execute(f"ALTER TABLE `{db}`.`{name}` {action}")
+            changes.append(f"TTL of {name}: {current or 'none'} -> {days or 'none'} days")
     return changes
 
 

@@ -199,14 +199,22 @@ def rollup_table_names() -> list[str]:
 
 # --- rendering ------------------------------------------------------------------------
 
+# TTLs are `toDateTime(time) + INTERVAL n DAY`, and DateTime ends in 2106: a row whose expiry
+# falls past that wraps around to the 1970s and is deleted at once (36,500 days did this to every
+# row). 20,000 days keeps a row written now safe until 2051. 0 = no TTL: rows are kept forever.
+MAX_TTL_DAYS = 20000
+
+
 def parse_ttl_overrides(text: str) -> dict[str, int]:
     """``"readings=7,readings_1h=365"`` -> {"readings": 7, "readings_1h": 365}; ValueError names the bad item."""
     known = {t.name for t in TABLES} | set(rollup_table_names())
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, days = item.partition("=")
-        if not sep or name.strip() not in known or not days.strip().isdigit() or int(days) < 1:
-            raise ValueError(f"{item!r}: expected TABLE=DAYS with TABLE one of {', '.join(sorted(known))}")
+        if (not sep or name.strip() not in known or not days.strip().isdigit()
+                or not 0 <= int(days) <= MAX_TTL_DAYS):
+            raise ValueError(f"{item!r}: expected TABLE=DAYS with TABLE one of {', '.join(sorted(known))} "
+                             f"and DAYS 0..{MAX_TTL_DAYS} (0 = keep forever)")
         out[name.strip()] = int(days)
     return out
 
@@ -272,7 +280,7 @@ def table_ddl(spec: TableSpec, database: str, dialect: str, ttl_days: int) -> st
     """CREATE TABLE IF NOT EXISTS for one stored table."""
     cols = ",\n  ".join(d for c in spec.columns for d in column_ddl(c, dialect))
     t = time_expr(spec.time_column, dialect)
-    ttl = f"\nTTL toDateTime({t}) + INTERVAL {ttl_days} DAY" if dialect == MODERN else ""
+    ttl = f"\nTTL toDateTime({t}) + INTERVAL {ttl_days} DAY" if dialect == MODERN and ttl_days else ""
     return (f"CREATE TABLE IF NOT EXISTS `{database}`.`{spec.name}` (\n  {cols}\n)\n"
             f"ENGINE = ReplacingMergeTree()\nPARTITION BY toDate({t})\nORDER BY ({_key(spec, dialect)}){ttl}"
             f"{_settings(dialect)}")
@@ -288,7 +296,7 @@ def rollup_ddl(rollup: Rollup, database: str, dialect: str, ttl_days: dict[str, 
         cols.append("`bucket` DateTime('UTC')")
         cols += [f"`{a.name}` {a.type}" for a in rollup.aggregates]
         keys = ", ".join(f"`{k}`" for k in rollup.keys)
-        ttl = f"\nTTL bucket + INTERVAL {ttl_days[table]} DAY" if dialect == MODERN else ""
+        ttl = f"\nTTL bucket + INTERVAL {ttl_days[table]} DAY" if dialect == MODERN and ttl_days[table] else ""
         statements.append(
             f"CREATE TABLE IF NOT EXISTS `{database}`.`{table}` (\n  " + ",\n  ".join(cols) + "\n)\n"
             f"ENGINE = AggregatingMergeTree()\nPARTITION BY toDate(bucket)\nORDER BY ({keys}, bucket){ttl}"
