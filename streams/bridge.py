@@ -193,7 +193,7 @@ class Bridge:
         self.in_kafka: deque[Flush] = deque()
         self.generation = 0       # bumped when the producer is replaced
         self.delivery_error = ""  # set by a failed delivery: the producer is replaced
-        self.refused: list[tuple[Flush, Record, KafkaError]] = []  # refused for good: dead-lettered instead
+        self.refused_records: list[tuple[Flush, Record, KafkaError]] = []  # dead-lettered instead
         self.stats = Stats()
         self.stopping = False
         self.refused = ""  # why the broker refused the subscription
@@ -307,7 +307,7 @@ class Bridge:
             if err is None:
                 record.confirmed = True
             elif refused_for_good(err):
-                self.refused.append((flush, record, err))
+                self.refused_records.append((flush, record, err))
             else:
                 self.delivery_error = f"{record.topic}[{record.partition}]: {err}"
 
@@ -319,14 +319,14 @@ class Bridge:
                 self.producer.poll(0.05)
             except KafkaException as exc:
                 if refused_for_good(exc.args[0]):  # e.g. larger than the client's message.max.bytes
-                    self.refused.append((flush, record, exc.args[0]))
+                    self.refused_records.append((flush, record, exc.args[0]))
                 else:  # fatal producer state
                     self.delivery_error = str(exc)
                 return
 
     def _dead_letter_refused(self) -> None:
         """Replace each record the broker refused for good by dead-letter records in the same flush."""
-        refused, self.refused = self.refused, []
+        refused, self.refused_records = self.refused_records, []
         for flush, record, err in refused:
             record.confirmed = True  # stands for its replacement, which the flush now waits for too
             if record.topic == self.dead_topic:
@@ -391,7 +391,7 @@ class Bridge:
 
     def _service_kafka(self) -> None:
         self.producer.poll(0)
-        if self.refused:
+        if self.refused_records:
             self._dead_letter_refused()
         if self.delivery_error:
             self._restart_producer()
