@@ -323,3 +323,42 @@ def test_2mb_messages_with_a_1mib_record_limit(cfg, tmp_path):
     assert [d["reason"] for d in dead] == ["bad_json"]
     assert dead[0]["payload"] == bad[:contract.DEAD_LETTER_PAYLOAD_BYTES]
     assert hashlib.sha256(bad).hexdigest() in dead[0]["detail"]
+
+
+# --- the worker splits its outputs and still windows every reading ----------------------
+
+@pytest.mark.timeout(240)
+def test_worker_splits_clean_records_and_windows_every_part(cfg, tmp_path):
+    """One raw record far over a 16 KiB budget: clean writes it as many records (headers
+    raw_offset + raw_part), and the window stage uses every part (not only the first)."""
+    from confluent_kafka import Producer
+
+    from aimass.agents.window import batch_windows
+    from aimass.streams.kafka import producer_config
+    from tests.fixtures_stream import consume, rows_of as table_of, start_worker, stop_worker
+
+    cfg.kafka.max_record_bytes = 16 * 1024
+    raw = synthetic(devices=1, seconds=1800, metrics=("temp",))
+    partition = contract.partition_for("acme", "dev0000", cfg.kafka.partitions)
+    producer = Producer(producer_config(cfg, **{"message.max.bytes": 16 * MIB}))  # e.g. an older bridge's record
+    producer.produce(contract.RAW.name(cfg.kafka.topic_prefix), contract.encode(raw, contract.READINGS),
+                     partition=partition)
+    assert producer.flush(30) == 0
+    watermark = raw["ts_ms"][-1].as_py() - int(cfg.clean.allowed_lateness_s * 1000)
+    expected = pa.concat_tables([batch_windows(raw, size, hop) for size, hop in cfg.window.specs()])
+    expected = expected.filter(pa.compute.less_equal(expected["window_end_ms"], watermark))
+    worker = start_worker(cfg, tmp_path / "worker.log")
+    try:
+        windows = table_of(consume(cfg, contract.WINDOW_ROWS, idle_s=3, timeout_s=120,
+                                   until_rows=expected.num_rows), contract.WINDOWS)
+    finally:
+        assert stop_worker(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    clean = raw_values(cfg, contract.CLEAN, raw.num_rows)
+    assert len(clean) > 5 and all(len(v) <= 16 * 1024 - contract.RECORD_OVERHEAD for _, v in clean)
+    decoded = pa.concat_tables([contract.decode(v, contract.READINGS) for _, v in clean])
+    assert identities(decoded) == identities(raw)
+    key = ["window_s", "window_start_ms", "count", "mean"]
+    got = sorted(zip(*(windows[c].to_pylist() for c in key)))
+    want = sorted(zip(*(expected[c].to_pylist() for c in key)))
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    assert [g[3] for g in got] == pytest.approx([w[3] for w in want])
