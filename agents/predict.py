@@ -2,12 +2,12 @@
 
 Per poll: decode the window records, run River prequentially per partition (predict, then
 learn; ``aimass.models.online``), send every new feature row to Triton in batched requests
-(``aimass.models.triton_client``), and write one PREDICTIONS record per output partition plus the
-DRIFT events. Only windows of ``predict.window_s`` are predicted (other sizes are for other
-consumers); a record that is not a WINDOWS batch, or a window with a non-finite mean, goes to
-the dead-letter topic with its reason (a bounded prefix of the record). Records are written with
-``aimass.streams.kafka.TableProducer`` (under ``kafka.max_record_bytes``). Rows Triton did not answer (breaker open, timeout,
-error) carry River's forecast and anomaly score and ``degraded=True``: every request has
+(``aimass.models.triton_client``), and write the PREDICTIONS of each output partition plus the
+DRIFT events (``aimass.streams.kafka.TableProducer``: records under ``kafka.max_record_bytes``).
+Only windows of ``predict.window_s`` are predicted (other sizes are for other consumers); a
+record that is not a WINDOWS batch, or a window with a non-finite mean, goes to the dead-letter
+topic with its reason (a bounded prefix of the record). Rows Triton did not answer (breaker
+open, timeout, error) carry River's forecast and anomaly score and ``degraded=True``: every request has
 ``triton.timeout_s``, and once the breaker is open no poll waits on Triton at all.
 
 Commit protocol (at least once, restart-safe): every ``predict.checkpoint_every_s`` and on
@@ -242,7 +242,8 @@ class PredictStage:
                 continue
             good, bad = self.predictor.usable(table)
             if bad.num_rows:
-                self.out.produce(contract.DEAD_LETTER, rejects(bad, "non_finite_mean", "window mean is NaN/inf", now_ms))
+                self.out.produce(contract.DEAD_LETTER,
+                                 rejects(bad, "non_finite_mean", "window mean is NaN/inf", now_ms))
                 self.stats["rejected"] += bad.num_rows
             by_partition.setdefault(msg.partition(), []).append(good)
         batches = [(p, pa.concat_tables(ts)) for p, ts in by_partition.items()]

@@ -10,8 +10,8 @@ window rows are a deterministic function of the clean partition read in order, b
 watermark travels with the data (header ``max_ts_before`` of each clean record), EWMA and
 z-score read only the series' windows of the last ``window.zscore_history`` hops, and a clean
 record the clean stage emitted twice (its at-least-once replay) is recognised by its source
-position (headers ``raw_offset``, ``raw_part``: not above the highest seen) and skipped. A replayed copy whose
-original lies before the restart point is recognised by lateness instead: its readings belong
+position (headers ``raw_offset``, ``raw_part``: not above the highest seen) and skipped. A
+replayed copy whose original lies before the restart point is recognised by lateness instead: its readings belong
 to windows that were closed before that point (otherwise the restart point would not be past
 the original), so they are below the watermark and dropped (counted, not re-sent: the clean
 stage already routed every genuinely late reading). The committed

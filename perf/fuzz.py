@@ -219,7 +219,8 @@ def publish_packet(rng: random.Random, qos: int, mid: int) -> tuple[bytes, tuple
     payload = rng.randbytes(rng.choice((0, 1, 5, 200, 20_000)))
     body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"") \
         + encode_varint(len(props)) + props + payload
-    return bytes([0x30 | qos << 1 | rng.randint(0, 1)]) + encode_varint(len(body)) + body, (topic, payload, qos, mid if qos else 0)
+    packet = bytes([0x30 | qos << 1 | rng.randint(0, 1)]) + encode_varint(len(body)) + body
+    return packet, (topic, payload, qos, mid if qos else 0)
 
 
 def valid_stream(rng: random.Random) -> tuple[bytes, list, bytes]:
