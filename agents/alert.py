@@ -20,6 +20,9 @@ because the engine restarts from the checkpoint that matches the committed offse
 alarm is not raised twice, event ids and notification ids are deterministic, and receivers dedup
 on the idempotency key.
 Alarm state is one process's (a single alerter per deployment, all partitions).
+Records are written with ``aimass.streams.kafka.TableProducer``: under ``kafka.max_record_bytes``,
+and a record the broker refuses for good is dead-lettered and counted instead of retried, so
+no queued row can wedge the alerter, across restarts either.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from aimass.core.config import Config, ConfigError
@@ -44,7 +47,7 @@ from aimass.rules.engine import Engine, RuleWatcher, warm_up
 from aimass.rules.model import RULE_ERROR
 from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
 from aimass.core import contract
-from aimass.streams.kafka import consume_available, consumer_config, producer_config
+from aimass.streams.kafka import TableProducer, consume_available, consumer_config
 
 log = logging.getLogger("aimass.alerter")
 
@@ -114,8 +117,9 @@ class Alerter:
             try:
                 table = contract.decode(value, self.topics[topic].schema)
             except ValueError as exc:
-                rejects.append({"stage": "alert", "reason": "bad_record", "detail": f"{topic}: {exc}",
-                                "payload": value, "rejected_ms": now_ms()})
+                payload, note = contract.payload_excerpt(value)
+                rejects.append({"stage": "alert", "reason": "bad_record", "payload": payload, "rejected_ms": now_ms(),
+                                "detail": f"{topic}: {exc}" + (f"; {note}" if note else "")})
                 continue
             tables[stream].append(table)
         if rejects:
@@ -190,49 +194,13 @@ class Alerter:
         self.db.close()
 
 
-class KafkaIO:
-    """Produces contract tables (partitioned like the contract says) and flushes them."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.producer = Producer(producer_config(cfg))
-        self.errors: list[str] = []
-
-    def _delivered(self, err, msg) -> None:
-        if err is not None:
-            self.errors.append(f"{msg.topic()}: {err}")
-
-    def produce(self, topic: contract.Topic, table: pa.Table) -> None:
-        name = topic.name(self.cfg.kafka.topic_prefix)
-        if not topic.partitioned or table.num_rows == 0:
-            if table.num_rows:
-                self.producer.produce(name, contract.encode(table, topic.schema), partition=0,
-                                      on_delivery=self._delivered)
-            return
-        parts = contract.partitions_for(table.column("tenant").fill_null("").to_numpy(zero_copy_only=False),
-                                        table.column("device_id").fill_null("").to_numpy(zero_copy_only=False),
-                                        self.cfg.kafka.partitions)
-        for p in sorted(set(parts.tolist())):
-            chunk = table.filter(pa.array(parts == p))
-            self.producer.produce(name, contract.encode(chunk, topic.schema), partition=p,
-                                  on_delivery=self._delivered)
-        self.producer.poll(0)
-
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until everything produced is acknowledged; raise if anything failed."""
-        left = self.producer.flush(timeout_s)
-        errors, self.errors = self.errors, []
-        if left or errors:
-            raise KafkaException(f"{left} records unacknowledged, errors: {errors[:3]}")
-
-
 class AlerterService:
     """The async shell: Kafka loop, delivery loop, API and rule reloads, stopped by SIGTERM/SIGINT."""
 
     def __init__(self, cfg: Config, group_id: str = ""):
         self.cfg = cfg
         self.alerter = Alerter(cfg)
-        self.io = KafkaIO(cfg)
+        self.io = TableProducer(cfg, "alert")
         self.group_id = group_id or f"{cfg.kafka.topic_prefix}-alerter"
         self.stopping = asyncio.Event()
         self.consumer: Consumer | None = None

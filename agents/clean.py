@@ -7,8 +7,9 @@ after their bridge receive time ("future"), duplicates of (device, metric, ts) w
 the partition watermark: max event time - ``clean.allowed_lateness_s``). Rejects go to the
 dead-letter topic with a reason, late readings to the late topic. Every clean record carries
 headers ``max_ts_before`` (the watermark base before it, so the window agent's lateness decisions
-are reproducible after a restart) and ``raw_offset`` (its source record, so the window agent
-skips records this stage emitted twice around a restart).
+are reproducible after a restart) and ``raw_offset`` plus ``raw_part`` (its source record and
+which of the records under ``kafka.max_record_bytes`` it is, so the window agent skips records
+this stage emitted twice around a restart).
 
 State (watermark, dedup set) survives restarts by replay (``aimass.streams.replay``): the committed
 offset stays at the first raw record of the dedup set's oldest generation (so up to the horizon
@@ -50,6 +51,14 @@ DETAILS = {
 }
 MAX_TS_HEADER = "max_ts_before"
 RAW_OFFSET_HEADER = "raw_offset"
+RAW_PART_HEADER = "raw_part"
+PARTS_PER_RECORD = 1 << 20  # more clean records than one raw record can make
+
+
+def source_position(headers: dict) -> int | None:
+    """Where a clean record comes from, comparable across records: raw offset, then part."""
+    offset = headers.get(RAW_OFFSET_HEADER)
+    return None if offset is None else offset * PARTS_PER_RECORD + headers.get(RAW_PART_HEADER, 0)
 
 
 @dataclass
@@ -141,26 +150,31 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[CleanEngine]:
     async def handle(engine: CleanEngine, partition: int, offset: int, raw: pa.Table, headers: dict, emit: bool):
         result = engine.process(raw, offset)
         if emit:
-            await publish(result, partition, offset, clean_out, dead_out, late_out)
+            await publish(partitions, result, partition, offset, clean_out, dead_out, late_out)
 
     partitions.install(source, contract.READINGS, "clean", dead_out, handle,
                        on_unreadable=REJECTED.labels("bad_record").inc)
     return partitions
 
 
-async def publish(result: CleanResult, partition: int, raw_offset: int, clean_out, dead_out, late_out) -> None:
-    """Send one batch's outputs to the same partition number of each topic; count them."""
+async def publish(out: ReplayedPartitions, result: CleanResult, partition: int, raw_offset: int, clean_out, dead_out,
+                  late_out) -> None:
+    """Send one batch's outputs to the same partition number of each topic (records under
+    ``kafka.max_record_bytes``, each clean one with the watermark base before it); count them."""
     n_in = result.clean.num_rows + result.dead.num_rows + result.late.num_rows
     READINGS_IN.inc(n_in)
     if result.clean.num_rows:
         READINGS_OUT.inc(result.clean.num_rows)
-        await clean_out.send(value=contract.encode(result.clean, contract.READINGS), partition=partition,
-                             headers=[(MAX_TS_HEADER, str(result.max_ts_before).encode()),
-                                      (RAW_OFFSET_HEADER, str(raw_offset).encode())])
+        max_ts_before = result.max_ts_before
+        for i, part in enumerate(contract.encode_parts(result.clean, contract.READINGS, out.max_record_bytes)):
+            await out.send(clean_out, part.value, partition, [(MAX_TS_HEADER, str(max_ts_before).encode()),
+                                                              (RAW_OFFSET_HEADER, str(raw_offset).encode()),
+                                                              (RAW_PART_HEADER, str(i).encode())])
+            max_ts_before = max(max_ts_before, int(np.max(part.rows["ts_ms"].to_numpy())))
     if result.dead.num_rows:
         for reason, count in zip(*np.unique(result.dead["reason"].to_numpy(zero_copy_only=False), return_counts=True)):
             REJECTED.labels(reason).inc(int(count))
-        await dead_out.send(value=contract.encode(result.dead, contract.REJECTS), partition=partition)
+        await out.send_table(dead_out, result.dead, contract.REJECTS, partition)
     if result.late.num_rows:
         LATE.inc(result.late.num_rows)
-        await late_out.send(value=contract.encode(result.late, contract.REJECTS), partition=partition)
+        await out.send_table(late_out, result.late, contract.REJECTS, partition)

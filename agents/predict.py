@@ -2,11 +2,12 @@
 
 Per poll: decode the window records, run River prequentially per partition (predict, then
 learn; ``aimass.models.online``), send every new feature row to Triton in batched requests
-(``aimass.models.triton_client``), and write one PREDICTIONS record per output partition plus the
-DRIFT events. Only windows of ``predict.window_s`` are predicted (other sizes are for other
-consumers); a record that is not a WINDOWS batch, or a window with a non-finite mean, goes to
-the dead-letter topic with its reason. Rows Triton did not answer (breaker open, timeout,
-error) carry River's forecast and anomaly score and ``degraded=True``: every request has
+(``aimass.models.triton_client``), and write the PREDICTIONS of each output partition plus the
+DRIFT events (``aimass.streams.kafka.TableProducer``: records under ``kafka.max_record_bytes``).
+Only windows of ``predict.window_s`` are predicted (other sizes are for other consumers); a
+record that is not a WINDOWS batch, or a window with a non-finite mean, goes to the dead-letter
+topic with its reason (a bounded prefix of the record). Rows Triton did not answer (breaker
+open, timeout, error) carry River's forecast and anomaly score and ``degraded=True``: every request has
 ``triton.timeout_s``, and once the breaker is open no poll waits on Triton at all.
 
 Commit protocol (at least once, restart-safe): every ``predict.checkpoint_every_s`` and on
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client import Counter, start_http_server
 
 from aimass.core.config import Config
@@ -41,7 +42,7 @@ from aimass.models import online
 from aimass.models.features import denormalize
 from aimass.models.triton_client import TritonModels
 from aimass.core import contract
-from aimass.streams.kafka import consume_available, consumer_config, producer_config
+from aimass.streams.kafka import TableProducer, consume_available, consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,11 @@ def rejects(rows: pa.Table, reason: str, detail: str, now_ms: int) -> pa.Table:
 
 
 def undecodable(value: bytes, detail: str, now_ms: int) -> pa.Table:
-    """One REJECTS row keeping the original bytes of a record that is not a WINDOWS batch."""
+    """One REJECTS row keeping (a bounded prefix of) the bytes of a record that is not a WINDOWS batch."""
+    payload, note = contract.payload_excerpt(value)
     row = {name: [None] for name in contract.REJECTS.names}
-    row.update(stage=["predict"], reason=["bad_record"], detail=[detail], payload=[value], rejected_ms=[now_ms])
+    row.update(stage=["predict"], reason=["bad_record"], detail=[detail + (f"; {note}" if note else "")],
+               payload=[payload], rejected_ms=[now_ms])
     return pa.table(row, schema=contract.REJECTS)
 
 
@@ -181,10 +184,9 @@ class PredictStage:
             self.triton = TritonModels(t.url, t.timeout_s, t.max_rows_per_request, t.max_in_flight,
                                        t.breaker_failures, t.breaker_reset_s)
         self.predictor = Predictor(cfg, self.triton)
-        self.producer = Producer(producer_config(cfg))
+        self.out = TableProducer(cfg, "predict")
         self.consumer = Consumer(consumer_config(cfg, self.group))
         self.next_offsets: dict[int, int] = {}   # partition -> next offset to commit
-        self.delivery_error: str | None = None
         self.stats = {"records": 0, "rows": 0, "degraded": 0, "drift": 0, "rejected": 0}
 
     # Rebalance callbacks run inside the consumer's poll, i.e. between two batches.
@@ -204,18 +206,15 @@ class PredictStage:
     def _ckpt(self, partition: int) -> Path:
         return self.checkpoints / f"p{partition}.pkl"
 
-    def _delivered(self, err, msg) -> None:
-        if err is not None:
-            self.delivery_error = f"{msg.topic()}[{msg.partition()}]: {err}"
-
     def commit(self) -> None:
         """Flush outputs, checkpoint River, then commit input offsets (in that order)."""
         if not self.next_offsets:
             return
-        remaining = self.producer.flush(60)
-        if remaining or self.delivery_error:
-            raise RuntimeError(f"outputs not delivered ({remaining} pending, error: {self.delivery_error}); "
-                               "not committing, the input will be replayed after a restart")
+        try:
+            self.out.flush(60)
+        except KafkaException as exc:
+            raise RuntimeError(f"outputs not delivered ({exc}); not committing, the input will be replayed "
+                               "after a restart") from None
         for partition in self.next_offsets:
             if partition in self.predictor.partitions:
                 self.predictor.partitions[partition].save(self._ckpt(partition))
@@ -223,21 +222,6 @@ class PredictStage:
         self.consumer.commit(offsets=[TopicPartition(src, p, o) for p, o in self.next_offsets.items()],
                              asynchronous=False)
         self.next_offsets.clear()
-
-    def _produce(self, topic: contract.Topic, table: pa.Table) -> None:
-        """One record per output partition (explicit partition: every device stays in one)."""
-        if table.num_rows == 0:
-            return
-        name = self.topics[topic]
-        if not topic.partitioned:
-            self.producer.produce(name, contract.encode(table, topic.schema), partition=0, on_delivery=self._delivered)
-            return
-        parts = contract.partitions_for(table["tenant"].to_numpy(zero_copy_only=False),
-                                        table["device_id"].to_numpy(zero_copy_only=False), self.cfg.kafka.partitions)
-        for p in np.unique(parts):
-            self.producer.produce(name, contract.encode(table.filter(pa.array(parts == p)), topic.schema),
-                                  partition=int(p), on_delivery=self._delivered)
-        self.producer.poll(0)
 
     async def handle(self, messages: list) -> None:
         """Decode, predict and produce one poll's worth of records."""
@@ -253,18 +237,19 @@ class PredictStage:
             try:
                 table = contract.decode(msg.value() or b"", contract.WINDOWS)
             except ValueError as exc:
-                self._produce(contract.DEAD_LETTER, undecodable(msg.value() or b"", str(exc), now_ms))
+                self.out.produce(contract.DEAD_LETTER, undecodable(msg.value() or b"", str(exc), now_ms))
                 self.stats["rejected"] += 1
                 continue
             good, bad = self.predictor.usable(table)
             if bad.num_rows:
-                self._produce(contract.DEAD_LETTER, rejects(bad, "non_finite_mean", "window mean is NaN/inf", now_ms))
+                self.out.produce(contract.DEAD_LETTER,
+                                 rejects(bad, "non_finite_mean", "window mean is NaN/inf", now_ms))
                 self.stats["rejected"] += bad.num_rows
             by_partition.setdefault(msg.partition(), []).append(good)
         batches = [(p, pa.concat_tables(ts)) for p, ts in by_partition.items()]
         predictions, drift = await self.predictor.predict(batches, now_ms)
-        self._produce(contract.PREDICTION_ROWS, predictions)
-        self._produce(contract.DRIFT_EVENTS, drift)
+        self.out.produce(contract.PREDICTION_ROWS, predictions)
+        self.out.produce(contract.DRIFT_EVENTS, drift)
         self.stats["rows"] += predictions.num_rows
         self.stats["degraded"] += pc.sum(predictions["degraded"]).as_py() or 0
         self.stats["drift"] += drift.num_rows
@@ -295,7 +280,7 @@ class PredictStage:
             if failed:  # the revoke in close() must not commit offsets whose outputs may be missing
                 self.next_offsets.clear()
             self.consumer.close()
-            self.producer.flush(30)
+            self.out.producer.flush(30)
             if self.triton is not None:
                 await self.triton.close()
 

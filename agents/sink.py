@@ -9,7 +9,10 @@ Nothing is lost:
 
 - ClickHouse down (a retryable error): back off and retry the same batch, offsets kept.
 - A record that can never be inserted (or decoded) goes to the dead-letter topic with
-  stage="sink", the error, and the original record bytes as payload.
+  stage="sink", the error, and the original record bytes as payload (at most their first
+  ``contract.DEAD_LETTER_PAYLOAD_BYTES``, then their size and SHA-256 in the detail), written
+  with ``aimass.streams.kafka.TableProducer`` (records under ``kafka.max_record_bytes``; one the
+  broker refuses for good is dead-lettered once more, or dropped and counted, never retried).
 - Killed mid-batch: before inserting, the batch's offset ranges are written to a journal;
   after a restart the same ranges are re-read and re-inserted with the same insert
   deduplication tokens, so ClickHouse skips what already landed (rollups included).
@@ -43,7 +46,7 @@ from aimass.core.db import migrate
 from aimass.core.files import write_private
 from aimass.core.procs import StackError, port_in_use
 from aimass.core import contract, tables
-from aimass.streams.kafka import consumer_config, producer_config
+from aimass.streams.kafka import TableProducer, consumer_config, producer_config
 from aimass.core.tables import LEGACY, TableSpec
 
 log = logging.getLogger("aimass.sink")
@@ -147,14 +150,16 @@ def to_store_table(spec: TableSpec, records: list[Record], dialect: str, sort: b
 
 
 def dead_letter_rows(records: list[Record], reason: str, errors: list[str], now_ms: int) -> pa.Table:
-    """REJECTS rows (stage "sink") carrying each failed record's bytes as payload."""
+    """REJECTS rows (stage "sink") carrying (a bounded prefix of) each failed record's bytes as payload."""
     n = len(records)
+    excerpts = [contract.payload_excerpt(r.value) for r in records]
     return pa.table({
         "stage": ["sink"] * n,
         "reason": [reason] * n,
-        "detail": [f"{r.topic}[{r.partition}]@{r.offset}: {e}" for r, e in zip(records, errors)],
+        "detail": [f"{r.topic}[{r.partition}]@{r.offset}: {e}" + (f"; {note}" if note else "")
+                   for r, e, (_, note) in zip(records, errors, excerpts)],
         "mqtt_topic": [""] * n,
-        "payload": pa.array([r.value for r in records], pa.binary()),
+        "payload": pa.array([payload for payload, _ in excerpts], pa.binary()),
         "tenant": [""] * n, "device_id": [""] * n, "metric": [""] * n,
         "ts_ms": pa.array([0] * n, pa.int64()),
         "value": pa.array([float("nan")] * n),
@@ -276,6 +281,7 @@ class Sink:
         self.store = store
         self.consumer = consumer
         self.producer = producer
+        self.out = TableProducer(cfg, "sink", producer)
         self.journal = journal
         self.prefix = cfg.kafka.topic_prefix
         side_s = cfg.clickhouse.flush_ms * cfg.clickhouse.side_flush_factor / 1000
@@ -501,12 +507,14 @@ class Sink:
                           r.topic, r.partition, r.offset, e)
         if not keep:
             return
-        delivery_errors = []
+        from confluent_kafka import KafkaException
+
         rows = dead_letter_rows([r for r, _ in keep], "insert_failed", [e for _, e in keep], int(time.time() * 1000))
-        self.producer.produce(self.dead_letter_topic, contract.encode(rows, contract.REJECTS), key=b"sink",
-                              on_delivery=lambda err, _msg: err and delivery_errors.append(err))
-        if self.producer.flush(30) or delivery_errors:
-            raise StoreError(f"dead-letter topic not reachable: {delivery_errors or 'flush timed out'}", retryable=True)
+        self.out.produce_to(self.dead_letter_topic, 0, rows, contract.REJECTS)
+        try:
+            self.out.flush(30)
+        except KafkaException as exc:
+            raise StoreError(f"dead-letter topic not reachable: {exc}", retryable=True) from None
         DEAD_LETTERS.inc(len(keep))
         log.warning("sent %d record(s) to %s: %s", len(keep), self.dead_letter_topic, keep[0][1])
 

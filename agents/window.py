@@ -10,8 +10,8 @@ window rows are a deterministic function of the clean partition read in order, b
 watermark travels with the data (header ``max_ts_before`` of each clean record), EWMA and
 z-score read only the series' windows of the last ``window.zscore_history`` hops, and a clean
 record the clean stage emitted twice (its at-least-once replay) is recognised by its source
-offset (header ``raw_offset`` not above the highest seen) and skipped. A replayed copy whose
-original lies before the restart point is recognised by lateness instead: its readings belong
+position (headers ``raw_offset``, ``raw_part``: not above the highest seen) and skipped. A
+replayed copy whose original lies before the restart point is recognised by lateness instead: its readings belong
 to windows that were closed before that point (otherwise the restart point would not be past
 the original), so they are below the watermark and dropped (counted, not re-sent: the clean
 stage already routed every genuinely late reading). The committed
@@ -32,7 +32,7 @@ import pyarrow as pa
 from prometheus_client import Counter
 
 from aimass.agents import kernels as K
-from aimass.agents.clean import MAX_TS_HEADER, RAW_OFFSET_HEADER
+from aimass.agents.clean import MAX_TS_HEADER, source_position
 from aimass.core.config import Config, WindowConfig
 from aimass.core import contract
 from aimass.streams.app import raw_topic
@@ -224,10 +224,10 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
 
     async def handle(engine: WindowEngine, partition: int, offset: int, readings: pa.Table, headers: dict,
                      emit: bool):
-        closed, dropped = engine.update(readings, offset, headers.get(MAX_TS_HEADER), headers.get(RAW_OFFSET_HEADER))
+        closed, dropped = engine.update(readings, offset, headers.get(MAX_TS_HEADER), source_position(headers))
         if emit and closed.num_rows:
             WINDOW_ROWS.inc(closed.num_rows)
-            await windows_out.send(value=contract.encode(closed, contract.WINDOWS), partition=partition)
+            await partitions.send_table(windows_out, closed, contract.WINDOWS, partition)
         if emit and dropped:
             WINDOW_REPLAYED.inc(dropped)
 

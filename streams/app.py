@@ -54,11 +54,12 @@ def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
         broker_commit_every=10_000,
         broker_commit_interval=1.0,
         producer_acks=-1,
-        producer_max_request_size=16 * 1024 * 1024,
+        # Agents split their records below kafka.max_record_bytes (aimass.streams.replay.send_table).
+        producer_max_request_size=k.max_record_bytes,
         # aiokafka's default batch (16 KiB) holds one micro-batch record; a send() to a partition whose
         # batch is full waits for that batch's acknowledgement, so an agent managed one record per
         # broker round trip per partition (~120/s here) and fell behind at live rates.
-        producer_max_batch_size=16 * 1024 * 1024,
+        producer_max_batch_size=k.max_record_bytes,
         consumer_max_fetch_size=16 * 1024 * 1024,
         consumer_auto_offset_reset="earliest",
         topic_partitions=k.partitions,

@@ -3,16 +3,22 @@
 Subscribes (persistent session, manual acks; with ``bridge.share_group`` an MQTT v5 shared
 subscription ``$share/<group>/...`` so that several bridges split the load) to device telemetry
 and labels, validates every message (``aimass.streams.payloads``), and
-turns the accepted readings into columnar micro-batches: one Kafka record per (partition,
+turns the accepted readings into columnar micro-batches: Kafka records per (partition,
 flush), the partition chosen explicitly with ``contract.partition_for`` so every reading of a
 device lands in one partition, in arrival order. A flush happens at ``bridge.flush_readings``
-readings or ``bridge.flush_ms`` after its first message.
+readings or ``bridge.flush_ms`` after its first message; its rows of one partition are split
+into consecutive records of at most ``kafka.max_record_bytes``.
 
 Nothing is lost: a QoS 1 message is acknowledged to the broker only after Kafka (acks=all,
 idempotent producer) confirmed every record of its flush; a bridge killed before that gets
 the message again from its persistent session (bounded duplicates, removed downstream by
-reading identity). Rejected messages go to the dead-letter topic with the original payload,
-the MQTT topic and a machine-readable reason. One thread drives both clients.
+reading identity). Rejected messages go to the dead-letter topic with the original payload
+(at most its first ``contract.DEAD_LETTER_PAYLOAD_BYTES``, then its size and SHA-256 in the
+detail), the MQTT topic and a machine-readable reason; a message the parser fails on is
+rejected as ``internal_error``, never stops the bridge. A record the broker refuses for good
+(``aimass.streams.kafka.refused_for_good``) is not retried: its readings go to the dead-letter
+topic as rows with reason ``record_refused`` (any other record: one row with its prefix), so one
+input can never wedge the bridge. One thread drives both clients.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from aimass.core.config import Config
 from aimass.core.procs import StackError
 from aimass.core import contract
-from aimass.streams.kafka import producer_config
+from aimass.streams.kafka import DROPPED, REFUSED, producer_config, refused_for_good, refused_row
 from aimass.streams.mqtt import BufferedSocket, connect, make_client
 from aimass.streams.payloads import Limits, Rejected, TopicPattern, parse_label, parse_telemetry
 
@@ -116,10 +122,11 @@ class Batch:
 
 @dataclass
 class Record:
-    """One Kafka record of a flush, kept until Kafka confirms it."""
+    """One Kafka record of a flush (its rows and their encoding), kept until Kafka confirms it."""
 
     topic: str
     partition: int
+    rows: pa.Table
     value: bytes
     confirmed: bool = False
 
@@ -148,10 +155,30 @@ class Stats:
 
 def reject_row(reason: str, detail: str, mqtt_topic: str, payload: bytes, tenant: str | None,
                device_id: str | None, received_ms: int) -> dict:
-    """One dead-letter row (REJECTS schema) for a whole MQTT message."""
+    """One dead-letter row (REJECTS schema) for a whole MQTT message (a bounded prefix of its payload)."""
+    payload, note = contract.payload_excerpt(payload)
+    if note:
+        detail = f"{detail}; {note}"
     return {"stage": "bridge", "reason": reason, "detail": detail, "mqtt_topic": mqtt_topic, "payload": payload,
             "tenant": tenant, "device_id": device_id, "metric": None, "ts_ms": None, "value": None, "unit": None,
             "received_ms": received_ms, "rejected_ms": received_ms}
+
+
+def refused_rows(record: Record, err: KafkaError, now: int) -> pa.Table:
+    """Dead-letter rows (REJECTS) for a record the broker refused for good: one per reading of a
+    readings record (nothing of it is lost), else one holding a prefix of the record."""
+    rows = record.rows
+    if rows.schema.equals(contract.READINGS):
+        n = rows.num_rows
+        return pa.table({
+            "stage": pa.array(["bridge"] * n), "reason": pa.array(["record_refused"] * n),
+            "detail": pa.array([f"{record.topic}[{record.partition}] refused: {err.str()}"] * n),
+            "mqtt_topic": pa.nulls(n, pa.string()), "payload": pa.nulls(n, pa.binary()),
+            **{name: rows[name] for name in ("tenant", "device_id", "metric", "ts_ms", "value", "unit", "received_ms")},
+            "rejected_ms": pa.array([now] * n, pa.int64()),
+        }, schema=contract.REJECTS)
+    return pa.Table.from_pylist([refused_row("bridge", record.topic, record.partition, record.value, err, now)],
+                                schema=contract.REJECTS)
 
 
 class Bridge:
@@ -173,6 +200,7 @@ class Bridge:
         self.in_kafka: deque[Flush] = deque()
         self.generation = 0       # bumped when the producer is replaced
         self.delivery_error = ""  # set by a failed delivery: the producer is replaced
+        self.refused_records: list[tuple[Flush, Record, KafkaError]] = []  # dead-lettered instead
         self.stats = Stats()
         self.stopping = False
         self.refused = ""  # why the broker refused the subscription
@@ -212,12 +240,7 @@ class Bridge:
         batch.n_messages += 1
         if qos:
             batch.mids.append(mid)
-        try:
-            self._receive(topic, payload, received)
-        except Exception as exc:  # noqa: BLE001 - no message may stop the bridge
-            log.exception("unexpected error on a message from %r", topic[:200])
-            batch.rejects.setdefault(0, []).append(reject_row(
-                "internal_error", repr(exc)[:500], _topic_text(topic), payload, None, None, received))
+        self._receive(topic, payload, received)
 
     def _receive(self, topic: bytes, payload: bytes, received: int) -> None:
         batch = self.batch
@@ -231,10 +254,15 @@ class Bridge:
                                      "magnitude": label.magnitude, "source": "mqtt"})
                 return
             readings = parse_telemetry(payload, received, self.limits)
-        except Rejected as r:
+        except Exception as exc:  # noqa: BLE001 - no message may stop the bridge
+            if isinstance(exc, Rejected):
+                reason, detail = exc.reason, exc.detail
+            else:
+                log.exception("unexpected error on a message from %r", topic[:200])
+                reason, detail = "internal_error", f"{type(exc).__name__}: {str(exc)[:400]}"
             part = contract.partition_for(tenant, device_id, self.partitions) if device_id else 0
             batch.rejects.setdefault(part, []).append(
-                reject_row(r.reason, r.detail, _topic_text(topic), payload, tenant, device_id, received))
+                reject_row(reason, detail, _topic_text(topic), payload, tenant, device_id, received))
             return
         cols = batch.readings.get(partition)
         if cols is None:
@@ -254,26 +282,31 @@ class Bridge:
         b, self.batch = self.batch, Batch()
         if not b.n_messages:
             return
-        records = [Record(self.raw_topic, p, contract.encode(cols.table(), contract.READINGS))
-                   for p, cols in b.readings.items()]
-        records += [Record(self.dead_topic, p, contract.encode(pa.Table.from_pylist(rows, contract.REJECTS),
-                                                               contract.REJECTS)) for p, rows in b.rejects.items()]
+        tables = [(self.raw_topic, p, cols.table()) for p, cols in b.readings.items()]
+        tables += [(self.dead_topic, p, pa.Table.from_pylist(rows, contract.REJECTS)) for p, rows in b.rejects.items()]
         if b.labels:
-            records.append(Record(self.label_topic, 0, contract.encode(pa.Table.from_pylist(b.labels, contract.LABELS),
-                                                                       contract.LABELS)))
+            tables.append((self.label_topic, 0, pa.Table.from_pylist(b.labels, contract.LABELS)))
+        records = [record for topic, p, table in tables for record in self._records(topic, p, table)]
         rejected: dict[str, int] = {}
         for rows in b.rejects.values():
             for row in rows:
                 rejected[row["reason"]] = rejected.get(row["reason"], 0) + 1
-        self.in_kafka.append(Flush(b.mids, records, b.n_readings, b.first_ms, rejected))
+        flush = Flush(b.mids, records, b.n_readings, b.first_ms, rejected)
+        self.in_kafka.append(flush)
         for record in records:
-            self._produce(record)
+            self._produce(record, flush)
         for cols in b.readings.values():
             BATCH_READINGS.observe(len(cols.ts_ms))
         self.stats.messages += b.n_messages
         MESSAGES.inc(b.n_messages)
 
-    def _produce(self, record: Record) -> None:
+    def _records(self, topic: str, partition: int, table: pa.Table) -> list[Record]:
+        """``table`` as records of at most ``kafka.max_record_bytes``, rows in order."""
+        schema = {self.raw_topic: contract.READINGS, self.dead_topic: contract.REJECTS}.get(topic, contract.LABELS)
+        return [Record(topic, partition, part.rows, part.value)
+                for part in contract.encode_parts(table, schema, self.cfg.kafka.max_record_bytes)]
+
+    def _produce(self, record: Record, flush: Flush) -> None:
         generation = self.generation
 
         def delivered(err: KafkaError | None, _msg) -> None:
@@ -281,6 +314,8 @@ class Bridge:
                 return  # a replaced producer's leftovers: its records were produced again
             if err is None:
                 record.confirmed = True
+            elif refused_for_good(err):
+                self.refused_records.append((flush, record, err))
             else:
                 self.delivery_error = f"{record.topic}[{record.partition}]: {err}"
 
@@ -290,9 +325,31 @@ class Bridge:
                 return
             except BufferError:
                 self.producer.poll(0.05)
-            except KafkaException as exc:  # fatal producer state
-                self.delivery_error = str(exc)
+            except KafkaException as exc:
+                if refused_for_good(exc.args[0]):  # e.g. larger than the client's message.max.bytes
+                    self.refused_records.append((flush, record, exc.args[0]))
+                else:  # fatal producer state
+                    self.delivery_error = str(exc)
                 return
+
+    def _dead_letter_refused(self) -> None:
+        """Replace each record the broker refused for good by dead-letter records in the same flush."""
+        refused, self.refused_records = self.refused_records, []
+        for flush, record, err in refused:
+            record.confirmed = True  # stands for its replacement, which the flush now waits for too
+            if record.topic == self.dead_topic:
+                DROPPED.labels("bridge").inc()
+                log.error("the broker refused a dead-letter record of %d bytes for good (%s); it is dropped: "
+                          "lower kafka.max_record_bytes to the broker's message.max.bytes", len(record.value), err)
+                continue
+            REFUSED.labels("bridge").inc()
+            log.error("the broker refused a record of %d bytes to %s[%d] for good (%s); its rows go to the "
+                      "dead-letter topic", len(record.value), record.topic, record.partition, err)
+            rows = refused_rows(record, err, now_ms())
+            flush.rejected["record_refused"] = flush.rejected.get("record_refused", 0) + rows.num_rows
+            for replacement in self._records(self.dead_topic, record.partition, rows):
+                flush.records.append(replacement)
+                self._produce(replacement, flush)
 
     def _new_producer(self) -> Producer:
         def on_error(err: KafkaError) -> None:
@@ -313,7 +370,7 @@ class Bridge:
         for flush in self.in_kafka:
             for record in flush.records:
                 if not record.confirmed:
-                    self._produce(record)
+                    self._produce(record, flush)
 
     def _ack_confirmed(self) -> None:
         """Ack, in order, the MQTT messages of every flush Kafka has fully confirmed."""
@@ -342,6 +399,8 @@ class Bridge:
 
     def _service_kafka(self) -> None:
         self.producer.poll(0)
+        if self.refused_records:
+            self._dead_letter_refused()
         if self.delivery_error:
             self._restart_producer()
         self._ack_confirmed()

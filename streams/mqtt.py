@@ -35,10 +35,12 @@ class PacketSplitter:
     - a successful PUBACK goes to ``on_puback(mid)``.
 
     Every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, failed acks, packets with no handler
-    set, ...) is returned, in order, for paho. paho's receive path costs tens of microseconds per
-    packet (INFRA.md); this one a few. A packet cut at the end of a read waits for the rest, unless
-    its header already says it is longer than ``max_packet`` (bytes, 0 = no limit): then
-    ``PacketTooLarge`` is raised before any of it is buffered.
+    set, a malformed PUBLISH such as QoS 3, which paho answers by closing the connection, ...)
+    is returned, in order, for paho. paho's receive path costs tens of microseconds per packet
+    (INFRA.md); this one a few. A packet cut at the end of a read waits for the rest: the reads
+    are kept as a list and joined once the packet is complete, so a large packet costs time
+    linear in its size. Unless its header already says it is longer than ``max_packet`` (bytes,
+    0 = no limit): then ``PacketTooLarge`` is raised before any of it is buffered.
     """
 
     def __init__(self, on_publish: Callable[[bytes, bytes, int, int], None] | None = None,
@@ -47,12 +49,19 @@ class PacketSplitter:
         self.on_puback = on_puback
         self.mqtt_v5 = mqtt_v5
         self.max_packet = max_packet
-        self._tail = b""
+        self._pending: list[bytes] = []  # an incomplete packet's reads so far
+        self._buffered = 0               # their total size
+        self._needed = 0                 # the size at which it can be complete
 
     def split(self, data: bytes) -> bytes:
         """Handle the complete hot packets of ``data``; return the other complete packets."""
-        if self._tail:
-            data = self._tail + data
+        if self._pending:
+            self._pending.append(data)
+            self._buffered += len(data)
+            if self._buffered < self._needed:
+                return b""
+            data = b"".join(self._pending)
+            self._pending = []
         for_paho = []
         end, pos = len(data), 0
         while pos < end:
@@ -66,21 +75,24 @@ class PacketSplitter:
             if self.max_packet and pos <= end and packet_end - start > self.max_packet:
                 raise PacketTooLarge(f"the MQTT broker sent a {packet_end - start}-byte packet, above the "
                                      f"{self.max_packet} bytes announced (bridge.max_payload_bytes + headers)")
-            if pos > end or packet_end > end:
-                pos = start  # incomplete: wait for the rest
+            if pos > end or packet_end > end:  # incomplete: wait for the rest (a cut length: one more byte)
+                self._needed = packet_end - start if pos <= end else end - start + 1
+                pos = start
                 break
             kind = data[start] >> 4
             if not (kind == 3 and self._publish(data, data[start], pos, packet_end)
                     or kind == 4 and self._puback(data, pos, packet_end)):
                 for_paho.append(data[start:packet_end])
             pos = packet_end
-        self._tail = data[pos:]
+        if pos < end:
+            self._pending = [data[pos:]]
+            self._buffered = end - pos
         return b"".join(for_paho)
 
     def _publish(self, data: bytes, head: int, pos: int, packet_end: int) -> bool:
         """Hand over the PUBLISH packet at ``pos``; False if it is paho's (QoS 2, topic alias, malformed)."""
         qos = (head >> 1) & 3
-        if self.on_publish is None or qos == 2 or packet_end - pos < 2:
+        if self.on_publish is None or qos >= 2 or packet_end - pos < 2:
             return False
         at = pos + 2 + ((data[pos] << 8) | data[pos + 1])
         topic = data[pos + 2:at]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
@@ -26,6 +27,8 @@ REASONS = (
     "too_large", "empty", "bad_json", "bad_schema", "bad_topic", "bad_device_id", "bad_metric",
     "bad_value", "non_finite", "bad_ts", "future_ts", "too_old", "unknown_unit",
 )
+# The bridge's reason for a payload the parser itself failed on (a bug: the row keeps the payload).
+INTERNAL_ERROR = "internal_error"
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 METRIC_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
@@ -34,6 +37,7 @@ METRIC_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
 MS_THRESHOLD = 1e11
 # RFC 8428 4.5.3: a resolved SenML time below 2**28 is relative to now (seconds).
 SENML_RELATIVE_LIMIT = 2 ** 28
+MAX_TIME_S = 1e15  # beyond any accepted time in seconds or milliseconds, far below float overflow
 
 # SenML unit names (RFC 8428 section 12.1 and the secondary units of RFC 8798).
 SENML_UNITS = frozenset("""
@@ -180,8 +184,12 @@ def check_unit(raw: Any) -> str:
     raise Rejected("unknown_unit", f"unit {_show(raw)} is not a SenML unit name (e.g. Cel, %RH, W, V, A, hPa)")
 
 
+_SHOW = reprlib.Repr()  # bounded depth (maxlevel 6): a 1,000-deep list is no RecursionError
+_SHOW.maxstring = _SHOW.maxother = 70
+
+
 def _show(raw: Any) -> str:
-    text = repr(raw)
+    text = _SHOW.repr(raw)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -281,6 +289,8 @@ def _senml(pack: list, now_ms: int, limits: Limits) -> list[Reading]:
             time_s = base_time + t
         else:
             raise Rejected("bad_ts", f"SenML record {i}: 't' must be a finite number")
+        if not -MAX_TIME_S < time_s < MAX_TIME_S:  # 'bt' + 't' can overflow, and * 1000 below
+            raise Rejected("bad_ts", f"SenML record {i}: time {time_s!r} is not a valid epoch time")
         if time_s >= MS_THRESHOLD:
             ts_ms = int(time_s)
         elif time_s >= SENML_RELATIVE_LIMIT or time_s <= -SENML_RELATIVE_LIMIT:

@@ -14,7 +14,14 @@ below the emitted-through offset are replayed in *restore* mode: they rebuild th
 nothing. From there on the agent emits exactly what the previous owner would have emitted
 (at-least-once: records after the last commit are emitted again, with identical content).
 The broker's end offsets and Faust table changelogs are not used (broken on the local broker).
-Each commit first flushes the producer, then the marker, then the restart offset.
+
+Every output goes through ``send``, which keeps the delivery future of each record (split
+under ``kafka.max_record_bytes``). Each commit first flushes the producer and waits for every
+delivery the commit covers, then commits the marker, then the restart offset. A failed delivery
+(Faust only logs it, and the producer's flush returns anyway) stops the worker without
+committing, for good: resending just that record would put it after later records of its
+partition (the window stage skips a record older than one it saw), whereas a restart replays
+everything after the last commit in order, and downstream drops the identical copies.
 """
 from __future__ import annotations
 
@@ -35,6 +42,10 @@ from aimass.streams.kafka import consumer_config
 log = logging.getLogger(__name__)
 
 
+class DeliveryFailed(RuntimeError):
+    """An output record was not delivered: nothing past it may be committed."""
+
+
 class ReplayableState(Protocol):
     def live_offset(self) -> int:
         """Oldest input offset the state depends on; -1 when it depends on none."""
@@ -50,10 +61,13 @@ class ReplayedPartitions(Generic[S]):
         self.app = app
         self.topic_name = topic_name
         self.new_state = new_state
+        self.max_record_bytes = cfg.kafka.max_record_bytes
         self.states: dict[int, S] = {}
         self._emitted_through: dict[int, int] = {}  # restore mode below this offset
         self._next: dict[int, int] = {}              # last processed offset + 1
         self._committed: dict[int, tuple[int, int]] = {}
+        self._sent: list[Awaitable] = []             # delivery futures since the last commit
+        self.failed: DeliveryFailed | None = None
         self._lock = asyncio.Lock()
         self._markers = Consumer(consumer_config(cfg, f"{app.conf.id}-{stage}-emitted"))
 
@@ -88,9 +102,41 @@ class ReplayedPartitions(Generic[S]):
         found = self._markers.committed([TopicPartition(self.topic_name, p) for p in partitions], timeout=30)
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
+    async def send(self, topic: faust.TopicT, value: bytes, partition: int, headers: list | None = None) -> None:
+        """Send one output record; the next commit waits for its delivery."""
+        try:
+            self._sent.append(await topic.send(value=value, partition=partition, headers=headers))
+        except Exception as exc:  # refused before sending (e.g. larger than the producer allows)
+            self._fail([exc])
+            raise
+
+    async def send_table(self, topic: faust.TopicT, table: pa.Table, schema: pa.Schema, partition: int) -> None:
+        """Send ``table`` as records under ``kafka.max_record_bytes``, in row order."""
+        for part in contract.encode_parts(table, schema, self.max_record_bytes):
+            await self.send(topic, part.value, partition)
+
+    async def _check_delivered(self, sent: list[Awaitable]) -> None:
+        """Wait for the deliveries of ``sent``; ``DeliveryFailed`` (from now on) if one failed."""
+        failed = [r for r in await asyncio.gather(*sent, return_exceptions=True) if isinstance(r, BaseException)]
+        if failed:
+            self._fail(failed)
+        if self.failed is not None:
+            raise self.failed
+
+    def _fail(self, errors: list[BaseException]) -> None:
+        if self.failed is None:
+            self.failed = DeliveryFailed(
+                f"{self.topic_name}: {len(errors)} output record(s) not delivered ({errors[0]!r}); stopping without "
+                f"committing, the input is replayed from the last commit")
+            log.error("%s", self.failed)
+
     async def commit(self) -> None:
-        """Flush outputs, then commit emitted-through markers and restart offsets of every partition."""
+        """Flush outputs and check their delivery, then commit emitted-through markers and restart
+        offsets of every partition; ``DeliveryFailed`` after a failed delivery."""
         async with self._lock:
+            if self.failed is not None:
+                raise self.failed
+            sent, self._sent = self._sent, []  # every output of the records below the marks
             marks: dict[int, tuple[int, int]] = {}
             for partition, nxt in self._next.items():
                 live = self.states[partition].live_offset() if partition in self.states else -1
@@ -98,9 +144,12 @@ class ReplayedPartitions(Generic[S]):
                 emitted = max(nxt, self._emitted_through.get(partition, -1))
                 if self._committed.get(partition) != (emitted, restart):
                     marks[partition] = (emitted, restart)
-            if not marks:
+            if not marks and not sent:
                 return
             await self.app.producer.flush()
+            await self._check_delivered(sent)
+            if not marks:
+                return
             try:
                 await asyncio.get_running_loop().run_in_executor(None, lambda: self._markers.commit(
                     offsets=[TopicPartition(self.topic_name, p, e) for p, (e, _) in marks.items()],
@@ -129,8 +178,8 @@ class ReplayedPartitions(Generic[S]):
                 except ValueError as exc:
                     if emit:
                         on_unreadable()
-                        await dead_out.send(value=contract.encode(unreadable(event.value, str(exc), stage),
-                                                                  contract.REJECTS), partition=p)
+                        await self.send(dead_out, contract.encode(unreadable(event.value, str(exc), stage),
+                                                                  contract.REJECTS), p)
                 else:
                     await handle(self.state(p), p, offset, table, _int_headers(event.message.headers), emit)
                 self.processed(p, offset)
@@ -141,9 +190,11 @@ class ReplayedPartitions(Generic[S]):
 
 
 def unreadable(value: bytes, error: str, stage: str) -> pa.Table:
-    """One REJECTS row for a Kafka record that is not the expected Arrow batch."""
+    """One REJECTS row for a Kafka record that is not the expected Arrow batch (a bounded prefix of it)."""
+    payload, note = contract.payload_excerpt(value)
     row = {name: [None] for name in contract.REJECTS.names}
-    row.update(stage=[stage], reason=["bad_record"], detail=[error[:500]], payload=[value],
+    row.update(stage=[stage], reason=["bad_record"], detail=[error[:500] + (f"; {note}" if note else "")],
+               payload=[payload],
                rejected_ms=[int(time.time() * 1000)])
     return pa.table(row, schema=contract.REJECTS)
 

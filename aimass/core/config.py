@@ -87,6 +87,9 @@ class KafkaConfig:
     # Longest a fetch waits for data. Some brokers (the local Tansu) hold a fetch until this
     # runs out even when data arrives, so every hop of the pipeline adds up to it.
     fetch_max_wait_ms: int = field(default=100, metadata=_range(1, 10000))
+    # Largest record value any stage produces: Arrow batches are split into records below it.
+    # At most the broker's message.max.bytes (Kafka's default: 1 MiB).
+    max_record_bytes: int = field(default=1024 * 1024, metadata=_range(16 * 1024, 16 * 1024 * 1024))
 
 
 # Room for an MQTT PUBLISH's headers on top of bridge.max_payload_bytes: fixed header (5), topic

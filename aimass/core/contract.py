@@ -10,8 +10,10 @@ This module is the only place topics and record schemas are defined; import it.
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +30,8 @@ READINGS = pa.schema([
     ("received_ms", pa.int64()),   # bridge receive time, ms since epoch (for latency)
 ])
 
-# One row per rejected or late reading, or per rejected MQTT message (payload set).
+# One row per rejected or late reading, or per rejected MQTT message or Kafka record (payload set:
+# at most its first DEAD_LETTER_PAYLOAD_BYTES, the detail then ends with its size and SHA-256).
 REJECTS = pa.schema([
     ("stage", pa.string()),        # bridge | clean | window | predict | alert | notify | sink
     ("reason", pa.string()),       # machine-readable, e.g. "non_finite", "bad_json", "late"
@@ -262,3 +265,40 @@ def decode(value: bytes, schema: pa.Schema) -> pa.Table:
 def empty(schema: pa.Schema) -> pa.Table:
     """An empty table of ``schema``."""
     return schema.empty_table()
+
+
+# --- records under a size budget ------------------------------------------------------
+
+RECORD_OVERHEAD = 1024  # a record's key, headers and batch framing: kept free under kafka.max_record_bytes
+DEAD_LETTER_PAYLOAD_BYTES = 4096  # the most of a rejected payload a dead-letter row keeps
+
+
+class Part(NamedTuple):
+    """Consecutive rows of a table and their encoded record."""
+
+    rows: pa.Table
+    value: bytes
+
+
+def encode_parts(table: pa.Table, schema: pa.Schema, max_record_bytes: int) -> list[Part]:
+    """``table`` as consecutive row ranges (order kept), each one record of at most
+    ``max_record_bytes - RECORD_OVERHEAD`` bytes; a single row larger than that is one record."""
+    budget = max_record_bytes - RECORD_OVERHEAD
+    value = encode(table, schema)
+    if len(value) <= budget or table.num_rows <= 1:
+        return [Part(table, value)]
+    n = min(table.num_rows, -(-len(value) * 5 // (budget * 4)))  # 25% spare: rows differ in size
+    step = -(-table.num_rows // n)
+    parts: list[Part] = []
+    for start in range(0, table.num_rows, step):
+        parts += encode_parts(table.slice(start, step), schema, max_record_bytes)
+    return parts
+
+
+def payload_excerpt(payload: bytes) -> tuple[bytes, str]:
+    """(at most ``DEAD_LETTER_PAYLOAD_BYTES`` of ``payload``, "" or a note of its full size and SHA-256)."""
+    if len(payload) <= DEAD_LETTER_PAYLOAD_BYTES:
+        return payload, ""
+    return payload[:DEAD_LETTER_PAYLOAD_BYTES], (
+        f"payload of {len(payload)} bytes, sha256 {hashlib.sha256(payload).hexdigest()}, "
+        f"first {DEAD_LETTER_PAYLOAD_BYTES} bytes kept")
