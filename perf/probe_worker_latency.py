@@ -176,7 +176,7 @@ def engines_main(seconds: int, readings_per_s: int = 850, per_record: int = 50) 
         result = clean.process(raw, offset)
         accounted += result.clean.num_rows + result.dead.num_rows + result.late.num_rows
         window.update(contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS),
-                      offset, result.max_ts_before, offset)
+                      offset, source_offset=offset)
         if offset % records_per_s == 0:
             clean.live_offset()
             window.live_offset()

@@ -37,25 +37,26 @@ def table(series: list[int], ts: list[int], values: list[float]) -> pa.Table:
 
 # --- reference -----------------------------------------------------------------------
 
-def reference_accepted(df: pd.DataFrame, lateness_ms: int) -> pd.DataFrame:
-    """Readings not below the running watermark (arrival order), finite values only."""
-    max_ts = -math.inf
+def reference_accepted(df: pd.DataFrame, lateness_ms: int) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Readings not below their series' running watermark (arrival order), finite values only;
+    and each series' final watermark."""
+    max_ts: dict[str, float] = {}
     keep = []
-    for t, v in zip(df.ts_ms, df.value):
-        late = t < max_ts - lateness_ms
+    for d, t, v in zip(df.device_id, df.ts_ms, df.value):
+        late = t < max_ts.get(d, -math.inf) - lateness_ms
         keep.append(not late and math.isfinite(v))
         if not late:
-            max_ts = max(max_ts, t)
-    return df[np.array(keep, dtype=bool)]
+            max_ts[d] = max(max_ts.get(d, -math.inf), t)
+    return df[np.array(keep, dtype=bool)], {d: m - lateness_ms for d, m in max_ts.items()}
 
 
 def reference_windows(df: pd.DataFrame, size_s: int, hop_s: int, lateness_ms: int, close_all: bool) -> pd.DataFrame:
     """Windows of the accepted readings, each computed from scratch with numpy."""
-    acc = reference_accepted(df, lateness_ms)
+    acc, watermarks = reference_accepted(df, lateness_ms)
     hop, size, k = hop_s * 1000, size_s * 1000, size_s // hop_s
-    watermark = df.ts_ms.max() - lateness_ms if len(df) else -math.inf
     rows = []
     for device, g in acc.groupby("device_id"):
+        watermark = watermarks[device]
         ts, v, recv = g.ts_ms.to_numpy(), g.value.to_numpy(), g.received_ms.to_numpy()
         panes = ts // hop
         history: list[tuple[int, float]] = []
@@ -189,10 +190,7 @@ def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, rep
     t = table(series, ts, vals)
     sources = [t.slice(i, 5) for i in range(0, t.num_rows, 5)]
     undisturbed = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
-    headers, want_all = [], []
-    for src, rec in enumerate(sources):
-        headers.append(undisturbed.max_ts)
-        want_all.append(undisturbed.update(rec, src, headers[-1], src)[0])
+    want_all = [undisturbed.update(rec, src, src)[0] for src, rec in enumerate(sources)]
     # The topic as the window agent reads it: after source record r, records r-2..r again.
     topic = []
     for src in range(len(sources)):
@@ -206,7 +204,7 @@ def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, rep
     for offset, src in enumerate(topic):
         if offset == b:
             restart = original.live_offset()
-        out.append(original.update(sources[src], offset, headers[src], src)[0])
+        out.append(original.update(sources[src], offset, src)[0])
     if restart is None:
         restart = original.live_offset()
     restart = b if restart < 0 else restart
@@ -220,7 +218,7 @@ def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, rep
     restored = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
     emitted = []
     for offset in range(restart, len(topic)):
-        closed = restored.update(sources[topic[offset]], offset, headers[topic[offset]], topic[offset])[0]
+        closed = restored.update(sources[topic[offset]], offset, topic[offset])[0]
         if offset >= b:
             emitted.append(closed)
     pd.testing.assert_frame_equal(frame(emitted), frame(out[b:]))
@@ -257,20 +255,21 @@ def test_series_index_is_dense_and_stable():
 # --- clean kernel ----------------------------------------------------------------------
 
 def reference_clean(series, ts, vals, received, lateness_ms, horizon_ms, skew_ms):
-    """Verdict per reading: stateless checks, then duplicate (within horizon), then late."""
-    seen, max_ts, out = set(), -math.inf, []
+    """Verdict per reading: stateless checks, then duplicate (within horizon), then late; both
+    measured from the reading's series' newest accepted ts."""
+    seen, newest, out = set(), {}, []
     for s, t, v, r in zip(series, ts, vals, received):
         if not math.isfinite(v):
             out.append("non_finite")
         elif t > r + skew_ms:
             out.append("future")
-        elif (s, t) in seen and t >= max_ts - horizon_ms:
+        elif (s, t) in seen and t >= newest.get(s, -math.inf) - horizon_ms:
             out.append("duplicate")
-        elif t < max_ts - lateness_ms:
+        elif t < newest.get(s, -math.inf) - lateness_ms:
             out.append("late")
         else:
             seen.add((s, t))
-            max_ts = max(max_ts, t)
+            newest[s] = max(newest.get(s, -math.inf), t)
             out.append("ok")
     return out
 
