@@ -194,9 +194,11 @@ def import_root(code: Path) -> Path:
     editable install of this checkout. The checkout must have the one-namespace layout."""
     root = Path(tempfile.mkdtemp(prefix="probe-code-"))
     (root / "aimass").mkdir()
+    stages = ("streams", "agents", "models", "rules")
     for entry in (code / "aimass").iterdir():
-        (root / "aimass" / entry.name).symlink_to(entry)
-    for stage in ("streams", "agents", "models", "rules"):
+        if entry.name not in stages:  # a worktree may hold links to the stages already
+            (root / "aimass" / entry.name).symlink_to(entry)
+    for stage in stages:
         (root / "aimass" / stage).symlink_to(code / stage)
     return root
 
