@@ -50,10 +50,36 @@ def reference_accepted(df: pd.DataFrame, lateness_ms: int) -> tuple[pd.DataFrame
     return df[np.array(keep, dtype=bool)], {d: m - lateness_ms for d, m in max_ts.items()}
 
 
+def reference_row(device: str, size_s: int, hop_s: int, p: int, wt: np.ndarray, wv: np.ndarray, wrecv: np.ndarray,
+                  history: list[tuple[int, float]]) -> dict:
+    """The window ending at pane ``p`` over readings (wt, wv, wrecv) in arrival order, EWMA and
+    z-score from the series' earlier ``history`` of (pane, mean), which gets this window's mean."""
+    end = (p + 1) * hop_s * 1000
+    first_i = int(np.argmin(wt))                        # earliest ts, first arrival on ties
+    last_i = len(wt) - 1 - int(np.argmax(wt[::-1]))     # latest ts, last arrival on ties
+    span = (wt[last_i] - wt[first_i]) / 1000
+    mean = wv.mean()
+    recent = [m for e, m in history if e >= p - HISTORY]
+    ewma = mean
+    if recent:
+        ewma = recent[0]
+        for m in recent[1:]:
+            ewma = ALPHA * m + (1 - ALPHA) * ewma
+        ewma = ALPHA * mean + (1 - ALPHA) * ewma
+    z = 0.0
+    if len(recent) >= MIN_HISTORY and np.std(recent, ddof=1) > 1e-12:
+        z = (mean - np.mean(recent)) / np.std(recent, ddof=1)
+    history.append((p, mean))
+    return dict(tenant="t", device_id=device, metric="m", window_s=size_s, window_start_ms=end - size_s * 1000,
+                window_end_ms=end, count=len(wv), mean=mean, min=wv.min(), max=wv.max(), std=wv.std(),
+                first=wv[first_i], last=wv[last_i], rate=(wv[last_i] - wv[first_i]) / span if span > 0 else 0.0,
+                ewma=ewma, zscore=z, max_received_ms=wrecv.max())
+
+
 def reference_windows(df: pd.DataFrame, size_s: int, hop_s: int, lateness_ms: int, close_all: bool) -> pd.DataFrame:
     """Windows of the accepted readings, each computed from scratch with numpy."""
     acc, watermarks = reference_accepted(df, lateness_ms)
-    hop, size, k = hop_s * 1000, size_s * 1000, size_s // hop_s
+    hop, k = hop_s * 1000, size_s // hop_s
     rows = []
     for device, g in acc.groupby("device_id"):
         watermark = watermarks[device]
@@ -65,27 +91,7 @@ def reference_windows(df: pd.DataFrame, size_s: int, hop_s: int, lateness_ms: in
             end = (p + 1) * hop
             if not inside.any() or (not close_all and end > watermark):
                 continue
-            wt, wv = ts[inside], v[inside]
-            first_i = int(np.argmin(wt))                        # earliest ts, first arrival on ties
-            last_i = len(wt) - 1 - int(np.argmax(wt[::-1]))     # latest ts, last arrival on ties
-            span = (wt[last_i] - wt[first_i]) / 1000
-            mean = wv.mean()
-            recent = [m for e, m in history if e >= p - HISTORY]
-            ewma = mean
-            if recent:
-                ewma = recent[0]
-                for m in recent[1:]:
-                    ewma = ALPHA * m + (1 - ALPHA) * ewma
-                ewma = ALPHA * mean + (1 - ALPHA) * ewma
-            z = 0.0
-            if len(recent) >= MIN_HISTORY and np.std(recent, ddof=1) > 1e-12:
-                z = (mean - np.mean(recent)) / np.std(recent, ddof=1)
-            history.append((p, mean))
-            rows.append(dict(tenant="t", device_id=device, metric="m", window_s=size_s,
-                             window_start_ms=end - size, window_end_ms=end, count=len(wv), mean=mean,
-                             min=wv.min(), max=wv.max(), std=wv.std(), first=wv[first_i], last=wv[last_i],
-                             rate=(wv[last_i] - wv[first_i]) / span if span > 0 else 0.0,
-                             ewma=ewma, zscore=z, max_received_ms=recv[inside].max()))
+            rows.append(reference_row(device, size_s, hop_s, p, ts[inside], v[inside], recv[inside], history))
     return pd.DataFrame(rows, columns=contract.WINDOWS.names)
 
 
@@ -222,11 +228,11 @@ class ReferenceSeries:
         self.emitted: dict[int, set[int]] = {size: set() for size, _ in SPECS}
         self.history: dict[int, list[tuple[int, float]]] = {size: [] for size, _ in SPECS}
 
-    def windows(self, device: str, limit_of) -> list[dict]:
-        """Rows of the windows not emitted yet whose end is within ``limit_of(size, hop)``, in end order."""
+    def windows(self, device: str, limit: float) -> list[dict]:
+        """Rows of the windows not emitted yet that end at or before ``limit``, in end order."""
         rows = []
         for size_s, hop_s in SPECS:
-            hop, size, k = hop_s * 1000, size_s * 1000, size_s // hop_s
+            hop, k = hop_s * 1000, size_s // hop_s
             if not self.accepted:
                 continue
             ts, v, recv = (np.array(c) for c in zip(*self.accepted))
@@ -234,29 +240,11 @@ class ReferenceSeries:
             for p in range(int(panes.min()), int(panes.max()) + k):
                 end = (p + 1) * hop
                 inside = (panes >= p - k + 1) & (panes <= p)
-                if end > limit_of(size, hop) or p in self.emitted[size_s] or not inside.any():
+                if end > limit or p in self.emitted[size_s] or not inside.any():
                     continue
                 self.emitted[size_s].add(p)
-                wt, wv = ts[inside], v[inside]
-                first_i, last_i = int(np.argmin(wt)), len(wt) - 1 - int(np.argmax(wt[::-1]))
-                span = (wt[last_i] - wt[first_i]) / 1000
-                mean = wv.mean()
-                recent = [m for e, m in self.history[size_s] if e >= p - HISTORY]
-                ewma = mean
-                if recent:
-                    ewma = recent[0]
-                    for m in recent[1:]:
-                        ewma = ALPHA * m + (1 - ALPHA) * ewma
-                    ewma = ALPHA * mean + (1 - ALPHA) * ewma
-                z = 0.0
-                if len(recent) >= MIN_HISTORY and np.std(recent, ddof=1) > 1e-12:
-                    z = (mean - np.mean(recent)) / np.std(recent, ddof=1)
-                self.history[size_s].append((p, mean))
-                rows.append(dict(tenant="t", device_id=device, metric="m", window_s=size_s,
-                                 window_start_ms=end - size, window_end_ms=end, count=len(wv), mean=mean,
-                                 min=wv.min(), max=wv.max(), std=wv.std(), first=wv[first_i], last=wv[last_i],
-                                 rate=(wv[last_i] - wv[first_i]) / span if span > 0 else 0.0,
-                                 ewma=ewma, zscore=z, max_received_ms=recv[inside].max()))
+                rows.append(reference_row(device, size_s, hop_s, p, ts[inside], v[inside], recv[inside],
+                                          self.history[size_s]))
         return rows
 
 
@@ -264,7 +252,6 @@ def reference_ticked_windows(events, close_all: bool) -> pd.DataFrame:
     """Windows of a ticked stream, series by series: watermark closes, idle closes, forgetting."""
     state: dict[str, ReferenceSeries] = {}
     rows, clock = [], None
-    everything = lambda size, hop: math.inf  # noqa: E731
     for kind, item in events:
         if kind == "tick":
             clock = item
@@ -273,7 +260,7 @@ def reference_ticked_windows(events, close_all: bool) -> pd.DataFrame:
                     ref.active = clock
                     continue
                 if ref.active + IDLE_MS <= clock and ref.floor <= ref.max_ts:
-                    rows += ref.windows(device, everything)
+                    rows += ref.windows(device, math.inf)
                     ref.floor = max((ref.max_ts // (hop * 1000) + size // hop) * hop * 1000 for size, hop in SPECS)
                 if ref.active + FORGET_MS <= clock:
                     del state[device]
@@ -286,10 +273,10 @@ def reference_ticked_windows(events, close_all: bool) -> pd.DataFrame:
             if math.isfinite(v):
                 ref.accepted.append((t, v, r))
             watermark = ref.max_ts - LATENESS_MS
-            rows += ref.windows(device, lambda size, hop: watermark)
+            rows += ref.windows(device, watermark)
     if close_all:
         for device, ref in state.items():
-            rows += ref.windows(device, everything)
+            rows += ref.windows(device, math.inf)
     return pd.DataFrame(rows, columns=contract.WINDOWS.names)
 
 
