@@ -3,20 +3,29 @@
 Per batch (vectorised, then one numba pass for the stateful part): non-finite values, unknown
 units and out-of-range values (``aimass.streams.units``), readings more than ``clean.max_clock_skew_s``
 after their bridge receive time ("future"), duplicates of (device, metric, ts) within
-``clean.dedup_horizon_s`` (at least the allowed lateness), and late readings (event time below
-the partition watermark: max event time - ``clean.allowed_lateness_s``). Rejects go to the
-dead-letter topic with a reason, late readings to the late topic. Every clean record carries
-headers ``max_ts_before`` (the watermark base before it, so the window agent's lateness decisions
-are reproducible after a restart) and ``raw_offset`` plus ``raw_part`` (its source record and
-which of the records under ``kafka.max_record_bytes`` it is, so the window agent skips records
-this stage emitted twice around a restart).
+``clean.dedup_horizon_s`` (at least the allowed lateness) of the series' newest reading, and late
+readings (event time below the series' watermark: the newest event time of the same
+(tenant, device, metric) - ``clean.allowed_lateness_s``). Watermarks are per series, so a device
+with a skewed clock or history replayed next to live traffic never makes another device late.
+Rejects go to the dead-letter topic with a reason, late readings to the late topic. Every clean
+record carries headers ``raw_offset`` plus ``raw_part`` (its source record and which of the
+records under ``kafka.max_record_bytes`` it is, so the window agent skips records this stage
+emitted twice around a restart). Besides, the agent writes a clock tick (an empty clean
+record with header ``tick_ms``, its wall clock) to every partition it owns every
+``window.idle_close_s / 8`` (at least 1 s): the window stage's processing time for closing idle
+series, in the data so that a replay sees the same clock.
 
-State (watermark, dedup set) survives restarts by replay (``aimass.streams.replay``): the committed
-offset stays at the first raw record of the dedup set's oldest generation (so up to the horizon
-and a quarter back) or the one holding the max event time, so a new owner rebuilds exactly the
-dedup set and watermark. One approximation: a reading that
-was late before the restart point and is duplicated later may be reported as "duplicate"
-instead of "late" after a restart (rejected either way; windows are unaffected).
+State (dedup set, series watermarks) survives restarts by replay (``aimass.streams.replay``): the
+committed offset stays at the first raw record of the dedup set's oldest generation (so up to the
+horizon and a quarter back, in partition event time, which paces the generations) or the one
+holding the partition's max event time, so a new owner rebuilds exactly the dedup set and the
+watermark of every series active within that span. Approximations: a series quiet for longer
+than that span comes back after a restart without its watermark, so a reading of it that the
+old owner would have found late may pass (the window stage drops it if its window was closed:
+windows are unaffected); a reading that was late before the restart point and is duplicated
+later may be reported as "duplicate" instead of "late" (rejected either way). Duplicates are
+recognised while their key is held, which is about the horizon of partition event time: history
+replayed slower than real time may have its duplicates older than that accepted.
 """
 from __future__ import annotations
 
@@ -47,9 +56,8 @@ DETAILS = {
     K.BAD_UNIT: "unit cannot be converted to the metric's canonical unit",
     K.FUTURE: "timestamp later than bridge receive time + clean.max_clock_skew_s",
     K.DUPLICATE: "same device, metric and timestamp already seen within clean.dedup_horizon_s",
-    K.LATE: "event time below the partition watermark (max event time - clean.allowed_lateness_s)",
+    K.LATE: "event time below the series watermark (its newest event time - clean.allowed_lateness_s)",
 }
-MAX_TS_HEADER = "max_ts_before"
 RAW_OFFSET_HEADER = "raw_offset"
 RAW_PART_HEADER = "raw_part"
 PARTS_PER_RECORD = 1 << 20  # more clean records than one raw record can make
@@ -59,6 +67,8 @@ def source_position(headers: dict) -> int | None:
     """Where a clean record comes from, comparable across records: raw offset, then part."""
     offset = headers.get(RAW_OFFSET_HEADER)
     return None if offset is None else offset * PARTS_PER_RECORD + headers.get(RAW_PART_HEADER, 0)
+TICK_HEADER = "tick_ms"
+EMPTY_CLEAN = contract.encode(contract.empty(contract.READINGS), contract.READINGS)  # the body of every tick
 
 
 @dataclass
@@ -68,12 +78,11 @@ class CleanResult:
     clean: pa.Table        # READINGS, canonical units
     dead: pa.Table         # REJECTS, stage "clean"
     late: pa.Table         # REJECTS, reason "late"
-    max_ts_before: int     # watermark base before the batch
     verdict: np.ndarray    # int8 per input reading: kernels.OK or the reject reason code
 
 
 class CleanEngine:
-    """Clean state of one partition: series index, dedup set and watermark."""
+    """Clean state of one partition: series index, dedup set and series watermarks."""
 
     def __init__(self, clean: CleanConfig, units: UnitTable) -> None:
         self.units = units
@@ -98,18 +107,16 @@ class CleanEngine:
         if self.drop_non_finite:
             verdict[~np.isfinite(value)] = K.NON_FINITE
         series = self.series.lookup(raw["tenant"], raw["device_id"], raw["metric"])
-        max_ts_before = self.max_ts
         self.max_ts, self.max_ts_offset = self.seen.check(series, ts, offset, verdict, self.max_ts,
                                                           self.max_ts_offset, self.lateness_ms)
         ok = verdict == K.OK
         clean = raw.set_column(raw.schema.get_field_index("value"), "value", pa.array(canonical)) \
                    .set_column(raw.schema.get_field_index("unit"), "unit", unit).filter(ok)
         late = verdict == K.LATE
-        return CleanResult(clean, rejects(raw, verdict, ~ok & ~late), rejects(raw, verdict, late), max_ts_before,
-                           verdict)
+        return CleanResult(clean, rejects(raw, verdict, ~ok & ~late), rejects(raw, verdict, late), verdict)
 
     def live_offset(self) -> int:
-        """Oldest raw offset the dedup set or the watermark depends on (-1: none): the restart point."""
+        """Oldest raw offset the dedup set or the partition max event time depends on (-1: none): the restart point."""
         live = [o for o in (self.seen.live_offset(), self.max_ts_offset) if o >= 0]
         return min(live) if live else -1
 
@@ -154,23 +161,34 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[CleanEngine]:
 
     partitions.install(source, contract.READINGS, "clean", dead_out, handle,
                        on_unreadable=REJECTED.labels("bad_record").inc)
+
+    @app.timer(tick_interval_s(cfg), name=f"{app.conf.id}.clean.tick")
+    async def tick() -> None:
+        """The window stage's clock: a tick to every partition this worker owns."""
+        header = [(TICK_HEADER, str(int(time.time() * 1000)).encode())]
+        for tp in app.consumer.assignment():
+            if tp.topic == source.get_topic_name():
+                await partitions.send(clean_out, EMPTY_CLEAN, tp.partition, header)
+
     return partitions
+
+
+def tick_interval_s(cfg: Config) -> float:
+    """Seconds between clock ticks: an idle series' windows close within this of window.idle_close_s."""
+    return max(1.0, cfg.window.idle_close_s / 8)
 
 
 async def publish(out: ReplayedPartitions, result: CleanResult, partition: int, raw_offset: int, clean_out, dead_out,
                   late_out) -> None:
     """Send one batch's outputs to the same partition number of each topic (records under
-    ``kafka.max_record_bytes``, each clean one with the watermark base before it); count them."""
+    ``kafka.max_record_bytes``); count them."""
     n_in = result.clean.num_rows + result.dead.num_rows + result.late.num_rows
     READINGS_IN.inc(n_in)
     if result.clean.num_rows:
         READINGS_OUT.inc(result.clean.num_rows)
-        max_ts_before = result.max_ts_before
         for i, part in enumerate(contract.encode_parts(result.clean, contract.READINGS, out.max_record_bytes)):
-            await out.send(clean_out, part.value, partition, [(MAX_TS_HEADER, str(max_ts_before).encode()),
-                                                              (RAW_OFFSET_HEADER, str(raw_offset).encode()),
+            await out.send(clean_out, part.value, partition, [(RAW_OFFSET_HEADER, str(raw_offset).encode()),
                                                               (RAW_PART_HEADER, str(i).encode())])
-            max_ts_before = max(max_ts_before, int(np.max(part.rows["ts_ms"].to_numpy())))
     if result.dead.num_rows:
         for reason, count in zip(*np.unique(result.dead["reason"].to_numpy(zero_copy_only=False), return_counts=True)):
             REJECTED.labels(reason).inc(int(count))

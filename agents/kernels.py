@@ -3,17 +3,23 @@
 A series is (tenant, device_id, metric); ``SeriesIndex`` maps series to dense int64 indices
 (new devices may appear at any time), so every kernel works on flat arrays indexed by series.
 
-Event time: a watermark ``max_ts - lateness`` per partition, advanced reading by reading in
-arrival order, so every decision is a deterministic function of the ordered input (the
-restart mechanism in ``aimass.agents.window`` relies on this). A reading is late when its ts is below
-the watermark seen before it.
+Event time is per series: a series' watermark is its own max event time - lateness, advanced
+reading by reading in arrival order, so a device with a skewed clock, or history replayed next to
+live traffic, never makes another series' readings late, and every decision is a deterministic
+function of the ordered input (the restart mechanism in ``aimass.agents.window`` relies on this).
+A reading is late when its ts is below its series' watermark seen before it.
 
 Windows: each window spec is (size, hop) with size a multiple of hop (tumbling: hop == size).
 Per series and spec a ring of panes (hop-sized sub-windows) holds shifted sums, min, max,
 first/last and bookkeeping; a window ending at pane ``p`` merges panes ``p-k+1 .. p`` and is
-emitted once the watermark passes its end. EWMA and z-score use the series' window means of the
-previous ``history`` hops (time-bounded, so a replay of that span rebuilds them exactly); the
-z-score is 0 until at least ``min_history`` such means exist.
+emitted once its series' watermark passes its end. EWMA and z-score use the series' window means
+of the previous ``history`` hops (time-bounded, so a replay of that span rebuilds them exactly);
+the z-score is 0 until at least ``min_history`` such means exist.
+
+Idle series (``series_sweep``, run at each clock tick): a series without an accepted reading for
+``idle`` ms of the tick clock has all its windows closed, and its watermark raised to the end of
+the last of them (``floor``); one quiet for ``forget`` ms is forgotten (watermark, panes, history),
+which bounds what a restart has to replay.
 """
 from __future__ import annotations
 
@@ -288,9 +294,11 @@ def _rehash(keys, capacity):
 @njit(**NO_REFCOUNT)
 def clean_update(series, ts, offset, verdict, filling, older1, older2, older3, older4, newest, max_ts,
                  max_ts_offset, lateness_ms, horizon_ms):
-    """Mark duplicates (within the horizon) and late readings in ``verdict``, add the accepted
-    readings to ``filling``; returns (readings added, new max_ts, offset that set it).
-    Rejected readings are skipped. ``filling`` needs room for every reading of the batch."""
+    """Mark duplicates (within the horizon) and late readings in ``verdict``, both measured from the
+    reading's own series' newest accepted ts (``newest``), add the accepted readings to ``filling``;
+    returns (readings added, new partition max_ts, offset that set it). The partition max_ts only
+    paces the dedup generations. Rejected readings are skipped. ``filling`` needs room for every
+    reading of the batch."""
     added = 0
     for i in range(series.shape[0]):
         if verdict[i] != OK:
@@ -301,9 +309,9 @@ def clean_update(series, ts, offset, verdict, filling, older1, older2, older3, o
         # a reading newer than any accepted for its series cannot be a copy of one
         seen = t <= newest[s] and (_holds(filling, key) or _holds(older1, key) or _holds(older2, key)
                                    or _holds(older3, key) or _holds(older4, key))
-        if seen and t >= max_ts - horizon_ms:
+        if seen and t >= newest[s] - horizon_ms:
             verdict[i] = DUPLICATE
-        elif t < max_ts - lateness_ms:
+        elif t < newest[s] - lateness_ms:
             verdict[i] = LATE
         else:  # not seen (a reading past the horizon is past the lateness too: horizon >= lateness)
             filling[_slot(filling, key)] = key
@@ -487,29 +495,77 @@ def _close_series(s, target, hop_ms, size_ms, k, alpha, history, min_history, pa
 
 
 @njit(**NO_REFCOUNT)
-def window_update(series, ts, value, recv, offset, max_ts, closed_through, lateness_ms, hop_ms, size_ms,
-                  k, alpha, history, min_history, pane_i, pane_f, next_close, last_pane,
-                  hist_mean, hist_end, hist_off, hist_n, n_series, out_i, out_f, late, counters):
-    """Add a batch to the pane rings and emit windows the watermark closed.
+def series_event_time(series, ts, offset, lateness_ms, clock, series_max, floor, active_clock, active_at, late):
+    """Per reading in arrival order: late (below its series' watermark or idle floor: ``late[i]`` set)
+    or accepted (advances its series' max ts, marks the series active at ``clock`` by record
+    ``offset``). ``late`` must be all False on entry; returns how many readings are late."""
+    n_late = 0
+    for i in range(series.shape[0]):
+        s = series[i]
+        t = ts[i]
+        if t < series_max[s] - lateness_ms or t < floor[s]:
+            late[i] = True
+            n_late += 1
+            continue
+        if t > series_max[s]:
+            series_max[s] = t
+        active_clock[s] = clock
+        active_at[s] = offset
+    return n_late
 
-    Returns (rows written to out_i/out_f, new max_ts, new closed_through). ``late[i]`` is set for
-    readings below the watermark (not counted). ``counters`` = [panes created, pane uses by emitted
+
+@njit(**NO_REFCOUNT)
+def series_sweep(clock, idle_ms, forget_ms, hops, ks, series_max, floor, active_clock, active_at, n_series,
+                 to_close, to_forget):
+    """At a clock tick: list the series idle for ``idle_ms`` (their windows are to be closed; their
+    floor rises to the end of their last window over every spec) and those quiet for ``forget_ms``
+    (their series state is reset here, the caller resets their panes). A series first seen since
+    the last tick counts as active at this one. Returns (closing, forgotten)."""
+    n_close = 0
+    n_forget = 0
+    for s in range(n_series):
+        if series_max[s] == NO_TS:
+            continue
+        since = active_clock[s]
+        if since == NO_TS:
+            active_clock[s] = clock
+            continue
+        if since + idle_ms <= clock and floor[s] <= series_max[s]:
+            to_close[n_close] = s
+            n_close += 1
+            reach = NO_TS
+            for j in range(hops.shape[0]):
+                reach = max(reach, (series_max[s] // hops[j] + ks[j]) * hops[j])
+            floor[s] = reach
+        if since + forget_ms <= clock:
+            to_forget[n_forget] = s
+            n_forget += 1
+            series_max[s] = NO_TS
+            floor[s] = NO_TS
+            active_clock[s] = NO_TS
+            active_at[s] = -1
+    return n_close, n_forget
+
+
+@njit(**NO_REFCOUNT)
+def window_update(series, ts, value, recv, offset, late, series_max, lateness_ms, hop_ms, size_ms,
+                  k, alpha, history, min_history, pane_i, pane_f, next_close, last_pane,
+                  hist_mean, hist_end, hist_off, hist_n, out_i, out_f, counters):
+    """Add a batch's accepted readings (``late`` from ``series_event_time``) to the pane rings and
+    emit the windows their series' watermarks (``series_max`` after the batch) closed.
+
+    Returns the rows written to out_i/out_f. ``counters`` = [panes created, pane uses by emitted
     windows]: every pane is used by k windows, so out_* need k * (created + batch) - uses rows.
     """
     mask = pane_i.shape[1] - 1  # ring sizes are powers of two
     n_out = 0
-    watermark = max_ts - lateness_ms
     for i in range(series.shape[0]):
-        t = ts[i]
-        if t < watermark:
-            late[i] = True
+        if late[i]:
             continue
-        if t > max_ts:
-            max_ts = t
-            watermark = t - lateness_ms
+        t = ts[i]
         v = value[i]
         if not math.isfinite(v):
-            continue  # advances the watermark like upstream, but is not a measurement
+            continue  # advanced the watermark like upstream, but is not a measurement
         s = series[i]
         q = last_pane[s]  # most readings fall in the series' latest pane: skip the division
         if q == NO_PANE or t < q * hop_ms or t >= (q + 1) * hop_ms:
@@ -518,7 +574,8 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
         if pane_i[s, slot, P_ID] != q:
             old = pane_i[s, slot, P_ID]
             if old != NO_PANE and old >= next_close[s] - (k - 1):
-                # The slot still holds a needed pane; the ring is sized so it is closable now.
+                # The slot still holds a needed pane; the ring is sized so that the series'
+                # watermark (at least this reading's ts - lateness) has passed its windows.
                 n_out = _close_series(s, old + k - 1, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                                       next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
                                       out_i, out_f, n_out, counters)
@@ -527,7 +584,7 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
             pane_i[s, slot, P_FIRST_TS] = FAR
             pane_i[s, slot, P_LAST_TS] = NO_TS
             pane_i[s, slot, P_MAX_RECV] = NO_TS
-            pane_i[s, slot, P_FIRST_OFF] = offset[i]
+            pane_i[s, slot, P_FIRST_OFF] = offset
             pane_f[s, slot, P_REF] = v
             pane_f[s, slot, P_S1] = 0.0
             pane_f[s, slot, P_S2] = 0.0
@@ -535,7 +592,7 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
             pane_f[s, slot, P_MAX] = -math.inf
             counters[0] += 1
             if next_close[s] == NO_PANE or q < next_close[s]:
-                next_close[s] = q  # not late, so no window over pane q was emitted yet
+                next_close[s] = q  # at or above its watermark and floor, so no window over pane q was emitted yet
             if q > last_pane[s]:
                 last_pane[s] = q
         d = v - pane_f[s, slot, P_REF]
@@ -554,27 +611,29 @@ def window_update(series, ts, value, recv, offset, max_ts, closed_through, laten
             pane_f[s, slot, P_LAST_V] = v
         if recv[i] > pane_i[s, slot, P_MAX_RECV]:
             pane_i[s, slot, P_MAX_RECV] = recv[i]
-    # Panes ending at or before the watermark are final: close them for every series.
-    target = (max_ts - lateness_ms) // hop_ms - 1
-    if target > closed_through:
-        for s in range(n_series):
-            if s + PREFETCH_AHEAD < n_series:
-                _prefetch_series(s + PREFETCH_AHEAD, pane_i, pane_f, next_close, hist_mean, hist_end, hist_off,
-                                 hist_n, history)
-            if next_close[s] != NO_PANE and next_close[s] <= target:
+    # Panes ending at or before their series' watermark are final: close the batch's series up to it.
+    for i in range(series.shape[0]):
+        s = series[i]
+        if next_close[s] != NO_PANE:
+            target = (series_max[s] - lateness_ms) // hop_ms - 1
+            if next_close[s] <= target:
                 n_out = _close_series(s, target, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f,
                                       next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
                                       out_i, out_f, n_out, counters)
-        closed_through = target
-    return n_out, max_ts, closed_through
+    return n_out
 
 
 @njit(**NO_REFCOUNT)
-def window_flush(hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f, next_close, last_pane,
-                 hist_mean, hist_end, hist_off, hist_n, n_series, out_i, out_f, counters):
-    """Close every remaining window (end of an offline history); returns rows written."""
+def window_flush(chosen, hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f, next_close, last_pane,
+                 hist_mean, hist_end, hist_off, hist_n, out_i, out_f, counters):
+    """Close every remaining window of the ``chosen`` series (idle ones, or all at the end of an
+    offline history); returns rows written."""
     n_out = 0
-    for s in range(n_series):
+    for j in range(chosen.shape[0]):
+        s = chosen[j]
+        if j + PREFETCH_AHEAD < chosen.shape[0]:
+            _prefetch_series(chosen[j + PREFETCH_AHEAD], pane_i, pane_f, next_close, hist_mean, hist_end, hist_off,
+                             hist_n, history)
         if next_close[s] != NO_PANE:
             n_out = _close_series(s, last_pane[s] + k - 1, hop_ms, size_ms, k, alpha, history, min_history,
                                   pane_i, pane_f, next_close, last_pane, hist_mean, hist_end, hist_off, hist_n,
@@ -583,7 +642,19 @@ def window_flush(hop_ms, size_ms, k, alpha, history, min_history, pane_i, pane_f
 
 
 @njit(**NO_REFCOUNT)
-def window_live_offset(pane_i, next_close, hist_end, hist_off, hist_n, n_series, k, history, closed_through):
+def window_forget(chosen, pane_i, next_close, last_pane, hist_n):
+    """Drop the panes and window history of the ``chosen`` series (closed before)."""
+    for j in range(chosen.shape[0]):
+        s = chosen[j]
+        for slot in range(pane_i.shape[1]):
+            pane_i[s, slot, P_ID] = NO_PANE
+        next_close[s] = NO_PANE
+        last_pane[s] = NO_PANE
+        hist_n[s] = 0
+
+
+@njit(**NO_REFCOUNT)
+def window_live_offset(pane_i, next_close, hist_end, hist_off, hist_n, n_series, k, history):
     """Smallest Kafka offset whose readings the state still needs (open panes, panes later
     windows reuse, history means later windows read); -1 when none."""
     lowest = -1
@@ -597,7 +668,7 @@ def window_live_offset(pane_i, next_close, hist_end, hist_off, hist_n, n_series,
                 if lowest < 0 or off < lowest:
                     lowest = off
         for j in range(min(hist_n[s], cap)):
-            if hist_end[s, j] >= closed_through + 1 - history:
+            if hist_end[s, j] >= next_close[s] - history:  # a later window (ending >= next_close) reads it
                 off = hist_off[s, j]
                 if lowest < 0 or off < lowest:
                     lowest = off

@@ -5,18 +5,31 @@ and turns clean micro-batches into closed window rows with the numba kernels of
 ``aimass.agents.kernels``. ``batch_windows`` runs the same engine over a whole history offline (training,
 backtests), so offline and online windows are the same function.
 
+Event time is per series (tenant, device_id, metric): a series' windows close when its own
+watermark (its max event time - ``clean.allowed_lateness_s``) passes their end, so one device's
+clock, or old history replayed next to live traffic, never closes or late-marks another series'
+windows. Readings below their series' watermark were routed to the late topic by the clean stage
+already; the few that still arrive here (below an idle floor, see below) are dropped and counted.
+
+Idle series: processing time comes from clock ticks, empty clean records with header ``tick_ms``
+(the clean stage's wall clock) that the clean agent writes to every partition it owns every
+``window.idle_close_s / 8`` (at least 1 s). At each tick, a series without an accepted reading
+for ``window.idle_close_s`` of tick time has all its windows closed, and readings below the end
+of the last of them are dropped from then on; one quiet for longer than its history span is
+forgotten (watermark, panes, history), which bounds both the state and the restart replay. The
+decisions depend only on ticks read in order, never on the reader's own clock, so a replay
+repeats them exactly (the choice made so that idle closing survives restarts; a series' idle
+time is measured to within one tick interval).
+
 State across restarts and rebalances (no Faust tables, no changelog: ``aimass.streams.replay``):
-window rows are a deterministic function of the clean partition read in order, because the
-watermark travels with the data (header ``max_ts_before`` of each clean record), EWMA and
-z-score read only the series' windows of the last ``window.zscore_history`` hops, and a clean
-record the clean stage emitted twice (its at-least-once replay) is recognised by its source
-position (headers ``raw_offset``, ``raw_part``: not above the highest seen) and skipped. A
-replayed copy whose original lies before the restart point is recognised by lateness instead: its readings belong
-to windows that were closed before that point (otherwise the restart point would not be past
-the original), so they are below the watermark and dropped (counted, not re-sent: the clean
-stage already routed every genuinely late reading). The committed
-offset of the clean topic stays at the oldest record that any open pane, any pane a later sliding
-window reuses, or any history window still needed contains. A new owner replays from there:
+window rows are a deterministic function of the clean partition read in order: every watermark,
+idle floor and clock is rebuilt from records the restart point covers, EWMA and z-score read only
+the series' windows of the last ``window.zscore_history`` hops, and a clean record the clean
+stage emitted twice (its at-least-once replay) is recognised by its source position (headers
+``raw_offset``, ``raw_part``: not above the highest seen) and skipped. The committed offset of the clean topic
+stays at the oldest record that any open pane, any pane a later sliding window reuses, any
+history window still needed, any remembered series' last accepted reading, or the highest source
+offset contains, moved back to the tick in effect there. A new owner replays from there:
 records whose outputs were already produced (below the emitted-through marker) only rebuild
 state, later ones emit. So after a crash or rebalance no reading is missing from a window, and
 a window emitted twice (at-least-once after the last commit) has identical values; downstream
@@ -24,6 +37,7 @@ dedupes by (tenant, device_id, metric, window_s, window_start_ms).
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import faust
@@ -32,15 +46,16 @@ import pyarrow as pa
 from prometheus_client import Counter
 
 from aimass.agents import kernels as K
-from aimass.agents.clean import MAX_TS_HEADER, source_position
-from aimass.core.config import Config, WindowConfig
+from aimass.agents.clean import TICK_HEADER, source_position
+from aimass.core.config import Config, ConfigError, WindowConfig
 from aimass.core import contract
 from aimass.streams.app import raw_topic
 from aimass.streams.replay import ReplayedPartitions
 
 WINDOW_ROWS = Counter("aimass_window_rows_total", "Window rows emitted")
-WINDOW_REPLAYED = Counter("aimass_window_replayed_readings_total",
-                          "Clean readings dropped as copies from an upstream replay (skipped record or late)")
+WINDOW_DROPPED = Counter("aimass_window_dropped_readings_total",
+                         "Clean readings left out of windows: copies from an upstream replay, or below their "
+                         "series' idle floor (windows closed by window.idle_close_s)")
 
 
 class _SpecState:
@@ -65,7 +80,6 @@ class _SpecState:
         self.hist_end = np.full((0, cap), -1, np.int64)
         self.hist_off = np.zeros((0, cap), np.int64)
         self.hist_n = np.zeros(0, np.int64)
-        self.closed_through = K.NO_TS
         self.counters = np.zeros(2, np.int64)  # panes created, pane uses by emitted windows
         self.out_i = np.empty((0, K.OUT_INT_COLS), np.int64)  # reused by every call: fresh pages cost
         self.out_f = np.empty((0, K.OUT_FLOAT_COLS))
@@ -94,80 +108,133 @@ class _SpecState:
 
 
 class WindowEngine:
-    """Window state of one partition: feed clean batches in arrival order, get closed windows."""
+    """Window state of one partition: feed clean batches and clock ticks in arrival order, get
+    closed windows."""
 
     def __init__(self, specs: list[tuple[int, int]], lateness_ms: int, history: int, alpha: float,
-                 min_history: int) -> None:
+                 min_history: int, idle_close_ms: int = int(WindowConfig.idle_close_s * 1000)) -> None:
         self.series = K.SeriesIndex()
         self.lateness_ms = int(lateness_ms)
         self.alpha = float(alpha)
         self.specs = [_SpecState(size, hop, self.lateness_ms, history, min_history) for size, hop in specs]
-        self.max_ts = K.NO_TS
+        self.idle_ms = int(idle_close_ms)
+        # A series quiet this long is forgotten: its history would no longer reach its next window.
+        self.forget_ms = max([self.idle_ms] + [history * spec.hop_ms + spec.size_ms for spec in self.specs])
+        self.hops = np.array([spec.hop_ms for spec in self.specs], np.int64)
+        self.ks = np.array([spec.k for spec in self.specs], np.int64)
+        self.series_max = np.full(0, K.NO_TS, np.int64)    # per series: max accepted event time
+        self.floor = np.full(0, K.NO_TS, np.int64)         # per series: end of its windows closed as idle
+        self.active_clock = np.full(0, K.NO_TS, np.int64)  # per series: tick clock at its last accepted reading
+        self.active_at = np.full(0, -1, np.int64)          # per series: offset of that reading
+        self.clock = K.NO_TS                               # the latest tick's wall clock (ms)
+        self.ticks: list[int] = []                         # offsets of ticks a restart may have to replay
         self.max_source_offset = -1
+        self.max_source_at = -1                            # offset of the record that set it
 
     @classmethod
     def from_config(cls, window: WindowConfig, lateness_s: float) -> "WindowEngine":
-        return cls(window.specs(), int(lateness_s * 1000), window.zscore_history, window.ewma_alpha,
-                   window.zscore_min_history)
+        specs = window.specs()
+        largest = max(size for size, _ in specs)
+        if window.idle_close_s < largest:
+            raise ConfigError(f"config key window.idle_close_s: {window.idle_close_s:g} s is shorter than the largest "
+                              f"window ({largest} s): readings of a series that reports less often than that would "
+                              f"be split off their window; set it to at least {largest}")
+        return cls(specs, int(lateness_s * 1000), window.zscore_history, window.ewma_alpha,
+                   window.zscore_min_history, int(window.idle_close_s * 1000))
 
-    def update(self, readings: pa.Table, offset: int = 0, max_ts_before: int | None = None,
-               source_offset: int | None = None) -> tuple[pa.Table, int]:
+    def update(self, readings: pa.Table, offset: int = 0, source_offset: int | None = None) -> tuple[pa.Table, int]:
         """Add one batch (READINGS, arrival order) from Kafka ``offset``; returns the windows it
-        closed and how many of its readings were dropped (late, or a replayed copy of a batch).
+        closed and how many of its readings were dropped (below their series' watermark or idle
+        floor, or a replayed copy of a batch).
 
-        ``max_ts_before`` is the upstream watermark base before this batch; it lets a restarted
-        engine take the same lateness decisions as the one it replaces. ``source_offset``
-        identifies the upstream record the batch came from: a batch from a source offset already
-        seen is an upstream replay and is skipped. Non-finite values are not counted.
+        ``source_offset`` identifies the upstream record the batch came from: a batch from a source
+        offset already seen is an upstream replay and is skipped. Non-finite values are not counted.
         """
         if source_offset is not None:
             if source_offset <= self.max_source_offset:
                 return NO_WINDOWS, readings.num_rows
-            self.max_source_offset = source_offset
-        if max_ts_before is not None and max_ts_before > self.max_ts:
-            self.max_ts = int(max_ts_before)
+            self.max_source_offset, self.max_source_at = source_offset, offset
         n = readings.num_rows
-        late = np.zeros(n, np.bool_)
         series = self.series.lookup(readings["tenant"], readings["device_id"], readings["metric"])
+        self._reserve(len(self.series))
         ts = readings["ts_ms"].to_numpy()
         value = readings["value"].to_numpy()
         recv = readings["received_ms"].to_numpy()
-        offsets = np.full(n, offset, np.int64)
+        late = np.zeros(n, np.bool_)
+        dropped = K.series_event_time(series, ts, offset, self.lateness_ms, self.clock, self.series_max, self.floor,
+                                      self.active_clock, self.active_at, late)
         parts = []
-        max_ts = self.max_ts
         for spec in self.specs:
             spec.reserve(len(self.series))
             out_i, out_f = spec.out_buffers(n)
-            n_out, max_ts, spec.closed_through = K.window_update(
-                series, ts, value, recv, offsets, self.max_ts, spec.closed_through, self.lateness_ms,
-                spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history, spec.min_history, spec.pane_i,
-                spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off,
-                spec.hist_n, len(self.series), out_i, out_f, late, spec.counters)
+            n_out = K.window_update(
+                series, ts, value, recv, offset, late, self.series_max, self.lateness_ms, spec.hop_ms, spec.size_ms,
+                spec.k, self.alpha, spec.history, spec.min_history, spec.pane_i, spec.pane_f, spec.next_close,
+                spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n, out_i, out_f, spec.counters)
             if n_out:
                 parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
-        self.max_ts = max_ts
-        return _concat(parts), int(late.sum())
+        return _concat(parts), int(dropped)
+
+    def tick(self, clock_ms: int, offset: int) -> pa.Table:
+        """A clock tick (the wall clock of the clean stage, Kafka ``offset``): close the windows of
+        series idle for ``idle_close_ms`` and forget series quiet for longer; returns the windows."""
+        self.clock = int(clock_ms)
+        self.ticks.append(offset)
+        n = len(self.series)
+        to_close, to_forget = np.empty(n, np.int64), np.empty(n, np.int64)
+        n_close, n_forget = K.series_sweep(self.clock, self.idle_ms, self.forget_ms, self.hops, self.ks,
+                                           self.series_max, self.floor, self.active_clock, self.active_at, n,
+                                           to_close, to_forget)
+        parts = [self._close(to_close[:n_close])] if n_close else []
+        if n_forget:
+            for spec in self.specs:
+                K.window_forget(to_forget[:n_forget], spec.pane_i, spec.next_close, spec.last_pane, spec.hist_n)
+        return _concat(parts)
 
     def flush(self) -> pa.Table:
         """Close every open window (end of a finite history)."""
+        return self._close(np.arange(len(self.series), dtype=np.int64))
+
+    def live_offset(self) -> int:
+        """Smallest Kafka offset the state still depends on (-1: none): the restart point. It is
+        moved back to the tick in effect there, so a replay from it sees the same clock."""
+        n = len(self.series)
+        offsets = [K.window_live_offset(spec.pane_i, spec.next_close, spec.hist_end, spec.hist_off, spec.hist_n,
+                                        n, spec.k, spec.history)
+                   for spec in self.specs]
+        known = self.series_max[:n] != K.NO_TS
+        if known.any():
+            offsets.append(int(self.active_at[:n][known].min()))
+        offsets.append(self.max_source_at)
+        live = [o for o in offsets if o >= 0]
+        if not live:
+            return -1
+        lowest = min(live)
+        in_effect = bisect.bisect_right(self.ticks, lowest) - 1
+        if in_effect < 0:
+            return lowest
+        del self.ticks[:in_effect]  # the restart point never moves back: older ticks are not needed again
+        return self.ticks[0]
+
+    def _reserve(self, n_series: int) -> None:
+        if self.series_max.shape[0] < n_series:
+            self.series_max = K.grow(self.series_max, n_series, K.NO_TS)
+            self.floor = K.grow(self.floor, n_series, K.NO_TS)
+            self.active_clock = K.grow(self.active_clock, n_series, K.NO_TS)
+            self.active_at = K.grow(self.active_at, n_series, -1)
+
+    def _close(self, chosen: np.ndarray) -> pa.Table:
+        """Every remaining window of the chosen series, for every spec."""
         parts = []
         for spec in self.specs:
             out_i, out_f = spec.out_buffers(0)
-            n_out = K.window_flush(spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history,
+            n_out = K.window_flush(chosen, spec.hop_ms, spec.size_ms, spec.k, self.alpha, spec.history,
                                    spec.min_history, spec.pane_i, spec.pane_f, spec.next_close, spec.last_pane,
-                                   spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n, len(self.series),
-                                   out_i, out_f, spec.counters)
+                                   spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n, out_i, out_f,
+                                   spec.counters)
             if n_out:
                 parts.append(self._rows(spec, out_i[:n_out], out_f[:n_out]))
         return _concat(parts)
-
-    def live_offset(self) -> int:
-        """Smallest Kafka offset the state still depends on (-1: none): the restart point."""
-        offsets = [K.window_live_offset(spec.pane_i, spec.next_close, spec.hist_end, spec.hist_off, spec.hist_n,
-                                        len(self.series), spec.k, spec.history, spec.closed_through)
-                   for spec in self.specs]
-        live = [o for o in offsets if o >= 0]
-        return min(live) if live else -1
 
     def _rows(self, spec: _SpecState, out_i: np.ndarray, out_f: np.ndarray) -> pa.Table:
         tenant, device_id, metric = self.series.columns(out_i[:, K.O_SERIES])
@@ -215,7 +282,7 @@ def batch_windows(readings: pa.Table, window_s: int, hop_s: int | None = None, *
 
 def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
     """The window agent: CLEAN -> WINDOW_ROWS, same partition numbers."""
-    cfg.window.specs()  # fail at start on a bad window configuration
+    WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)  # fail at start on a bad window configuration
     source = raw_topic(app, cfg, contract.CLEAN, acks=False)
     windows_out = raw_topic(app, cfg, contract.WINDOW_ROWS)
     dead_out = raw_topic(app, cfg, contract.DEAD_LETTER)
@@ -224,12 +291,15 @@ def register(app: faust.App, cfg: Config) -> ReplayedPartitions[WindowEngine]:
 
     async def handle(engine: WindowEngine, partition: int, offset: int, readings: pa.Table, headers: dict,
                      emit: bool):
-        closed, dropped = engine.update(readings, offset, headers.get(MAX_TS_HEADER), source_position(headers))
+        if TICK_HEADER in headers:
+            closed, dropped = engine.tick(headers[TICK_HEADER], offset), 0
+        else:
+            closed, dropped = engine.update(readings, offset, source_position(headers))
         if emit and closed.num_rows:
             WINDOW_ROWS.inc(closed.num_rows)
             await partitions.send_table(windows_out, closed, contract.WINDOWS, partition)
         if emit and dropped:
-            WINDOW_REPLAYED.inc(dropped)
+            WINDOW_DROPPED.inc(dropped)
 
     partitions.install(source, contract.READINGS, "window", dead_out, handle)
     return partitions

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 def configure(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Consumes the raw telemetry topic; produces the clean, dead-letter, late and windows topics. "
                 "Config: [clean] dedup_horizon_s, allowed_lateness_s, max_clock_skew_s, drop_non_finite, "
-                "units_file; [window] sizes_s, sliding_s, ewma_alpha, zscore_history, zscore_min_history; [worker] metrics_port. "
+                "units_file; [window] sizes_s, sliding_s, ewma_alpha, zscore_history, zscore_min_history, "
+                "idle_close_s; [worker] metrics_port. "
                 "Stops cleanly on SIGTERM/SIGINT (flush, commit).")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (default: worker.metrics_port; 0 = off)")
@@ -44,7 +45,9 @@ def warm_up(cfg: Config) -> None:
     result = cleaner.process(raw)
     windows = window.WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
     readings = contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS)
-    windows.update(readings, 0, result.max_ts_before, 0)
+    windows.update(readings, 0, 0)
+    windows.tick(0, 1)  # the series turns active at the first tick ...
+    windows.tick(windows.forget_ms, 2)  # ... and is closed as idle and forgotten at this one
     windows.live_offset()
 
 

@@ -1,8 +1,9 @@
 """Window kernel benchmark: the numba window-update kernel vs pandas groupby/rolling vs per-reading
 River ``stats`` updates, on the same readings in the same run.
 
-- kernel: ``aimass.agents.kernels.window_update`` (10 s tumbling windows: count, mean, min, max, std,
-  first, last, rate, EWMA, z-score) over micro-batches of 50k readings in arrival order, one core.
+- kernel: ``aimass.agents.kernels.series_event_time`` + ``window_update`` (10 s tumbling windows:
+  count, mean, min, max, std, first, last, rate, EWMA, z-score) over micro-batches of 50k readings
+  in arrival order, one core.
   Timed by CPU time of this process (the machine is shared); wall time reported too.
 - engine: ``aimass.agents.window.WindowEngine`` with the default specs (10 s, 60 s, 30 s/10 s sliding),
   series indexing from Arrow strings and Arrow output included.
@@ -71,27 +72,30 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
 
 
 def run_kernel(d: dict, series: int, alpha: float, history: int, min_history: int) -> int:
-    """window_update over micro-batches, then a flush; returns the readings counted in windows."""
+    """series_event_time + window_update over micro-batches, then a flush; returns the readings
+    counted in windows."""
     spec = _SpecState(WINDOW_S, WINDOW_S, LATENESS_MS, history, min_history)
     spec.reserve(series)
-    max_ts = K.NO_TS
+    series_max, floor = np.full(series, K.NO_TS, np.int64), np.full(series, K.NO_TS, np.int64)
+    active_clock, active_at = np.full(series, K.NO_TS, np.int64), np.full(series, -1, np.int64)
     counted = 0
     n = len(d["ts"])
-    late = np.zeros(BATCH, np.bool_)
-    offsets = np.zeros(BATCH, np.int64)
     for start in range(0, n, BATCH):
         sl = slice(start, min(n, start + BATCH))
+        late = np.zeros(sl.stop - sl.start, np.bool_)
+        K.series_event_time(d["series"][sl], d["ts"][sl], 0, LATENESS_MS, K.NO_TS, series_max, floor, active_clock,
+                            active_at, late)
         out_i, out_f = spec.out_buffers(sl.stop - sl.start)
-        n_out, max_ts, spec.closed_through = K.window_update(
-            d["series"][sl], d["ts"][sl], d["value"][sl], d["recv"][sl], offsets[:sl.stop - sl.start], max_ts,
-            spec.closed_through, LATENESS_MS, spec.hop_ms, spec.size_ms, spec.k, alpha, history, min_history,
-            spec.pane_i, spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off,
-            spec.hist_n, series, out_i, out_f, late[:sl.stop - sl.start], spec.counters)
+        n_out = K.window_update(
+            d["series"][sl], d["ts"][sl], d["value"][sl], d["recv"][sl], 0, late, series_max, LATENESS_MS,
+            spec.hop_ms, spec.size_ms, spec.k, alpha, history, min_history, spec.pane_i, spec.pane_f,
+            spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off, spec.hist_n,
+            out_i, out_f, spec.counters)
         counted += int(out_i[:n_out, K.O_COUNT].sum())
     out_i, out_f = spec.out_buffers(0)
-    n_out = K.window_flush(spec.hop_ms, spec.size_ms, spec.k, alpha, history, min_history, spec.pane_i,
-                           spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean, spec.hist_end, spec.hist_off,
-                           spec.hist_n, series, out_i, out_f, spec.counters)
+    n_out = K.window_flush(np.arange(series, dtype=np.int64), spec.hop_ms, spec.size_ms, spec.k, alpha, history,
+                           min_history, spec.pane_i, spec.pane_f, spec.next_close, spec.last_pane, spec.hist_mean,
+                           spec.hist_end, spec.hist_off, spec.hist_n, out_i, out_f, spec.counters)
     return counted + int(out_i[:n_out, K.O_COUNT].sum())
 
 

@@ -86,7 +86,7 @@ def expected_window_rows(cfg: Config, partitions: list[pa.Table]) -> int:
             cfg.window, cfg.clean.allowed_lateness_s)
         for i, start in enumerate(range(0, table.num_rows, RECORD_ROWS)):
             result = clean.process(table.slice(start, RECORD_ROWS), i)
-            rows += window.update(result.clean, i, result.max_ts_before, i)[0].num_rows
+            rows += window.update(result.clean, i, i)[0].num_rows
     return rows
 
 

@@ -176,7 +176,7 @@ def engines_main(seconds: int, readings_per_s: int = 850, per_record: int = 50) 
         result = clean.process(raw, offset)
         accounted += result.clean.num_rows + result.dead.num_rows + result.late.num_rows
         window.update(contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS),
-                      offset, result.max_ts_before, offset)
+                      offset, source_offset=offset)
         if offset % records_per_s == 0:
             clean.live_offset()
             window.live_offset()
@@ -194,9 +194,11 @@ def import_root(code: Path) -> Path:
     editable install of this checkout. The checkout must have the one-namespace layout."""
     root = Path(tempfile.mkdtemp(prefix="probe-code-"))
     (root / "aimass").mkdir()
+    stages = ("streams", "agents", "models", "rules")
     for entry in (code / "aimass").iterdir():
-        (root / "aimass" / entry.name).symlink_to(entry)
-    for stage in ("streams", "agents", "models", "rules"):
+        if entry.name not in stages:  # a worktree may hold links to the stages already
+            (root / "aimass" / entry.name).symlink_to(entry)
+    for stage in stages:
         (root / "aimass" / stage).symlink_to(code / stage)
     return root
 

@@ -125,7 +125,9 @@ cleaner = CleanEngine(cfg.clean, UnitTable.load(cfg.clean.units_file))
 windows = WindowEngine.from_config(cfg.window, cfg.clean.allowed_lateness_s)
 result = cleaner.process(raw, 7)
 clean = contract.decode(contract.encode(result.clean, contract.READINGS), contract.READINGS)
-closed, _ = windows.update(clean, 3, result.max_ts_before, 7)
+closed, _ = windows.update(clean, 3, 7)
+windows.tick(10_000, 4)
+windows.tick(10_000 + windows.forget_ms, 5)
 assert closed.num_rows, "the batch should close windows"
 cleaner.live_offset(), windows.live_offset()
 assert compiled() == before, "a live batch compiled another kernel signature"

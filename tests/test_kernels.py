@@ -37,25 +37,52 @@ def table(series: list[int], ts: list[int], values: list[float]) -> pa.Table:
 
 # --- reference -----------------------------------------------------------------------
 
-def reference_accepted(df: pd.DataFrame, lateness_ms: int) -> pd.DataFrame:
-    """Readings not below the running watermark (arrival order), finite values only."""
-    max_ts = -math.inf
+def reference_accepted(df: pd.DataFrame, lateness_ms: int) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Readings not below their series' running watermark (arrival order), finite values only;
+    and each series' final watermark."""
+    max_ts: dict[str, float] = {}
     keep = []
-    for t, v in zip(df.ts_ms, df.value):
-        late = t < max_ts - lateness_ms
+    for d, t, v in zip(df.device_id, df.ts_ms, df.value):
+        late = t < max_ts.get(d, -math.inf) - lateness_ms
         keep.append(not late and math.isfinite(v))
         if not late:
-            max_ts = max(max_ts, t)
-    return df[np.array(keep, dtype=bool)]
+            max_ts[d] = max(max_ts.get(d, -math.inf), t)
+    return df[np.array(keep, dtype=bool)], {d: m - lateness_ms for d, m in max_ts.items()}
+
+
+def reference_row(device: str, size_s: int, hop_s: int, p: int, wt: np.ndarray, wv: np.ndarray, wrecv: np.ndarray,
+                  history: list[tuple[int, float]]) -> dict:
+    """The window ending at pane ``p`` over readings (wt, wv, wrecv) in arrival order, EWMA and
+    z-score from the series' earlier ``history`` of (pane, mean), which gets this window's mean."""
+    end = (p + 1) * hop_s * 1000
+    first_i = int(np.argmin(wt))                        # earliest ts, first arrival on ties
+    last_i = len(wt) - 1 - int(np.argmax(wt[::-1]))     # latest ts, last arrival on ties
+    span = (wt[last_i] - wt[first_i]) / 1000
+    mean = wv.mean()
+    recent = [m for e, m in history if e >= p - HISTORY]
+    ewma = mean
+    if recent:
+        ewma = recent[0]
+        for m in recent[1:]:
+            ewma = ALPHA * m + (1 - ALPHA) * ewma
+        ewma = ALPHA * mean + (1 - ALPHA) * ewma
+    z = 0.0
+    if len(recent) >= MIN_HISTORY and np.std(recent, ddof=1) > 1e-12:
+        z = (mean - np.mean(recent)) / np.std(recent, ddof=1)
+    history.append((p, mean))
+    return dict(tenant="t", device_id=device, metric="m", window_s=size_s, window_start_ms=end - size_s * 1000,
+                window_end_ms=end, count=len(wv), mean=mean, min=wv.min(), max=wv.max(), std=wv.std(),
+                first=wv[first_i], last=wv[last_i], rate=(wv[last_i] - wv[first_i]) / span if span > 0 else 0.0,
+                ewma=ewma, zscore=z, max_received_ms=wrecv.max())
 
 
 def reference_windows(df: pd.DataFrame, size_s: int, hop_s: int, lateness_ms: int, close_all: bool) -> pd.DataFrame:
     """Windows of the accepted readings, each computed from scratch with numpy."""
-    acc = reference_accepted(df, lateness_ms)
-    hop, size, k = hop_s * 1000, size_s * 1000, size_s // hop_s
-    watermark = df.ts_ms.max() - lateness_ms if len(df) else -math.inf
+    acc, watermarks = reference_accepted(df, lateness_ms)
+    hop, k = hop_s * 1000, size_s // hop_s
     rows = []
     for device, g in acc.groupby("device_id"):
+        watermark = watermarks[device]
         ts, v, recv = g.ts_ms.to_numpy(), g.value.to_numpy(), g.received_ms.to_numpy()
         panes = ts // hop
         history: list[tuple[int, float]] = []
@@ -64,27 +91,7 @@ def reference_windows(df: pd.DataFrame, size_s: int, hop_s: int, lateness_ms: in
             end = (p + 1) * hop
             if not inside.any() or (not close_all and end > watermark):
                 continue
-            wt, wv = ts[inside], v[inside]
-            first_i = int(np.argmin(wt))                        # earliest ts, first arrival on ties
-            last_i = len(wt) - 1 - int(np.argmax(wt[::-1]))     # latest ts, last arrival on ties
-            span = (wt[last_i] - wt[first_i]) / 1000
-            mean = wv.mean()
-            recent = [m for e, m in history if e >= p - HISTORY]
-            ewma = mean
-            if recent:
-                ewma = recent[0]
-                for m in recent[1:]:
-                    ewma = ALPHA * m + (1 - ALPHA) * ewma
-                ewma = ALPHA * mean + (1 - ALPHA) * ewma
-            z = 0.0
-            if len(recent) >= MIN_HISTORY and np.std(recent, ddof=1) > 1e-12:
-                z = (mean - np.mean(recent)) / np.std(recent, ddof=1)
-            history.append((p, mean))
-            rows.append(dict(tenant="t", device_id=device, metric="m", window_s=size_s,
-                             window_start_ms=end - size, window_end_ms=end, count=len(wv), mean=mean,
-                             min=wv.min(), max=wv.max(), std=wv.std(), first=wv[first_i], last=wv[last_i],
-                             rate=(wv[last_i] - wv[first_i]) / span if span > 0 else 0.0,
-                             ewma=ewma, zscore=z, max_received_ms=recv[inside].max()))
+            rows.append(reference_row(device, size_s, hop_s, p, ts[inside], v[inside], recv[inside], history))
     return pd.DataFrame(rows, columns=contract.WINDOWS.names)
 
 
@@ -101,12 +108,14 @@ def engine_windows(t: pa.Table, cuts: list[int], close_all: bool) -> dict[int, p
     return {size: out[out.window_s == size] for size, _ in SPECS}
 
 
-def assert_same_windows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+def assert_same_windows(got: pd.DataFrame, want: pd.DataFrame, unique: bool = True) -> None:
+    """Same rows; with ``unique``, at most one per window key (a forgotten series may repeat one)."""
     key = ["tenant", "device_id", "metric", "window_start_ms"]
-    got = got.sort_values(key).reset_index(drop=True)
-    want = want.sort_values(key).reset_index(drop=True)
+    order = key + ["count", "mean", "max_received_ms"]
+    got = got.sort_values(order).reset_index(drop=True)
+    want = want.sort_values(order).reset_index(drop=True)
     assert len(got) == len(want), (got[key], want[key])
-    assert not got.duplicated(key).any()
+    assert not unique or not got.duplicated(key).any()
     for col in contract.WINDOWS.names:
         if col in ("mean", "min", "max", "std", "first", "last", "rate", "ewma", "zscore"):
             np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float),
@@ -180,33 +189,170 @@ def test_window_engine_adversarial(case):
         assert (one_s["count"] == 1).all() and sorted(one_s.window_start_ms) == sorted(ts)
 
 
-@settings(max_examples=80, deadline=None, phases=PHASES)
-@given(streams(max_n=80), st.integers(0, 100), st.lists(st.integers(0, 20), max_size=4))
-def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, replays):
-    """The restart mechanism: upstream replays (records emitted again, same source offset) change
-    nothing, and an engine rebuilt from the live offset emits exactly what the original emits."""
-    series, ts, vals, _ = stream
+# --- idle close: clock ticks ---------------------------------------------------------------
+
+IDLE_MS = 3000  # the largest window of SPECS
+FORGET_MS = max(HISTORY * hop * 1000 + size * 1000 for size, hop in SPECS)  # the longest history span
+TICK_STEPS = st.sampled_from([0, 500, 1500, 3000, 11_000])  # clock advances between ticks (ms)
+
+
+def new_engine() -> WindowEngine:
+    return WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY, IDLE_MS)
+
+
+@st.composite
+def ticked_streams(draw, max_n: int = 60):
+    """A stream (``streams``) with clock ticks between its readings: [("readings", table) | ("tick", clock)]."""
+    series, ts, vals, _ = draw(streams(max_n=max_n))
+    after = draw(st.lists(st.integers(0, max(len(ts), 1)), max_size=8))
+    steps = draw(st.lists(TICK_STEPS, min_size=len(after), max_size=len(after)))
     t = table(series, ts, vals)
-    sources = [t.slice(i, 5) for i in range(0, t.num_rows, 5)]
-    undisturbed = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
-    headers, want_all = [], []
-    for src, rec in enumerate(sources):
-        headers.append(undisturbed.max_ts)
-        want_all.append(undisturbed.update(rec, src, headers[-1], src)[0])
-    # The topic as the window agent reads it: after source record r, records r-2..r again.
+    events, start, clock = [], 0, 10_000_000
+    for at, step in sorted(zip(after, steps)):
+        if at > start:
+            events.append(("readings", t.slice(start, at - start)))
+            start = at
+        clock += step
+        events.append(("tick", clock))
+    if start < t.num_rows:
+        events.append(("readings", t.slice(start)))
+    return events
+
+
+class ReferenceSeries:
+    """One series as the window stage's contract says: watermark, idle floor, windows, history."""
+
+    def __init__(self) -> None:
+        self.max_ts, self.floor, self.active = -math.inf, -math.inf, None
+        self.accepted: list[tuple[int, float, int]] = []  # (ts, value, received) of finite readings
+        self.emitted: dict[int, set[int]] = {size: set() for size, _ in SPECS}
+        self.history: dict[int, list[tuple[int, float]]] = {size: [] for size, _ in SPECS}
+
+    def windows(self, device: str, limit: float) -> list[dict]:
+        """Rows of the windows not emitted yet that end at or before ``limit``, in end order."""
+        rows = []
+        for size_s, hop_s in SPECS:
+            hop, k = hop_s * 1000, size_s // hop_s
+            if not self.accepted:
+                continue
+            ts, v, recv = (np.array(c) for c in zip(*self.accepted))
+            panes = ts // hop
+            for p in range(int(panes.min()), int(panes.max()) + k):
+                end = (p + 1) * hop
+                inside = (panes >= p - k + 1) & (panes <= p)
+                if end > limit or p in self.emitted[size_s] or not inside.any():
+                    continue
+                self.emitted[size_s].add(p)
+                rows.append(reference_row(device, size_s, hop_s, p, ts[inside], v[inside], recv[inside],
+                                          self.history[size_s]))
+        return rows
+
+
+def reference_ticked_windows(events, close_all: bool) -> pd.DataFrame:
+    """Windows of a ticked stream, series by series: watermark closes, idle closes, forgetting."""
+    state: dict[str, ReferenceSeries] = {}
+    rows, clock = [], None
+    for kind, item in events:
+        if kind == "tick":
+            clock = item
+            for device, ref in list(state.items()):
+                if ref.active is None:
+                    ref.active = clock
+                    continue
+                if ref.active + IDLE_MS <= clock and ref.floor <= ref.max_ts:
+                    rows += ref.windows(device, math.inf)
+                    ref.floor = max((ref.max_ts // (hop * 1000) + size // hop) * hop * 1000 for size, hop in SPECS)
+                if ref.active + FORGET_MS <= clock:
+                    del state[device]
+            continue
+        for device, t, v, r in zip(*(item[c].to_pylist() for c in ("device_id", "ts_ms", "value", "received_ms"))):
+            ref = state.setdefault(device, ReferenceSeries())
+            if t < ref.max_ts - LATENESS_MS or t < ref.floor:
+                continue
+            ref.max_ts, ref.active = max(ref.max_ts, t), clock
+            if math.isfinite(v):
+                ref.accepted.append((t, v, r))
+            watermark = ref.max_ts - LATENESS_MS
+            rows += ref.windows(device, watermark)
+    if close_all:
+        for device, ref in state.items():
+            rows += ref.windows(device, math.inf)
+    return pd.DataFrame(rows, columns=contract.WINDOWS.names)
+
+
+def run_ticked(engine: WindowEngine, events, first_offset: int = 0) -> list[pa.Table]:
+    """Feed ticked events to ``engine`` as the window agent does (one Kafka offset each)."""
+    out = []
+    for offset, (kind, item) in enumerate(events, first_offset):
+        out.append(engine.tick(item, offset) if kind == "tick" else engine.update(item, offset)[0])
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=PHASES)
+@given(ticked_streams(), st.booleans())
+def test_idle_close_and_forgetting_match_reference(events, close_all):
+    """Ticks close the windows of series idle for IDLE_MS, raise their floor, forget them after
+    FORGET_MS; the engine (series_sweep, window_flush, window_forget) agrees with the reference."""
+    engine = new_engine()
+    parts = run_ticked(engine, events)
+    if close_all:
+        parts.append(engine.flush())
+    got = pa.concat_tables([contract.empty(contract.WINDOWS)] + parts).to_pandas()
+    want = reference_ticked_windows(events, close_all)
+    for size, _ in SPECS:
+        assert_same_windows(got[got.window_s == size], want[want.window_s == size], unique=False)
+
+
+def test_a_quiet_series_is_closed_at_the_idle_tick_and_its_late_readings_are_dropped():
+    engine = new_engine()
+    engine.update(table([0, 1], [1_000_000, 1_000_100], [1.0, 2.0]), 0)
+    assert engine.tick(50_000, 1).num_rows == 0  # both series turn active at the first tick
+    assert engine.tick(51_000, 2).num_rows == 0
+    engine.update(table([1], [1_000_200], [3.0]), 3)  # series 1 active at 51_000
+    assert engine.tick(50_000 + IDLE_MS - 1, 4).num_rows == 0
+    closed = engine.tick(50_000 + IDLE_MS, 5)  # series 0 idle for IDLE_MS, series 1 not yet
+    assert sorted(zip(closed["device_id"].to_pylist(), closed["window_s"].to_pylist())) == \
+        [("d0", 1), ("d0", 2), ("d0", 3), ("d0", 3), ("d0", 3)]  # sliding 3 s: three windows hold 1_000_000
+    closed, dropped = engine.update(table([0, 0], [1_002_500, 1_003_000], [9.0, 9.0]), 6)
+    assert dropped == 1  # below d0's floor, the end of its last window (1_003_000): that window is out
+    closed = engine.tick(51_000 + IDLE_MS, 7)
+    assert sorted(set(closed["device_id"].to_pylist())) == ["d1"]
+    assert closed.filter(pa.compute.equal(closed["window_s"], 1))["count"].to_pylist() == [2]
+
+
+@settings(max_examples=80, deadline=None, phases=PHASES)
+@given(ticked_streams(max_n=80), st.integers(0, 100), st.lists(st.integers(0, 20), max_size=4))
+def test_window_replay_from_live_offset_emits_identical_rows(events, cut_at, replays):
+    """The restart mechanism: upstream replays (records emitted again, same source offset) change
+    nothing, and an engine rebuilt from the live offset emits exactly what the original emits,
+    idle closes and forgetting included (the clock comes from ticks in the topic)."""
+    sources = []  # clean records (5 readings each) and ticks, in topic order
+    for kind, item in events:
+        if kind == "tick":
+            sources.append((kind, item))
+        else:
+            sources += [("readings", item.slice(i, 5)) for i in range(0, item.num_rows, 5)]
+
+    def feed(engine: WindowEngine, offset: int, src: int) -> pa.Table:
+        kind, item = sources[src]
+        return engine.tick(item, offset) if kind == "tick" else engine.update(item, offset, src)[0]
+
+    undisturbed = new_engine()
+    want_all = [feed(undisturbed, src, src) for src in range(len(sources))]
+    # The topic as the window agent reads it: after source record r, records r-2..r again (not ticks).
     topic = []
     for src in range(len(sources)):
         topic.append(src)
         if src in replays:
-            topic += range(max(0, src - 2), src + 1)
-    original = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
+            topic += [r for r in range(max(0, src - 2), src + 1) if sources[r][0] == "readings"]
+    original = new_engine()
     out = []
     b = min(cut_at, len(topic))
     restart = None
     for offset, src in enumerate(topic):
         if offset == b:
             restart = original.live_offset()
-        out.append(original.update(sources[src], offset, headers[src], src)[0])
+        out.append(feed(original, offset, src))
     if restart is None:
         restart = original.live_offset()
     restart = b if restart < 0 else restart
@@ -217,10 +363,10 @@ def test_window_replay_from_live_offset_emits_identical_rows(stream, cut_at, rep
         return df.sort_values(["device_id", "window_s", "window_start_ms"]).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(frame(out), frame(want_all))  # replays are invisible
-    restored = WindowEngine(SPECS, LATENESS_MS, HISTORY, ALPHA, MIN_HISTORY)
+    restored = new_engine()
     emitted = []
     for offset in range(restart, len(topic)):
-        closed = restored.update(sources[topic[offset]], offset, headers[topic[offset]], topic[offset])[0]
+        closed = feed(restored, offset, topic[offset])
         if offset >= b:
             emitted.append(closed)
     pd.testing.assert_frame_equal(frame(emitted), frame(out[b:]))
@@ -257,20 +403,21 @@ def test_series_index_is_dense_and_stable():
 # --- clean kernel ----------------------------------------------------------------------
 
 def reference_clean(series, ts, vals, received, lateness_ms, horizon_ms, skew_ms):
-    """Verdict per reading: stateless checks, then duplicate (within horizon), then late."""
-    seen, max_ts, out = set(), -math.inf, []
+    """Verdict per reading: stateless checks, then duplicate (within horizon), then late; both
+    measured from the reading's series' newest accepted ts."""
+    seen, newest, out = set(), {}, []
     for s, t, v, r in zip(series, ts, vals, received):
         if not math.isfinite(v):
             out.append("non_finite")
         elif t > r + skew_ms:
             out.append("future")
-        elif (s, t) in seen and t >= max_ts - horizon_ms:
+        elif (s, t) in seen and t >= newest.get(s, -math.inf) - horizon_ms:
             out.append("duplicate")
-        elif t < max_ts - lateness_ms:
+        elif t < newest.get(s, -math.inf) - lateness_ms:
             out.append("late")
         else:
             seen.add((s, t))
-            max_ts = max(max_ts, t)
+            newest[s] = max(newest.get(s, -math.inf), t)
             out.append("ok")
     return out
 

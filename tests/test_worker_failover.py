@@ -48,7 +48,7 @@ def undisturbed_windows(cfg, records: list[tuple[int, pa.Table]]) -> pa.Table:
         raw_offset[p] += 1
         result = clean[p].process(batch, raw_offset[p])
         if result.clean.num_rows:
-            out.append(window[p].update(result.clean, clean_offset[p], result.max_ts_before, raw_offset[p])[0])
+            out.append(window[p].update(result.clean, clean_offset[p], raw_offset[p])[0])
             clean_offset[p] += 1
     return pa.concat_tables(out)
 

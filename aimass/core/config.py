@@ -149,6 +149,8 @@ class WindowConfig:
     ewma_alpha: float = field(default=0.3, metadata=_range(0.0, 1.0))
     zscore_history: int = field(default=30, metadata=_range(2, 100000))  # in hops of the window
     zscore_min_history: int = field(default=5, metadata=_range(2, None))  # z-score 0 until this many history means
+    # a series without readings this long (processing time) has its windows closed; >= the largest window
+    idle_close_s: float = field(default=120.0, metadata=_range(1, None))
 
     def sizes(self) -> list[int]:
         return [int(s) for s in self.sizes_s.split(",") if s.strip()]
