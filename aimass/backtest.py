@@ -44,6 +44,7 @@ from aimass.streams.simulator import write_table
 
 SERIES = ["device_id", "metric"]
 SCORE_COLUMNS = ("anomaly", "anomaly_triton", "anomaly_river")
+BACKTEST_IDLE_CLOSE_S = 30
 
 
 def backtest_config(cfg: Config, tenant: str) -> Config:
@@ -61,6 +62,9 @@ def backtest_config(cfg: Config, tenant: str) -> Config:
     private.clickhouse.url, private.clickhouse.ttl_days, private.clickhouse.ttl_overrides = "", 0, ""  # no TTL
     private.bridge.max_past_days = time.time() / 86400 + 1  # history of any age since 1970 is accepted
     private.alert.notify = False
+    # The replay ends every series at once: close their last windows soon after (their next
+    # reading, if any, is published in event-time order, so an idle close never cuts one short).
+    private.window.idle_close_s = max(BACKTEST_IDLE_CLOSE_S, *(size for size, _ in private.window.specs()))
     return private
 
 

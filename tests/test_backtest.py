@@ -77,6 +77,7 @@ def test_private_pipeline_shares_no_port_keeps_history_and_notifies_nobody(tmp_p
     assert private.run_dir == tmp_path / "backtests" / "bt1" and private.triton.url.endswith(str(ports[3]))
     assert private.clickhouse.ttl_days == 0 and private.bridge.max_past_days > 20_000    # no TTL; 1970 on
     assert not private.alert.notify and cfg.alert.notify
+    assert private.window.idle_close_s == 60 < cfg.window.idle_close_s          # the largest window: last ones close soon
 
 
 def test_complete_needs_every_reading_window_and_prediction():

@@ -98,9 +98,11 @@ def test_accepted_readings_reach_kafka_in_order_and_rejects_reach_the_dead_lette
     got = {(r["payload"], r["reason"], r["mqtt_topic"], r["stage"]) for r in dead}
     want = {(p, reason, telemetry.topic("cli", "cli-1"), "bridge") for p, reason in bad.items()}
     want.add((good[0], "bad_device_id", telemetry.topic("cli", "bad$id"), "bridge"))
-    want.add((largest, "too_large", telemetry.topic("cli", "cli-1"), "bridge"))
+    kept, note = contract.payload_excerpt(largest)                    # a bounded prefix, its size and hash
+    want.add((kept, "too_large", telemetry.topic("cli", "cli-1"), "bridge"))
     assert got == want and len(dead) == len(want)
     assert all(r["detail"] for r in dead)
+    assert note and any(note in r["detail"] for r in dead if r["reason"] == "too_large")
 
     assert {(r["tenant"], r["device_id"], r["kind"], r["source"]) for r in labels} >= {
         ("cli", "cli-1", "maintenance", "mqtt")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import time
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from aimass.core import contract
+from aimass.core.procs import free_port
+from aimass.core.stack import start_mosquitto, stop_server
 from aimass.streams.bridge import Bridge, Flush, Record
 from aimass.streams.kafka import TableProducer, consumer_config
 from aimass.streams.mqtt import PacketSplitter, encode_varint
@@ -276,34 +279,42 @@ def reading(ts_ms: int, value: float) -> bytes:
 
 
 @pytest.mark.timeout(240)
-def test_a_17mb_message_is_dead_lettered_bounded_and_the_stream_flows_on(cfg, tmp_path):
+def test_a_17mb_message_is_refused_at_the_broker_and_the_stream_flows_on(cfg, tmp_path):
+    """The shipped broker config (max_packet_size = bridge.max_packet_bytes) disconnects the sender
+    of a 17 MB message before any subscriber sees it: never accepted, so nothing to dead-letter,
+    and the bridge never stalls; the readings before and after it all arrive."""
     cfg = isolate(cfg)
     topic = cfg.mqtt.topic_pattern.format(tenant="acme", device_id="big1")
     now = int(time.time() * 1000)
-    huge = b'{"ts": 1, "metric": "temp", "value": 1, "pad": "' + b"y" * (17 * MIB) + b'"}'
+    huge = tmp_path / "huge.json"
+    huge.write_bytes(b'{"ts": 1, "metric": "temp", "value": 1, "pad": "' + b"y" * (17 * MIB) + b'"}')
     before = [reading(now - 5000 + i, float(i)) for i in range(50)]
     after = [reading(now - 2000 + i, float(i)) for i in range(50)]
     with BridgeProcess(cfg, "big-1", tmp_path / "bridge.log") as bridge:
-        publish(cfg, topic, before + [huge] + after)
+        publish(cfg, topic, before)
+        refused = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(cfg.mqtt.port), "-t", topic,
+                                  "-q", "1", "-V", "mqttv5", "-f", str(huge)], capture_output=True, timeout=60)
+        publish(cfg, topic, after)
         readings = rows_of(read_records(cfg, contract.RAW, 100, timeout=90))
-        dead = rows_of(read_records(cfg, contract.DEAD_LETTER, 1, timeout=30))
         counts = bridge.terminate()
-        assert "new producer" not in bridge.text()  # never stalled on the big one
+        assert "new producer" not in bridge.text()
+    assert refused.returncode != 0, refused                            # the broker dropped the sender
     assert sorted((r["device_id"], r["ts_ms"]) for r in readings) == \
         sorted(("big1", orjson.loads(p)["ts"]) for p in before + after)
-    assert [(d["reason"], d["tenant"], d["device_id"]) for d in dead] == [("too_large", "acme", "big1")]
-    assert dead[0]["payload"] == huge[:contract.DEAD_LETTER_PAYLOAD_BYTES]
-    assert f"{len(huge)} bytes" in dead[0]["detail"] and hashlib.sha256(huge).hexdigest() in dead[0]["detail"]
-    assert counts == {"messages": 101, "readings": 100, "rejected": 1}
+    assert counts == {"messages": 100, "readings": 100, "rejected": 0}
 
 
 @pytest.mark.timeout(240)
-def test_2mb_messages_with_a_1mib_record_limit(cfg, tmp_path):
+def test_2mb_messages_with_a_1mib_record_limit(cfg, tmp_path, request):
     """An accepted 2 MB SenML pack is split into raw records under 1 MiB (every reading once, in
     order); a rejected 2 MB message is dead-lettered with a bounded prefix."""
     cfg = isolate(cfg)
     cfg.kafka.max_record_bytes = MIB
     cfg.bridge.max_payload_bytes = 4 * MIB
+    # a broker of its own whose maximum packet size follows the bridge's, as the shipped configs do
+    broker = start_mosquitto(tmp_path, free_port(), max_packet_bytes=cfg.bridge.max_packet_bytes)
+    cfg.mqtt.port = broker.ports["mqtt"]
+    request.addfinalizer(lambda: stop_server(broker))
     topic = cfg.mqtt.topic_pattern.format(tenant="acme", device_id="pack1")
     now = int(time.time() * 1000)
     pack = [(f"m{i % 7}", now - 60_000 + i, float(i), "Cel") for i in range(60_000)]
