@@ -95,10 +95,10 @@ def history(tmp_path) -> tuple[str, pd.DataFrame]:
     dense_ts = pd.date_range("2013-05-01 00:00:00", periods=900, freq="s")
     shift = (np.arange(900) >= 600) & (np.arange(900) < 720)
     dense = pd.DataFrame({"datetime": dense_ts, "device": "dense", "flow": 10 + rng.normal(0, 0.1, 900) + 5 * shift,
-                          "pressure": 2 + rng.normal(0, 0.05, 900), "anomaly": shift.astype(float)})
+                          "valve": 2 + rng.normal(0, 0.05, 900), "anomaly": shift.astype(float)})
     sparse_ts = pd.date_range("2012-01-01", "2013-12-31", freq="12h")
     sparse = pd.DataFrame({"datetime": sparse_ts, "device": "sparse", "flow": 10 + rng.normal(0, 0.1, len(sparse_ts)),
-                           "pressure": 2.0, "anomaly": 0.0})
+                           "valve": 2.0, "anomaly": 0.0})
     frame = pd.concat([dense, sparse]).sort_values("datetime")
     path = tmp_path / "history.csv"
     frame.to_csv(path, sep=";", index=False)
