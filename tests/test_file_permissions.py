@@ -39,7 +39,7 @@ def test_checkpoint_journal_and_alerter_state_are_0600(tmp_path):
     ckpt = tmp_path / "predict" / "group" / "p0.pkl"
     online.OnlinePartition(8).save(ckpt)
     assert mode(ckpt) == "0o600" and mode(ckpt.parent) == "0o700"
-    assert online.OnlinePartition.load(ckpt, 8).k == 8
+    assert online.OnlinePartition.load(ckpt, 8, 3.0).k == 8
     journal = tmp_path / "sink" / "g.journal.json"
     Journal(journal).save(Manifest("b1"))
     assert mode(journal) == "0o600"
@@ -66,10 +66,10 @@ def test_an_unsafe_checkpoint_is_refused_and_never_unpickled(tmp_path, how):
             pytest.skip("changing a file's owner needs root")  # the mode cases still run
         os.chown(ckpt, 65534, 65534)
     with pytest.raises(UnsafeFileError, match="refusing checkpoint .*(group or others may write|belongs to uid)"):
-        online.OnlinePartition.load(ckpt, 8)
+        online.OnlinePartition.load(ckpt, 8, 3.0)
     assert not marker.exists()
     # the defect this guards against: the same file, made private, does run code when loaded
     if how != "foreign-owner":
         ckpt.chmod(0o600)
-        online.OnlinePartition.load(ckpt, 8)
+        online.OnlinePartition.load(ckpt, 8, 3.0)
         assert marker.exists()

@@ -14,8 +14,7 @@ import pyarrow as pa
 import pytest
 
 from aimass.core.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError
-from aimass.core.config import Config, ConfigError, load_config
-from aimass.core.tables import MAX_TTL_DAYS
+from aimass.core.config import MAX_TTL_DAYS, Config, ConfigError, load_config
 from aimass.core.db import migrate
 from aimass.core.procs import free_port
 from aimass.query import REPORTS, format_table, run_report

@@ -6,7 +6,7 @@ import pytest
 
 from aimass.agents.sink import Batch, Manifest, Record, dead_letter_rows, row_ids, to_store_table
 from aimass.core.clickhouse import StoreError, classify, fill_nulls, parse_url
-from aimass.core.config import Config, ConfigError
+from aimass.core.config import MAX_TTL_DAYS, Config, ConfigError
 from aimass.core.db import ttl_settings
 from aimass.core.procs import StackError
 from aimass.core import contract, tables
@@ -35,7 +35,8 @@ def test_time_fields_become_datetime64_and_strings_low_cardinality():
 
 def test_ttl_overrides_are_parsed_and_bad_ones_name_the_key():
     assert tables.parse_ttl_overrides(" readings=7, readings_1h=365 ") == {"readings": 7, "readings_1h": 365}
-    for bad in ("readings", "nope=3", "readings=0", "readings=x"):
+    assert tables.parse_ttl_overrides("alerts=0") == {"alerts": 0}                      # 0: keep forever
+    for bad in ("readings", "nope=3", "readings=x", f"readings={MAX_TTL_DAYS + 1}"):
         with pytest.raises(ValueError):
             tables.parse_ttl_overrides(bad)
     cfg = Config()

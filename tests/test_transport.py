@@ -293,7 +293,7 @@ def test_a_17mb_message_is_refused_at_the_broker_and_the_stream_flows_on(cfg, tm
     with BridgeProcess(cfg, "big-1", tmp_path / "bridge.log") as bridge:
         publish(cfg, topic, before)
         refused = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(cfg.mqtt.port), "-t", topic,
-                                  "-q", "1", "-V", "mqttv5", "-f", str(huge)], capture_output=True, timeout=60)
+                                  "-q", "1", "-V", "mqttv311", "-f", str(huge)], capture_output=True, timeout=60)
         publish(cfg, topic, after)
         readings = rows_of(read_records(cfg, contract.RAW, 100, timeout=90))
         counts = bridge.terminate()

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from aimass.core.procs import PRIORITIES
-from aimass.core.tables import MAX_TTL_DAYS
 
 
 class ConfigError(ValueError):
@@ -247,6 +246,12 @@ class AlertConfig:
     # notifications and events are saved every batch); a crash replays at most this much input,
     # which the engine and the alarm store absorb. 0 = every batch.
     checkpoint_ms: int = field(default=1000, metadata=_range(0, 600_000))
+
+
+# TTLs are `toDateTime(time) + INTERVAL n DAY`, and DateTime ends in 2106: a row whose expiry
+# falls past that wraps around to the 1970s and is deleted at once (36,500 days did this to every
+# row). 20,000 days keeps a row written now safe until 2051. 0 = no TTL: rows are kept forever.
+MAX_TTL_DAYS = 20000
 
 
 @dataclass

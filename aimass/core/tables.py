@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from aimass.core import contract
+from aimass.core.config import MAX_TTL_DAYS
 
 MODERN = "modern"
 LEGACY = "legacy"
@@ -198,12 +199,6 @@ def rollup_table_names() -> list[str]:
 
 
 # --- rendering ------------------------------------------------------------------------
-
-# TTLs are `toDateTime(time) + INTERVAL n DAY`, and DateTime ends in 2106: a row whose expiry
-# falls past that wraps around to the 1970s and is deleted at once (36,500 days did this to every
-# row). 20,000 days keeps a row written now safe until 2051. 0 = no TTL: rows are kept forever.
-MAX_TTL_DAYS = 20000
-
 
 def parse_ttl_overrides(text: str) -> dict[str, int]:
     """``"readings=7,readings_1h=365"`` -> {"readings": 7, "readings_1h": 365}; ValueError names the bad item."""
