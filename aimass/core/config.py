@@ -65,6 +65,13 @@ class MqttConfig:
     labels_pattern: str = "aimass/{tenant}/{device_id}/labels"
     qos: int = field(default=1, metadata=_choices("0", "1"))
     keepalive_s: int = field(default=30, metadata=_range(5, 3600))
+    # The embedded Mosquitto (`aimass up`, the demo): true = no anonymous clients; users are
+    # mqtt.username ($password_env) and the "user:password" entries of $embedded_users_env, under
+    # the per-device ACL. A cert + key file make its listener TLS-only (clients: mqtt.tls).
+    embedded_auth: bool = False
+    embedded_users_env: str = "AIMASS_MQTT_USERS"
+    embedded_tls_cert_file: str = ""
+    embedded_tls_key_file: str = ""
 
 
 @dataclass

@@ -8,7 +8,9 @@ file; ``aimass down`` stops exactly the PIDs it lists. The test fixtures call th
 from __future__ import annotations
 
 import argparse
+import base64
 import glob
+import hashlib
 import json
 import os
 import pwd
@@ -20,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from aimass.core.config import BridgeConfig, Config
+from aimass.core.config import BridgeConfig, Config, MqttConfig
 from aimass.core.files import private_dir
 from aimass.core.procs import Server, StackError, pid_alive, port_in_use, spawn, stop_pid, wait_until
 from aimass.core import contract
@@ -85,6 +87,91 @@ def start_mosquitto(run_dir: Path, port: int, password_file: str = "", acl_file:
     proc = spawn("mosquitto", [binary, "-c", str(conf)], log)
     wait_until(lambda: port_in_use(port), 10, "mosquitto", proc, log)
     return Server("mosquitto", proc.pid, {"mqtt": port}, str(log), proc.args)
+
+
+def start_embedded_mosquitto(cfg: Config) -> Server:
+    """``aimass up``'s Mosquitto on 127.0.0.1:mqtt.port: anonymous, or with ``mqtt.embedded_auth`` a
+    generated password file and the per-device ACL; TLS-only with ``mqtt.embedded_tls_*_file``.
+
+    Those files are written 0600 into the broker's own directory at every start (Mosquitto reads
+    them after dropping root to user ``mosquitto``; the environment stays the source of secrets)."""
+    m = cfg.mqtt
+    files: dict[str, bytes] = {}
+    if m.embedded_auth:
+        lines = [mosquitto_password_line(user, password) for user, password in embedded_users(m).items()]
+        files.update({"passwd": ("\n".join(lines) + "\n").encode(), "acl": embedded_acl(m).encode()})
+    if _embedded_tls_files(m):
+        files.update({"server.crt": Path(m.embedded_tls_cert_file).read_bytes(),
+                      "server.key": Path(m.embedded_tls_key_file).read_bytes()})
+    d = _mosquitto_dir(cfg.run_dir / f"mosquitto-{m.port}")
+    for name, data in files.items():
+        (d / name).unlink(missing_ok=True)
+        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    tls = {"certfile": str(d / "server.crt"), "keyfile": str(d / "server.key"),
+           "tls_version": "tlsv1.2"} if "server.key" in files else None
+    return start_mosquitto(cfg.run_dir, m.port, password_file=str(d / "passwd") if m.embedded_auth else "",
+                           acl_file=str(d / "acl") if m.embedded_auth else "", tls=tls,
+                           max_packet_bytes=cfg.bridge.max_packet_bytes)
+
+
+def _embedded_tls_files(m: MqttConfig) -> bool:
+    """True when the embedded listener is to speak TLS; refuses half a setup clients would fail on."""
+    if not (m.embedded_tls_cert_file or m.embedded_tls_key_file):
+        return False
+    for key in ("embedded_tls_cert_file", "embedded_tls_key_file"):
+        if not os.path.isfile(getattr(m, key)):
+            raise StackError(f"mqtt.{key} {getattr(m, key)!r} is not a file: the embedded broker's TLS listener "
+                             f"needs both mqtt.embedded_tls_cert_file and mqtt.embedded_tls_key_file")
+    if not m.tls:
+        raise StackError("mqtt.embedded_tls_cert_file makes the embedded broker speak TLS only: set mqtt.tls=true "
+                         "(and mqtt.tls_ca_file to the CA that signed the certificate) so the bridge, the "
+                         "simulator and replay connect with TLS")
+    return True
+
+
+def embedded_users(m: MqttConfig) -> dict[str, str]:
+    """User -> password of the embedded broker: mqtt.username and the entries of $mqtt.embedded_users_env."""
+    password = Config.secret(m.password_env)
+    if not m.username or not password:
+        raise StackError(f"mqtt.embedded_auth needs the pipeline's own user: set mqtt.username "
+                         f"(AIMASS_MQTT_USERNAME) and its password in ${m.password_env}; the bridge, the "
+                         f"simulator and replay connect with them")
+    users = {m.username: password}
+    for i, entry in enumerate(Config.secret(m.embedded_users_env).split(), 1):
+        user, _, password = entry.partition(":")
+        if not user or not password:
+            raise StackError(f"${m.embedded_users_env}: entry {i} is not user:password (entries are separated "
+                             f"by whitespace, e.g. 'acme/pump-1:s3cret acme/pump-2:0ther')")
+        users[user] = password
+    return users
+
+
+MOSQUITTO_PBKDF2_ITERATIONS = 1000
+
+
+def mosquitto_password_line(user: str, password: str, salt: bytes | None = None) -> str:
+    """A Mosquitto 2 password-file line (PBKDF2-SHA512, ``$7$``, as ``mosquitto_passwd`` writes it)."""
+    salt = salt or os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, MOSQUITTO_PBKDF2_ITERATIONS)
+    return (f"{user}:$7${MOSQUITTO_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}"
+            f"${base64.b64encode(digest).decode()}")
+
+
+def embedded_acl(m: MqttConfig) -> str:
+    """deploy/mosquitto/acl for the embedded broker: mqtt.username (the bridge, and the simulator and
+    replay, which share its configuration) reads and writes every device's topics; any other user
+    ``<tenant>/<device_id>`` may publish its own topics and nothing else."""
+    patterns = [p for p in (m.topic_pattern, m.labels_pattern) if p]
+    for p in patterns:
+        if "{tenant}/{device_id}" not in p:
+            raise StackError(f"mqtt.embedded_auth: topic pattern {p!r} must contain '{{tenant}}/{{device_id}}' "
+                             f"for the per-device ACL (a device's username is <tenant>/<device_id>)")
+    every = [p.replace("{tenant}", "+").replace("{device_id}", "+") for p in patterns]
+    own = [p.replace("{tenant}/{device_id}", "%u") for p in patterns]
+    return "\n".join([f"user {m.username}", *(f"topic readwrite {f}" for f in every), "",
+                      *(f"pattern write {p}" for p in own)]) + "\n"
 
 
 def _mosquitto_dir(wanted: Path) -> Path:
@@ -290,8 +377,10 @@ def up(cfg: Config, with_triton: bool = True, say=print) -> list[Server]:
     kafka_port = int(cfg.kafka.bootstrap.rsplit(":", 1)[1])
     try:
         if "mosquitto" not in names:
-            say(f"starting mosquitto on 127.0.0.1:{cfg.mqtt.port} ...")
-            servers.append(start_mosquitto(cfg.run_dir, cfg.mqtt.port, max_packet_bytes=cfg.bridge.max_packet_bytes))
+            say(f"starting mosquitto on 127.0.0.1:{cfg.mqtt.port} "
+                f"({'passwords and per-device ACL' if cfg.mqtt.embedded_auth else 'anonymous'}"
+                f"{', TLS' if cfg.mqtt.embedded_tls_cert_file else ''}) ...")
+            servers.append(start_embedded_mosquitto(cfg))
             _write_stack(cfg, servers)
         if "kafka" not in names:
             say(f"starting kafka broker on 127.0.0.1:{kafka_port} ...")
