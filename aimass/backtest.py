@@ -177,7 +177,9 @@ def evaluation_table(results: dict[str, Evaluation]) -> list[str]:
     """One aligned row per detector: outlier scores, delay and both NAB variants (standard profile)."""
     def num(v: float, fmt: str) -> str:
         return "-" if v is None or math.isnan(v) else format(v, fmt)
-    rows = [[name, num(e.outlier.precision, ".2f"), num(e.outlier.recall, ".2f"), num(e.outlier.f1, ".2f"),
+    # precision of a detector that never fired is 1 by convention (nothing claimed); shown as "-"
+    rows = [[name, num(e.outlier.precision if e.outlier.tp + e.outlier.fp else math.nan, ".2f"),
+             num(e.outlier.recall, ".2f"), num(e.outlier.f1, ".2f"),
              num(100 * e.outlier.far, ".1f"), num(100 * e.outlier.mar, ".1f"), num(e.delay.mean_s, ".1f"),
              num(e.nab_skab.standard, ".1f"), num(e.nab_skab.low_fp, ".1f"), num(e.nab_skab.low_fn, ".1f"),
              num(e.nab_numenta.standard, ".1f")] for name, e in results.items()]

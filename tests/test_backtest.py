@@ -16,9 +16,11 @@ from aimass.backtest import (
     backtest_config,
     complete,
     detector_flags,
+    evaluation_table,
     evaluation_units,
     interval_labels,
 )
+from aimass.models.evaluation import evaluate
 from aimass.core.config import Config
 from tests.conftest import REPO
 
@@ -55,6 +57,16 @@ def test_wide_files_are_scored_per_device_timestamp_after_the_fitting_rows():
     long_units = evaluation_units(readings.astype({"label": bool, "changepoint": bool}), flags, wide=False,
                                   fit_rows=0)
     assert len(long_units) == 8 and long_units["file"].nunique() == 4
+
+
+def test_evaluation_table_has_a_row_per_detector_and_no_precision_for_a_silent_one():
+    ts = np.arange(200, dtype=np.int64) * 1000
+    label = (ts >= 100_000) & (ts < 150_000)
+    results = {"model:late": evaluate([(ts, label, ts >= 110_000)]), "rule:silent": evaluate([(ts, label, ts < 0)])}
+    header, late, silent = evaluation_table(results)
+    assert header.split()[:4] == ["detector", "precision", "recall", "F1"]
+    assert late.split()[:4] == ["model:late", "0.44", "0.80", "0.57"]           # 40 TP, 50 FP, 10 FN
+    assert silent.split()[:6] == ["rule:silent", "-", "0.00", "0.00", "0.0", "100.0"]
 
 
 def test_interval_labels_match_device_and_named_metric():
