@@ -292,14 +292,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     result = score_readings(history, predictions, alerts, rejects, window_s)
     write_table(pa.Table.from_pandas(result, preserve_index=False), out_path)
     scored = int(result["anomaly"].notna().sum())
-    accepted = int((result["rejected"] == "").sum())
-    print(f"wrote {len(result):,d} rows to {out_path}: {scored:,d} scored, {accepted - scored:,d} accepted but "
-          f"unscored, {len(result) - accepted:,d} rejected, {int((result['alerts'] != '').sum()):,d} in alerted windows")
+    rejected = int((result["rejected"] != "").sum())  # a re-sent copy is rejected while its original is scored
+    unscored = int((result["anomaly"].isna() & (result["rejected"] == "")).sum())
+    print(f"wrote {len(result):,d} rows to {out_path}: {scored:,d} scored, {unscored:,d} accepted but unscored, "
+          f"{rejected:,d} rejected, {int((result['alerts'] != '').sum()):,d} in alerted windows")
     print(f"store: {done['stored']:,d} readings, {done['windows']:,d} windows, {done['predictions']:,d} predictions")
     if scored == 0:
         raise StackError(f"nothing was scored: {done['predictions']:,d} predictions for {len(result):,d} readings")
-    report = {"tenant": tenant, "readings": len(result), "scored": scored, "unscored": accepted - scored,
-              "rejected": len(result) - accepted, "store": done}
+    report = {"tenant": tenant, "readings": len(result), "scored": scored, "unscored": unscored,
+              "rejected": rejected, "store": done}
     report.update(score_detectors(args, history, result, alerts, tenant, cfg))
     if args.report:
         Path(args.report).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
