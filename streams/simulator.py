@@ -252,8 +252,11 @@ def write_table(table: pa.Table, path: str | Path) -> None:
 
 def publish(cfg: Config, spec: SimSpec, labels_path: str | Path | None = None,
             progress: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
-            client_id: str | None = None) -> dict:
-    """Publish ``spec`` through MQTT in real time (``rate_hz`` <= 0: as fast as possible); returns a summary."""
+            client_id: str | None = None, sent: set | None = None) -> dict:
+    """Publish ``spec`` through MQTT in real time (``rate_hz`` <= 0: as fast as possible); returns a summary.
+
+    ``sent`` (optional) receives the identity (tenant, device_id, metric, ts_ms) of every reading published.
+    """
     if spec.format not in FORMATS:
         raise ValueError(f"format {spec.format!r}; accepted: {', '.join(FORMATS)}")
     telemetry = TopicPattern(cfg.mqtt.topic_pattern)
@@ -286,6 +289,8 @@ def publish(cfg: Config, spec: SimSpec, labels_path: str | Path | None = None,
                 if not rows:
                     continue
                 summary["readings"] += len(rows)
+                if sent is not None:
+                    sent.update((spec.tenant, sig.devices[d], r[0], r[1]) for r in rows)
                 if spec.format == "json":
                     for row in rows:
                         pub.publish(topic, encode_reading(*row))

@@ -17,12 +17,11 @@ from aimass.core.procs import free_port
 from aimass.receiver import WebhookReceiver
 from aimass.core.stack import create_topics
 from aimass.core.supervisor import Supervisor, scrape
+from tests.accounting import (Identity, ReadingLedger, alarm_events, check_alarm_events, check_predictions,
+                              check_readings, check_windows, eventually, read_ledger)
 from tests.conftest import make_config
 
 SECRET = "e2e-test-signing-secret"
-# Dead-letter stages whose rows are readings (notify / predict / alert dead letters are not).
-READING_STAGES = ("clean", "window", "sink")
-
 TEST_RULES = """
 rules:
   - name: window_jump
@@ -124,6 +123,27 @@ class TestPipeline:
                 return n
             time.sleep(1)
         return last
+
+    def account(self, tenant: str, published: set[Identity], extra_rejects: int = 0,
+                timeout_s: float = 90) -> ReadingLedger:
+        """Wait for the tenant's readings, then hold every published reading, every closed window of
+        ``predict.window_s``, its prediction and every alarm event to account by identity
+        (``tests.accounting``), retried until outputs settle or ``timeout_s``; the logs on failure."""
+        self.wait_stored(tenant, len(published) + extra_rejects)
+        w = self.cfg.predict.window_s
+        closed_by = max(ts for *_, ts in published) - int(self.cfg.clean.allowed_lateness_s * 1000) - w * 1000
+
+        def check() -> ReadingLedger:
+            ledger = read_ledger(self.query, tenant)
+            check_readings(ledger, published)
+            check_predictions(self.query, tenant, check_windows(self.query, tenant, ledger, w, closed_by), w)
+            check_alarm_events(alarm_events(self.query, tenant))
+            return ledger
+
+        try:
+            return eventually(check, timeout_s)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def logs(self) -> str:
         """Tails of every stage log, for assertion messages."""
