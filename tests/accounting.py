@@ -58,13 +58,13 @@ def read_ledger(query: Query, tenant: str) -> ReadingLedger:
         ledger.stored[(tenant, d, m, ts)] = n
     roll = query(f"SELECT countMerge(n) AS n FROM {{db}}.readings_1m WHERE tenant = '{tenant}'")
     ledger.inserted_rows = int(roll.column("n")[0].as_py() or 0) if roll.num_rows else 0
-    rejects = query("SELECT stage, reason, detail, payload, tenant, device_id, metric, "
+    rejects = query("SELECT stage, reason, detail, hex(payload) AS payload, tenant, device_id, metric, "
                     "toUnixTimestamp64Milli(ts) AS ts_ms FROM {db}.rejects "
                     f"WHERE tenant = '{tenant}' OR (stage = 'sink' AND tenant = '')").to_pylist()
     for r in rejects:
         if r["stage"] == "sink" and r["detail"].startswith(f"{contract.CLEAN.suffix}["):
             # The sink dead-letters whole clean records: the identities are in the payload.
-            for x in contract.decode(r["payload"], contract.READINGS).to_pylist():
+            for x in contract.decode(bytes.fromhex(r["payload"]), contract.READINGS).to_pylist():
                 if x["tenant"] == tenant:
                     ledger.rejected[(tenant, x["device_id"], x["metric"], x["ts_ms"])].add(f"sink:{r['reason']}")
         elif r["tenant"] == tenant and r["stage"] != "bridge":

@@ -80,6 +80,19 @@ def pipeline_config(tmp: Path, mosquitto, kafka, triton, webhook_port: int) -> C
     return cfg
 
 
+def wait_rising(port: int, metric: str, timeout_s: float = 60) -> float:
+    """Wait until counter ``metric`` on the Prometheus endpoint at ``port`` rises (its process is doing
+    that work right now), the evidence that a fault placed next lands on live work; its value."""
+    deadline, first = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        value = scrape(port).get(metric)
+        if value is not None and first is not None and value > first:
+            return value
+        first = value if first is None else first
+        time.sleep(0.3)
+    raise AssertionError(f"{metric} on port {port} did not rise within {timeout_s:.0f}s (last {first})")
+
+
 class TestPipeline:
     """Stage processes under a Supervisor plus a verifying webhook receiver."""
 
@@ -104,6 +117,14 @@ class TestPipeline:
 
     def metrics(self) -> dict[str, float]:
         return scrape(*[p.metrics_port for p in self.plans])
+
+    def port_of(self, name: str) -> int:
+        """The metrics port of stage ``name``."""
+        return next(p.metrics_port for p in self.plans if p.name == name)
+
+    def log_of(self, name: str) -> str:
+        log = self.sup.log_dir / f"{name}.log"
+        return log.read_text(errors="replace") if log.exists() else ""
 
     def query(self, sql: str) -> pa.Table:
         return open_reader(self.cfg).query(sql.replace("{db}", self.cfg.clickhouse.database))

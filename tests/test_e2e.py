@@ -58,9 +58,10 @@ def test_every_reading_accounted_for_and_anomalies_alerted(pipeline, tmp_path):
 
     # 1. Exact accounting by identity: readings, windows, predictions, alarm events.
     pipeline.account(tenant, sent, extra_rejects=len(MALFORMED))
-    bridge = pipeline.query(f"SELECT payload, reason FROM {{db}}.rejects WHERE tenant = '{tenant}' "
+    bridge = pipeline.query(f"SELECT hex(payload) AS payload, reason FROM {{db}}.rejects WHERE tenant = '{tenant}' "
                             "AND stage = 'bridge'").to_pylist()
-    assert sorted(r["payload"] for r in bridge) == sorted(MALFORMED) and all(r["reason"] for r in bridge), bridge
+    assert sorted(bytes.fromhex(r["payload"]) for r in bridge) == sorted(MALFORMED), bridge
+    assert all(r["reason"] for r in bridge), bridge
 
     # 2. Detection: sizeable anomalies after warm-up are alerted on their own series in time.
     labels = pq.read_table(tmp_path / "labels.parquet").to_pylist()

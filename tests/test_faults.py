@@ -8,6 +8,7 @@ restarted and killed); Kafka is the session's.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from aimass.streams.mqtt import Publisher
 from aimass.streams.simulator import SimSpec, publish
 from aimass.rules.alarms import should_notify
 from tests.accounting import Identity
-from tests.pipeline_harness import TestPipeline, pipeline_config
+from tests.pipeline_harness import TestPipeline, pipeline_config, wait_rising
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -93,9 +94,19 @@ def assert_accounted(pipeline: TestPipeline, tenant: str, published: set[Identit
     assert pipeline.count(f"SELECT count() FROM {{db}}.rejects WHERE tenant = '{tenant}' AND reason = ''") == 0
 
 
+ASSIGNED = re.compile(r"(\S+): assigned partitions \[([^\]]*)\]")
+
+
+def owned_partitions(log: str) -> dict[str, list[int]]:
+    """Topic -> partitions of the latest assignment a worker's log names."""
+    return {topic: [int(p) for p in parts.split(",") if p.strip()] for topic, parts in ASSIGNED.findall(log)}
+
+
 def test_worker_sigkill_mid_stream(pipeline):
     traffic = Traffic(pipeline, "f-worker")
-    time.sleep(10)
+    wait_rising(pipeline.port_of("worker-1"), "aimass_clean_readings_in_total")  # it is cleaning right now
+    owned = owned_partitions(pipeline.log_of("worker-1"))
+    assert any(owned.values()), f"worker-1 owns no partition: killing it proves nothing; {owned}"
     pipeline.sup.kill("worker-1", signal.SIGKILL)
     published = traffic.join()
     assert pipeline.sup.restarts("worker-1") >= 1  # the supervisor brought it back
@@ -103,9 +114,20 @@ def test_worker_sigkill_mid_stream(pipeline):
     assert pipeline.sup.alive("worker-1") and pipeline.sup.alive("worker-2")
 
 
+def test_predict_sigkill_mid_stream(pipeline):
+    traffic = Traffic(pipeline, "f-predict")
+    wait_rising(pipeline.port_of("predict"), "aimass_predict_rows_total")  # predicting right now
+    assert re.search(r"assigned partitions \[\d", pipeline.log_of("predict")), "predict owns no partition"
+    pipeline.sup.kill("predict", signal.SIGKILL)
+    published = traffic.join()
+    assert pipeline.sup.restarts("predict") >= 1
+    assert_accounted(pipeline, "f-predict", published)  # every window predicted exactly once across the kill
+    assert pipeline.sup.alive("predict")
+
+
 def test_mqtt_broker_restart(pipeline, servers):
     traffic = Traffic(pipeline, "f-mqtt")
-    time.sleep(8)
+    wait_rising(pipeline.port_of("bridge"), "aimass_bridge_messages_total")
     servers.restart_mosquitto(down_s=3)
     published = traffic.join()
     assert_accounted(pipeline, "f-mqtt", published)
@@ -113,9 +135,20 @@ def test_mqtt_broker_restart(pipeline, servers):
     assert "reconnect" in pipeline.logs().lower()
 
 
+def test_mosquitto_sigkill(pipeline, servers):
+    """The broker dies without saving: the publisher (QoS 1) resends what was not acknowledged."""
+    traffic = Traffic(pipeline, "f-mqtt-kill")
+    wait_rising(pipeline.port_of("bridge"), "aimass_bridge_messages_total")
+    os.kill(servers.mosquitto.pid, signal.SIGKILL)
+    servers.restart_mosquitto(down_s=3)
+    published = traffic.join()
+    assert_accounted(pipeline, "f-mqtt-kill", published)
+    assert pipeline.sup.restarts("bridge") == 0 and pipeline.sup.alive("bridge"), "the bridge died instead of reconnecting"
+
+
 def test_tritonserver_killed_then_back(pipeline, servers):
     traffic = Traffic(pipeline, "f-triton", seconds=40)
-    time.sleep(8)
+    wait_rising(servers.triton_ports[2], "nv_inference_request_success")  # Triton is serving predict right now
     os.kill(servers.triton.pid, signal.SIGKILL)
     open_seen = False
     deadline = time.monotonic() + 15
@@ -125,7 +158,7 @@ def test_tritonserver_killed_then_back(pipeline, servers):
     stop_server(servers.triton)  # reaps the process and its shared memory
     servers.triton = servers.start_triton()
     published = traffic.join()
-    assert_accounted(pipeline, "f-triton", published)
+    assert_accounted(pipeline, "f-triton", published)  # every window predicted once, degraded or not
     assert open_seen, "the breaker never opened while tritonserver was down"
     t = "tenant = 'f-triton'"
     degraded = pipeline.count(f"SELECT countIf(degraded) FROM {{db}}.predictions FINAL WHERE {t}")
@@ -143,11 +176,34 @@ def test_tritonserver_killed_then_back(pipeline, servers):
 
 def test_sink_killed_mid_batch(pipeline):
     traffic = Traffic(pipeline, "f-sink")
-    time.sleep(10)
+    wait_rising(pipeline.port_of("sink"), "aimass_sink_rows_total")
+    # The journal exists from just before an insert until its offsets are committed: kill then.
+    journal = pipeline.cfg.run_dir / "sink" / f"{pipeline.cfg.clickhouse.group_id}.journal.json"
+    deadline = time.monotonic() + 20
+    while not journal.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert journal.exists(), "the sink never had a batch in flight"
     pipeline.sup.kill("sink", signal.SIGKILL)
     published = traffic.join()
     assert pipeline.sup.restarts("sink") >= 1
     assert_accounted(pipeline, "f-sink", published)
+    log = pipeline.log_of("sink")  # the restarted sink found the killed one's batch
+    assert "re-reading" in log or "was already committed" in log, log[-3000:]
+
+
+def test_kafka_broker_stopped_then_continued(pipeline, kafka):
+    """Every stage loses the broker at once (SIGSTOP: connections hang, nothing is refused) for
+    20 s, longer than the session timeout (6 s); 20 s rather than 60 s keeps the suite's time."""
+    traffic = Traffic(pipeline, "f-kafka", seconds=40)
+    wait_rising(pipeline.port_of("sink"), "aimass_sink_rows_total")
+    os.kill(kafka.pid, signal.SIGSTOP)
+    try:
+        time.sleep(20)
+    finally:
+        os.kill(kafka.pid, signal.SIGCONT)
+    published = traffic.join()
+    assert_accounted(pipeline, "f-kafka", published)
+    assert all(pipeline.sup.alive(p.name) for p in pipeline.plans), pipeline.logs()
 
 
 def test_malformed_flood(pipeline):
