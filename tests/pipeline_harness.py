@@ -80,17 +80,19 @@ def pipeline_config(tmp: Path, mosquitto, kafka, triton, webhook_port: int) -> C
     return cfg
 
 
-def wait_rising(port: int, metric: str, timeout_s: float = 60) -> float:
-    """Wait until counter ``metric`` on the Prometheus endpoint at ``port`` rises (its process is doing
-    that work right now), the evidence that a fault placed next lands on live work; its value."""
-    deadline, first = time.monotonic() + timeout_s, None
+def wait_rising(ports: dict[str, int], metric: str, timeout_s: float = 60) -> str:
+    """The first of ``ports`` (name -> Prometheus port) whose counter ``metric`` rises: that process is
+    doing the work right now, the evidence that a fault placed on it next lands on live work."""
+    deadline = time.monotonic() + timeout_s
+    first = {name: scrape(port).get(metric) for name, port in ports.items()}
     while time.monotonic() < deadline:
-        value = scrape(port).get(metric)
-        if value is not None and first is not None and value > first:
-            return value
-        first = value if first is None else first
         time.sleep(0.3)
-    raise AssertionError(f"{metric} on port {port} did not rise within {timeout_s:.0f}s (last {first})")
+        for name, port in ports.items():
+            value = scrape(port).get(metric)
+            if value is not None and first[name] is not None and value > first[name]:
+                return name
+            first[name] = value if first[name] is None else first[name]
+    raise AssertionError(f"{metric} did not rise within {timeout_s:.0f}s on any of {ports} (last {first})")
 
 
 class TestPipeline:
@@ -118,9 +120,9 @@ class TestPipeline:
     def metrics(self) -> dict[str, float]:
         return scrape(*[p.metrics_port for p in self.plans])
 
-    def port_of(self, name: str) -> int:
-        """The metrics port of stage ``name``."""
-        return next(p.metrics_port for p in self.plans if p.name == name)
+    def ports(self, prefix: str) -> dict[str, int]:
+        """Name -> metrics port of the stages whose name starts with ``prefix``."""
+        return {p.name: p.metrics_port for p in self.plans if p.name.startswith(prefix)}
 
     def log_of(self, name: str) -> str:
         log = self.sup.log_dir / f"{name}.log"

@@ -20,7 +20,7 @@ import pytest
 import pyarrow.parquet as pq
 
 from aimass.core.procs import free_port
-from aimass.streams.simulator import METRICS, SimSpec, publish
+from aimass.streams.simulator import METRICS, Chaos, SimSpec, chaos_messages, publish
 from aimass.rules.alarms import should_notify
 from tests.accounting import alarm_events, check_anomalies_alerted, qualifying_anomalies
 from tests.pipeline_harness import TestPipeline, pipeline_config
@@ -88,6 +88,35 @@ def test_every_reading_accounted_for_and_anomalies_alerted(pipeline, tmp_path):
     assert notified <= set(received), (notified - set(received), pipeline.logs())
     assert len(received) == len(set(received)), "an event was acted on twice"
     assert pipeline.receiver.bad_signatures == 0
+
+
+def test_chaos_every_reading_accounted_for(pipeline):
+    """Skewed clocks, reordering, late and re-sent messages, an outage's burst, oversized and
+    malformed messages: what is on time is stored (windows, predictions too), the rest rejected
+    with its reason."""
+    cfg, tenant = pipeline.cfg, "chaos"
+    chaos = Chaos(skewed_devices=1, skew_s=30, drift_s_per_min=3, reorder=0.05, late=0.02, resend=0.05, outages=1,
+                  outage_s=8, oversized=2, malformed=3, lateness_s=cfg.clean.allowed_lateness_s,
+                  max_payload_bytes=cfg.bridge.max_payload_bytes, seed=7)
+    spec = SimSpec(devices=6, metrics=["temp", "power"], rate_hz=5, duration_s=40, seed=3, tenant=tenant,
+                   format="senml", chaos=chaos)
+    sent: set = set()
+    summary = publish(cfg, spec, sent=sent)
+    assert summary["all_acked"] and all(summary["chaos"].values()), summary
+    messages = chaos_messages(spec, chaos, summary["start_ms"])
+    late = {(tenant, m.device, r[0], r[1]) for m in messages if "late" in m.effects and "resent" not in m.effects
+            for r in m.readings}
+    copies = {(tenant, m.device, r[0], r[1]) for m in messages if "resent" in m.effects for r in m.readings}
+    ledger = pipeline.account(tenant, sent, extra_rejects=len(copies) + chaos.oversized + chaos.malformed)
+    on_time = sent - late
+    assert set(ledger.stored) == on_time, (f"{len(on_time - set(ledger.stored))} on-time readings not stored, e.g. "
+                                           f"{sorted(on_time - set(ledger.stored))[:3]}; rejected as "
+                                           f"{ledger.reasons()}")
+    assert all("clean:late" in ledger.rejected.get(i, ()) for i in late), ledger.reasons()
+    assert all(ledger.rejected.get(i) for i in copies), "a re-sent copy was neither stored nor rejected"
+    bridge = pipeline.query(f"SELECT reason FROM {{db}}.rejects WHERE tenant = '{tenant}' AND stage = 'bridge'")
+    assert len(bridge) == chaos.oversized + chaos.malformed
+    assert bridge.column("reason").to_pylist().count("too_large") == chaos.oversized
 
 
 def settled_alerts(pipeline: TestPipeline, tenant: str, settle_s: float = 6, timeout_s: float = 40) -> list[dict]:
