@@ -108,10 +108,14 @@ def window_end(ts_ms: int, window_s: int) -> int:
     return (ts_ms // size + 1) * size
 
 
-def check_windows(query: Query, tenant: str, ledger: ReadingLedger, window_s: int, closed_by_ms: int
+def check_windows(query: Query, tenant: str, ledger: ReadingLedger, window_s: int, lateness_ms: int
                   ) -> set[WindowKey]:
-    """Every window the stored readings imply that closed by ``closed_by_ms`` stored exactly once,
-    counting exactly its stored readings; no window without readings. Returns the stored windows."""
+    """Every window the stored readings imply stored exactly once, counting exactly its stored
+    readings, once its series' newest reading is ``lateness_ms`` and one more window past its end
+    (closed); no window without readings. Returns the stored windows."""
+    newest: dict[tuple[str, str], int] = {}
+    for (_, d, m, ts) in ledger.stored:
+        newest[(d, m)] = max(ts, newest.get((d, m), ts))
     implied: Counter = Counter()
     for (_, d, m, ts) in ledger.stored:
         if not any(r.startswith("window:") for r in ledger.rejected.get((tenant, d, m, ts), ())):
@@ -124,7 +128,7 @@ def check_windows(query: Query, tenant: str, ledger: ReadingLedger, window_s: in
     assert not twice, f"{len(twice)} {window_s}s windows stored more than once (raw rows): {_sample(twice.items())}"
     empty = set(stored) - set(implied)
     assert not empty, f"{len(empty)} {window_s}s windows stored without a stored reading in them: {_sample(empty)}"
-    missing = {k for k in implied if k[2] <= closed_by_ms} - set(stored)
+    missing = {k for k in implied if k[2] <= newest[k[:2]] - lateness_ms - window_s * 1000} - set(stored)
     assert not missing, (f"{len(missing)} closed {window_s}s windows implied by stored readings are not stored "
                          f"(of {len(implied)} implied): {_sample(missing)}")
     wrong = {k: (counted[k], implied[k]) for k in stored if counted[k] != implied[k]}

@@ -153,13 +153,12 @@ class TestPipeline:
         ``predict.window_s``, its prediction and every alarm event to account by identity
         (``tests.accounting``), retried until outputs settle or ``timeout_s``; the logs on failure."""
         self.wait_stored(tenant, len(published) + extra_rejects)
-        w = self.cfg.predict.window_s
-        closed_by = max(ts for *_, ts in published) - int(self.cfg.clean.allowed_lateness_s * 1000) - w * 1000
+        w, lateness_ms = self.cfg.predict.window_s, int(self.cfg.clean.allowed_lateness_s * 1000)
 
         def check() -> ReadingLedger:
             ledger = read_ledger(self.query, tenant)
             check_readings(ledger, published)
-            check_predictions(self.query, tenant, check_windows(self.query, tenant, ledger, w, closed_by), w)
+            check_predictions(self.query, tenant, check_windows(self.query, tenant, ledger, w, lateness_ms), w)
             check_alarm_events(alarm_events(self.query, tenant))
             return ledger
 

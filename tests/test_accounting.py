@@ -66,7 +66,7 @@ def account(query, published: set) -> None:
     """Every check the drills run, on this test's output."""
     ledger = read_ledger(query, TENANT)
     check_readings(ledger, published)
-    windows = check_windows(query, TENANT, ledger, WINDOW_S, closed_by_ms=max(t for *_, t in published))
+    windows = check_windows(query, TENANT, ledger, WINDOW_S, lateness_ms=0)
     check_predictions(query, TENANT, windows, WINDOW_S)
     check_alarm_events(alarm_events(query, TENANT))
 
@@ -130,7 +130,7 @@ def test_a_lost_reading_also_breaks_its_window_and_a_merged_duplicate_still_show
     # Without the twin a reading is missing from the windows' point of view: one window counts it.
     ledger.stored.pop(next(iter(sorted(ledger.stored))))
     with pytest.raises(AssertionError, match="count other than their stored readings"):
-        check_windows(query, TENANT, ledger, WINDOW_S, closed_by_ms=max(t for *_, t in published))
+        check_windows(query, TENANT, ledger, WINDOW_S, lateness_ms=0)
 
 
 def test_fault_switch_names_only_known_tables():
