@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -56,6 +57,12 @@ INSERT_SECONDS = Histogram("aimass_sink_insert_seconds", "Duration of one table 
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 RETRIES = Counter("aimass_sink_retries_total", "Batch flushes retried after a retryable store error")
 DEAD_LETTERS = Counter("aimass_sink_dead_letter_total", "Kafka records sent to the dead-letter topic by the sink")
+
+
+# Test-only defects that prove the drills' accounting can fail (tests/test_accounting.py): off
+# unless the environment names one; each is applied once, to the first block of its table.
+TEST_FAULT_ENV = "AIMASS_TEST_FAULT"
+TEST_FAULTS = {"drop_one_reading": "readings", "duplicate_one_reading": "readings", "drop_one_alarm": "alerts"}
 
 
 class Stopping(Exception):
@@ -296,6 +303,9 @@ class Sink:
         self.replay_deadline = float("inf")  # set when partitions are assigned
         self.assigned: set[tuple[str, int]] = set()
         self.stored_rows = 0
+        self.test_fault = os.environ.get(TEST_FAULT_ENV, "")
+        if self.test_fault:
+            log.warning("%s=%s: this sink corrupts what it stores (tests only)", TEST_FAULT_ENV, self.test_fault)
 
     # Kafka topic name <-> contract suffix
     def _suffix(self, name: str) -> str:
@@ -492,11 +502,26 @@ class Sink:
             data = to_store_table(spec, records, self.store.dialect, sort=self.presort)
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise StoreError(f"cannot convert rows for {spec.name}: {exc}", retryable=False) from None
+        if self.test_fault and TEST_FAULTS.get(self.test_fault) == spec.name:
+            data = self._inject_test_fault(data, token)
         started = time.perf_counter()
         self.store.insert(spec.name, data, token)
         INSERT_SECONDS.observe(time.perf_counter() - started)
         ROWS.labels(spec.name).inc(data.num_rows)
         self.stored_rows += data.num_rows
+
+    def _inject_test_fault(self, data: pa.Table, token: str) -> pa.Table:
+        """Drop one row (an alarm: a raise), or insert one row a second time, then never again."""
+        rows = [i for i, t in enumerate(data.column("transition").to_pylist()) if t == "raised"] \
+            if "transition" in data.column_names else list(range(data.num_rows))
+        if not rows:
+            return data
+        fault, self.test_fault, i = self.test_fault, "", rows[0]
+        log.warning("%s=%s: row %s of this block", TEST_FAULT_ENV, fault, data.slice(i, 1).to_pylist()[0])
+        if fault == "duplicate_one_reading":
+            self.store.insert(MAIN_TABLE, data.slice(i, 1), f"{token}-duplicate")
+            return data
+        return pa.concat_tables([data.slice(0, i), data.slice(i + 1)])
 
     def _dead_letter(self, records: list[Record], errors: list[str]) -> None:
         """Produce failed records to the dead-letter topic and wait until the broker has them."""

@@ -10,10 +10,17 @@ Two ways to use it:
   LABELS schemas (training sets, tests), deterministic for a seed;
 - live: ``publish(cfg, spec)`` sends readings through MQTT at a target rate, stamping each
   tick with the wall clock so latency can be measured downstream, and returns a summary.
+
+Chaos (``Chaos``, live or offline through ``chaos_messages``): devices whose clocks are off
+(fixed and drifting), messages reordered within and beyond the allowed lateness, re-sent
+duplicates, a backlog sent in a burst after an outage, oversized and malformed messages. Every
+message carries the effects applied to it, so a test knows which readings to expect stored,
+rejected as duplicate or late, or rejected by the bridge.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -75,6 +82,7 @@ class SimSpec:
     pack_size: int = 10           # SenML records per pack
     qos: int | None = None        # default: mqtt.qos
     publish_labels: bool = False  # also publish each label on mqtt.labels_pattern when its anomaly ends
+    chaos: "Chaos | None" = None  # live: send ``chaos_messages`` instead of clean ticks
 
     def device_ids(self) -> list[str]:
         return [f"dev-{i:04d}" for i in range(self.devices)] if isinstance(self.devices, int) else list(self.devices)
@@ -209,6 +217,154 @@ def tick_times(start_ms: int, duration_s: float, rate_hz: float) -> np.ndarray:
     return start_ms + np.round(np.arange(n) * (1000.0 / rate_hz)).astype(np.int64)
 
 
+# --- chaos ----------------------------------------------------------------------------
+
+CHAOS_EFFECTS = ("skewed", "reordered", "late", "resent", "burst", "oversized", "malformed")
+MALFORMED_PAYLOADS = (b"not json", b"{", b"null", b'{"ts": "x", "metric": "temp", "value": 1}',
+                      b'{"metric": "temp", "value": Infinity}', b"\xff\xfe" * 16, b"[" * 2000)
+
+
+@dataclass
+class Chaos:
+    """What goes wrong on the way (fractions are of device messages; each effect is labelled)."""
+
+    skewed_devices: int = 0       # this many devices have a clock that is off:
+    skew_s: float = 0.0           # by a fixed amount (+: fast, -: slow)
+    drift_s_per_min: float = 0.0  # and drifting by this much per minute of run
+    reorder: float = 0.0          # held back by less than the allowed lateness (still accepted)
+    late: float = 0.0             # held back by more than the allowed lateness (rejected as late)
+    resend: float = 0.0           # sent a second time within the lateness (the copy: a duplicate)
+    outages: int = 0              # this many devices go silent for outage_s, then send their backlog at once
+    outage_s: float = 10.0
+    oversized: int = 0            # messages just over the size limit (rejected by the bridge: too_large)
+    malformed: int = 0            # messages that are not telemetry (rejected by the bridge)
+    lateness_s: float = 1.0       # the pipeline's clean.allowed_lateness_s
+    max_payload_bytes: int = 65536  # the pipeline's bridge.max_payload_bytes
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.skewed_devices or self.reorder or self.late or self.resend or self.outages
+                    or self.oversized or self.malformed)
+
+
+@dataclass
+class Message:
+    """One MQTT message of a chaos run: when to send it (ms after start), what, and what was done to it."""
+
+    send_ms: int
+    device: str
+    payload: bytes
+    readings: list[tuple[str, int, float, str]]  # (metric, ts_ms as the device stamped it, value, unit)
+    effects: tuple[str, ...] = ()
+
+
+def device_clock(chaos: Chaos, n_devices: int) -> tuple[list[int], Callable[[int, int], int]]:
+    """(skewed device indices, ``stamp(device, true_ms_since_start)``: the ms offset that device's clock adds)."""
+    skewed = sorted(random.Random(chaos.seed).sample(range(n_devices), min(chaos.skewed_devices, n_devices)))
+
+    def offset(d: int, since_ms: int) -> int:
+        if d not in skewed:
+            return 0
+        return int(round(chaos.skew_s * 1000 + chaos.drift_s_per_min * since_ms / 60.0))
+
+    return skewed, offset
+
+
+def chaos_messages(spec: SimSpec, chaos: Chaos, start_ms: int) -> list[Message]:
+    """Every message of ``spec`` run through ``chaos``, in send order (pure, deterministic for the seeds).
+
+    One message per device and tick (``spec.format``; json: per reading). Chaos spares the first
+    and last ``lateness + 3 s`` of the run, so a held-back message always has later ones of its
+    series before it (late is late per series too) and nothing is held past the end.
+    """
+    rng = random.Random(chaos.seed)
+    sig = Signals(spec, start_ms)
+    ts = tick_times(start_ms, spec.duration_s, spec.rate_hz)
+    values, present = sig.values(ts)
+    n_m = len(sig.metrics)
+    skewed, offset = device_clock(chaos, len(sig.devices))
+    lateness_ms, tick_ms = int(chaos.lateness_s * 1000), max(1, int(1000 / spec.rate_hz))
+    margin_ms, end_ms = lateness_ms + 3000, int(ts[-1])
+    outages = {d: start_ms + margin_ms + rng.randrange(max(1, end_ms - start_ms - 2 * margin_ms
+                                                            - int(chaos.outage_s * 1000)))
+               for d in rng.sample(range(len(sig.devices)), min(chaos.outages, len(sig.devices)))}
+    out: list[Message] = []
+    for k, t in enumerate(ts.tolist()):
+        for d, device in enumerate(sig.devices):
+            stamped = t + offset(d, t - start_ms)
+            rows = [(sig.metrics[i], stamped, float(values[d * n_m + i, k]), sig.unit[d * n_m + i])
+                    for i in range(n_m) if present[d * n_m + i, k]]
+            base = ("skewed",) if d in skewed else ()
+            for payload, readings in _encode(spec.format, rows):
+                out.extend(_disturb(Message(t - start_ms, device, payload, readings, base), chaos, rng, outages.get(d),
+                                    start_ms, lateness_ms, tick_ms, margin_ms, end_ms))
+    for i in range(chaos.oversized):
+        t = rng.randrange(max(1, end_ms - start_ms))
+        pad = b"x" * (chaos.max_payload_bytes + 1024)
+        out.append(Message(t, sig.devices[i % len(sig.devices)],
+                           b'{"ts": %d, "metric": "temp", "value": 1, "pad": "%s"}' % (start_ms + t, pad), [],
+                           ("oversized",)))
+    for i in range(chaos.malformed):
+        out.append(Message(rng.randrange(max(1, end_ms - start_ms)), sig.devices[i % len(sig.devices)],
+                           MALFORMED_PAYLOADS[i % len(MALFORMED_PAYLOADS)], [], ("malformed",)))
+    return sorted(out, key=lambda m: m.send_ms)
+
+
+def _send_chaos(pub: Publisher, topics: TopicPattern, spec: SimSpec, start_ms: int, summary: dict,
+                sent: set | None, stop: Callable[[], bool] | None) -> dict[str, int]:
+    """Send ``chaos_messages`` at their times; returns messages per effect (readings counts first copies only)."""
+    effects = dict.fromkeys(CHAOS_EFFECTS, 0)
+    for m in chaos_messages(spec, spec.chaos, start_ms):
+        if stop and stop():
+            break
+        while (wait := (start_ms + m.send_ms) / 1000 - time.time()) > 0:
+            pub.service(wait)
+        pub.publish(topics.topic(spec.tenant, m.device), m.payload)
+        summary["messages"] += 1
+        for e in m.effects:
+            effects[e] += 1
+        if "resent" not in m.effects:
+            summary["readings"] += len(m.readings)
+            if sent is not None:
+                sent.update((spec.tenant, m.device, r[0], r[1]) for r in m.readings)
+    return effects
+
+
+def _encode(fmt: str, rows: list[tuple[str, int, float, str]]) -> list[tuple[bytes, list]]:
+    if not rows:
+        return []
+    if fmt == "json":
+        return [(encode_reading(*r), [r]) for r in rows]
+    if fmt == "multi":
+        return [(orjson.dumps({"ts": rows[0][1], "values": {r[0]: r[2] for r in rows},
+                               "units": {r[0]: r[3] for r in rows}}), rows)]
+    return [(encode_senml(rows), rows)]
+
+
+def _disturb(m: Message, chaos: Chaos, rng: random.Random, outage_at: int | None, start_ms: int,
+             lateness_ms: int, tick_ms: int, margin_ms: int, end_ms: int) -> list[Message]:
+    """The message as sent (held back, in a burst) plus a re-sent copy, each with its effects."""
+    t = start_ms + m.send_ms
+    if outage_at is not None and outage_at <= t < outage_at + chaos.outage_s * 1000:
+        m.send_ms, m.effects = outage_at + int(chaos.outage_s * 1000) - start_ms, m.effects + ("burst",)
+        return [m]
+    if not start_ms + margin_ms <= t <= end_ms - margin_ms:
+        return [m]
+    roll = rng.random()
+    if roll < chaos.late:
+        m.send_ms += lateness_ms + 2 * tick_ms + rng.randrange(1000)
+        m.effects += ("late",)
+    elif roll < chaos.late + chaos.reorder:
+        m.send_ms += tick_ms + rng.randrange(max(1, lateness_ms - 2 * tick_ms))
+        m.effects += ("reordered",)
+    if rng.random() < chaos.resend:
+        copy = Message(m.send_ms + rng.randrange(max(1, lateness_ms // 2)), m.device, m.payload, m.readings,
+                       m.effects + ("resent",))
+        return [m, copy]
+    return [m]
+
+
 # --- offline --------------------------------------------------------------------------
 
 def generate(devices: int | Sequence[str] = 10, metrics: int | Sequence[str] = 3, duration_s: float = 3600,
@@ -252,8 +408,11 @@ def write_table(table: pa.Table, path: str | Path) -> None:
 
 def publish(cfg: Config, spec: SimSpec, labels_path: str | Path | None = None,
             progress: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None,
-            client_id: str | None = None) -> dict:
-    """Publish ``spec`` through MQTT in real time (``rate_hz`` <= 0: as fast as possible); returns a summary."""
+            client_id: str | None = None, sent: set | None = None) -> dict:
+    """Publish ``spec`` through MQTT in real time (``rate_hz`` <= 0: as fast as possible); returns a summary.
+
+    ``sent`` (optional) receives the identity (tenant, device_id, metric, ts_ms) of every reading published.
+    """
     if spec.format not in FORMATS:
         raise ValueError(f"format {spec.format!r}; accepted: {', '.join(FORMATS)}")
     telemetry = TopicPattern(cfg.mqtt.topic_pattern)
@@ -265,12 +424,17 @@ def publish(cfg: Config, spec: SimSpec, labels_path: str | Path | None = None,
     topics = [telemetry.topic(spec.tenant, d) for d in sig.devices]
     n_m = len(sig.metrics)
     packs: list[list[tuple[str, int, float, str]]] = [[] for _ in sig.devices]
-    summary = {"messages": 0, "readings": 0, "labels": 0, "anomalies": len(sig.anomalies)}
+    summary = {"messages": 0, "readings": 0, "labels": 0, "anomalies": len(sig.anomalies), "start_ms": int(start * 1000)}
     labels_sent = 0
     last_report = start
     ts = 0
     client_id = client_id or f"aimass-sim-{spec.tenant}-{spec.seed}-{int(start * 1000) % 1_000_000}"
     with Publisher(cfg, client_id, qos=spec.qos) as pub:
+        if spec.chaos:
+            if spec.rate_hz <= 0:
+                raise ValueError("chaos needs a real-time rate (rate_hz > 0)")
+            summary["chaos"] = _send_chaos(pub, telemetry, spec, int(start * 1000), summary, sent, stop)
+            n_ticks = 0
         for k in range(n_ticks):
             if stop and stop():
                 break
@@ -286,6 +450,8 @@ def publish(cfg: Config, spec: SimSpec, labels_path: str | Path | None = None,
                 if not rows:
                     continue
                 summary["readings"] += len(rows)
+                if sent is not None:
+                    sent.update((spec.tenant, sig.devices[d], r[0], r[1]) for r in rows)
                 if spec.format == "json":
                     for row in rows:
                         pub.publish(topic, encode_reading(*row))
@@ -346,6 +512,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.0, help="fraction of time each device is silent (default 0)")
     p.add_argument("--labels", metavar="FILE", help="write the ground-truth labels here (.parquet or .csv)")
     p.add_argument("--publish-labels", action="store_true", help="also publish each label on mqtt.labels_pattern")
+    chaos = p.add_argument_group("chaos (live only; each effect is counted in the summary's \"chaos\")")
+    chaos.add_argument("--skewed-devices", type=int, default=0, help="devices whose clock is off (default 0)")
+    chaos.add_argument("--skew", type=float, default=0.0, help="their fixed clock offset in s, + = fast (default 0)")
+    chaos.add_argument("--drift", type=float, default=0.0, help="their clock drift in s per minute (default 0)")
+    chaos.add_argument("--reorder", type=float, default=0.0,
+                       help="fraction of messages held back within clean.allowed_lateness_s (default 0)")
+    chaos.add_argument("--late", type=float, default=0.0,
+                       help="fraction of messages held back beyond clean.allowed_lateness_s (default 0)")
+    chaos.add_argument("--resend", type=float, default=0.0, help="fraction of messages sent twice (default 0)")
+    chaos.add_argument("--outages", type=int, default=0,
+                       help="devices that go silent for --outage-s, then send their backlog at once (default 0)")
+    chaos.add_argument("--outage-s", type=float, default=10.0, help="length of each outage in s (default 10)")
+    chaos.add_argument("--oversized", type=int, default=0,
+                       help="messages just over bridge.max_payload_bytes (default 0)")
+    chaos.add_argument("--malformed", type=int, default=0, help="messages that are not telemetry (default 0)")
     p.add_argument("--out", metavar="FILE",
                    help="offline: write the readings to FILE (.parquet or .csv) instead of publishing")
 
@@ -361,9 +542,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"wrote {readings.num_rows} readings to {args.out}, {labels.num_rows} labels"
               + (f" to {args.labels}" if args.labels else ""))
         return 0
+    chaos = Chaos(args.skewed_devices, args.skew, args.drift, args.reorder, args.late, args.resend, args.outages,
+                  args.outage_s, args.oversized, args.malformed, cfg.clean.allowed_lateness_s,
+                  cfg.bridge.max_payload_bytes, args.seed)
     spec = SimSpec(devices=args.devices, metrics=metrics, rate_hz=args.rate, duration_s=args.duration,
                    seed=args.seed, tenant=args.tenant, anomalies=args.anomalies, dropout=args.dropout,
-                   format=args.format, pack_size=args.pack_size, qos=args.qos, publish_labels=args.publish_labels)
+                   format=args.format, pack_size=args.pack_size, qos=args.qos, publish_labels=args.publish_labels,
+                   chaos=chaos if chaos.active else None)
 
     def show(p: dict) -> None:
         print(f"\r{p['tick']}/{p['ticks']} ticks  {p['readings']} readings  {p['messages']} messages  "

@@ -17,12 +17,11 @@ from aimass.core.procs import free_port
 from aimass.receiver import WebhookReceiver
 from aimass.core.stack import create_topics
 from aimass.core.supervisor import Supervisor, scrape
+from tests.accounting import (Identity, ReadingLedger, alarm_events, check_alarm_events, check_predictions,
+                              check_readings, check_windows, eventually, read_ledger)
 from tests.conftest import make_config
 
 SECRET = "e2e-test-signing-secret"
-# Dead-letter stages whose rows are readings (notify / predict / alert dead letters are not).
-READING_STAGES = ("clean", "window", "sink")
-
 TEST_RULES = """
 rules:
   - name: window_jump
@@ -81,6 +80,21 @@ def pipeline_config(tmp: Path, mosquitto, kafka, triton, webhook_port: int) -> C
     return cfg
 
 
+def wait_rising(ports: dict[str, int], metric: str, timeout_s: float = 60) -> str:
+    """The first of ``ports`` (name -> Prometheus port) whose counter ``metric`` rises: that process is
+    doing the work right now, the evidence that a fault placed on it next lands on live work."""
+    deadline = time.monotonic() + timeout_s
+    first = {name: scrape(port).get(metric) for name, port in ports.items()}
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        for name, port in ports.items():
+            value = scrape(port).get(metric)
+            if value is not None and first[name] is not None and value > first[name]:
+                return name
+            first[name] = value if first[name] is None else first[name]
+    raise AssertionError(f"{metric} did not rise within {timeout_s:.0f}s on any of {ports} (last {first})")
+
+
 class TestPipeline:
     """Stage processes under a Supervisor plus a verifying webhook receiver."""
 
@@ -106,6 +120,14 @@ class TestPipeline:
     def metrics(self) -> dict[str, float]:
         return scrape(*[p.metrics_port for p in self.plans])
 
+    def ports(self, prefix: str) -> dict[str, int]:
+        """Name -> metrics port of the stages whose name starts with ``prefix``."""
+        return {p.name: p.metrics_port for p in self.plans if p.name.startswith(prefix)}
+
+    def log_of(self, name: str) -> str:
+        log = self.sup.log_dir / f"{name}.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
     def query(self, sql: str) -> pa.Table:
         return open_reader(self.cfg).query(sql.replace("{db}", self.cfg.clickhouse.database))
 
@@ -124,6 +146,26 @@ class TestPipeline:
                 return n
             time.sleep(1)
         return last
+
+    def account(self, tenant: str, published: set[Identity], extra_rejects: int = 0,
+                timeout_s: float = 90) -> ReadingLedger:
+        """Wait for the tenant's readings, then hold every published reading, every closed window of
+        ``predict.window_s``, its prediction and every alarm event to account by identity
+        (``tests.accounting``), retried until outputs settle or ``timeout_s``; the logs on failure."""
+        self.wait_stored(tenant, len(published) + extra_rejects)
+        w, lateness_ms = self.cfg.predict.window_s, int(self.cfg.clean.allowed_lateness_s * 1000)
+
+        def check() -> ReadingLedger:
+            ledger = read_ledger(self.query, tenant)
+            check_readings(ledger, published)
+            check_predictions(self.query, tenant, check_windows(self.query, tenant, ledger, w, lateness_ms), w)
+            check_alarm_events(alarm_events(self.query, tenant))
+            return ledger
+
+        try:
+            return eventually(check, timeout_s)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def logs(self) -> str:
         """Tails of every stage log, for assertion messages."""

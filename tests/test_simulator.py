@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from aimass.core import contract
-from aimass.streams.payloads import Limits, parse_label, parse_telemetry
-from aimass.streams.simulator import METRICS, SimSpec, generate, publish
+from aimass.core.config import MQTT_HEADER_ALLOWANCE
+from aimass.streams.payloads import Limits, Rejected, parse_label, parse_telemetry
+from aimass.streams.simulator import METRICS, Chaos, SimSpec, chaos_messages, generate, publish
 from tests.conftest import REPO, make_config
 from tests.fixtures_ingest import config_env
 from tests.fixtures_mqtt import Collector
@@ -116,10 +117,107 @@ def test_cli_help_lists_every_option():
                           text=True, timeout=60)
     assert proc.returncode == 0
     for option in ("--devices", "--metrics", "--rate", "--duration", "--seed", "--qos", "--format", "--pack-size",
-                   "--anomalies", "--dropout", "--labels", "--publish-labels", "--out"):
+                   "--anomalies", "--dropout", "--labels", "--publish-labels", "--out", "--skewed-devices", "--skew",
+                   "--drift", "--reorder", "--late", "--resend", "--outages", "--outage-s", "--oversized",
+                   "--malformed"):
         assert option in proc.stdout
 
 
 def test_unknown_metric_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown metrics"):
         generate(1, ["temp", "nope"], duration_s=10)
+
+
+# --- chaos: the generator's promises, pure ----------------------------------------------
+
+CHAOS_SPEC = SimSpec(devices=4, metrics=["temp", "power"], rate_hz=5, duration_s=60, seed=2, format="senml")
+
+
+def sent_order_verdicts(messages, lateness_ms: int) -> list[str]:
+    """Per message: "late" when its series already saw a reading more than the lateness newer, else "ok"."""
+    newest: dict[tuple[str, str], int] = {}
+    out = []
+    for m in messages:
+        late = any(ts < newest.get((m.device, metric), ts) - lateness_ms for metric, ts, _, _ in m.readings)
+        out.append("late" if late else "ok")
+        for metric, ts, _, _ in m.readings:
+            newest[(m.device, metric)] = max(ts, newest.get((m.device, metric), ts))
+    return out
+
+
+def test_chaos_off_is_the_plain_run_in_time_order():
+    messages = chaos_messages(CHAOS_SPEC, Chaos(), START_MS)
+    readings, _ = generate(4, ["temp", "power"], duration_s=60, rate_hz=5, seed=2, start_ms=START_MS)
+    assert len(messages) == 4 * 300 and not any(m.effects for m in messages)
+    ids = [(m.device, metric, ts) for m in messages for metric, ts, _, _ in m.readings]
+    assert sorted(ids) == sorted(zip(readings["device_id"].to_pylist(), readings["metric"].to_pylist(),
+                                     readings["ts_ms"].to_pylist()))
+    assert all(START_MS + m.send_ms == m.readings[0][1] for m in messages)
+    assert chaos_messages(CHAOS_SPEC, Chaos(), START_MS) == messages  # deterministic
+
+
+def test_skewed_clocks_are_fixed_plus_drift_on_the_chosen_devices_only():
+    chaos = Chaos(skewed_devices=1, skew_s=30, drift_s_per_min=6, seed=4)
+    messages = chaos_messages(CHAOS_SPEC, chaos, START_MS)
+    skewed = {m.device for m in messages if "skewed" in m.effects}
+    assert len(skewed) == 1
+    for m in messages:
+        offset = m.readings[0][1] - (START_MS + m.send_ms)
+        if m.device in skewed:  # +30 s, plus 6 s per minute of run
+            assert offset == round(30_000 + 6 * m.send_ms / 60)
+        else:
+            assert offset == 0
+    assert len({(m.device, r[0], r[1]) for m in messages for r in m.readings}) == 4 * 300 * 2
+
+
+def test_reordered_messages_stay_within_the_lateness_and_late_ones_go_beyond():
+    chaos = Chaos(reorder=0.1, late=0.05, lateness_s=1.0, seed=1)
+    messages = chaos_messages(CHAOS_SPEC, chaos, START_MS)
+    counts = {e: sum(e in m.effects for m in messages) for e in ("reordered", "late")}
+    assert counts["reordered"] > 50 and counts["late"] > 20, counts
+    verdicts = sent_order_verdicts(messages, 1000)
+    for m, verdict in zip(messages, verdicts):
+        assert verdict == ("late" if "late" in m.effects else "ok"), m
+    # reordered: really sent after newer readings of its series
+    ts_sent = [(m.device, m.readings[0][1]) for m in messages]
+    assert any(ts_sent[i][1] < max(t for d, t in ts_sent[:i] if d == ts_sent[i][0])
+               for i, m in enumerate(messages) if "reordered" in m.effects)
+
+
+def test_resent_copies_repeat_their_original_soon_after_it():
+    chaos = Chaos(resend=0.1, lateness_s=1.0, seed=3)
+    messages = chaos_messages(CHAOS_SPEC, chaos, START_MS)
+    copies = [m for m in messages if "resent" in m.effects]
+    assert len(copies) > 50
+    originals = {(m.device, m.payload): m.send_ms for m in messages if "resent" not in m.effects}
+    for c in copies:
+        assert 0 <= c.send_ms - originals[(c.device, c.payload)] < 500
+    firsts = [(m.device, r[0], r[1]) for m in messages if "resent" not in m.effects for r in m.readings]
+    assert len(firsts) == len(set(firsts))  # only the copies repeat an identity
+    verdicts = sent_order_verdicts([m for m in messages if "resent" not in m.effects], 1000)
+    assert set(verdicts) == {"ok"}
+
+
+def test_an_outage_sends_its_backlog_in_one_burst_in_order():
+    chaos = Chaos(outages=1, outage_s=8, seed=5)
+    messages = chaos_messages(CHAOS_SPEC, chaos, START_MS)
+    burst = [m for m in messages if "burst" in m.effects]
+    assert len(burst) == 8 * 5 and len({m.device for m in burst}) == 1 and len({m.send_ms for m in burst}) == 1
+    stamps = [m.readings[0][1] for m in burst]
+    assert stamps == sorted(stamps) and 0 < burst[0].send_ms - (stamps[-1] - START_MS) <= 200
+    assert set(sent_order_verdicts(messages, 1000)) == {"ok"}  # late for other series' watermarks, not its own
+
+
+def test_oversized_and_malformed_messages_are_rejected_by_the_parser():
+    chaos = Chaos(oversized=3, malformed=7, max_payload_bytes=4096, seed=6)
+    messages = chaos_messages(CHAOS_SPEC, chaos, START_MS)
+    bad = [m for m in messages if m.effects and m.effects[0] in ("oversized", "malformed")]
+    assert sorted(m.effects[0] for m in bad) == ["malformed"] * 7 + ["oversized"] * 3
+    limits = Limits(max_payload_bytes=4096)
+    for m in bad:
+        assert not m.readings
+        with pytest.raises(Rejected) as err:
+            parse_telemetry(m.payload, START_MS + m.send_ms, limits)
+        assert (err.value.reason == "too_large") == ("oversized" in m.effects), (m.effects, err.value.reason)
+        if "oversized" in m.effects:
+            assert len(m.payload) < 4096 + MQTT_HEADER_ALLOWANCE  # the broker still takes it
