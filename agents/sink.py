@@ -15,7 +15,14 @@ Nothing is lost:
   broker refuses for good is dead-lettered once more, or dropped and counted, never retried).
 - Killed mid-batch: before inserting, the batch's offset ranges are written to a journal;
   after a restart the same ranges are re-read and re-inserted with the same insert
-  deduplication tokens, so ClickHouse skips what already landed (rollups included).
+  deduplication tokens, so ClickHouse skips what already landed (rollups included). The
+  journal is cleared only once the offsets are committed. A commit the broker refuses (the group
+  moved on while the broker was away longer than the session) leaves it: no new batch is
+  flushed until that commit goes through on a retry, or a rebalance hands the journal to the
+  re-read path, so the records read again go in under the same tokens.
+- Clean records the clean stage emitted twice (its restart replays raw records) are recognised
+  by their source position (headers ``raw_offset``, ``raw_part``; not above the highest stored
+  from that partition) and stored empty, so a worker's restart stores no reading twice.
   Tables are also ReplacingMergeTree on the row identity: ``FINAL`` hides any duplicate.
 
 In chDB mode the sink owns the store and serves read-only SQL on 127.0.0.1
@@ -40,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from aimass.agents.clean import RAW_OFFSET_HEADER, RAW_PART_HEADER, source_position
 from aimass.core.clickhouse import (ChdbStore, QueryLimits, QueryServer, Store, StoreError, ensure_query_token,
                                    fill_nulls, open_store)
 from aimass.core.config import Config
@@ -57,6 +65,8 @@ INSERT_SECONDS = Histogram("aimass_sink_insert_seconds", "Duration of one table 
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 RETRIES = Counter("aimass_sink_retries_total", "Batch flushes retried after a retryable store error")
 DEAD_LETTERS = Counter("aimass_sink_dead_letter_total", "Kafka records sent to the dead-letter topic by the sink")
+REPLAYED = Counter("aimass_sink_replayed_clean_records_total",
+                   "Clean records skipped as copies the clean stage emitted again after its restart")
 
 
 # Test-only defects that prove the drills' accounting can fail (tests/test_accounting.py): off
@@ -302,6 +312,8 @@ class Sink:
         self.replay_fresh = False       # ranges were given up: insert under a new id
         self.replay_deadline = float("inf")  # set when partitions are assigned
         self.assigned: set[tuple[str, int]] = set()
+        self.clean_position: dict[int, int] = {}  # per clean partition: the highest source position taken
+        self.uncommitted: Manifest | None = None  # stored, but the broker refused its offsets
         self.stored_rows = 0
         self.test_fault = os.environ.get(TEST_FAULT_ENV, "")
         if self.test_fault:
@@ -345,6 +357,11 @@ class Sink:
 
     def _flush_due(self) -> None:
         """Flush the tables that are full or old enough; the others stay buffered."""
+        if self.uncommitted is not None:  # its journal must not be replaced: retry its commit first
+            if not self._commit(self.uncommitted):
+                return
+            self.uncommitted = None
+            self.journal.clear()
         due = self.batch.due(time.monotonic(), self.cfg.clickhouse.flush_rows, self.max_age_s)
         if due:
             ready, self.batch = self.batch.split(due)
@@ -359,6 +376,9 @@ class Sink:
             record.rows = contract.decode(value, TOPIC_TABLE[suffix].schema)
         except ValueError as exc:
             error = str(exc)
+        if suffix == contract.CLEAN.suffix and self._emitted_before(msg):
+            REPLAYED.inc()
+            record.rows = record.rows.slice(0, 0)  # kept in the batch: its offset is committed with it
         target = self._target(record)
         if error:
             target.add_undecodable(record, error)
@@ -366,6 +386,17 @@ class Sink:
             target.add(record)
         if self.replay is not None:
             self._check_replay_done()
+
+    def _emitted_before(self, msg) -> bool:
+        """Whether a clean record is a copy of one taken already (its source position is not new)."""
+        headers = {k: int(v) for k, v in (msg.headers() or []) if k in (RAW_OFFSET_HEADER, RAW_PART_HEADER)}
+        position = source_position(headers)
+        if position is None:  # a clock tick, or a record of a producer that sets no position
+            return False
+        if position <= self.clean_position.get(msg.partition(), -1):
+            return True
+        self.clean_position[msg.partition()] = position
+        return False
 
     # --- re-inserting a batch a killed sink may have half-stored ----------------------
     #
@@ -436,18 +467,21 @@ class Sink:
         log.info("sink journal %s: re-reading %d partition range(s)", self.replay.batch_id, len(self.replay.ranges))
 
     def _on_revoke(self, consumer, partitions) -> None:
-        """Store what is buffered before giving the partitions away, else drop it: it is re-read."""
+        """Store what is buffered before giving the partitions away, else drop it: it is re-read.
+
+        A batch whose journal still waits (a killed sink's, or one whose commit the broker refused)
+        is collected again after the rebalance and re-inserted under its own tokens."""
         self.assigned = set()
+        if self.replay is None and self.uncommitted is None and self.batch:
+            try:
+                self.flush(self.batch, retry=False)
+            except (StoreError, Stopping) as exc:
+                log.warning("could not store the batch before a rebalance (%s); it will be re-read", exc)
+                self.replay = self.journal.load()
+        if self.uncommitted is not None:
+            self.replay, self.uncommitted = self.uncommitted, None
         if self.replay is not None:  # positions go back to the committed offsets: collect again
-            self.replay_batch, self.replay_seen, self.batch = Batch(), set(), Batch()
-            return
-        if not self.batch:
-            return
-        try:
-            self.flush(self.batch, retry=False)
-        except (StoreError, Stopping) as exc:
-            log.warning("could not store the batch before a rebalance (%s); it will be re-read", exc)
-            self.replay = self.journal.load()
+            self.replay_batch, self.replay_seen = Batch(), set()
         self.batch = Batch()
 
     # --- storing ----------------------------------------------------------------------
@@ -473,8 +507,10 @@ class Sink:
                 if self.stopping.wait(delay):
                     raise Stopping() from None
                 delay = min(delay * 2, self.cfg.clickhouse.retry_max_s)
-        self._commit(manifest)
-        self.journal.clear()
+        if self._commit(manifest):
+            self.journal.clear()
+        else:
+            self.uncommitted = manifest
 
     def _store(self, batch: Batch, batch_id: str) -> None:
         failed: list[Record] = [r for r, _ in batch.undecodable]
@@ -543,18 +579,22 @@ class Sink:
         DEAD_LETTERS.inc(len(keep))
         log.warning("sent %d record(s) to %s: %s", len(keep), self.dead_letter_topic, keep[0][1])
 
-    def _commit(self, manifest: Manifest) -> None:
+    def _commit(self, manifest: Manifest) -> bool:
+        """Commit the batch's offsets; False when the broker refused (the journal then stays)."""
         from confluent_kafka import KafkaException, TopicPartition
 
         offsets = [TopicPartition(f"{self.prefix}.{t}", p, last + 1) for (t, p), (_, last) in manifest.ranges.items()]
         if not offsets:
-            return
+            return True
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
             log.debug("batch %s committed: %s", manifest.batch_id,
                       ", ".join(f"{tp.topic}[{tp.partition}]={tp.offset}" for tp in offsets))
-        except KafkaException as exc:  # partitions moved: the new owner re-reads, FINAL/tokens dedup
-            log.warning("offset commit failed (%s); those records will be stored again", exc)
+            return True
+        except KafkaException as exc:  # partitions moved: re-read after the rebalance, under the same tokens
+            log.warning("offset commit of batch %s failed (%s); its journal stays, so the records re-read "
+                        "after the rebalance are inserted under the same tokens", manifest.batch_id, exc)
+            return False
 
 
 # --- CLI ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Producer
 
-from aimass.agents.sink import Sink
+from aimass.agents.sink import Batch, Sink
 from aimass.core.clickhouse import ChdbStore
 from aimass.core import contract
 from aimass.streams.kafka import producer_config
@@ -111,3 +111,51 @@ def test_journaled_batch_is_reinserted_with_the_same_tokens_after_a_crash(sink_c
     roll = second.store.query(f"SELECT countMerge(n) AS n FROM `{db}`.readings_1m")
     assert roll.column("n")[0].as_py() == want["readings"]  # rollups deduplicated too
     assert not second.journal.path.exists()
+
+
+def test_clean_records_emitted_again_by_a_restarted_clean_stage_are_stored_empty(sink_cfg):
+    """A clean worker's restart replays raw records and emits their clean records again (same
+    raw_offset / raw_part): the sink keeps their offsets but stores their readings once."""
+    producer = Producer(producer_config(sink_cfg))
+    topic = contract.CLEAN.name(sink_cfg.kafka.topic_prefix)
+    for raw_offset in (5, 6, 5, 6, 7):  # 5 and 6 again after a "restart", then a new one
+        value = contract.encode(readings(20, device=f"d{raw_offset}"), contract.READINGS)
+        producer.produce(topic, value=value, partition=0,
+                         headers=[("raw_offset", str(raw_offset).encode()), ("raw_part", b"0")])
+    producer.flush(10)
+    sink = make_sink(sink_cfg)
+    with Running(sink):
+        wait_for(lambda: committed(sink_cfg, contract.CLEAN) == 5 or None, 60, "all five records committed")
+    db = sink_cfg.clickhouse.database
+    per_device = sink.store.query(f"SELECT device_id, count() AS n FROM `{db}`.readings GROUP BY device_id "
+                                  "ORDER BY device_id").to_pylist()                 # raw rows, no FINAL
+    assert per_device == [{"device_id": f"d{o}", "n": 20} for o in (5, 6, 7)]
+
+
+def test_a_refused_commit_keeps_the_journal_and_holds_new_flushes(sink_cfg):
+    """The broker refused the commit (the group moved on): the journal stays, no new batch replaces it,
+    and a rebalance hands it to the re-read path, so re-read records reuse its tokens."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    produce(sink_cfg, list(sample_tables(21, n=10).items()), partition=0)
+    sink = make_sink(sink_cfg)
+    sink.consumer.subscribe(sink.topics())
+    while not sink.batch:
+        for msg in sink.consumer.consume(500, timeout=0.5):
+            sink._add(msg)
+    real_commit = sink.consumer.commit
+
+    def refused(*args, **kwargs):
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID))
+    sink.consumer = type("Refusing", (), {"commit": staticmethod(refused)})()
+    batch = sink.batch
+    sink.flush(batch, "refused-batch")
+    assert sink.uncommitted is not None and sink.journal.load().batch_id == "refused-batch"
+    sink.batch = Batch()
+    sink.batch.add(next(r for r in batch.by_table().get("readings", [])))
+    sink.max_age_s = {name: 0.0 for name in sink.max_age_s}
+    sink._flush_due()                                                   # held: the journal is not replaced
+    assert sink.journal.load().batch_id == "refused-batch" and sink.batch
+    sink._on_revoke(None, [])
+    assert sink.replay is not None and sink.replay.batch_id == "refused-batch" and sink.uncommitted is None
+    assert real_commit  # the real consumer was only set aside
