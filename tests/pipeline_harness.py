@@ -5,11 +5,15 @@ Windows are short (2 s) so models warm up in seconds; rules and receivers are th
 """
 from __future__ import annotations
 
+import random
+import re
+import threading
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
+from aimass.core import tables
 from aimass.core.clickhouse import open_reader
 from aimass.core.config import Config, to_env
 from aimass.demo import stage_plans, start_pipeline
@@ -17,6 +21,9 @@ from aimass.core.procs import free_port
 from aimass.receiver import WebhookReceiver
 from aimass.core.stack import create_topics
 from aimass.core.supervisor import Supervisor, scrape
+from aimass.streams.mqtt import Publisher
+from aimass.streams.payloads import TopicPattern, encode_senml
+from aimass.streams.simulator import METRICS
 from tests.accounting import (Identity, ReadingLedger, alarm_events, check_alarm_events, check_predictions,
                               check_readings, check_windows, eventually, read_ledger)
 from tests.conftest import make_config
@@ -95,6 +102,90 @@ def wait_rising(ports: dict[str, int], metric: str, timeout_s: float = 60) -> st
     raise AssertionError(f"{metric} did not rise within {timeout_s:.0f}s on any of {ports} (last {first})")
 
 
+MILLIS = re.compile(r"toUnixTimestamp64Milli\((\w+)\)")
+
+
+class SeriesTraffic:
+    """Telemetry of named devices published in a background thread, one SenML pack per device and
+    second: ``clocks`` maps each device to how far its clock runs ahead (s). Values are noisy until
+    ``stick()`` (or ``stuck_after_s``), then constant, so the test rules' ``stuck`` alarm is raised
+    on every series from then on: a deterministic alarm per series."""
+
+    def __init__(self, cfg: Config, tenant: str, clocks: dict[str, float], seconds: float,
+                 metrics: tuple[str, ...] = ("temp", "power"), rate_hz: int = 5, stuck_after_s: float | None = None):
+        self.cfg, self.tenant, self.clocks, self.metrics, self.rate_hz = cfg, tenant, clocks, metrics, rate_hz
+        self.seconds = seconds
+        self.sent: set[Identity] = set()
+        self.stuck_from_ms: int | None = None  # wall time of the first constant reading
+        self.acked = False
+        self._stuck = threading.Event()
+        if stuck_after_s is not None:
+            threading.Timer(stuck_after_s, self.stick).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def stick(self) -> None:
+        self._stuck.set()
+
+    def _run(self) -> None:
+        rng = random.Random(1)
+        last = dict.fromkeys(self.clocks, 0)
+        packs: dict[str, list] = {d: [] for d in self.clocks}
+        topics = TopicPattern(self.cfg.mqtt.topic_pattern)
+        ticks = int(self.seconds * self.rate_hz)
+        start = time.time()
+        with Publisher(self.cfg, f"series-{self.tenant}", qos=1) as pub:
+            for k in range(ticks):
+                while (wait := start + k / self.rate_hz - time.time()) > 0:
+                    pub.service(wait)
+                now_ms = int(time.time() * 1000)
+                if self._stuck.is_set() and self.stuck_from_ms is None:
+                    self.stuck_from_ms = now_ms
+                for device, ahead_s in self.clocks.items():
+                    ts = last[device] = max(now_ms + int(ahead_s * 1000), last[device] + 1)
+                    for m in self.metrics:
+                        model = METRICS[m]
+                        noise = 0.0 if self.stuck_from_ms is not None else rng.gauss(0, 3 * model.noise_sd)
+                        packs[device].append((m, ts, model.base + noise, model.unit))
+                        self.sent.add((self.tenant, device, m, ts))
+                    if len(packs[device]) >= self.rate_hz * len(self.metrics) or k == ticks - 1:
+                        pub.publish(topics.topic(self.tenant, device), encode_senml(packs[device]))
+                        packs[device] = []
+            self.acked = pub.drain(timeout_s=120)
+
+    def join(self) -> set[Identity]:
+        """The identities of every reading published, once the publisher has every ack."""
+        self.thread.join(timeout=self.seconds + 180)
+        assert self.acked, "publisher did not get every ack"
+        return self.sent
+
+
+def per_series(pipeline: "TestPipeline", table: str, tenant: str, time_column: str, since_ms: int = 0,
+               where: str = "") -> dict[tuple[str, str], int]:
+    """(device_id, metric) -> rows of ``table`` (FINAL) whose ``time_column`` is ``since_ms`` or later."""
+    rows = pipeline.query(f"SELECT device_id, metric, count() AS n FROM {{db}}.{table} FINAL WHERE tenant = '{tenant}' "
+                          f"AND toUnixTimestamp64Milli({time_column}) >= {since_ms} {where} "
+                          "GROUP BY device_id, metric").to_pydict()
+    return {(d, m): n for d, m, n in zip(rows["device_id"], rows["metric"], rows["n"])}
+
+
+def check_every_series_produced(pipeline: "TestPipeline", tenant: str, series: set[tuple[str, str]],
+                                since_ms: int = 0, timeout_s: float = 30) -> None:
+    """Every series has readings, windows (of ``predict.window_s``), predictions and a raised ``stuck``
+    alarm from ``since_ms`` on (``SeriesTraffic`` values are flat by then): each stage produced for it."""
+    w = pipeline.cfg.predict.window_s
+    outputs = {"readings": ("readings", "ts", ""), "windows": ("windows", "window_end_at", f"AND window_s = {w}"),
+               "predictions": ("predictions", "window_end_at", f"AND window_s = {w}"),
+               "stuck alarms": ("alerts", "ts", "AND rule = 'stuck' AND transition IN ('raised', 'reraised')")}
+
+    def check() -> None:
+        for name, (table, column, where) in outputs.items():
+            missing = series - set(per_series(pipeline, table, tenant, column, since_ms, where))
+            assert not missing, f"no {name} from {since_ms} on for {sorted(missing)}"
+
+    eventually(check, timeout_s)
+
+
 class TestPipeline:
     """Stage processes under a Supervisor plus a verifying webhook receiver."""
 
@@ -129,7 +220,11 @@ class TestPipeline:
         return log.read_text(errors="replace") if log.exists() else ""
 
     def query(self, sql: str) -> pa.Table:
-        return open_reader(self.cfg).query(sql.replace("{db}", self.cfg.clickhouse.database))
+        store = open_reader(self.cfg)
+        sql = sql.replace("{db}", self.cfg.clickhouse.database)
+        if getattr(store, "dialect", tables.MODERN) == tables.LEGACY:  # an old server: times are Int64 ms columns
+            sql = MILLIS.sub(lambda m: tables.legacy_ms_name(m[1]), sql)
+        return store.query(sql)
 
     def count(self, sql: str) -> int:
         return int(self.query(sql).column(0)[0].as_py())
@@ -148,11 +243,11 @@ class TestPipeline:
         return last
 
     def account(self, tenant: str, published: set[Identity], extra_rejects: int = 0,
-                timeout_s: float = 90) -> ReadingLedger:
-        """Wait for the tenant's readings, then hold every published reading, every closed window of
-        ``predict.window_s``, its prediction and every alarm event to account by identity
+                timeout_s: float = 90, wait_s: float = 180) -> ReadingLedger:
+        """Wait (up to ``wait_s``) for the tenant's readings, then hold every published reading, every
+        closed window of ``predict.window_s``, its prediction and every alarm event to account by identity
         (``tests.accounting``), retried until outputs settle or ``timeout_s``; the logs on failure."""
-        self.wait_stored(tenant, len(published) + extra_rejects)
+        self.wait_stored(tenant, len(published) + extra_rejects, timeout=wait_s)
         w, lateness_ms = self.cfg.predict.window_s, int(self.cfg.clean.allowed_lateness_s * 1000)
 
         def check() -> ReadingLedger:

@@ -221,10 +221,11 @@ def _legacy_type(col: Column) -> str:
 
 def time_expr(column: str, dialect: str) -> str:
     """SQL for a time column as a DateTime value in ``dialect`` (legacy stores Int64 ms)."""
-    return column if dialect == MODERN else f"toDateTime(intDiv({_legacy_ms_name(column)}, 1000), 'UTC')"
+    return column if dialect == MODERN else f"toDateTime(intDiv({legacy_ms_name(column)}, 1000), 'UTC')"
 
 
-def _legacy_ms_name(column: str) -> str:
+def legacy_ms_name(column: str) -> str:
+    """The Int64 millisecond column that stands for time column ``column`` in the legacy dialect."""
     return "ts_ms" if column == "ts" else column[:-3] + "_ms" if column.endswith("_at") else column + "_ms"
 
 
@@ -234,7 +235,7 @@ def column_ddl(col: Column, dialect: str) -> list[str]:
         default = f" DEFAULT {col.default}" if col.default else ""
         return [f"`{col.name}` {col.type}{default} {col.codec}".rstrip()]
     if col.is_time and not col.default:
-        ms = _legacy_ms_name(col.name)
+        ms = legacy_ms_name(col.name)
         return [f"`{ms}` Int64", f"`{col.name}` DateTime('UTC') ALIAS {time_expr(col.name, LEGACY)}"]
     if col.is_time:
         return [f"`{col.name}` DateTime('UTC') DEFAULT {col.legacy_default}"]
@@ -248,14 +249,14 @@ def stored_columns(spec: TableSpec, dialect: str) -> list[tuple[str, str]]:
         if col.default:
             continue
         if dialect == LEGACY and col.is_time:
-            out.append((_legacy_ms_name(col.name), "Int64"))
+            out.append((legacy_ms_name(col.name), "Int64"))
         else:
             out.append((col.name, col.type if dialect == MODERN else _legacy_type(col)))
     return out
 
 
 def _key(spec: TableSpec, dialect: str) -> str:
-    cols = [_legacy_ms_name(name) if dialect == LEGACY and column_for_name(spec, name).is_time else name
+    cols = [legacy_ms_name(name) if dialect == LEGACY and column_for_name(spec, name).is_time else name
             for name in spec.order_by]
     return ", ".join(f"`{c}`" for c in cols)
 
