@@ -7,7 +7,9 @@ each value is one Arrow IPC micro-batch from ``aimass.core.contract``.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import threading
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -15,6 +17,8 @@ import faust
 
 from aimass.core.config import Config
 from aimass.core import contract
+
+CRASH_EXIT_S = 20.0  # a crashed stage's shutdown takes ~1 s; past this it hangs and the process exits anyway
 
 
 class StageApp(faust.App):
@@ -34,6 +38,20 @@ class StageApp(faust.App):
             except Exception:  # noqa: BLE001 - stopping must go on; replay covers what was not committed
                 logging.getLogger(__name__).exception("stop hook %r failed", hook)
         await super().on_stop()
+
+    async def crash(self, reason: BaseException) -> None:
+        """Crash as Faust does, and exit the process if that shutdown hangs (seen after a send the
+        broker refused while the worker replayed): a stage neither running nor gone is never restarted."""
+        timer = threading.Timer(CRASH_EXIT_S, _exit_after_hung_crash, (reason,))
+        timer.daemon = True
+        timer.start()
+        await super().crash(reason)
+
+
+def _exit_after_hung_crash(reason: BaseException) -> None:
+    logging.getLogger(__name__).critical("crashed (%r) and still not stopped after %.0f s: exiting", reason,
+                                         CRASH_EXIT_S)
+    os._exit(70)
 
 
 def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:

@@ -11,18 +11,19 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from aimass.core import contract
 from aimass.core.procs import free_port
-from aimass.core.stack import start_mosquitto, stop_server
+from aimass.core.stack import create_topics, start_kafka, start_mosquitto, stop_server
 from aimass.streams.bridge import Bridge, Flush, Record
-from aimass.streams.kafka import TableProducer, consumer_config
+from aimass.streams.kafka import TableProducer, consumer_config, producer_config
 from aimass.streams.mqtt import PacketSplitter, encode_varint
 from aimass.streams.payloads import encode_senml
 from aimass.streams.replay import DeliveryFailed, ReplayedPartitions
 from tests.fixtures_ingest import BridgeProcess, isolate, read_records, rows_of
 from tests.fixtures_stream import T0, synthetic
+from tests.fixtures_store import wait_for
 
 MIB = 1024 * 1024
 
@@ -367,3 +368,74 @@ def test_worker_splits_clean_records_and_windows_every_part(cfg, tmp_path):
     want = sorted(zip(*(expected[c].to_pylist() for c in key)))
     assert [g[:3] for g in got] == [w[:3] for w in want]
     assert [g[3] for g in got] == pytest.approx([w[3] for w in want])
+
+
+# --- a record the broker itself refuses: the worker commits nothing past it -------------
+
+# Every record of the late topic must be a JSON object: the broker refuses Arrow records there (INVALID_RECORD).
+REFUSE_ALL = '{"type": "object", "properties": {"value": {"type": "object"}}}'
+
+
+def committed_offset(cfg, group: str, topic: contract.Topic, partition: int) -> int:
+    """The offset ``group`` committed on ``topic``'s ``partition`` (-1001 when none)."""
+    consumer = Consumer(consumer_config(cfg, group))
+    try:
+        return consumer.committed([TopicPartition(topic.name(cfg.kafka.topic_prefix), partition)], timeout=10)[0].offset
+    finally:
+        consumer.close()
+
+
+@pytest.mark.timeout(240)
+def test_worker_commits_nothing_past_a_send_the_broker_refused(tmp_path):
+    """The broker refuses every record of the late topic (its schema registry: INVALID_RECORD, a real
+    refusal that does not change). The worker commits the raw records it delivered the outputs of,
+    then sends one late reading there: neither its restart offset nor its emitted-through marker
+    passes that raw record, and a restarted worker stops at it again, so the refused reading and
+    every one after it stay uncommitted, to be replayed once the broker takes them."""
+    from tests.conftest import make_config
+    from tests.fixtures_stream import consume, rows_of as table_of, start_worker, stop_worker
+
+    cfg = make_config(tmp_path)
+    broker = start_kafka(tmp_path, free_port(), schemas={contract.LATE.name(cfg.kafka.topic_prefix): REFUSE_ALL})
+    workers = []
+    try:
+        cfg.kafka.bootstrap = f"127.0.0.1:{broker.ports['kafka']}"
+        create_topics(cfg)
+        readings = synthetic(devices=1, seconds=120, metrics=("temp",))
+        before, after = readings.slice(0, 60), readings.slice(60)
+        late = readings.slice(0, 1).set_column(3, "ts_ms", pa.array([T0 - 600_000], pa.int64()))
+        partition = contract.partition_for("acme", "dev0000", cfg.kafka.partitions)
+        group = f"{cfg.kafka.topic_prefix}-worker"
+
+        def produce(table: pa.Table) -> None:
+            producer = Producer(producer_config(cfg))
+            producer.produce(contract.RAW.name(cfg.kafka.topic_prefix), contract.encode(table, contract.READINGS),
+                             partition=partition)
+            assert producer.flush(30) == 0
+
+        def offsets() -> tuple[int, int]:
+            return (committed_offset(cfg, group, contract.RAW, partition),
+                    committed_offset(cfg, f"{group}-clean-emitted", contract.RAW, partition))
+
+        produce(before)  # offset 0
+        workers.append(start_worker(cfg, tmp_path / "worker.log"))
+        # the emitted-through marker passes the first record; the restart offset may stay on it (dedup state)
+        first = wait_for(lambda: (o := offsets())[1] == 1 and o, 60, "the worker to commit the first raw record")
+        produce(late)    # offset 1: its late reading goes to the refusing topic
+        produce(after)   # offset 2
+        late_topic = contract.LATE.name(cfg.kafka.topic_prefix)
+        for log in (tmp_path / "worker.log", tmp_path / "worker-2.log"):
+            if not workers:  # a peer takes over: it replays from the commit and stops at the same record
+                workers.append(start_worker(cfg, log))
+            assert workers[-1].wait(timeout=90) != 0, "the worker went on past a send the broker refused"
+            text = log.read_text(errors="replace")
+            assert f"topic {late_topic} error" in text and "not delivered" in text, text[-3000:]
+            assert offsets() == first, text[-3000:]
+            workers.pop()
+        clean = table_of(consume(cfg, contract.CLEAN, idle_s=2, timeout_s=30), contract.READINGS)
+        assert set(identities(before)) <= set(identities(clean))  # delivered before the refusal
+        assert not set(identities(late)) & set(identities(clean))
+    finally:
+        for w in workers:
+            stop_worker(w)
+        stop_server(broker)

