@@ -120,7 +120,9 @@ class SeriesTraffic:
         self.acked = False
         self._stuck = threading.Event()
         if stuck_after_s is not None:
-            threading.Timer(stuck_after_s, self.stick).start()
+            timer = threading.Timer(stuck_after_s, self.stick)
+            timer.daemon = True
+            timer.start()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
