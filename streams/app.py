@@ -37,7 +37,7 @@ class StageApp(faust.App):
 
 
 def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
-    """A Faust app for ``stage``: at-least-once, local-broker-safe timeouts (INFRA.md)."""
+    """A Faust app for ``stage``: at-least-once, local-broker-safe timeouts (docs/infrastructure.md)."""
     k = cfg.kafka
     _cap_fetch_wait(k.fetch_max_wait_ms)
     brokers = ";".join(f"kafka://{b}" for b in k.bootstrap.split(","))
