@@ -293,3 +293,88 @@ def test_shipped_mosquitto_config_caps_packets_like_the_bridge() -> None:
     conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
     assert re.findall(r"^max_packet_size (\d+)$", conf, re.M) == [str(Config().bridge.max_packet_bytes)]
     assert re.findall(r"^allow_anonymous (\w+)$", conf, re.M) == ["false"]
+
+
+# --- MQTT users against the shipped ACL ---------------------------------------------------------
+
+def acl_grants(acl: str, user: str, access: str, topic: str) -> bool:
+    """True if Mosquitto's ``acl_file`` text lets ``user`` ``access`` (read / write) ``topic``.
+
+    ``topic`` may be a subscription filter: an ACL ``+`` / ``#`` covers the same wildcard in it, as
+    Mosquitto checks a SUBSCRIBE filter against the ACL patterns. ``pattern`` lines apply to
+    every user with ``%u`` replaced."""
+    current, grants = None, []
+    for line in acl.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            current = words[1]
+        elif words[0] in ("topic", "pattern"):
+            mode, pattern = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
+            if words[0] == "pattern":
+                grants.append((mode, pattern.replace("%u", user)))
+            elif current == user:
+                grants.append((mode, pattern))
+    return any(access in mode and _covers(pattern, topic) for mode, pattern in grants)
+
+
+def _covers(pattern: str, topic: str) -> bool:
+    p, t = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(p):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+def mqtt_logins() -> list[tuple[str, str, str]]:
+    """(where, aimass command, MQTT username) of every container that logs in to Mosquitto, in
+    every compose file and Kubernetes manifest under deploy/."""
+    found = []
+    for path in sorted(DEPLOY.glob("compose*.yaml")):
+        for name, svc in (yaml.safe_load(path.read_text()).get("services") or {}).items():
+            env, command = svc.get("environment") or {}, svc.get("command") or []
+            if "AIMASS_MQTT_USERNAME" in env and command:
+                found.append((f"{path.name}:{name}", command[0], _resolve(str(env["AIMASS_MQTT_USERNAME"]))))
+    for name, spec in pod_specs().items():
+        for c in containers(spec):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if env.get("AIMASS_MQTT_USERNAME"):
+                found.append((f"k8s:{name}", c["args"][0], env["AIMASS_MQTT_USERNAME"]))
+    return found
+
+
+def needed_access(command: str) -> list[tuple[str, str]]:
+    """(access, topic) an aimass command needs from the broker with the default topic patterns."""
+    from aimass.streams.bridge import plain_filters
+
+    if command == "bridge":
+        return [("read", f) for f in plain_filters(Config())]
+    if command in ("simulate", "replay"):
+        device = {"tenant": "acme", "device_id": "pump-0042"}
+        return [("write", Config().mqtt.topic_pattern.format(**device)),
+                ("write", Config().mqtt.labels_pattern.format(**device))]
+    raise AssertionError(f"unexpected MQTT client {command!r}: say what it needs in needed_access()")
+
+
+def test_acl_check_reads_mosquitto_semantics() -> None:
+    acl = "user a\ntopic read x/+/t\nuser b\ntopic write x/#\npattern write d/%u/t\n"
+    assert acl_grants(acl, "a", "read", "x/+/t") and acl_grants(acl, "a", "read", "x/1/t")
+    assert not acl_grants(acl, "a", "write", "x/1/t") and not acl_grants(acl, "a", "read", "x/1/t/u")
+    assert acl_grants(acl, "b", "write", "x/1/t") and not acl_grants(acl, "b", "read", "x/1/t")
+    assert acl_grants(acl, "z", "write", "d/z/t") and not acl_grants(acl, "z", "write", "d/y/t")
+
+
+def test_every_mqtt_login_has_the_acl_entries_it_needs() -> None:
+    """The bridge of compose and K8s reads telemetry and labels, the simulator publishes them, with
+    the usernames the shipped ACL grants (else Mosquitto refuses the subscription silently)."""
+    acl = (DEPLOY / "mosquitto" / "acl").read_text()
+    logins = mqtt_logins()
+    assert {cmd for _, cmd, _ in logins} >= {"bridge", "simulate"}
+    assert any(where.startswith("k8s:") for where, _, _ in logins)
+    refused = [f"{where} logs in as {user!r} for `aimass {cmd}` but the ACL does not grant {access} {topic}"
+               for where, cmd, user in logins for access, topic in needed_access(cmd)
+               if not acl_grants(acl, user, access, topic)]
+    assert not refused, "\n".join(refused)
