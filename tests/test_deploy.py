@@ -52,7 +52,9 @@ def topics_in_script(script: str) -> dict[str, int]:
 # --- compose -----------------------------------------------------------------------
 
 def aimass_services() -> dict[str, dict]:
-    return {name: svc for name, svc in COMPOSE["services"].items() if svc.get("image", "").startswith("aimass:")}
+    """Services that run an `aimass` command (not the image with another entrypoint, e.g. models-init)."""
+    return {name: svc for name, svc in COMPOSE["services"].items()
+            if svc.get("image", "").startswith("aimass:") and "entrypoint" not in svc}
 
 
 def compose_validator() -> jsonschema.Validator:
@@ -112,9 +114,21 @@ def test_compose_triton_is_nvidia_image_on_a_gpu_with_the_repo_mounted() -> None
     triton = COMPOSE["services"]["triton"]
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] for d in devices)
-    assert "../triton_repo:/models:ro" in triton["volumes"]
+    assert triton["volumes"] == ["triton-models:/models"]  # writable: the model loop adds versions
+    assert "--model-control-mode=explicit" in triton["command"] and "--load-model=*" in triton["command"]
     dockerfile = DEPLOY / triton["build"]["context"] / triton["build"]["dockerfile"]
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:[\d.]+-py3$", dockerfile.read_text(), re.M)
+
+
+def test_compose_model_loop_trains_into_the_store_triton_serves() -> None:
+    svc = COMPOSE["services"]
+    init, train = svc["models-init"], svc["train"]
+    assert {"../triton_repo:/seed:ro", "triton-models:/models"} == set(init["volumes"])
+    assert svc["triton"]["depends_on"]["models-init"]["condition"] == "service_completed_successfully"
+    assert train["command"][0] in COMMANDS and train["command"] == ["train", "--from-store"]
+    assert train["profiles"] == ["train"] and train["volumes"] == ["triton-models:/models"]
+    assert train["environment"]["AIMASS_TRITON_MODEL_REPOSITORY"] == "/models"
+    load_config(env={k: _resolve(str(v)) for k, v in train["environment"].items()})
 
 
 def test_compose_wires_kafka_kraft_grafana_mosquitto_clickhouse() -> None:
@@ -162,8 +176,11 @@ def kinds(kind: str) -> dict[str, dict]:
 
 def pod_specs() -> dict[str, dict]:
     """Pod specs of every workload, by workload name."""
-    return {doc["metadata"]["name"]: doc["spec"]["template"]["spec"] for _, doc in K8S
-            if doc["kind"] in ("Deployment", "StatefulSet", "Job")}
+    specs = {doc["metadata"]["name"]: doc["spec"]["template"]["spec"] for _, doc in K8S
+             if doc["kind"] in ("Deployment", "StatefulSet", "Job")}
+    specs.update({doc["metadata"]["name"]: doc["spec"]["jobTemplate"]["spec"]["template"]["spec"] for _, doc in K8S
+                  if doc["kind"] == "CronJob"})
+    return specs
 
 
 def containers(spec: dict) -> list[dict]:
@@ -217,9 +234,22 @@ def test_k8s_triton_gets_a_gpu_and_the_model_volume() -> None:
     spec = pod_specs()["triton"]
     (c,) = spec["containers"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert any(m["mountPath"] == "/models" for m in c["volumeMounts"])
-    assert "--model-repository=/models" in c["args"]
-    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "triton-models" for v in spec["volumes"])
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]  # writable: the model loop
+    assert {"--model-repository=/models", "--model-control-mode=explicit", "--load-model=*"} <= set(c["args"])
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "triton-models"}} in spec["volumes"]
+    assert kinds("PersistentVolumeClaim")["triton-models"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_k8s_train_cronjob_trains_from_the_store_into_the_model_store() -> None:
+    cron = kinds("CronJob")["train"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    spec = pod_specs()["train"]
+    (c,) = spec["containers"]
+    assert c["args"] == ["train", "--from-store"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AIMASS_TRITON_MODEL_REPOSITORY"]["value"] == "/models"
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "triton-models"}} in spec["volumes"]
 
 
 def test_k8s_scale_out_shape() -> None:
