@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Built from pieces so this file does not match itself.
-OUTSIDE = re.compile("INFRA" + r"\.md|\.\./" + "shared/|(?<![\\w$])" + "shared/INFRA")
+OUTSIDE = re.compile("INFRA" + r"\.md|\.\./" + "shared/")
 CITED_DOC = re.compile(r"\bdocs/[\w.-]+\.md\b")
 
 
