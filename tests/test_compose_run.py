@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,7 +63,7 @@ def require_containers() -> None:
     if missing:
         pytest.fail(f"this test runs the deployment in containers and needs {', '.join(missing)}: run "
                     f"scripts/setup.sh (apt-get install podman podman-compose debootstrap runc)", pytrace=False)
-    for port in (1883, 8080):  # compose.yaml publishes Mosquitto and the alarm API on these host ports
+    for port in (1883, 8080, 9090):  # compose.yaml publishes Mosquitto, the alarm API, Prometheus there
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.fail(f"host port {port} is taken: compose.yaml publishes it; stop what listens there",
@@ -184,7 +185,8 @@ def deployment(tmp_path_factory):
         d.compose("up", "-d", "kafka-topics")
         assert d.podman("wait", d.name("kafka-topics_1"), timeout=120).strip() == "0", d.logs("kafka-topics_1")
         d.compose("up", "-d", *sorted({c.rsplit("_", 1)[0] for c in STAGES}))
-        for c in STAGES:
+        d.compose("up", "-d", "prometheus")
+        for c in (*STAGES, "prometheus_1"):
             assert d.state(c)["Running"], f"{c} is not running:\n{d.logs(c)}"
         print(f"deployment up in {time.monotonic() - t0:.0f}s")
         os.environ["AIMASS_SIMULATOR_MQTT_PASSWORD"] = passwords["AIMASS_SIMULATOR_MQTT_PASSWORD"]
@@ -300,6 +302,32 @@ def test_model_loop_trains_versions_into_the_store_and_triton_loads_them(deploym
     assert models_live(d)["forecaster"][1] == 3
     eventually(lambda: _assert_equal(served(d)["forecaster"], 3), 60)
     print(f"model loop in {time.monotonic() - t0:.0f}s")
+
+
+def test_prometheus_scrapes_every_stage_and_loads_the_pipeline_alerts(deployment):
+    """The shipped prometheus.yml reaches every stage's metrics port (both workers through DNS) and
+    Triton's, and evaluates alerts.yml without an error."""
+    def api(path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:9090/api/v1/{path}", timeout=10) as r:
+            return json.loads(r.read())["data"]
+
+    def scraped() -> None:
+        targets = api("targets")["activeTargets"]
+        up = sorted((t["labels"]["job"], t["health"]) for t in targets)
+        assert up == sorted([("bridge", "up")] * 2 + [("worker", "up")] * 2 + [(job, "up") for job in
+                            ("predict", "alerter", "sink", "triton")]), [(t["scrapeUrl"], t["health"],
+                                                                         t["lastError"]) for t in targets]
+
+    eventually(scraped, 90, every_s=3)
+    groups = {g["name"]: g for g in api("rules")["groups"]}
+    rules = groups["aimass-pipeline"]["rules"]
+    assert {r["name"] for r in rules} == {r["alert"] for g in yaml.safe_load(
+        (DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    assert all(r["health"] in ("ok", "unknown") and not r.get("lastError") for r in rules), rules
+    firing = [a for a in api("alerts")["alerts"] if a["labels"]["alertname"] == "AimassStageDown"]
+    assert not firing, firing
+    for name in ("aimass_predict_breaker_open", "aimass_sink_retries_total", "aimass_bridge_messages_total"):
+        assert api(f"query?query={name}")["result"], f"{name} is not scraped"
 
 
 def models_live(d: Deployment) -> dict[str, tuple[list[int], int]]:
