@@ -194,6 +194,9 @@ def deployment(tmp_path_factory):
     finally:
         os.environ.pop("AIMASS_SIMULATOR_MQTT_PASSWORD", None)
         d.compose("down", "-v", "-t", "2", timeout=180)
+        # The images' anonymous VOLUMEs outlive `down -v` in podman-compose 1.0.3; the image store is
+        # this checkout's own (deploy/local/podman-local), so pruning touches nothing else.
+        d.podman("volume", "prune", "-f", timeout=120, check=False)
 
 
 def publisher_config() -> Config:
