@@ -37,6 +37,8 @@ class WebhookReceiver:
     secret: str
     port: int
     path: str = "/aimass/alerts"
+    host: str = "127.0.0.1"
+    echo: bool = False  # print each verified event as one JSON line on stdout (the standalone receiver)
     tolerance_s: float = 300.0  # how far a request's timestamp may be from this clock
     keep_s: float = 86400.0     # how long keys acted on are remembered (never less than 2 x tolerance_s)
     events: list[dict] = field(default_factory=list)
@@ -59,7 +61,10 @@ class WebhookReceiver:
             self.duplicates += 1  # already acted on (a retry or a replay): acknowledge, do nothing
             return web.Response(text="duplicate")
         self.notifications[key] = now
-        self.events.extend(json.loads(body)["events"])
+        events = json.loads(body)["events"]
+        self.events.extend(events)
+        if self.echo:
+            print("\n".join(json.dumps(e, sort_keys=True) for e in events), flush=True)
         return web.Response(text="ok")
 
     def forget(self, now: float) -> None:
@@ -76,7 +81,7 @@ class WebhookReceiver:
             app.router.add_post(self.path, self._handle)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+            await web.TCPSite(self._runner, self.host, self.port).start()
             ready.set()
 
         self._loop = asyncio.new_event_loop()
@@ -95,4 +100,29 @@ class WebhookReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return f"http://{self.host}:{self.port}{self.path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aimass.receiver``: serve until killed, one JSON line per verified alarm event on stdout.
+
+    The secret comes from $AIMASS_WEBHOOK_SECRET only (the local container run, deploy/local/)."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m aimass.receiver", description=main.__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8099, help="port to listen on (default 8099)")
+    p.add_argument("--path", default="/aimass/alerts", help="URL path of the webhook (default /aimass/alerts)")
+    args = p.parse_args(argv)
+    secret = os.environ.get("AIMASS_WEBHOOK_SECRET", "")
+    if not secret:
+        p.error("set AIMASS_WEBHOOK_SECRET to the alerter's webhook secret")
+    WebhookReceiver(secret, args.port, args.path, host=args.host, echo=True).start()
+    print(f"receiving alarm webhooks on http://{args.host}:{args.port}{args.path}", flush=True)
+    threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -511,7 +511,7 @@ def run_baseline(cfg: Config, kind: str, readings: int, publishers: int, limit_s
     admin = AdminClient(kafka_client_config(cfg))
     for fut in admin.create_topics([NewTopic(topic, cfg.kafka.partitions, 1, config={
             "retention.ms": "604800000", "retention.bytes": "-1"})]).values():
-        fut.result()  # Quix needs retention configs set at creation on this broker (INFRA.md)
+        fut.result()  # Quix needs retention configs set at creation on this broker (docs/infrastructure.md)
     create_session(cfg, f"{kind}-forwarder")
     say(f"{kind}: queueing {readings:,d} readings ...")
     pub = publish(cfg, kind, readings, publishers)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what AI Mass needs on a fresh Debian/Ubuntu machine: system packages (mosquitto,
-# Debian's clickhouse-server for the native-protocol tests) and a Python venv in .venv.
+# Debian's clickhouse-server for the native-protocol tests, podman for the container run) and a Python venv in .venv.
 # Sourced by scripts/demo and scripts/test; safe to run again (skips what is there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,11 +11,27 @@ need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 [ -x /usr/sbin/clickhouse-server ] || [ -x /usr/bin/clickhouse-server ] || need+=(clickhouse-server)
+# The shipped compose deployment runs in containers in tests/test_compose_run.py (deploy/local/).
+for tool in podman podman-compose debootstrap runc; do command -v $tool >/dev/null 2>&1 || need+=($tool); done
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing system packages: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# promtool / amtool check the shipped Prometheus rules and Alertmanager config
+# (tests/test_prometheus_rules.py): unpacked from Debian's packages into .cache/tools, not
+# installed (the packages would start daemons).
+if [ ! -x .cache/tools/bin/promtool ] || [ ! -x .cache/tools/bin/amtool ]; then
+  echo "==> unpacking promtool and amtool into .cache/tools"
+  mkdir -p .cache/tools/debs .cache/tools/bin
+  (cd .cache/tools/debs && { apt-get download prometheus prometheus-alertmanager >/dev/null 2>&1 \
+    || { $SUDO apt-get update -qq && apt-get download prometheus prometheus-alertmanager >/dev/null; }; })
+  for deb in .cache/tools/debs/*.deb; do dpkg-deb -x "$deb" .cache/tools/root; done
+  ln -sf ../root/usr/bin/promtool .cache/tools/bin/promtool
+  ln -sf ../root/usr/bin/amtool .cache/tools/bin/amtool
+  rm -rf .cache/tools/debs
 fi
 
 PY=${PYTHON:-python3}

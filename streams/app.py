@@ -55,7 +55,7 @@ def _exit_after_hung_crash(reason: BaseException) -> None:
 
 
 def make_app(cfg: Config, stage: str, web_port: int | None = None) -> faust.App:
-    """A Faust app for ``stage``: at-least-once, local-broker-safe timeouts (INFRA.md)."""
+    """A Faust app for ``stage``: at-least-once, local-broker-safe timeouts (docs/infrastructure.md)."""
     k = cfg.kafka
     _cap_fetch_wait(k.fetch_max_wait_ms)
     brokers = ";".join(f"kafka://{b}" for b in k.bootstrap.split(","))

@@ -60,7 +60,7 @@ def producer_config(cfg: Config, **overrides) -> dict:
         "message.max.bytes": cfg.kafka.max_record_bytes,
         "queue.buffering.max.kbytes": 1024 * 1024,
         "delivery.timeout.ms": 120000,
-        # Keys Faust must co-partition are hashed like Faust/aiokafka (INFRA.md).
+        # Keys Faust must co-partition are hashed like Faust/aiokafka (docs/infrastructure.md).
         "partitioner": "murmur2_random",
     })
     conf.update(overrides)
@@ -72,7 +72,7 @@ def consumer_config(cfg: Config, group_id: str, **overrides) -> dict:
     conf = kafka_client_config(cfg)
     conf.update({
         "group.id": group_id,
-        # The local broker's end offsets are wrong (INFRA.md): never start from "latest".
+        # The local broker's end offsets are wrong (docs/infrastructure.md): never start from "latest".
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,

@@ -37,7 +37,7 @@ class PacketSplitter:
     Every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, failed acks, packets with no handler
     set, a malformed PUBLISH such as QoS 3, which paho answers by closing the connection, ...)
     is returned, in order, for paho. paho's receive path costs tens of microseconds per packet
-    (INFRA.md); this one a few. A packet cut at the end of a read waits for the rest: the reads
+    (docs/infrastructure.md); this one a few. A packet cut at the end of a read waits for the rest: the reads
     are kept as a list and joined once the packet is complete, so a large packet costs time
     linear in its size. Unless its header already says it is longer than ``max_packet`` (bytes,
     0 = no limit): then ``PacketTooLarge`` is raised before any of it is buffered.

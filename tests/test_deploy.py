@@ -52,7 +52,9 @@ def topics_in_script(script: str) -> dict[str, int]:
 # --- compose -----------------------------------------------------------------------
 
 def aimass_services() -> dict[str, dict]:
-    return {name: svc for name, svc in COMPOSE["services"].items() if svc.get("image", "").startswith("aimass:")}
+    """Services that run an `aimass` command (not the image with another entrypoint, e.g. models-init)."""
+    return {name: svc for name, svc in COMPOSE["services"].items()
+            if svc.get("image", "").startswith("aimass:") and "entrypoint" not in svc}
 
 
 def compose_validator() -> jsonschema.Validator:
@@ -112,9 +114,21 @@ def test_compose_triton_is_nvidia_image_on_a_gpu_with_the_repo_mounted() -> None
     triton = COMPOSE["services"]["triton"]
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] for d in devices)
-    assert "../triton_repo:/models:ro" in triton["volumes"]
+    assert triton["volumes"] == ["triton-models:/models"]  # writable: the model loop adds versions
+    assert "--model-control-mode=explicit" in triton["command"] and "--load-model=*" in triton["command"]
     dockerfile = DEPLOY / triton["build"]["context"] / triton["build"]["dockerfile"]
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:[\d.]+-py3$", dockerfile.read_text(), re.M)
+
+
+def test_compose_model_loop_trains_into_the_store_triton_serves() -> None:
+    svc = COMPOSE["services"]
+    init, train = svc["models-init"], svc["train"]
+    assert {"../triton_repo:/seed:ro", "triton-models:/models"} == set(init["volumes"])
+    assert svc["triton"]["depends_on"]["models-init"]["condition"] == "service_completed_successfully"
+    assert train["command"][0] in COMMANDS and train["command"] == ["train", "--from-store"]
+    assert train["profiles"] == ["train"] and train["volumes"] == ["triton-models:/models"]
+    assert train["environment"]["AIMASS_TRITON_MODEL_REPOSITORY"] == "/models"
+    load_config(env={k: _resolve(str(v)) for k, v in train["environment"].items()})
 
 
 def test_compose_wires_kafka_kraft_grafana_mosquitto_clickhouse() -> None:
@@ -162,8 +176,11 @@ def kinds(kind: str) -> dict[str, dict]:
 
 def pod_specs() -> dict[str, dict]:
     """Pod specs of every workload, by workload name."""
-    return {doc["metadata"]["name"]: doc["spec"]["template"]["spec"] for _, doc in K8S
-            if doc["kind"] in ("Deployment", "StatefulSet", "Job")}
+    specs = {doc["metadata"]["name"]: doc["spec"]["template"]["spec"] for _, doc in K8S
+             if doc["kind"] in ("Deployment", "StatefulSet", "Job")}
+    specs.update({doc["metadata"]["name"]: doc["spec"]["jobTemplate"]["spec"]["template"]["spec"] for _, doc in K8S
+                  if doc["kind"] == "CronJob"})
+    return specs
 
 
 def containers(spec: dict) -> list[dict]:
@@ -217,9 +234,22 @@ def test_k8s_triton_gets_a_gpu_and_the_model_volume() -> None:
     spec = pod_specs()["triton"]
     (c,) = spec["containers"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert any(m["mountPath"] == "/models" for m in c["volumeMounts"])
-    assert "--model-repository=/models" in c["args"]
-    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "triton-models" for v in spec["volumes"])
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]  # writable: the model loop
+    assert {"--model-repository=/models", "--model-control-mode=explicit", "--load-model=*"} <= set(c["args"])
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "triton-models"}} in spec["volumes"]
+    assert kinds("PersistentVolumeClaim")["triton-models"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_k8s_train_cronjob_trains_from_the_store_into_the_model_store() -> None:
+    cron = kinds("CronJob")["train"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    spec = pod_specs()["train"]
+    (c,) = spec["containers"]
+    assert c["args"] == ["train", "--from-store"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AIMASS_TRITON_MODEL_REPOSITORY"]["value"] == "/models"
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "triton-models"}} in spec["volumes"]
 
 
 def test_k8s_scale_out_shape() -> None:
@@ -293,3 +323,88 @@ def test_shipped_mosquitto_config_caps_packets_like_the_bridge() -> None:
     conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
     assert re.findall(r"^max_packet_size (\d+)$", conf, re.M) == [str(Config().bridge.max_packet_bytes)]
     assert re.findall(r"^allow_anonymous (\w+)$", conf, re.M) == ["false"]
+
+
+# --- MQTT users against the shipped ACL ---------------------------------------------------------
+
+def acl_grants(acl: str, user: str, access: str, topic: str) -> bool:
+    """True if Mosquitto's ``acl_file`` text lets ``user`` ``access`` (read / write) ``topic``.
+
+    ``topic`` may be a subscription filter: an ACL ``+`` / ``#`` covers the same wildcard in it, as
+    Mosquitto checks a SUBSCRIBE filter against the ACL patterns. ``pattern`` lines apply to
+    every user with ``%u`` replaced."""
+    current, grants = None, []
+    for line in acl.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            current = words[1]
+        elif words[0] in ("topic", "pattern"):
+            mode, pattern = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
+            if words[0] == "pattern":
+                grants.append((mode, pattern.replace("%u", user)))
+            elif current == user:
+                grants.append((mode, pattern))
+    return any(access in mode and _covers(pattern, topic) for mode, pattern in grants)
+
+
+def _covers(pattern: str, topic: str) -> bool:
+    p, t = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(p):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+def mqtt_logins() -> list[tuple[str, str, str]]:
+    """(where, aimass command, MQTT username) of every container that logs in to Mosquitto, in
+    every compose file and Kubernetes manifest under deploy/."""
+    found = []
+    for path in sorted(DEPLOY.glob("compose*.yaml")):
+        for name, svc in (yaml.safe_load(path.read_text()).get("services") or {}).items():
+            env, command = svc.get("environment") or {}, svc.get("command") or []
+            if "AIMASS_MQTT_USERNAME" in env and command:
+                found.append((f"{path.name}:{name}", command[0], _resolve(str(env["AIMASS_MQTT_USERNAME"]))))
+    for name, spec in pod_specs().items():
+        for c in containers(spec):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if env.get("AIMASS_MQTT_USERNAME"):
+                found.append((f"k8s:{name}", c["args"][0], env["AIMASS_MQTT_USERNAME"]))
+    return found
+
+
+def needed_access(command: str) -> list[tuple[str, str]]:
+    """(access, topic) an aimass command needs from the broker with the default topic patterns."""
+    from aimass.streams.bridge import plain_filters
+
+    if command == "bridge":
+        return [("read", f) for f in plain_filters(Config())]
+    if command in ("simulate", "replay"):
+        device = {"tenant": "acme", "device_id": "pump-0042"}
+        return [("write", Config().mqtt.topic_pattern.format(**device)),
+                ("write", Config().mqtt.labels_pattern.format(**device))]
+    raise AssertionError(f"unexpected MQTT client {command!r}: say what it needs in needed_access()")
+
+
+def test_acl_check_reads_mosquitto_semantics() -> None:
+    acl = "user a\ntopic read x/+/t\nuser b\ntopic write x/#\npattern write d/%u/t\n"
+    assert acl_grants(acl, "a", "read", "x/+/t") and acl_grants(acl, "a", "read", "x/1/t")
+    assert not acl_grants(acl, "a", "write", "x/1/t") and not acl_grants(acl, "a", "read", "x/1/t/u")
+    assert acl_grants(acl, "b", "write", "x/1/t") and not acl_grants(acl, "b", "read", "x/1/t")
+    assert acl_grants(acl, "z", "write", "d/z/t") and not acl_grants(acl, "z", "write", "d/y/t")
+
+
+def test_every_mqtt_login_has_the_acl_entries_it_needs() -> None:
+    """The bridge of compose and K8s reads telemetry and labels, the simulator publishes them, with
+    the usernames the shipped ACL grants (else Mosquitto refuses the subscription silently)."""
+    acl = (DEPLOY / "mosquitto" / "acl").read_text()
+    logins = mqtt_logins()
+    assert {cmd for _, cmd, _ in logins} >= {"bridge", "simulate"}
+    assert any(where.startswith("k8s:") for where, _, _ in logins)
+    refused = [f"{where} logs in as {user!r} for `aimass {cmd}` but the ACL does not grant {access} {topic}"
+               for where, cmd, user in logins for access, topic in needed_access(cmd)
+               if not acl_grants(acl, user, access, topic)]
+    assert not refused, "\n".join(refused)

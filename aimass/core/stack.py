@@ -3,7 +3,7 @@
 ``aimass up`` starts them, waits until each is healthy, creates the contract's topics and
 records ports, PIDs and logs in ``<run dir>/stack.json``; ``aimass status`` reads that
 file; ``aimass down`` stops exactly the PIDs it lists. The test fixtures call the same
-``start_*`` functions on free ports. See shared/INFRA.md for why each flag is there.
+``start_*`` functions on free ports. See docs/infrastructure.md for why each flag is there.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def start_mosquitto(run_dir: Path, port: int, password_file: str = "", acl_file:
         "persistence true",
         f"persistence_location {d}/",
         f"pid_file {d}/mosquitto.pid",
-        # Defaults drop messages when the bridge falls behind (INFRA.md): never drop.
+        # Defaults drop messages when the bridge falls behind (docs/infrastructure.md): never drop.
         "max_queued_messages 0",
         "max_queued_bytes 0",
         "max_inflight_messages 0",
