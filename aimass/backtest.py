@@ -43,7 +43,7 @@ from aimass.streams.history_replay import configure as configure_replay, load_hi
 from aimass.streams.simulator import write_table
 
 SERIES = ["device_id", "metric"]
-SCORE_COLUMNS = ("anomaly", "anomaly_triton", "anomaly_river")
+SCORE_COLUMNS = ("anomaly", "anomaly_level", "anomaly_spread", "anomaly_change", "anomaly_device", "anomaly_triton")
 BACKTEST_IDLE_CLOSE_S = 30
 
 
@@ -233,7 +233,7 @@ def fetch(cfg: Config, tenant: str, window_s: int) -> tuple[pd.DataFrame, pd.Dat
     reader, db, t = open_reader(cfg), cfg.clickhouse.database, f"tenant = '{tenant}'"
     predictions = reader.query(
         f"SELECT device_id, metric, toUnixTimestamp64Milli(window_end_at) AS window_end_ms, "
-        f"toUnixTimestamp64Milli(target_end_at) AS target_end_ms, anomaly_triton, anomaly_river, anomaly, "
+        f"toUnixTimestamp64Milli(target_end_at) AS target_end_ms, anomaly_triton, anomaly_level, anomaly_spread, anomaly_change, anomaly_device, anomaly, regime_change, "
         f"forecast, band_low, band_high FROM {db}.predictions FINAL WHERE {t} AND window_s = {window_s}").to_pandas()
     alerts = reader.query(
         f"SELECT rule, device_id, metric, toUnixTimestamp64Milli(ts) AS ts_ms, transition, tenant, ts "
