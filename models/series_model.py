@@ -21,7 +21,9 @@ seasonal profile. ``series_step`` advances the rows of one batch in arrival orde
   from its current behaviour (a drift event), so a permanent change raises an alarm and then
   becomes the new normal instead of alarming forever.
 
-Scores are 0 during the first ``warmup_windows`` windows of a series (nothing to compare with).
+While a series is young (its first ``warmup_windows`` windows) its residuals are judged against
+its readings' own within-window noise (``YOUNG_INFLATE`` times wider), from its third window on, so
+a new device is watched from its first minute; its spread is judged from its third window too.
 A row whose window end is not after the series' last one (a replay after a restart) is skipped.
 
 Known weakness: the forecaster adapts within tens of windows, so a slow level change is judged
@@ -36,8 +38,8 @@ import numpy as np
 from numba import njit
 
 # --- state columns ------------------------------------------------------------------------
-N, FIRST_END, LAST_END, LEVEL, TREND, RES_VAR, BASE, SP_N, SP_MEAN, SP_VAR, CUSUM_HI, CUSUM_LO, RUN = range(13)
-N_STATE = 13
+N, FIRST_END, LAST_END, LEVEL, TREND, RES_VAR, BASE, SP_N, SP_MEAN, SP_VAR, CUSUM_HI, CUSUM_LO, RUN, WITHIN = range(14)
+N_STATE = 14
 TOD_BINS = 24
 DOW_BINS = 7
 DAY_MS = 86_400_000
@@ -46,6 +48,7 @@ DAY_MS = 86_400_000
 OUT_FORECAST, OUT_SCALE, OUT_Z, OUT_LEVEL, OUT_SPREAD, OUT_CHANGE, OUT_ANOMALY, OUT_NEXT, OUT_REGIME = range(9)
 N_OUT = 9
 
+YOUNG_INFLATE = 3.0  # a young series' residual scale: its within-window noise, this much wider
 HUBER = 3.0          # residuals beyond this many scales count as this many (robust updates)
 OUTLIER_Z = 4.0      # a window this far out does not teach the residual scale
 SP_FLOOR = 0.05      # log-std scale floor: std ratios within ~5 % are always normal
@@ -116,11 +119,13 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
         z = 0.0
         if not young and scale > 0:
             z = min(max(residual / scale, -Z_CLIP), Z_CLIP)
+        elif young and st[N] >= 2 and st[WITHIN] > 0:  # judged against its own readings' noise meanwhile
+            z = min(max(residual / (YOUNG_INFLATE * math.sqrt(st[WITHIN] / c)), -Z_CLIP), Z_CLIP)
         # spread: log std of the window against its own baseline
         has_spread = counts[i] >= 3 and math.isfinite(stds[i])
         ls = math.log(max(stds[i], 1e-12 + 1e-9 * abs(x))) if has_spread else 0.0
         z_sp = 0.0
-        if has_spread and not young and st[SP_N] > 1:
+        if has_spread and st[SP_N] > 1:
             z_sp = min(max((ls - st[SP_MEAN]) / max(math.sqrt(st[SP_VAR]), SP_FLOOR), -Z_CLIP), Z_CLIP)
         hi = max(0.0, st[CUSUM_HI] + z - CUSUM_K)
         lo = max(0.0, st[CUSUM_LO] - z - CUSUM_K)
@@ -133,20 +138,21 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
         out[i, OUT_ANOMALY] = max(level_score, spread_score, change_score)
         out[i, OUT_REGIME] = 0.0
         # --- learn --------------------------------------------------------------------------
-        st[RUN] = st[RUN] + 1.0 if outlier else 0.0
+        st[RUN] = st[RUN] + 1.0 if outlier and not young else 0.0
         if st[RUN] >= regime_windows:  # a new normal: re-learn from here
             out[i, OUT_REGIME] = 1.0
             _reset(st, tod, dow, s, end, x)
         else:
             st[CUSUM_HI], st[CUSUM_LO] = hi, lo
             w = 1.0 / max(st[N], 1.0) if st[N] < long_windows else 1.0 / long_windows
-            if st[N] > 0 and not outlier:
+            if st[N] > 0 and (young or not outlier):
                 r2c = residual * residual * c
                 if st[RES_VAR] > 0:
                     r2c = min(r2c, HUBER * HUBER * st[RES_VAR])
                 st[RES_VAR] += w * (r2c - st[RES_VAR])
-            if has_spread and not outlier:
+            if has_spread and (young or not outlier):
                 st[SP_N] += 1.0
+                st[WITHIN] += (stds[i] * stds[i] - st[WITHIN]) / st[SP_N]
                 d = ls - st[SP_MEAN]
                 w_sp = 1.0 / st[SP_N] if st[SP_N] < long_windows else 1.0 / long_windows
                 st[SP_MEAN] += w_sp * d
