@@ -50,7 +50,7 @@ def empty_state(n: int, warmup: int = 40) -> dict[str, np.ndarray]:
     return {"scalars": np.zeros((n, N_SCALARS)), "use": np.zeros((n, m)), "mean": np.zeros((n, m)),
             "ref": np.zeros((n, m)), "cov": np.zeros((n, m, m)), "prec": np.zeros((n, m, m)),
             "pend": np.zeros((n, m)), "pend_have": np.zeros((n, m)), "pend_noise": np.zeros((n, m)),
-            "warm": np.zeros((n, min(warmup, WARMUP_MAX), m), np.float32), "noise": np.zeros((n, m))}
+            "warm": np.zeros((n, min(warmup, WARMUP_MAX), m)), "noise": np.zeros((n, m))}
 
 
 def grown(state: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -122,7 +122,7 @@ def mahalanobis(r: np.ndarray, prec: np.ndarray) -> float:
 def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
     """End of warm-up: choose the fast metrics, fit mean / covariance / normalizer of device ``d``."""
     known = int(sc[KNOWN])
-    x = warm[d, :n, :known].astype(np.float64)
+    x = warm[d, :n, :known].copy()
     idx = np.empty(known, np.int64)
     p = 0
     for j in range(known):

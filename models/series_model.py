@@ -52,7 +52,7 @@ YOUNG_INFLATE = 3.0  # a young series' residual scale: its within-window noise, 
 HUBER = 3.0          # residuals beyond this many scales count as this many (robust updates)
 OUTLIER_Z = 4.0      # a window this far out does not teach the residual scale
 SP_FLOOR = 0.05      # log-std scale floor: std ratios within ~5 % are always normal
-TOD_RATE = 0.05      # weight of a new visit in a time-of-day / day-of-week bin
+SEASON_MEMORY_MS = 3 * DAY_MS  # a time-of-day / day-of-week bin remembers about this many days
 CUSUM_K = 1.0        # CUSUM allowance (detects shifts of about 2 scales)
 Z_CLIP = 50.0
 
@@ -127,8 +127,9 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
         z_sp = 0.0
         if has_spread and st[SP_N] > 1:
             z_sp = min(max((ls - st[SP_MEAN]) / max(math.sqrt(st[SP_VAR]), SP_FLOOR), -Z_CLIP), Z_CLIP)
-        hi = max(0.0, st[CUSUM_HI] + z - CUSUM_K)
-        lo = max(0.0, st[CUSUM_LO] - z - CUSUM_K)
+        zc = min(max(z, -HUBER), HUBER)  # an outlier is the level score's; the CUSUM adds up small shifts
+        hi = max(0.0, st[CUSUM_HI] + zc - CUSUM_K)
+        lo = max(0.0, st[CUSUM_LO] - zc - CUSUM_K)
         level_score = calibrate(abs(z), q_level)
         spread_score = calibrate(abs(z_sp), q_spread)
         change_score = calibrate(max(hi, lo), q_change)
@@ -143,7 +144,7 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
             out[i, OUT_REGIME] = 1.0
             _reset(st, tod, dow, s, end, x)
         else:
-            st[CUSUM_HI], st[CUSUM_LO] = hi, lo
+            st[CUSUM_HI], st[CUSUM_LO] = (0.0, 0.0) if abs(z) > OUTLIER_Z else (hi, lo)
             w = 1.0 / max(st[N], 1.0) if st[N] < long_windows else 1.0 / long_windows
             if st[N] > 0 and (young or not outlier):
                 r2c = residual * residual * c
@@ -166,11 +167,17 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
             st[TREND] += beta * ((st[LEVEL] - level_before) / steps - st[TREND])
             # the slow baseline, and the seasonal profiles it teaches
             st[BASE] += max(w, 1.0 / long_windows) * (x - season - st[BASE])
-            if not outlier:
+            if st[N] > 1:
+                # a bin's weight: 1 / its visits so far, down to about SEASON_MEMORY_MS of visits (not
+                # gated on outliers: an hour that is always different is an outlier until learned)
+                spacing = max((end - st[FIRST_END]) / st[N], 1.0)
+                per_day = DAY_MS / TOD_BINS / spacing
                 tb = (end % DAY_MS) * TOD_BINS // DAY_MS
-                tod[s, tb] += TOD_RATE * (x - st[BASE] - tod[s, tb])
+                rate = 1.0 / max(per_day * min(span, SEASON_MEMORY_MS) / DAY_MS, 1.0)
+                tod[s, tb] += rate * (x - st[BASE] - tod[s, tb])
                 db = (end // DAY_MS + 3) % DOW_BINS
-                dow[s, db] += TOD_RATE * (x - st[BASE] - tod[s, tb] - dow[s, db])
+                rate = 1.0 / max(per_day * TOD_BINS * min(span, 7 * SEASON_MEMORY_MS) / (7 * DAY_MS), 1.0)
+                dow[s, db] += rate * (x - st[BASE] - tod[s, tb] - dow[s, db])
             st[N] += 1.0
         st[LAST_END] = end
         for j in range(k - 1):
