@@ -169,7 +169,8 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
 @njit(cache=True, nogil=True)
 def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noise, d, end,
            warmup, slow_ratio, shrink, alarm_score, clear_windows, reopen_distance, reopen_ms, a_ref, a_adapt):
-    """Judge device ``d``'s pending window ending at ``end``: (score or NaN, D / q, regime change)."""
+    """Judge device ``d``'s pending window ending at ``end``: (score, D / q, regime change); NaN
+    score in the warm-up or when a modelled metric is missing."""
     known = int(sc[KNOWN])
     complete = True
     for j in range(known):
@@ -184,7 +185,7 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
             sc[N_WARM] = n + 1
             if n + 1 >= warmup:
                 _fit(sc, use, mean, cov, prec, warm, noise, d, n + 1, slow_ratio, shrink)
-        return 0.0, 0.0, False
+        return np.nan, np.nan, False  # not judged while the model learns
     p = 0
     for j in range(MAX_METRICS):
         if use[d, j] > 0.0:

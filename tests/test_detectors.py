@@ -57,7 +57,8 @@ def test_device_kernel_matches_the_numpy_reference():
     res = det.step(windows(means, stds, counts))
     judged = res.device_end > 0
     assert judged.sum() == len(means)
-    np.testing.assert_allclose(res.device_score[judged], ref_score, rtol=1e-9, atol=1e-12)
+    assert np.isnan(res.device_score[judged][:warm]).all()  # not judged while it learns
+    np.testing.assert_allclose(res.device_score[judged][warm:], ref_score[warm:], rtol=1e-9, atol=1e-12)
     assert det.device["use"][0, :4].tolist() == [1.0, 1.0, 1.0, 0.0]  # the drifting metric is left out
     # the kernel's incident state and regime changes are the reference's alarm / re-arm
     assert (res.device_changed[judged] == ref_rearm).all()
@@ -72,10 +73,11 @@ def test_device_windows_split_over_batches_are_judged_once_when_complete():
     parts = [split.step(table.slice(i, 7)) for i in range(0, table.num_rows, 7)]  # cuts through windows
     scores = np.concatenate([p.device_score[p.device_end > 0] for p in parts])
     np.testing.assert_allclose(scores, whole.device_score[whole.device_end > 0])
+    assert np.isfinite(scores).sum() == len(scores) - DetectConfig().device_warmup_windows
 
 
 def test_a_missing_metric_is_judged_when_the_next_window_starts_and_not_scored():
-    means, stds, counts = pump(k=60)
+    means, stds, counts = pump(k=60)  # 45 windows of warm-up, then judged
     table = windows(means, stds, counts)
     keep = np.ones(table.num_rows, bool)
     keep[55 * 4 + 2] = False  # metric m2 of window 55 never arrives
