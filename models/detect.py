@@ -103,12 +103,16 @@ class PartitionDetectors:
                              c.warmup_windows, c.regime_windows, c.q_level, c.q_spread, c.q_change)
         done = np.flatnonzero(np.isfinite(out[:, sm.OUT_NEXT]))
         history = self.history[slots[done]].copy()
-        judged, score, stat, changed = self._device(w, device_key, done, ends)
-        return DetectResult(done, out[done], history, judged, score, stat, changed)
+        judged, score, stat, changed, covered = self._device(w, device_key, done, ends)
+        series = out[done]
+        # a metric the device model judges (fitted, fast metric) has its level judged there, jointly
+        series[covered, sm.OUT_ANOMALY] = np.maximum(series[covered, sm.OUT_SPREAD], series[covered, sm.OUT_CHANGE])
+        return DetectResult(done, series, history, judged, score, stat, changed)
 
     def _device(self, w: pa.Table, device_key: pa.Array, done: np.ndarray, ends: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Device judgements of the processed rows (every metric of a device at a window together)."""
+                ) -> tuple[np.ndarray, ...]:
+        """Device judgements of the processed rows (every metric of a device at a window together),
+        and whether each row's metric is one the device model judges."""
         dev = self.device_slots.lookup(device_key)[done]
         self.device = dm.grown(self.device, len(self.device_slots.keys))
         metrics = w["metric"].to_pylist()

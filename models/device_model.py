@@ -98,12 +98,18 @@ def shrunk_cov(x: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     n, p = x.shape
     mean = np.zeros(p)
     for i in range(n):
-        mean += x[i]
+        for a in range(p):
+            mean[a] += x[i, a]
     mean /= n
     cov = np.zeros((p, p))
     for i in range(n):
-        d = x[i] - mean
-        cov += np.outer(d, d)
+        for a in range(p):
+            da = x[i, a] - mean[a]
+            for b in range(a + 1):
+                cov[a, b] += da * (x[i, b] - mean[b])
+    for a in range(p):
+        for b in range(a):
+            cov[b, a] = cov[a, b]
     cov /= max(n - 1, 1)
     for a in range(p):
         cov[a, a] = max(cov[a, a], 1e-12 + 1e-9 * mean[a] * mean[a])
@@ -115,7 +121,20 @@ def shrunk_cov(x: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(cache=True, nogil=True)
 def mahalanobis(r: np.ndarray, prec: np.ndarray) -> float:
+    """rᵀ P r."""
     return float(r @ prec @ r)
+
+
+@njit(cache=True, nogil=True)
+def _quadratic(r: np.ndarray, prec: np.ndarray, idx: np.ndarray) -> float:
+    """rᵀ P r over the rows / columns ``idx`` of ``prec`` (``r`` already compact)."""
+    total = 0.0
+    for a in range(idx.size):
+        row = 0.0
+        for b in range(idx.size):
+            row += prec[idx[a], idx[b]] * r[b]
+        total += r[a] * row
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -131,10 +150,10 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
         if between <= slow_ratio * within + 1e-300:
             idx[p] = j
             p += 1
-    if p == 0:  # every metric drifts: judge them all rather than none
-        for j in range(known):
-            idx[j] = j
-        p = known
+    sc[READY] = 1.0
+    sc[USED] = p
+    if p == 0:  # every metric drifts: no level model (each series is judged alone)
+        return
     idx = idx[:p]
     f = np.empty((n, p))
     for j in range(p):
@@ -161,9 +180,7 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
         for b in range(p):
             cov[d, idx[a], idx[b]] = c[a, b]
             prec[d, idx[a], idx[b]] = pr[a, b]
-    sc[USED] = p
     sc[Q] = CHI2_99[min(p, 16) - 1] * (loo / n) / p
-    sc[READY] = 1.0
 
 
 @njit(cache=True, nogil=True)
@@ -186,41 +203,54 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
             if n + 1 >= warmup:
                 _fit(sc, use, mean, cov, prec, warm, noise, d, n + 1, slow_ratio, shrink)
         return np.nan, np.nan, False  # not judged while the model learns
+    if sc[USED] == 0.0:
+        return np.nan, np.nan, False
+    idx = np.empty(MAX_METRICS, np.int64)
     p = 0
     for j in range(MAX_METRICS):
         if use[d, j] > 0.0:
             if pend_have[d, j] == 0.0:
                 return np.nan, np.nan, False
+            idx[p] = j
             p += 1
-    r = (pend[d] - mean[d]) * use[d]
-    dist = mahalanobis(r, prec[d]) / sc[Q]
+    idx = idx[:p]
+    r = np.empty(p)
+    for a in range(p):
+        r[a] = pend[d, idx[a]] - mean[d, idx[a]]
+    dist = _quadratic(r, prec[d], idx) / sc[Q]
     score = 1.0 - 0.5 ** dist
     hot = score > alarm_score
     changed = False
     if sc[ALARM] == 0.0:
         if hot:
             sc[ALARM], sc[QUIET], sc[REF_T] = 1.0, 0.0, end
-            ref[d] = r
+            for a in range(p):
+                ref[d, idx[a]] = r[a]
     else:
         sc[QUIET] = 0.0 if hot else sc[QUIET] + 1.0
         if sc[QUIET] >= clear_windows:
             sc[ALARM] = 0.0
         else:
-            moved = mahalanobis(r - ref[d], prec[d]) / sc[Q]
-            if moved > reopen_distance and end - sc[REF_T] >= reopen_ms:
+            moved = np.empty(p)
+            for a in range(p):
+                moved[a] = r[a] - ref[d, idx[a]]
+            if _quadratic(moved, prec[d], idx) / sc[Q] > reopen_distance and end - sc[REF_T] >= reopen_ms:
                 changed = True
-                ref[d] = r
                 sc[REF_T] = end
+                for a in range(p):
+                    ref[d, idx[a]] = r[a]
             else:
-                ref[d] += a_ref * (r - ref[d])
+                for a in range(p):
+                    ref[d, idx[a]] += a_ref * moved[a]
     if sc[ALARM] == 0.0 and dist <= 1.0:  # learn only from clearly normal windows
-        mean[d] += a_adapt * r
-        rr = (pend[d] - mean[d]) * use[d]
-        cov[d] = (1.0 - a_adapt) * cov[d] + a_adapt * np.outer(rr, rr)
-        idx = np.flatnonzero(use[d] > 0.0)
         sub = np.empty((p, p))
         for a in range(p):
+            mean[d, idx[a]] += a_adapt * r[a]
+        for a in range(p):
+            ra = pend[d, idx[a]] - mean[d, idx[a]]
             for b in range(p):
+                rb = pend[d, idx[b]] - mean[d, idx[b]]
+                cov[d, idx[a], idx[b]] = (1.0 - a_adapt) * cov[d, idx[a], idx[b]] + a_adapt * ra * rb
                 sub[a, b] = cov[d, idx[a], idx[b]]
         pr = inverse(sub)
         for a in range(p):
@@ -233,8 +263,10 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
 def device_kernel(devices, ends, pos, means, noise_of_mean, known, sc_all, use, mean, ref, cov, prec, pend,
                   pend_have, pend_noise, warm, noise, warmup, slow_ratio, shrink, alarm_score, clear_windows,
                   reopen_distance, reopen_ms, a_ref, a_adapt):
-    """Per row: (judged window end or 0, score, D / q, regime change) of the device window it completed."""
+    """Per row: (judged window end or 0, score, D / q, regime change) of the device window it completed,
+    and whether the device's fitted model judges the row's metric."""
     n = devices.size
+    covered = np.zeros(n, np.bool_)
     judged = np.zeros(n, np.int64)
     score = np.full(n, np.nan)
     dist = np.full(n, np.nan)
@@ -249,6 +281,7 @@ def device_kernel(devices, ends, pos, means, noise_of_mean, known, sc_all, use, 
             sc[KNOWN] = known[i]
         if j < 0 or e < sc[PEND_END]:
             continue  # a metric beyond MAX_METRICS, or a row of a window already judged
+        covered[i] = sc[READY] > 0.0 and use[d, j] > 0.0
         if e > sc[PEND_END]:
             if sc[PEND_END] > 0 and pend_have[d].sum() > 0:  # the previous window, with what arrived
                 score[i], dist[i], changed[i] = _judge(
@@ -265,13 +298,14 @@ def device_kernel(devices, ends, pos, means, noise_of_mean, known, sc_all, use, 
             judged[i] = e
             pend_have[d, :] = 0.0
             sc[PEND_END] = e + 1  # later rows of this window are ignored
-    return judged, score, dist, changed
+    return judged, score, dist, changed, covered
 
 
 def device_step(devices: np.ndarray, ends: np.ndarray, pos: np.ndarray, known: np.ndarray, means: np.ndarray,
                 stds: np.ndarray, counts: np.ndarray, window_s: float, state: dict[str, np.ndarray], cfg
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Advance the devices of these rows; (judged window end or 0, score, D / q, regime change) per row."""
+    """Advance the devices of these rows; per row (judged window end or 0, score, D / q, regime change,
+    metric judged by the device model)."""
     noise_of_mean = np.where(counts > 0, stds * stds / np.maximum(counts, 1.0), 0.0)  # variance of a window mean
     warmup = min(cfg.device_warmup_windows, state["warm"].shape[1])
     return device_kernel(

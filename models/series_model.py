@@ -22,7 +22,8 @@ seasonal profile. ``series_step`` advances the rows of one batch in arrival orde
   becomes the new normal instead of alarming forever.
 
 While a series is young (its first ``warmup_windows`` windows) its residuals are judged against
-its readings' own within-window noise (``YOUNG_INFLATE`` times wider), from its third window on, so
+the wider of its readings' own within-window noise (``YOUNG_INFLATE`` times wider) and its
+residuals so far, from its fourth window on, so
 a new device is watched from its first minute; its spread is judged from its third window too.
 A row whose window end is not after the series' last one (a replay after a restart) is skipped.
 
@@ -38,8 +39,9 @@ import numpy as np
 from numba import njit
 
 # --- state columns ------------------------------------------------------------------------
-N, FIRST_END, LAST_END, LEVEL, TREND, RES_VAR, BASE, SP_N, SP_MEAN, SP_VAR, CUSUM_HI, CUSUM_LO, RUN, WITHIN = range(14)
-N_STATE = 14
+N, FIRST_END, LAST_END, LEVEL, TREND, RES_VAR, BASE, SP_N, SP_MEAN, SP_VAR, CUSUM_HI, CUSUM_LO, RUN, WITHIN, \
+    ZERO_SD = range(15)
+N_STATE = 15
 TOD_BINS = 24
 DOW_BINS = 7
 DAY_MS = 86_400_000
@@ -48,7 +50,7 @@ DAY_MS = 86_400_000
 OUT_FORECAST, OUT_SCALE, OUT_Z, OUT_LEVEL, OUT_SPREAD, OUT_CHANGE, OUT_ANOMALY, OUT_NEXT, OUT_REGIME = range(9)
 N_OUT = 9
 
-YOUNG_INFLATE = 3.0  # a young series' residual scale: its within-window noise, this much wider
+YOUNG_INFLATE = 1.5  # a young series' residual scale: its within-window noise, this much wider
 HUBER = 3.0          # residuals beyond this many scales count as this many (robust updates)
 OUTLIER_Z = 4.0      # a window this far out does not teach the residual scale
 SP_FLOOR = 0.05      # log-std scale floor: std ratios within ~5 % are always normal
@@ -115,14 +117,17 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
         forecast = st[LEVEL] + steps * st[TREND] + season
         residual = x - forecast
         young = st[N] < warmup_windows
-        scale = math.sqrt(st[RES_VAR] / c)
+        scale = math.sqrt(max(st[RES_VAR], st[WITHIN]) / c)  # never below its readings' own noise
         z = 0.0
         if not young and scale > 0:
             z = min(max(residual / scale, -Z_CLIP), Z_CLIP)
-        elif young and st[N] >= 2 and st[WITHIN] > 0:  # judged against its own readings' noise meanwhile
-            z = min(max(residual / (YOUNG_INFLATE * math.sqrt(st[WITHIN] / c)), -Z_CLIP), Z_CLIP)
+        elif young and st[N] >= 3 and st[WITHIN] > 0:
+            # meanwhile: against the wider of its readings' own noise and the residuals seen so far
+            young_scale = math.sqrt(max(YOUNG_INFLATE * YOUNG_INFLATE * st[WITHIN], st[RES_VAR]) / c)
+            z = min(max(residual / young_scale, -Z_CLIP), Z_CLIP)
         # spread: log std of the window against its own baseline
-        has_spread = counts[i] >= 3 and math.isfinite(stds[i])
+        # (a series whose normal windows can have std 0, e.g. quantized readings, is not judged on those)
+        has_spread = counts[i] >= 3 and math.isfinite(stds[i]) and not (stds[i] == 0.0 and st[ZERO_SD] > 0)
         ls = math.log(max(stds[i], 1e-12 + 1e-9 * abs(x))) if has_spread else 0.0
         z_sp = 0.0
         if has_spread and st[SP_N] > 1:
@@ -146,12 +151,14 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
         else:
             st[CUSUM_HI], st[CUSUM_LO] = (0.0, 0.0) if abs(z) > OUTLIER_Z else (hi, lo)
             w = 1.0 / max(st[N], 1.0) if st[N] < long_windows else 1.0 / long_windows
-            if st[N] > 0 and (young or not outlier):
+            if st[N] > 0:  # every window teaches, an outlier only as much as HUBER scales (robust, not blind)
                 r2c = residual * residual * c
                 if st[RES_VAR] > 0:
                     r2c = min(r2c, HUBER * HUBER * st[RES_VAR])
                 st[RES_VAR] += w * (r2c - st[RES_VAR])
-            if has_spread and (young or not outlier):
+            if has_spread and stds[i] == 0.0 and (young or not outlier):
+                st[ZERO_SD] += 1.0  # std 0 is part of this series' normal behaviour
+            elif has_spread and (young or not outlier):
                 st[SP_N] += 1.0
                 st[WITHIN] += (stds[i] * stds[i] - st[WITHIN]) / st[SP_N]
                 d = ls - st[SP_MEAN]

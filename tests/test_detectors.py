@@ -103,8 +103,25 @@ def series(values: np.ndarray, std: float | np.ndarray = 0.5, count: int = 20) -
 
 
 def scores(values: np.ndarray, **kw) -> np.ndarray:
-    res = PartitionDetectors(DetectConfig(), 8).step(series(values, **kw))
+    """Per-series outputs of one series (no device model: its warm-up never ends here)."""
+    res = PartitionDetectors(DetectConfig(device_warmup_windows=256), 8).step(series(values, **kw))
     return res.series
+
+
+def test_a_metric_the_device_model_judges_leaves_its_level_to_it():
+    values = 50 + 0.1 * np.random.default_rng(5).standard_normal(200)  # white noise: a fast metric
+    values[150] += 3.0
+    res = PartitionDetectors(DetectConfig(), 8).step(series(values, std=0.45))
+    assert res.series[150, sm.OUT_LEVEL] > 0.95  # still scored and stored ...
+    assert res.series[150, sm.OUT_ANOMALY] < 0.5  # ... but the combined score leaves it to the device score
+    assert res.device_score[150] > 0.95
+    assert res.series[20, sm.OUT_ANOMALY] >= res.series[20, sm.OUT_LEVEL]  # not yet fitted: the level counts
+
+
+def test_a_device_whose_metrics_all_drift_has_no_level_model():
+    res = PartitionDetectors(DetectConfig(), 8).step(series(smooth()))  # a slow sine: between >> within noise
+    assert np.isnan(res.device_score).all()
+    assert (res.series[:, sm.OUT_ANOMALY] >= res.series[:, sm.OUT_LEVEL]).all()
 
 
 def smooth(k: int = 200, seed: int = 1) -> np.ndarray:
