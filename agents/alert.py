@@ -36,6 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -64,7 +65,7 @@ KEEP_FINISHED_MS = 7 * 86400 * 1000  # delivered / dead-lettered notifications k
 
 # input topic -> stream the rules know it as
 INPUTS = {contract.CLEAN: "readings", contract.WINDOW_ROWS: "windows", contract.PREDICTION_ROWS: "predictions",
-          contract.LABEL_ROWS: "labels"}
+          contract.LABEL_ROWS: "labels", contract.DEAD_LETTER: "rejects"}
 
 
 class Alerter:
@@ -112,8 +113,8 @@ class Alerter:
         rejects = []
         for topic, value in records:
             stream = self.inputs[topic]
-            if stream == "readings" and not self.engine.ruleset.for_stream("readings"):
-                continue  # no rule watches raw readings: skip decoding them
+            if stream in ("readings", "rejects") and not self.engine.ruleset.for_stream(stream):
+                continue  # no rule watches raw readings / rejects: skip decoding them
             try:
                 table = contract.decode(value, self.topics[topic].schema)
             except ValueError as exc:
@@ -137,7 +138,8 @@ class Alerter:
             self.quality.advance(self.joiner.watermark_ms)
         if "predictions" in batches:
             predictions = batches["predictions"]
-            outcomes.append(self.joiner.add_predictions(predictions))
+            per_series = predictions.filter(pc.not_equal(predictions["metric"], contract.DEVICE_METRIC))
+            outcomes.append(self.joiner.add_predictions(per_series))  # device rows predict no window
             signals += self.engine.process("predictions", predictions)
             self.quality.add_predictions(predictions)
         if outcomes:
@@ -147,6 +149,8 @@ class Alerter:
                 out.append((contract.OUTCOME_ROWS, outcome_table))
         if "readings" in batches:
             signals += self.engine.process("readings", batches["readings"])
+        if "rejects" in batches:
+            signals += self.engine.process("rejects", batches["rejects"])
         for s in signals:
             if s.rule.name == RULE_ERROR and s.kind == "fire":
                 RULE_ERRORS.labels(s.series[2]).inc()

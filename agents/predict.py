@@ -1,24 +1,25 @@
 """The predict stage (`aimass predict`): window rows in, prediction rows and drift events out.
 
-Per poll: decode the window records, run River prequentially per partition (predict, then
-learn; ``aimass.models.online``), send every new feature row to Triton in batched requests
+Per poll: decode the window records, run the online detectors of each partition over them
+(``aimass.models.detect``: numba kernels over arrays of series and devices; every window is
+judged before it is learned), send every new feature row to Triton in batched requests
 (``aimass.models.triton_client``), and write the PREDICTIONS of each output partition plus the
 DRIFT events (``aimass.streams.kafka.TableProducer``: records under ``kafka.max_record_bytes``).
 Only windows of ``predict.window_s`` are predicted (other sizes are for other consumers); a
 record that is not a WINDOWS batch, or a window with a non-finite mean, goes to the dead-letter
 topic with its reason (a bounded prefix of the record). Rows Triton did not answer (breaker
-open, timeout, error) carry River's forecast and anomaly score and ``degraded=True``: every request has
+open, timeout, error) carry the online forecast and ``degraded=True``: every request has
 ``triton.timeout_s``, and once the breaker is open no poll waits on Triton at all.
 
 Commit protocol (at least once, restart-safe): every ``predict.checkpoint_every_s`` and on
 partition revoke and shutdown, (1) flush the producer and check every delivery, (2) write
-each partition's River checkpoint atomically, (3) commit the input offsets. A restart or a
-rebalance resumes from the committed offset with the River state that matches it; rows
+each partition's detector checkpoint atomically, (3) commit the input offsets. A restart or a
+rebalance resumes from the committed offset with the detector state that matches it; rows
 replayed after a crash between (2) and (3) are recognized by window end and skipped.
 
 Why confluent-kafka and not the Faust app (streams/app.py): Faust commits acked offsets on
 its own timer (``broker_commit_interval``), independently of whether our outputs are
-delivered and the River state is checkpointed, and it has no hook to save and load
+delivered and the detector state is checkpointed, and it has no hook to save and load
 per-partition state exactly at revoke/assign. confluent-kafka gives explicit commits and
 synchronous rebalance callbacks, which this protocol needs.
 """
@@ -38,8 +39,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client import Counter, start_http_server
 
 from aimass.core.config import Config
-from aimass.models import online
+from aimass.models import detect, features
+from aimass.models import series_model as sm
 from aimass.models.features import denormalize
+from aimass.core.files import write_private as atomic_write
 from aimass.models.triton_client import TritonModels
 from aimass.core import contract
 from aimass.streams.kafka import TableProducer, consume_available, consumer_config
@@ -47,24 +50,27 @@ from aimass.streams.kafka import TableProducer, consume_available, consumer_conf
 log = logging.getLogger(__name__)
 
 ROWS = Counter("aimass_predict_rows_total", "prediction rows produced")
-DEGRADED_ROWS = Counter("aimass_predict_degraded_rows_total", "prediction rows from River alone (Triton unavailable)")
-DRIFT_EVENTS = Counter("aimass_predict_drift_events_total", "ADWIN drift events on forecast residuals")
+DEGRADED_ROWS = Counter("aimass_predict_degraded_rows_total", "prediction rows without Triton (Triton unavailable)")
+DRIFT_EVENTS = Counter("aimass_predict_drift_events_total", "series that accepted a new normal (drift events)")
 POLL_MESSAGES = 500
+FORECASTER_NAME = "holt_seasonal:online"
+SERIES_MODEL_NAME = "series:online"
+DEVICE_MODEL_NAME = "device_mahalanobis:online"
 
 
 # --- the prediction core (no Kafka) -----------------------------------------------------
 
 class Predictor:
-    """River state per input partition plus the Triton client; turns window rows into predictions."""
+    """Online detector state per input partition plus the Triton client; window rows in, predictions out."""
 
     def __init__(self, cfg: Config, triton: TritonModels | None):
         self.cfg, self.triton = cfg, triton
         self.k = cfg.predict.history_windows
-        self.partitions: dict[int, online.OnlinePartition] = {}
+        self.partitions: dict[int, detect.PartitionDetectors] = {}
 
-    def state(self, partition: int) -> online.OnlinePartition:
+    def state(self, partition: int) -> detect.PartitionDetectors:
         if partition not in self.partitions:
-            self.partitions[partition] = online.OnlinePartition(self.k, self.cfg.predict.band_k)
+            self.partitions[partition] = detect.PartitionDetectors(self.cfg.detect, self.k)
         return self.partitions[partition]
 
     def usable(self, windows: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -76,24 +82,22 @@ class Predictor:
     async def predict(self, batches: list[tuple[int, pa.Table]], now_ms: int | None = None
                       ) -> tuple[pa.Table, pa.Table]:
         """(predictions, drift events) for usable window rows of several partitions; ONE Triton call."""
-        steps = []
-        for partition, w in batches:
-            keys = list(zip(w["tenant"].to_pylist(), w["device_id"].to_pylist(), w["metric"].to_pylist(),
-                            w["window_s"].to_pylist()))
-            res = self.state(partition).step(keys, w["window_end_ms"].to_pylist(), w["mean"].to_pylist())
-            steps.append((w, res))
-        x = np.concatenate([r.x for _, r in steps]) if steps else np.empty((0, self.k), np.float32)
+        steps = [(w, self.state(partition).step(w)) for partition, w in batches]
+        norm = [features.normalize(res.history) for _, res in steps]
+        x = np.concatenate([z for z, _, _ in norm]) if norm else np.empty((0, self.k), np.float32)
         served = None
         if self.triton is not None and len(x):
             served = await self.triton.infer(x)
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         preds, drifts, offset = [], [], 0
-        for w, res in steps:
+        for (w, res), (_, mu, sigma) in zip(steps, norm):
             n = len(res.rows)
             part = None if served is None else _slice(served, offset, n)
             offset += n
-            preds.append(self._rows(w.take(res.rows), res, part, now_ms))
-            drifts.append(_drift_rows(w, res, now_ms))
+            rows = w.take(res.rows)
+            preds.append(self._rows(rows, res, part, mu, sigma, now_ms))
+            preds.append(_device_rows(w, res, now_ms))
+            drifts.append(_drift_rows(rows, res, now_ms))
         predictions = pa.concat_tables(preds) if preds else contract.empty(contract.PREDICTIONS)
         drift = pa.concat_tables(drifts) if drifts else contract.empty(contract.DRIFT)
         ROWS.inc(predictions.num_rows)
@@ -101,25 +105,28 @@ class Predictor:
         DRIFT_EVENTS.inc(drift.num_rows)
         return predictions, drift
 
-    def _rows(self, w: pa.Table, res: online.OnlineResult, triton: dict | None, now_ms: int) -> pa.Table:
+    def _rows(self, w: pa.Table, res: detect.DetectResult, triton: dict | None, mu: np.ndarray,
+              sigma: np.ndarray, now_ms: int) -> pa.Table:
         n = len(res.rows)
+        out = res.series
         nan = np.full(n, np.nan)
         served = triton["served"] if triton else np.zeros(n, dtype=bool)
-        f_triton = denormalize(triton["forecast"], res.mu, res.sigma) if triton else nan
-        a_triton = triton["score"] if triton else nan
-        forecast = np.where(served, f_triton, res.forecast)
-        anomaly = np.where(served, a_triton, res.anomaly)
-        f_model = np.where(served, triton["forecaster_model"] if triton else "", online.FORECASTER_NAME)
-        a_model = np.where(served, triton["anomaly_model"] if triton else "", online.ANOMALY_NAME)
+        f_triton = denormalize(triton["forecast"], mu, sigma) if triton else nan
+        online_forecast = out[:, sm.OUT_NEXT]
+        forecast = np.where(served, f_triton, online_forecast)
+        band = self.cfg.predict.band_k * out[:, sm.OUT_SCALE]
         end = w["window_end_ms"].to_numpy()
         return pa.table({
             "tenant": w["tenant"], "device_id": w["device_id"], "metric": w["metric"], "window_s": w["window_s"],
             "window_end_ms": end, "target_end_ms": end + w["window_s"].to_numpy().astype(np.int64) * 1000,
-            "observed_mean": w["mean"], "forecast_triton": f_triton, "forecast_river": res.forecast,
-            "forecast": forecast, "band_low": forecast - res.band_scale, "band_high": forecast + res.band_scale,
-            "anomaly_triton": a_triton, "anomaly_river": res.anomaly, "anomaly": anomaly,
-            "forecaster_model": f_model, "anomaly_model": a_model,
-            # Degraded = Triton was wanted and did not answer; with --no-triton River is the design.
+            "observed_mean": w["mean"], "forecast_triton": f_triton, "forecast_online": online_forecast,
+            "forecast": forecast, "band_low": forecast - band, "band_high": forecast + band,
+            "anomaly_triton": triton["score"] if triton else nan, "anomaly_level": out[:, sm.OUT_LEVEL],
+            "anomaly_spread": out[:, sm.OUT_SPREAD], "anomaly_change": out[:, sm.OUT_CHANGE], "anomaly_device": nan,
+            "anomaly": out[:, sm.OUT_ANOMALY], "regime_change": np.zeros(n, dtype=bool),
+            "forecaster_model": np.where(served, triton["forecaster_model"] if triton else "", FORECASTER_NAME),
+            "anomaly_model": np.full(n, SERIES_MODEL_NAME),
+            # Degraded = Triton was wanted and did not answer; with --no-triton the online models are the design.
             "degraded": ~served if self.triton is not None else np.zeros(n, dtype=bool),
             "max_received_ms": w["max_received_ms"], "predicted_ms": np.full(n, now_ms, dtype=np.int64),
         }, schema=contract.PREDICTIONS)
@@ -132,17 +139,39 @@ def _slice(out, start: int, n: int) -> dict:
             "anomaly_model": out.anomaly_model}
 
 
-def _drift_rows(w: pa.Table, res: online.OnlineResult, now_ms: int) -> pa.Table:
-    if not res.drift:
+def _device_rows(w: pa.Table, res: detect.DetectResult, now_ms: int) -> pa.Table:
+    """One prediction row (metric ``DEVICE_METRIC``) per device window the device model judged."""
+    judged = np.flatnonzero((res.device_end > 0) & np.isfinite(res.device_score))
+    rows = w.take(res.rows[judged])
+    n = len(judged)
+    end = res.device_end[judged]
+    nan = np.full(n, np.nan)
+    score = res.device_score[judged]
+    return pa.table({
+        "tenant": rows["tenant"], "device_id": rows["device_id"], "metric": [contract.DEVICE_METRIC] * n,
+        "window_s": rows["window_s"], "window_end_ms": end,
+        "target_end_ms": end + rows["window_s"].to_numpy().astype(np.int64) * 1000,
+        "observed_mean": nan, "forecast_triton": nan, "forecast_online": nan, "forecast": nan, "band_low": nan,
+        "band_high": nan, "anomaly_triton": nan, "anomaly_level": nan, "anomaly_spread": nan, "anomaly_change": nan,
+        "anomaly_device": score, "anomaly": score, "regime_change": res.device_changed[judged],
+        "forecaster_model": [""] * n, "anomaly_model": [DEVICE_MODEL_NAME] * n, "degraded": np.zeros(n, dtype=bool),
+        "max_received_ms": rows["max_received_ms"], "predicted_ms": np.full(n, now_ms, dtype=np.int64),
+    }, schema=contract.PREDICTIONS)
+
+
+def _drift_rows(w: pa.Table, res: detect.DetectResult, now_ms: int) -> pa.Table:
+    """A drift event per series that accepted a new normal (``regime_windows`` outliers in a row)."""
+    idx = np.flatnonzero(res.series[:, sm.OUT_REGIME] > 0)
+    if not len(idx):
         return contract.empty(contract.DRIFT)
-    idx = [i for i, _, _ in res.drift]
     rows = w.take(idx)
+    forecast = res.series[idx, sm.OUT_FORECAST]
     return pa.table({
         "tenant": rows["tenant"], "device_id": rows["device_id"], "metric": rows["metric"],
         "window_s": rows["window_s"], "detected_ms": np.full(len(idx), now_ms, dtype=np.int64),
-        "window_end_ms": rows["window_end_ms"], "detector": ["ADWIN"] * len(idx),
-        "model": [online.FORECASTER_NAME] * len(idx),
-        "residual_mean_before": [b for _, b, _ in res.drift], "residual_mean_after": [a for _, _, a in res.drift],
+        "window_end_ms": rows["window_end_ms"], "detector": ["new_regime"] * len(idx),
+        "model": [SERIES_MODEL_NAME] * len(idx),
+        "residual_mean_before": forecast, "residual_mean_after": rows["mean"].to_numpy(zero_copy_only=False),
     }, schema=contract.DRIFT)
 
 
@@ -192,9 +221,11 @@ class PredictStage:
     # Rebalance callbacks run inside the consumer's poll, i.e. between two batches.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self.predictor.partitions[tp.partition] = online.OnlinePartition.load(
-                self._ckpt(tp.partition), self.predictor.k, self.cfg.predict.band_k)
-        log.info("assigned partitions %s (River state restored from %s)", [tp.partition for tp in partitions],
+            path = self._ckpt(tp.partition)
+            self.predictor.partitions[tp.partition] = (
+                detect.PartitionDetectors.from_bytes(path.read_bytes(), self.cfg.detect, self.predictor.k)
+                if path.exists() else detect.PartitionDetectors(self.cfg.detect, self.predictor.k))
+        log.info("assigned partitions %s (detector state restored from %s)", [tp.partition for tp in partitions],
                  self.checkpoints)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -204,10 +235,10 @@ class PredictStage:
             self.next_offsets.pop(tp.partition, None)
 
     def _ckpt(self, partition: int) -> Path:
-        return self.checkpoints / f"p{partition}.pkl"
+        return self.checkpoints / f"p{partition}.npz"
 
     def commit(self) -> None:
-        """Flush outputs, checkpoint River, then commit input offsets (in that order)."""
+        """Flush outputs, checkpoint the detectors, then commit input offsets (in that order)."""
         if not self.next_offsets:
             return
         try:
@@ -217,7 +248,7 @@ class PredictStage:
                                "after a restart") from None
         for partition in self.next_offsets:
             if partition in self.predictor.partitions:
-                self.predictor.partitions[partition].save(self._ckpt(partition))
+                atomic_write(self._ckpt(partition), self.predictor.partitions[partition].to_bytes())
         src = self.topics[contract.WINDOW_ROWS]
         self.consumer.commit(offsets=[TopicPartition(src, p, o) for p, o in self.next_offsets.items()],
                              asynchronous=False)
@@ -288,9 +319,9 @@ class PredictStage:
 # --- CLI --------------------------------------------------------------------------------
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.description = (f"Consume window rows ({contract.WINDOW_ROWS.suffix}), predict with Triton + River, produce "
+    p.description = (f"Consume window rows ({contract.WINDOW_ROWS.suffix}), predict with the online detectors + Triton, produce "
                      f"{contract.PREDICTION_ROWS.suffix} and {contract.DRIFT_EVENTS.suffix}. Config: [predict], [triton].")
-    p.add_argument("--no-triton", action="store_true", help="River only (predictions not marked degraded)")
+    p.add_argument("--no-triton", action="store_true", help="online detectors only (predictions not marked degraded)")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:

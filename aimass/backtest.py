@@ -33,17 +33,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from aimass.core import contract
 from aimass.core.clickhouse import open_reader
 from aimass.core.config import Config
 from aimass.core.procs import StackError, free_port
 from aimass.demo import Pipeline, detection_scores, json_safe
 from aimass.demo_screen import aligned, detection_table
 from aimass.models.evaluation import Evaluation, evaluate
+from aimass.rules.model import load_rules
 from aimass.streams.history_replay import configure as configure_replay, load_history, replay
 from aimass.streams.simulator import write_table
 
 SERIES = ["device_id", "metric"]
-SCORE_COLUMNS = ("anomaly", "anomaly_triton", "anomaly_river")
+SCORE_COLUMNS = ("anomaly", "anomaly_level", "anomaly_spread", "anomaly_change", "anomaly_device", "anomaly_triton")
 BACKTEST_IDLE_CLOSE_S = 30
 
 
@@ -79,7 +81,11 @@ def score_readings(history: pd.DataFrame, predictions: pd.DataFrame, alerts: pd.
     """One row per input reading with the scores, forecast, residual, alerts and reject reason of its window."""
     out = history[["device_id", "metric", "ts_ms", "value"]].copy()
     out["window_end_ms"] = reading_windows(out["ts_ms"].to_numpy(np.int64), window_s)
-    scored = predictions[SERIES + ["window_end_ms", *SCORE_COLUMNS]]
+    device_rows = predictions["metric"] == contract.DEVICE_METRIC
+    scored = predictions[~device_rows][SERIES + ["window_end_ms", *SCORE_COLUMNS]].drop(columns="anomaly_device")
+    device = predictions[device_rows][["device_id", "window_end_ms", "anomaly_device"]]
+    out = out.merge(device.drop_duplicates(["device_id", "window_end_ms"]), on=["device_id", "window_end_ms"],
+                    how="left")  # a device's score applies to every reading of the device in the window
     forecast = predictions[SERIES + ["target_end_ms", "forecast", "band_low", "band_high"]].rename(
         columns={"target_end_ms": "window_end_ms"})
     out = out.merge(scored.drop_duplicates(SERIES + ["window_end_ms"]), on=SERIES + ["window_end_ms"], how="left")
@@ -104,6 +110,23 @@ def score_readings(history: pd.DataFrame, predictions: pd.DataFrame, alerts: pd.
 
 # --- detectors row by row --------------------------------------------------------------
 
+def alarm_cover(alerts: pd.DataFrame, windowed_rules: set[str], window_s: int) -> pd.DataFrame:
+    """Alarm events moved to the readings they judge: a rule on windows or predictions decides about
+    a whole window (its event time is the window's end), so its transitions count from the window's
+    start; a re-open (cleared and raised at one time) leaves the window's first reading unalarmed."""
+    if not len(alerts):
+        return alerts
+    a = alerts.copy()
+    windowed = a["rule"].isin(windowed_rules).to_numpy()
+    a.loc[windowed, "ts_ms"] = a.loc[windowed, "ts_ms"] - window_s * 1000
+    key = ["rule", "device_id", "metric", "ts_ms"]
+    cleared = a[a["transition"] == "cleared"][key].drop_duplicates().assign(reopen=True)
+    a = a.merge(cleared, on=key, how="left")
+    raise_again = a["transition"].isin(["raised", "reraised"]) & a["reopen"].fillna(False).astype(bool)
+    a.loc[raise_again, "ts_ms"] += 1
+    return a.drop(columns="reopen")
+
+
 def alarm_active(ts_ms: np.ndarray, events: pd.DataFrame) -> np.ndarray:
     """Whether an alarm with these lifecycle events (one series, one rule) is active at each time.
 
@@ -125,11 +148,13 @@ def detector_flags(scored: pd.DataFrame, alerts: pd.DataFrame, threshold: float)
     rules = sorted(alerts["rule"].unique()) if len(alerts) else []
     series_rows = scored.groupby(SERIES, sort=False).indices
     ts_ms = scored["ts_ms"].to_numpy(np.int64)
+    device_rows = scored.groupby("device_id", sort=False).indices
     for rule in rules:
         active = np.zeros(len(scored), bool)
         for (device, metric), events in alerts[alerts["rule"] == rule].groupby(SERIES):
-            rows = series_rows.get((device, metric), np.empty(0, np.int64))
-            active[rows] = alarm_active(ts_ms[rows], events)
+            rows = (device_rows.get(device, np.empty(0, np.int64)) if metric == contract.DEVICE_METRIC
+                    else series_rows.get((device, metric), np.empty(0, np.int64)))
+            active[rows] |= alarm_active(ts_ms[rows], events)
         flags[f"rule:{rule}"] = active
     flags["rules:any"] = flags[[f"rule:{r}" for r in rules]].any(axis=1) if rules else False
     return flags
@@ -233,7 +258,7 @@ def fetch(cfg: Config, tenant: str, window_s: int) -> tuple[pd.DataFrame, pd.Dat
     reader, db, t = open_reader(cfg), cfg.clickhouse.database, f"tenant = '{tenant}'"
     predictions = reader.query(
         f"SELECT device_id, metric, toUnixTimestamp64Milli(window_end_at) AS window_end_ms, "
-        f"toUnixTimestamp64Milli(target_end_at) AS target_end_ms, anomaly_triton, anomaly_river, anomaly, "
+        f"toUnixTimestamp64Milli(target_end_at) AS target_end_ms, anomaly_triton, anomaly_level, anomaly_spread, anomaly_change, anomaly_device, anomaly, regime_change, "
         f"forecast, band_low, band_high FROM {db}.predictions FINAL WHERE {t} AND window_s = {window_s}").to_pandas()
     alerts = reader.query(
         f"SELECT rule, device_id, metric, toUnixTimestamp64Milli(ts) AS ts_ms, transition, tenant, ts "
@@ -322,7 +347,8 @@ def score_detectors(args: argparse.Namespace, history: pd.DataFrame, result: pd.
     readings = result[["device_id", "metric", "ts_ms"]].assign(
         label=history_labels, scored=result["anomaly"].notna().to_numpy(),
         changepoint=history["changepoint"].to_numpy(np.float64) > 0.5 if "changepoint" in history.columns else False)
-    flags = detector_flags(result, alerts, cfg.alert.anomaly_threshold)
+    windowed = {r.name for r in load_rules(cfg.alert.rules_path).rules if r.stream in ("windows", "predictions")}
+    flags = detector_flags(result, alarm_cover(alerts, windowed, cfg.predict.window_s), cfg.alert.anomaly_threshold)
     units = evaluation_units(readings, flags, history.attrs.get("wide", False), args.fit_rows)
     results = evaluate_detectors(units, list(flags.columns), args.nab_window_s, "changepoint" in history.columns)
     print(f"\ndetection per {'device and timestamp' if history.attrs.get('wide') else 'reading'}: "

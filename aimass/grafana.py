@@ -195,9 +195,9 @@ def dashboards(db: str = "aimass") -> list[DashboardSpec]:
                   f"SETTINGS join_use_nulls = 1",
                   ("time", "forecast", "band_low", "band_high", "actual")),
         PanelSpec("Anomaly score", "timeseries",
-                  f"SELECT target_end_at AS time, anomaly, anomaly_triton, anomaly_river FROM {db}.predictions FINAL "
+                  f"SELECT target_end_at AS time, anomaly, anomaly_level, anomaly_spread, anomaly_change, anomaly_triton FROM {db}.predictions FINAL "
                   f"WHERE {device} AND metric = '${{metric}}' AND $__timeFilter(target_end_at) ORDER BY time",
-                  ("time", "anomaly", "anomaly_triton", "anomaly_river")),
+                  ("time", "anomaly", "anomaly_level", "anomaly_spread", "anomaly_change", "anomaly_triton")),
         PanelSpec("Alarm transitions", "table",
                   f"SELECT event_at AS time, rule, severity, transition, state, value, message FROM {db}.alerts FINAL "
                   f"WHERE {device} AND $__timeFilter(event_at) ORDER BY time DESC LIMIT 200",

@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from aimass.core.files import write_private as atomic_write  # noqa: F401 - used here and by online
+from aimass.core.files import write_private as atomic_write
 from aimass.models import onnx_export
 
 MODELS = ("forecaster", "anomaly")

@@ -67,13 +67,16 @@ class Signal:
 
 
 KIND_NAMES = ("", "fire", "clear", "repeat")
+REOPEN = 4  # step_rule's "the incident changed": the alarm is cleared and raised again at the row
 
 
 @njit(cache=True, nogil=True)
 def step_rule(series: np.ndarray, ts: np.ndarray, selected: np.ndarray, cond: np.ndarray, clear: np.ndarray,
-              for_windows: int, for_ms: float, repeat_ms: float, tracked: np.ndarray, since: np.ndarray,
-              count: np.ndarray, active: np.ndarray, last_notify: np.ndarray, last_ts: np.ndarray) -> np.ndarray:
-    """Advance one rule's state over a batch (rows in order); returns per row 0, or 1/2/3 = fire/clear/repeat."""
+              reopen: np.ndarray, for_windows: int, for_ms: float, clear_windows: int, repeat_ms: float,
+              tracked: np.ndarray, since: np.ndarray, count: np.ndarray, active: np.ndarray, last_notify: np.ndarray,
+              last_ts: np.ndarray) -> np.ndarray:
+    """Advance one rule's state over a batch (rows in order); returns per row 0, or 1/2/3/4 =
+    fire/clear/repeat/reopen. While active, ``count`` counts the consecutive rows that meet the clear."""
     kinds = np.zeros(series.size, np.int8)
     for i in range(series.size):
         if not selected[i]:
@@ -94,11 +97,17 @@ def step_rule(series: np.ndarray, ts: np.ndarray, selected: np.ndarray, cond: np
                 since[g] = t
             count[g] += 1
             if (count[g] >= for_windows) if for_windows > 0 else (t - since[g] >= for_ms):
-                active[g], last_notify[g], kinds[i] = True, t, 1
+                active[g], last_notify[g], kinds[i], count[g] = True, t, 1, 0
         elif clear[i]:
-            tracked[g], kinds[i] = False, 2
-        elif repeat_ms > 0 and t - last_notify[g] >= repeat_ms:
-            last_notify[g], kinds[i] = t, 3
+            count[g] += 1
+            if count[g] >= clear_windows:
+                tracked[g], kinds[i] = False, 2
+        else:
+            count[g] = 0
+            if reopen[i]:
+                last_notify[g], kinds[i] = t, 4
+            elif repeat_ms > 0 and t - last_notify[g] >= repeat_ms:
+                last_notify[g], kinds[i] = t, 3
     return kinds
 
 
@@ -109,8 +118,8 @@ def warm_up() -> None:
     arrow_ts = ints.copy()
     arrow_ts.setflags(write=False)  # times usually come zero-copy (read-only) from Arrow, else converted
     for ts in (arrow_ts, ints.copy()):
-        step_rule(ints, ts, flags, flags.copy(), flags.copy(), 0, 0.0, 0.0, flags.copy(), ints.copy(),
-                  ints.copy(), flags.copy(), ints.copy(), ints.copy())
+        step_rule(ints, ts, flags, flags.copy(), flags.copy(), flags.copy(), 0, 0.0, 1, 0.0, flags.copy(),
+                  ints.copy(), ints.copy(), flags.copy(), ints.copy(), ints.copy())
 
 
 class RuleState:
@@ -158,6 +167,7 @@ class SeriesRegistry:
 def rule_fingerprint(rule: Rule) -> str:
     """What a rule's series state depends on; states survive a reload (or restart) when it is unchanged."""
     return repr((rule.stream, rule.selector, rule.condition.source, rule.clear.source if rule.clear else None,
+                 rule.clear_windows, rule.reopen.source if rule.reopen else None,
                  rule.for_s, rule.for_windows))
 
 
@@ -363,10 +373,14 @@ class Engine:
             clear = np.asarray(rule.clear.evaluate(batch.columns(rule.clear.fields), batch.n), dtype=bool)
         else:
             clear = ~cond
+        if rule.reopen is not None:
+            reopen = np.asarray(rule.reopen.evaluate(batch.columns(rule.reopen.fields), batch.n), dtype=bool)
+        else:
+            reopen = np.zeros(batch.n, dtype=bool)
         ts = batch.column(rule.time_field).astype(np.int64, copy=False)
-        kinds = step_rule(series, ts, selected, cond, clear, rule.for_windows, rule.for_s * 1000.0,
-                          rule.repeat_s * 1000.0, state.tracked, state.since, state.count, state.active,
-                          state.last_notify, state.last_ts)
+        kinds = step_rule(series, ts, selected, cond, clear, reopen, rule.for_windows, rule.for_s * 1000.0,
+                          max(rule.clear_windows, 1), rule.repeat_s * 1000.0, state.tracked, state.since,
+                          state.count, state.active, state.last_notify, state.last_ts)
         rows = np.flatnonzero(kinds)
         if rows.size == 0:
             return []
@@ -375,9 +389,14 @@ class Engine:
         received = (batch.column(rule.received_field)[rows].tolist() if rule.received_field
                     else [0] * rows.size)
         keys = self.registry.keys
-        return [Signal(KIND_NAMES[k], rule, keys[g], t, v, r, columns, j)
-                for j, (k, g, t, v, r) in enumerate(zip(kinds[rows].tolist(), series[rows].tolist(),
-                                                        ts[rows].tolist(), values[rows].tolist(), received))]
+        signals = []
+        for j, (k, g, t, v, r) in enumerate(zip(kinds[rows].tolist(), series[rows].tolist(), ts[rows].tolist(),
+                                                values[rows].tolist(), received)):
+            if k == REOPEN:  # the open incident changed: its alarm ends and a new one starts here
+                signals.append(Signal("clear", rule, keys[g], t, v, r, columns, j))
+                k = 1
+            signals.append(Signal(KIND_NAMES[k], rule, keys[g], t, v, r, columns, j))
+        return signals
 
     def snapshot(self) -> dict:
         """JSON-able series state (persisted with the alarms so `for` progress survives a restart)."""
@@ -456,6 +475,8 @@ def _awkward_values(typ: pa.DataType) -> list:
         return ["", "acme", "pump-1", "température", None]
     if pa.types.is_boolean(typ):
         return [True, False, None]
+    if pa.types.is_binary(typ):
+        return [b"", b"\xff\x00{", None]
     if pa.types.is_integer(typ):
         top = 2 ** (typ.bit_width - 1) - 1
         return [0, 1, -1, 7, top, -top - 1, None]

@@ -6,11 +6,13 @@ A rule file holds ``rules:`` (a list) and/or ``receivers:`` (a mapping name -> r
       ops-hook: {kind: webhook, url: "http://hooks.example/alerts", secret_env: AIMASS_WEBHOOK_SECRET}
     rules:
       - name: anomaly_high
-        stream: predictions              # readings | windows | predictions | outcomes
+        stream: predictions              # readings | windows | predictions | outcomes | rejects
         selector: {tenant: "*", device: "pump-*", metric: temperature, window_s: 10}
         condition: anomaly > 0.8
         for: 2 windows                   # or a duration: 30s, 5m; absent: fire at once
         clear: anomaly < 0.5             # hysteresis; default: not condition
+        clear_for: 3 windows             # the clear must hold this many rows in a row (default 1)
+        reopen: regime_change            # while active: the incident changed (cleared and raised again)
         severity: warning                # info | warning | critical
         message: "{device_id} {metric}: anomaly {value:.2f}"
         repeat: 10m                      # re-notify while active; absent: never
@@ -45,6 +47,8 @@ STREAMS: dict[str, tuple[pa.Schema, str, str, str]] = {
     "windows": (contract.WINDOWS, "window_end_ms", "max_received_ms", "mean"),
     "predictions": (contract.PREDICTIONS, "window_end_ms", "max_received_ms", "anomaly"),
     "outcomes": (contract.OUTCOMES, "target_end_ms", "", "residual"),
+    # dead letters: readings (and records) a stage refused, by rejection time; ``reason`` says why
+    "rejects": (contract.REJECTS, "rejected_ms", "received_ms", "value"),
 }
 SEVERITIES = ("info", "warning", "critical")
 RECEIVER_KINDS = ("webhook", "sms", "email")
@@ -120,6 +124,8 @@ class Rule:
     condition: Compiled
     clear: Compiled | None          # None: clear as soon as the condition is false
     value: Compiled
+    clear_windows: int = 1          # the clear must hold for this many consecutive rows of the series
+    reopen: Compiled | None = None  # while active: true = the incident changed (cleared and raised again)
     for_s: float = 0.0              # condition must hold this long (event time) ...
     for_windows: int = 0            # ... or for this many consecutive rows of the series
     severity: str = "warning"
@@ -428,7 +434,8 @@ class _FileLoader:
         return mark.line + 1, mark.column + 1 + offset + (1 if node.style in ("'", '"') else 0)
 
     def rule(self, node: yaml.Node) -> Rule | None:
-        allowed = ("name", "stream", "selector", "condition", "for", "clear", "value", "severity", "labels",
+        allowed = ("name", "stream", "selector", "condition", "for", "clear", "clear_for", "reopen", "value",
+                   "severity", "labels",
                    "message", "repeat", "receivers", "flapping")
         fields = self.mapping(node, "a rule", allowed)
         if fields is None:
@@ -438,10 +445,11 @@ class _FileLoader:
         stream = self.scalar(fields, "stream", _choice("stream", tuple(STREAMS)), "", required=True, parent=node)
         columns = stream_columns(stream) if stream else {}
         selector = self.selector(fields)
-        condition = clear = value = None
+        condition = clear = value = reopen = None
         if stream:
             condition = self.expression(fields, "condition", columns, BOOL, True, node)
             clear = self.expression(fields, "clear", columns, BOOL, False, node)
+            reopen = self.expression(fields, "reopen", columns, BOOL, False, node)
             value = self.expression(fields, "value", columns, NUM, False, node)
             if value is None and "value" not in fields:
                 value = compile_expr(STREAMS[stream][3], columns, NUM)
@@ -453,6 +461,13 @@ class _FileLoader:
                 for_windows = int(m.group(1))
             else:
                 for_s = self.scalar(fields, "for", parse_duration, 0.0)
+        clear_windows = 1
+        if "clear_for" in fields:
+            text = str(getattr(fields["clear_for"][1], "value", ""))
+            if (m := _WINDOWS.match(text)) is not None and int(m.group(1)) >= 1:
+                clear_windows = int(m.group(1))
+            else:
+                self.error(fields["clear_for"][1], f"clear_for: expected 'N windows' (N >= 1), got {text[:50]!r}")
         severity = self.scalar(fields, "severity", _choice("severity", SEVERITIES), "warning")
         labels = self.labels(fields)
         message = self.scalar(fields, "message", str, Rule.message)
@@ -470,7 +485,7 @@ class _FileLoader:
         if len(self.errors) > before or condition is None or value is None:
             return None
         rule = Rule(name=name, stream=stream, selector=selector, condition=condition, clear=clear, value=value,
-                    for_s=for_s, for_windows=for_windows, severity=severity, labels=labels, message=message,
+                    clear_windows=clear_windows, reopen=reopen, for_s=for_s, for_windows=for_windows, severity=severity, labels=labels, message=message,
                     repeat_s=repeat_s, receivers=tuple(r for r, _ in receivers), flapping=flapping,
                     file=str(self.path), line=node.start_mark.line + 1)
         self.receiver_nodes[rule.name] = receivers

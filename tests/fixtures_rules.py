@@ -18,8 +18,9 @@ WINDOW = dict(tenant="acme", device_id="pump-1", metric="temperature", window_s=
               window_end_ms=0, count=10, mean=0.0, min=0.0, max=0.0, std=1.0, first=0.0, last=0.0, rate=0.0,
               ewma=0.0, zscore=0.0, max_received_ms=0)
 PREDICTION = dict(tenant="acme", device_id="pump-1", metric="temperature", window_s=10, window_end_ms=0,
-                  target_end_ms=0, observed_mean=20.0, forecast_triton=20.0, forecast_river=20.0, forecast=20.0,
-                  band_low=18.0, band_high=22.0, anomaly_triton=0.1, anomaly_river=0.1, anomaly=0.1,
+                  target_end_ms=0, observed_mean=20.0, forecast_triton=20.0, forecast_online=20.0, forecast=20.0,
+                  band_low=18.0, band_high=22.0, anomaly_triton=0.1, anomaly_level=0.1, anomaly_spread=0.0,
+                  anomaly_change=0.0, anomaly_device=float("nan"), regime_change=False, anomaly=0.1,
                   forecaster_model="fc:1", anomaly_model="ae:1", degraded=False, max_received_ms=0, predicted_ms=0)
 LABEL = dict(tenant="acme", device_id="pump-1", metric="", start_ms=0, end_ms=0, kind="spike", magnitude=1.0,
              source="simulator")

@@ -282,9 +282,10 @@ def seed_report_data(store) -> None:
         preds = pa.table({f.name: [] for f in contract.PREDICTIONS}, schema=contract.PREDICTIONS).to_pydict()
         preds.update(tenant=["acme"] * n, device_id=[device] * n, metric=["temp"] * n, window_s=[10] * n,
                      window_end_ms=ends - 10_000, target_end_ms=ends, observed_mean=[20.0] * n,
-                     forecast_triton=[20.0] * n, forecast_river=[20.0] * n, forecast=[20.0] * n,
+                     forecast_triton=[20.0] * n, forecast_online=[20.0] * n, forecast=[20.0] * n,
                      band_low=[18.0] * n, band_high=[22.0] * n, anomaly_triton=[level] * n,
-                     anomaly_river=[level] * n, anomaly=np.linspace(0, level, n), forecaster_model=["zscore:1"] * n,
+                     anomaly_level=[level] * n, anomaly_spread=[0.0] * n, anomaly_change=[0.0] * n,
+                     anomaly_device=[float("nan")] * n, regime_change=[False] * n, anomaly=np.linspace(0, level, n), forecaster_model=["zscore:1"] * n,
                      anomaly_model=["iforest:1"] * n, degraded=[False] * n, max_received_ms=ends,
                      predicted_ms=ends - 9_000)
         insert(store, contract.PREDICTION_ROWS, pa.table(preds, schema=contract.PREDICTIONS))

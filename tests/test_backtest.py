@@ -15,6 +15,7 @@ from aimass.backtest import (
     alarm_active,
     backtest_config,
     complete,
+    alarm_cover,
     detector_flags,
     evaluation_table,
     evaluation_units,
@@ -36,14 +37,30 @@ def test_detectors_flag_rows_by_score_and_by_the_rule_on_the_same_series():
     scored = pd.DataFrame({"device_id": ["a"] * 4 + ["b"] * 2, "metric": ["m"] * 6,
                            "ts_ms": [0, 10, 20, 30, 10, 20],
                            "anomaly": [0.1, 0.9, np.nan, 0.8, 0.95, 0.2],
-                           "anomaly_triton": [0.0] * 6, "anomaly_river": [1.0] * 6})
-    alerts = pd.DataFrame({"rule": ["hot", "hot"], "device_id": ["a", "a"], "metric": ["m", "m"],
-                           "ts_ms": [10, 30], "transition": ["raised", "cleared"]})
+                           "anomaly_triton": [0.0] * 6, "anomaly_level": [1.0] * 6, "anomaly_spread": [0.0] * 6,
+                           "anomaly_change": [0.0] * 6, "anomaly_device": [np.nan] * 4 + [0.9] * 2})
+    alerts = pd.DataFrame({"rule": ["hot", "hot", "dev", "dev"], "device_id": ["a", "a", "b", "b"],
+                           "metric": ["m", "m", "*", "*"], "ts_ms": [10, 30, 20, 30],
+                           "transition": ["raised", "cleared", "raised", "cleared"]})
     flags = detector_flags(scored, alerts, threshold=0.8)
     assert flags["model:anomaly"].tolist() == [False, True, False, True, True, False]   # NaN: no detection
-    assert flags["model:anomaly_river"].all() and not flags["model:anomaly_triton"].any()
+    assert flags["model:anomaly_level"].all() and not flags["model:anomaly_triton"].any()
+    assert flags["model:anomaly_device"].tolist() == [False] * 4 + [True] * 2
     assert flags["rule:hot"].tolist() == [False, True, True, False, False, False]       # only device a
-    assert flags["rules:any"].tolist() == flags["rule:hot"].tolist()
+    assert flags["rule:dev"].tolist() == [False] * 5 + [True]   # a device alarm covers every metric of it
+    assert flags["rules:any"].tolist() == [False, True, True, False, False, True]
+
+
+def test_window_alarms_cover_the_window_they_judged_and_a_reopen_dips_one_reading():
+    alerts = pd.DataFrame({"rule": ["dev"] * 4 + ["raw"], "device_id": ["a"] * 5, "metric": ["*"] * 4 + ["m"],
+                           "ts_ms": [20_000, 50_000, 50_000, 80_000, 20_000],
+                           "transition": ["raised", "cleared", "reraised", "cleared", "raised"]})
+    moved = alarm_cover(alerts, {"dev"}, 10)
+    assert moved["ts_ms"].tolist() == [10_000, 40_000, 40_001, 70_000, 20_000]  # "raw" is not a window rule
+    ts = np.arange(0, 90_000, 1000)
+    active = alarm_active(ts, moved[moved["rule"] == "dev"])
+    assert ts[active].min() == 10_000 and ts[active].max() == 69_000
+    assert not active[ts == 40_000].any() and active[ts == 41_000].all()  # the re-open: one reading unalarmed
 
 
 def test_wide_files_are_scored_per_device_timestamp_after_the_fitting_rows():
@@ -138,7 +155,7 @@ def test_backtest_of_old_long_history_stores_and_scores_every_reading(tmp_path):
     # Scored per device and timestamp, after each device's 100 fitting rows.
     assert doc["units"] == len(frame) - 200 and doc["unscored_units"] == 0
     evaluation = doc["evaluation"]
-    assert {"model:anomaly", "model:anomaly_triton", "model:anomaly_river", "rules:any"} <= set(evaluation)
+    assert {"model:anomaly", "model:anomaly_triton", "model:anomaly_device", "rules:any"} <= set(evaluation)
     outlier = evaluation["model:anomaly"]["outlier"]
     assert outlier["tp"] + outlier["fn"] == 120                    # the labelled shift, row by row
     assert outlier["tp"] + outlier["fp"] + outlier["fn"] + outlier["tn"] == doc["units"]

@@ -1,15 +1,17 @@
-"""Private files: the run dir 0700; checkpoints, journal, alerter state and token 0600; a checkpoint
-another user owns or group / others may write is refused before anything is unpickled."""
+"""Private files: the run dir 0700; checkpoints, journal, alerter state and token 0600; a detector
+checkpoint is data (NumPy arrays, no pickles): one that carries a pickle is refused without running it."""
 from __future__ import annotations
 
+import io
 import os
-import pickle
 
+import numpy as np
 import pytest
 
 from aimass.agents.sink import Journal, Manifest
-from aimass.core.files import UnsafeFileError, private_dir
-from aimass.models import online
+from aimass.core.config import DetectConfig
+from aimass.core.files import private_dir, write_private
+from aimass.models.detect import PartitionDetectors
 from aimass.rules.alarms import StateDB
 
 
@@ -36,10 +38,10 @@ def test_run_dir_is_created_0700_and_an_existing_one_is_tightened(tmp_path):
 
 
 def test_checkpoint_journal_and_alerter_state_are_0600(tmp_path):
-    ckpt = tmp_path / "predict" / "group" / "p0.pkl"
-    online.OnlinePartition(8).save(ckpt)
+    ckpt = tmp_path / "predict" / "group" / "p0.npz"
+    write_private(ckpt, PartitionDetectors(DetectConfig(), 8).to_bytes())
     assert mode(ckpt) == "0o600" and mode(ckpt.parent) == "0o700"
-    assert online.OnlinePartition.load(ckpt, 8, 3.0).k == 8
+    assert PartitionDetectors.from_bytes(ckpt.read_bytes(), DetectConfig(), 8).k == 8
     journal = tmp_path / "sink" / "g.journal.json"
     Journal(journal).save(Manifest("b1"))
     assert mode(journal) == "0o600"
@@ -51,25 +53,17 @@ def test_checkpoint_journal_and_alerter_state_are_0600(tmp_path):
     assert {mode(p) for p in files} == {"0o600"}
 
 
-@pytest.mark.parametrize("how", ["group-writable", "world-writable", "foreign-owner"])
-def test_an_unsafe_checkpoint_is_refused_and_never_unpickled(tmp_path, how):
+def test_a_checkpoint_carrying_a_pickle_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "code-ran"
-    ckpt = tmp_path / "p0.pkl"
-    ckpt.write_bytes(pickle.dumps(Planted(str(marker))))
-    ckpt.chmod(0o600)
-    if how == "group-writable":
-        ckpt.chmod(0o620)
-    elif how == "world-writable":
-        ckpt.chmod(0o602)
-    else:
-        if os.geteuid() != 0:
-            pytest.skip("changing a file's owner needs root")  # the mode cases still run
-        os.chown(ckpt, 65534, 65534)
-    with pytest.raises(UnsafeFileError, match="refusing checkpoint .*(group or others may write|belongs to uid)"):
-        online.OnlinePartition.load(ckpt, 8, 3.0)
+    with np.load(io.BytesIO(PartitionDetectors(DetectConfig(), 8).to_bytes())) as z:
+        arrays = dict(z)
+    arrays["series_keys"] = np.array([Planted(str(marker))], dtype=object)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        PartitionDetectors.from_bytes(buf.getvalue(), DetectConfig(), 8)
     assert not marker.exists()
-    # the defect this guards against: the same file, made private, does run code when loaded
-    if how != "foreign-owner":
-        ckpt.chmod(0o600)
-        online.OnlinePartition.load(ckpt, 8, 3.0)
-        assert marker.exists()
+    # the defect this guards against: the same archive read with pickles allowed runs the code
+    with np.load(io.BytesIO(buf.getvalue()), allow_pickle=True) as z:
+        z["series_keys"]
+    assert marker.exists()

@@ -1,5 +1,5 @@
 """The predict stage on the real broker and tritonserver: windows in, predictions / drift / dead letters out,
-offsets committed after outputs, River state resumed from its checkpoint after a restart."""
+offsets committed after outputs, detector state resumed from its checkpoint after a restart."""
 from __future__ import annotations
 
 import asyncio
@@ -13,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from aimass.agents.predict import PredictStage
 from aimass.core.procs import free_port
 from aimass.core.stack import create_topics
-from aimass.models import online, registry
+from aimass.models import registry
+from aimass.models import series_model as sm
+from aimass.models.detect import PartitionDetectors
 from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
 from tests.conftest import make_config
@@ -27,6 +30,7 @@ from tests.fixtures_predict import synthetic_windows
 
 pytestmark = pytest.mark.integration
 SERIES, STEPS = 12, 40
+DEVICE_WARMUP = 30
 REPO = Path(__file__).resolve().parent.parent / "triton_repo"
 
 
@@ -80,6 +84,7 @@ async def _run_until(stage: PredictStage, done) -> None:
 def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton):
     cfg = make_config(tmp_path, kafka=kafka, triton=triton)
     cfg.predict.checkpoint_every_s = 0.5
+    cfg.detect.device_warmup_windows = DEVICE_WARMUP
     create_topics(cfg)
     windows, _ = synthetic_windows(SERIES, STEPS + 10)
     first, later = windows.slice(0, SERIES * STEPS), windows.slice(SERIES * STEPS)
@@ -88,17 +93,25 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
 
     predictions, dead = _reader(cfg, contract.PREDICTION_ROWS), _reader(cfg, contract.DEAD_LETTER)
     got: list = []
+    expected = SERIES * STEPS + SERIES * (STEPS - DEVICE_WARMUP)
     asyncio.run(_run_until(PredictStage(cfg), lambda: got.extend(_read(cfg, contract.PREDICTION_ROWS, predictions,
-                                                                      SERIES * STEPS))))
-    table = pa.concat_tables(t for _, t in got)
+                                                                      expected))))
+    both = pa.concat_tables(t for _, t in got)
+    device = both.filter(pc.equal(both["metric"], contract.DEVICE_METRIC)).to_pydict()
+    table = both.filter(pc.not_equal(both["metric"], contract.DEVICE_METRIC))
     assert table.num_rows == SERIES * STEPS
+    # one device row per device and window once its model is fitted (after DEVICE_WARMUP windows)
+    assert len(set(zip(device["device_id"], device["window_end_ms"]))) == len(device["device_id"]) == \
+        SERIES * (STEPS - DEVICE_WARMUP)
+    assert all(0 <= a <= 1 for a in device["anomaly_device"]) and device["anomaly"] == device["anomaly_device"]
     d = table.to_pydict()
     assert len(set(zip(d["device_id"], d["window_end_ms"]))) == SERIES * STEPS  # one per window
     live = {name: f"{name}:{registry.live_version(REPO, name)}" for name in registry.MODELS}
     assert not any(d["degraded"]) and set(d["forecaster_model"]) == {live["forecaster"]}
     assert set(d["anomaly_model"]) == {live["anomaly"]}
     assert all(lo <= f <= hi for lo, f, hi in zip(d["band_low"], d["forecast"], d["band_high"]))
-    assert all(0 <= a <= 1 for a in d["anomaly"] + d["anomaly_river"])
+    assert all(0 <= a <= 1 for a in d["anomaly"] + d["anomaly_level"] + d["anomaly_spread"] + d["anomaly_change"])
+    assert d["anomaly"] == [max(v) for v in zip(d["anomaly_level"], d["anomaly_spread"], d["anomaly_change"])]
     assert all(t - e == 10_000 for t, e in zip(d["target_end_ms"], d["window_end_ms"]))
     assert d["max_received_ms"] == [e + 5 for e in d["window_end_ms"]]  # passed through from the window
     for p, t in got:  # every device's predictions in the device's partition
@@ -115,19 +128,19 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     group.close()
     assert {tp.partition: tp.offset for tp in committed} == counts
     ckpt = tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict"
-    states = {p: online.OnlinePartition.load(ckpt / f"p{p}.pkl", cfg.predict.history_windows,
-                                                  cfg.predict.band_k) for p in counts}
-    assert sum(len(s.series) for s in states.values()) == SERIES
+    states = {p: PartitionDetectors.from_bytes((ckpt / f"p{p}.npz").read_bytes(), cfg.detect,
+                                               cfg.predict.history_windows) for p in counts}
+    assert sum(len(s) for s in states.values()) == SERIES
     last_end = int(first["window_end_ms"].to_numpy().max())
-    assert all(s.last_end_ms == last_end for st in states.values() for s in st.series.values())
+    assert all((s.state[:len(s), sm.LAST_END] == last_end).all() for s in states.values())
 
     # Restart: only the new windows are predicted, from the restored (not relearned) state.
     _produce_windows(cfg, later)
     more: list = []
     asyncio.run(_run_until(PredictStage(cfg), lambda: more.extend(_read(cfg, contract.PREDICTION_ROWS, predictions,
-                                                                        SERIES * 10))))
+                                                                        2 * SERIES * 10))))
     again = pa.concat_tables(t for _, t in more)
-    assert again.num_rows == SERIES * 10
+    assert again.num_rows == 2 * SERIES * 10  # a series row and a device row per new window
     assert min(again["window_end_ms"].to_pylist()) > last_end
     assert _read(cfg, contract.PREDICTION_ROWS, predictions, 1, timeout=2) == []  # nothing replayed
     predictions.close()
@@ -137,7 +150,7 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
 def test_aimass_predict_command_serves_metrics_and_stops_cleanly_on_sigterm(tmp_path, kafka, triton):
     cfg = make_config(tmp_path, kafka=kafka, triton=triton)
     create_topics(cfg)
-    windows, _ = synthetic_windows(SERIES, 10)
+    windows, _ = synthetic_windows(SERIES, 10)  # fewer windows than the device warm-up: series rows only
     _produce_windows(cfg, windows)
     metrics_port = free_port()
     env = {**os.environ, "AIMASS_KAFKA_BOOTSTRAP": cfg.kafka.bootstrap, "AIMASS_KAFKA_TOPIC_PREFIX": cfg.kafka.topic_prefix,
@@ -164,8 +177,9 @@ def test_aimass_predict_command_serves_metrics_and_stops_cleanly_on_sigterm(tmp_
     assert (tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict").is_dir()
 
 
-def test_rebalance_hands_river_state_to_the_new_owner(tmp_path, kafka, triton):
+def test_rebalance_hands_detector_state_to_the_new_owner(tmp_path, kafka, triton):
     cfg = make_config(tmp_path, kafka=kafka, triton=triton)
+    cfg.detect.device_warmup_windows = 256  # series rows only here
     create_topics(cfg)
     windows, _ = synthetic_windows(SERIES, 30)
     first, later = windows.slice(0, SERIES * 20), windows.slice(SERIES * 20)
@@ -183,8 +197,8 @@ def test_rebalance_hands_river_state_to_the_new_owner(tmp_path, kafka, triton):
         deadline = time.monotonic() + 60
         while not b.predictor.partitions and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        restored.update({key: (s.last_end_ms, len(s.means)) for state in list(b.predictor.partitions.values())
-                         for key, s in state.series.items()})
+        restored.update({key: int(state.state[i, sm.LAST_END]) for state in list(b.predictor.partitions.values())
+                         for i, key in enumerate(state.series_slots.keys)})
         await asyncio.to_thread(_produce_windows, cfg, later)
         got += await asyncio.to_thread(_read, cfg, contract.PREDICTION_ROWS, reader, SERIES * 10)
         stop.set()
@@ -194,7 +208,7 @@ def test_rebalance_hands_river_state_to_the_new_owner(tmp_path, kafka, triton):
     got = asyncio.run(scenario())
     reader.close()
     assert restored, "the second stage was never assigned a partition with series"
-    assert set(restored.values()) == {(last_end, cfg.predict.history_windows)}  # state moved, not relearned
+    assert set(restored.values()) == {last_end}  # state moved, not relearned
     table = pa.concat_tables(t for _, t in got)
     seen = set(zip(table["device_id"].to_pylist(), table["window_end_ms"].to_pylist()))
     assert seen == set(zip(windows["device_id"].to_pylist(), windows["window_end_ms"].to_pylist()))

@@ -15,7 +15,8 @@ from aimass.rules import engine as engine_module
 from aimass.rules import expr
 from aimass.rules.alarms import AlarmStore, StateDB, should_notify
 from aimass.rules.engine import Engine, RuleWatcher
-from tests.fixtures_rules import POISON_VALUE, poisoned_sqrt, readings, ruleset, windows
+from aimass.core import contract
+from tests.fixtures_rules import POISON_VALUE, poisoned_sqrt, predictions, readings, ruleset, table, windows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -306,3 +307,35 @@ def test_a_reload_that_raises_keeps_the_previous_rules(tmp_path, monkeypatch):
     assert watcher.errors == [f"{rules_dir}: cannot load (PermissionError: [Errno 13] Permission denied: "
                               f"'{rules_dir}')"]
     assert run(engine, "windows", windows(*window_rows([90]))) == [("fire", 10_000)]
+
+
+def test_clear_for_needs_consecutive_quiet_rows(tmp_path):
+    engine = engine_for(tmp_path, """
+  - {name: hot, stream: windows, condition: mean > 80, clear: mean <= 80, clear_for: 3 windows}
+""")
+    means = [85, 70, 70, 85, 70, 70, 70, 70]
+    # fires at 85; two quiet rows then hot again (the count restarts); clears on the third quiet row in a row
+    assert run(engine, "windows", windows(*window_rows(means))) == [("fire", 10_000), ("clear", 70_000)]
+
+
+def test_reopen_clears_and_raises_again_while_active(tmp_path):
+    engine = engine_for(tmp_path, """
+  - {name: shifted, stream: predictions, condition: anomaly > 0.75, reopen: regime_change}
+""")
+    rows = [dict(window_end_ms=t, anomaly=a, regime_change=r) for t, a, r in
+            [(10_000, 0.9, False), (20_000, 0.9, True), (30_000, 0.9, False), (40_000, 0.1, True), (50_000, 0.2, False)]]
+    # a regime change of the open incident: cleared and raised at its row; after the clear it is ignored
+    assert run(engine, "predictions", predictions(*rows)) == [("fire", 10_000), ("clear", 20_000), ("fire", 20_000),
+                                                              ("clear", 40_000)]
+
+
+def test_a_rule_on_rejected_readings(tmp_path):
+    engine = engine_for(tmp_path, """
+  - {name: invalid, stream: rejects, condition: stage == "clean" and reason == "out_of_range"}
+""")
+    rows = [dict(stage="clean", reason="out_of_range", tenant="acme", device_id="d1", metric="temp", ts_ms=1000,
+                 value=900.0, rejected_ms=2000, detail="above 200"),
+            dict(stage="predict", reason="non_finite_mean", tenant="acme", device_id="d2", metric="temp",
+                 rejected_ms=3000, detail="")]
+    got = [(s.kind, s.series[1], s.ts_ms) for s in engine.process("rejects", table(contract.REJECTS, {}, rows))]
+    assert got == [("fire", "d1", 2000)]

@@ -217,6 +217,31 @@ class PredictConfig:
 
 
 @dataclass
+class DetectConfig:
+    """The predict stage's online detectors (``aimass.models.series_model``, ``device_model``).
+
+    Scores are 1 - 0.5^(statistic / q): 0.5 at the statistic's normal 99th percentile ``q``."""
+
+    warmup_windows: int = field(default=30, metadata=_range(2, 100_000))  # a series is not judged before
+    long_windows: int = field(default=8640, metadata=_range(10, 10_000_000))  # residual-scale memory (1 day of 10 s)
+    regime_windows: int = field(default=60, metadata=_range(2, 10_000_000))  # outlier windows in a row = new normal
+    forecast_alpha: float = field(default=0.3, metadata=_range(0.001, 1.0))  # Holt level weight
+    forecast_beta: float = field(default=0.05, metadata=_range(0.0, 1.0))  # Holt trend weight
+    q_level: float = field(default=2.6, metadata=_range(0.01, None))  # |z| of the one-step residual
+    q_spread: float = field(default=2.6, metadata=_range(0.01, None))  # |z| of log window std
+    q_change: float = field(default=6.0, metadata=_range(0.01, None))  # CUSUM statistic
+    device_warmup_windows: int = field(default=45, metadata=_range(3, 256))
+    device_slow_ratio: float = field(default=20.0, metadata=_range(1.0, None))  # between / within variance
+    device_shrink: float = field(default=0.3, metadata=_range(0.0, 1.0))
+    device_alarm_score: float = field(default=0.75, metadata=_range(0.0, 1.0))  # the device rule's threshold
+    device_clear_windows: int = field(default=3, metadata=_range(1, 10_000))
+    device_reopen_distance: float = field(default=1.0, metadata=_range(0.0, None))
+    device_reopen_s: float = field(default=20.0, metadata=_range(0.0, None))
+    device_reopen_tau_s: float = field(default=120.0, metadata=_range(1.0, None))
+    device_adapt_s: float = field(default=1800.0, metadata=_range(1.0, None))
+
+
+@dataclass
 class AlertConfig:
     """Rules, alarms and notification delivery."""
 
@@ -303,6 +328,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     triton: TritonConfig = field(default_factory=TritonConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     alert: AlertConfig = field(default_factory=AlertConfig)
     clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
 

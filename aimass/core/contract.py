@@ -68,6 +68,8 @@ WINDOWS = pa.schema([
     ("max_received_ms", pa.int64()), # latest bridge receive time in the window (latency)
 ])
 
+DEVICE_METRIC = "*"  # the metric of a device-level prediction row (no real metric may be named so)
+
 PREDICTIONS = pa.schema([
     ("tenant", pa.string()),
     ("device_id", pa.string()),
@@ -77,13 +79,18 @@ PREDICTIONS = pa.schema([
     ("target_end_ms", pa.int64()),    # end of the window whose mean is predicted
     ("observed_mean", pa.float64()),  # mean of the last observed window
     ("forecast_triton", pa.float64()),  # NaN when degraded
-    ("forecast_river", pa.float64()),
-    ("forecast", pa.float64()),         # the forecast rules use (Triton, else River)
+    ("forecast_online", pa.float64()),  # the online robust seasonal forecaster (aimass.models.series_model)
+    ("forecast", pa.float64()),         # the forecast rules use (Triton, else online)
     ("band_low", pa.float64()),
     ("band_high", pa.float64()),
-    ("anomaly_triton", pa.float64()),   # 0..1, NaN when degraded
-    ("anomaly_river", pa.float64()),    # 0..1
-    ("anomaly", pa.float64()),          # the score rules use
+    # Calibrated 0..1 scores: 0.5 at the statistic's normal 99th percentile. NaN: not judged.
+    ("anomaly_triton", pa.float64()),   # Triton's anomaly model (NaN when degraded)
+    ("anomaly_level", pa.float64()),    # the window mean vs the one-step forecast
+    ("anomaly_spread", pa.float64()),   # the window's std vs its usual spread (stuck / noisy sensor)
+    ("anomaly_change", pa.float64()),   # CUSUM: a sustained shift or drift
+    ("anomaly_device", pa.float64()),   # device rows (metric DEVICE_METRIC): all metrics of the device together
+    ("anomaly", pa.float64()),          # the score rules use: max(level, spread, change); the device score on device rows
+    ("regime_change", pa.bool_()),      # device rows: the device's open incident moved to a new state
     ("forecaster_model", pa.string()),  # name:version
     ("anomaly_model", pa.string()),
     ("degraded", pa.bool_()),
