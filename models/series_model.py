@@ -126,7 +126,7 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
             young_scale = math.sqrt(max(YOUNG_INFLATE * YOUNG_INFLATE * st[WITHIN], st[RES_VAR]) / c)
             z = min(max(residual / young_scale, -Z_CLIP), Z_CLIP)
         # spread: log std of the window against its own baseline
-        # (a series whose normal windows can have std 0, e.g. quantized readings, is not judged on those)
+        # (a series that had a window of std 0 before, e.g. quantized readings, is not judged on those)
         has_spread = counts[i] >= 3 and math.isfinite(stds[i]) and not (stds[i] == 0.0 and st[ZERO_SD] > 0)
         ls = math.log(max(stds[i], 1e-12 + 1e-9 * abs(x))) if has_spread else 0.0
         z_sp = 0.0
@@ -156,8 +156,8 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
                 if st[RES_VAR] > 0:
                     r2c = min(r2c, HUBER * HUBER * st[RES_VAR])
                 st[RES_VAR] += w * (r2c - st[RES_VAR])
-            if has_spread and stds[i] == 0.0 and (young or not outlier):
-                st[ZERO_SD] += 1.0  # std 0 is part of this series' normal behaviour
+            if has_spread and stds[i] == 0.0:
+                st[ZERO_SD] += 1.0  # judged once; from now on std 0 may be this series' resolution
             elif has_spread and (young or not outlier):
                 st[SP_N] += 1.0
                 st[WITHIN] += (stds[i] * stds[i] - st[WITHIN]) / st[SP_N]
