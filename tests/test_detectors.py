@@ -59,7 +59,7 @@ def test_device_kernel_matches_the_numpy_reference():
     assert judged.sum() == len(means)
     assert np.isnan(res.device_score[judged][:warm]).all()  # not judged while it learns
     np.testing.assert_allclose(res.device_score[judged][warm:], ref_score[warm:], rtol=1e-9, atol=1e-12)
-    assert det.device["use"][0, :4].tolist() == [1.0, 1.0, 1.0, 0.0]  # the drifting metric is left out
+    assert det.device["use"][0, :4].tolist() == [1.0, 1.0, 1.0, 2.0]  # the drifting metric: by its change
     # the kernel's incident state and regime changes are the reference's alarm / re-arm
     assert (res.device_changed[judged] == ref_rearm).all()
     assert ref_alarm[90:110].mean() > 0.8 and ref_alarm[:85].sum() <= 2
@@ -118,10 +118,15 @@ def test_a_metric_the_device_model_judges_leaves_its_level_to_it():
     assert res.series[20, sm.OUT_ANOMALY] >= res.series[20, sm.OUT_LEVEL]  # not yet fitted: the level counts
 
 
-def test_a_device_whose_metrics_all_drift_has_no_level_model():
-    res = PartitionDetectors(DetectConfig(), 8).step(series(smooth()))  # a slow sine: between >> within noise
-    assert np.isnan(res.device_score).all()
-    assert (res.series[:, sm.OUT_ANOMALY] >= res.series[:, sm.OUT_LEVEL]).all()
+def test_a_device_whose_metrics_all_drift_is_judged_by_their_changes():
+    values = smooth()  # a slow sine: its window means vary far more than its readings' noise explains
+    values[150] += 3.0
+    det = PartitionDetectors(DetectConfig(), 8)
+    res = det.step(series(values))
+    assert det.device["use"][0, 0] == dm.SLOW
+    judged = res.device_score[np.isfinite(res.device_score)]
+    assert len(judged) == len(values) - DetectConfig().device_warmup_windows
+    assert res.device_score[150] > 0.95 and np.quantile(judged, 0.95) < 0.75
 
 
 def smooth(k: int = 200, seed: int = 1) -> np.ndarray:
