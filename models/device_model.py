@@ -69,7 +69,7 @@ def grown(state: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def inverse(a: np.ndarray) -> np.ndarray:
     """Inverse of a small symmetric positive-definite matrix (Gauss-Jordan, partial pivoting)."""
     n = a.shape[0]
@@ -94,7 +94,7 @@ def inverse(a: np.ndarray) -> np.ndarray:
     return inv
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def shrunk_cov(x: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance shrunk toward its diagonal, floored) of the rows of ``x``."""
     n, p = x.shape
@@ -121,13 +121,13 @@ def shrunk_cov(x: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     return mean, cov
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def mahalanobis(r: np.ndarray, prec: np.ndarray) -> float:
     """rᵀ P r."""
     return float(r @ prec @ r)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _quadratic(r: np.ndarray, prec: np.ndarray, idx: np.ndarray) -> float:
     """rᵀ P r over the rows / columns ``idx`` of ``prec`` (``r`` already compact)."""
     total = 0.0
@@ -139,7 +139,7 @@ def _quadratic(r: np.ndarray, prec: np.ndarray, idx: np.ndarray) -> float:
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
     """End of warm-up: sort the metrics into fast (modelled by level) and slow (modelled by their
     change from the previous window), fit mean / covariance / normalizer of device ``d``."""
@@ -178,10 +178,11 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
         for b in range(p):
             cov[d, idx[a], idx[b]] = c[a, b]
             prec[d, idx[a], idx[b]] = pr[a, b]
-    sc[Q] = CHI2_99[min(p, 16) - 1] * (loo / n) / p
+    # (error_model="numpy": a division by zero gives inf / NaN, never an exception in a worker)
+    sc[Q] = max(CHI2_99[min(p, 16) - 1] * (loo / n) / p, 1e-12)  # a constant warm-up: any move is far
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, last, warm, noise, d, end,
            warmup, slow_ratio, shrink, alarm_score, clear_windows, reopen_distance, reopen_ms, a_ref, a_adapt):
     """Judge device ``d``'s pending window ending at ``end``: (score, D / q, regime change); NaN
@@ -266,7 +267,7 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, last, war
     return score, dist, changed
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def device_kernel(devices, ends, pos, means, noise_of_mean, known, sc_all, use, mean, ref, cov, prec, pend,
                   pend_have, pend_noise, last, warm, noise, warmup, slow_ratio, shrink, alarm_score, clear_windows,
                   reopen_distance, reopen_ms, a_ref, a_adapt):

@@ -59,7 +59,7 @@ CUSUM_K = 1.0        # CUSUM allowance (detects shifts of about 2 scales)
 Z_CLIP = 50.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def calibrate(stat: float, q: float) -> float:
     """A non-negative statistic -> 0..1: 0 at 0, 0.5 at ``q``, 0.75 at 2q, 0.875 at 3q."""
     if not stat > 0.0:
@@ -67,7 +67,7 @@ def calibrate(stat: float, q: float) -> float:
     return 1.0 - 0.5 ** (stat / q)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _season(tod: np.ndarray, dow: np.ndarray, s: int, end_ms: int, span_ms: float) -> float:
     """The seasonal offset of window end ``end_ms`` once the history spans its period."""
     off = 0.0
@@ -78,7 +78,7 @@ def _season(tod: np.ndarray, dow: np.ndarray, s: int, end_ms: int, span_ms: floa
     return off
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _reset(st: np.ndarray, tod: np.ndarray, dow: np.ndarray, s: int, end: int, x: float) -> None:
     """Forget a series' behaviour and start learning it again at window ``end`` of mean ``x``."""
     st[:] = 0.0
@@ -87,7 +87,7 @@ def _reset(st: np.ndarray, tod: np.ndarray, dow: np.ndarray, s: int, end: int, x
     dow[s, :] = 0.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, means: np.ndarray, stds: np.ndarray,
                 counts: np.ndarray, state: np.ndarray, history: np.ndarray, tod: np.ndarray, dow: np.ndarray,
                 alpha: float, beta: float, long_windows: float, warmup_windows: int, regime_windows: int,

@@ -89,6 +89,19 @@ def test_a_missing_metric_is_judged_when_the_next_window_starts_and_not_scored()
     assert np.isnan(res.device_score[res.device_end == missing_end]).all()  # incomplete: not scored
 
 
+def test_constant_and_degenerate_devices_never_raise():
+    """A device whose metrics never move in the warm-up, or move by NaN / inf: scores, no exception."""
+    k = 80
+    means = np.ones((k, 3)) * np.array([5.0, 0.0, 1e12])
+    means[60, 0] = 6.0
+    stds = np.zeros((k, 3))
+    res = PartitionDetectors(DetectConfig(), 8).step(windows(means, stds, np.full(k, 10.0)))
+    per_window = res.device_score[res.device_end > 0]
+    assert per_window[60] > 0.99 and (per_window[50:60] < 0.5).all()
+    means[70, 1] = np.inf
+    PartitionDetectors(DetectConfig(), 8).step(windows(means, stds, np.full(k, 1.0)))
+
+
 def test_inverse_matches_numpy():
     a = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 2.0]])
     np.testing.assert_allclose(dm.inverse(a), np.linalg.inv(a), rtol=1e-12)
