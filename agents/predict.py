@@ -7,7 +7,8 @@ judged before it is learned), send every new feature row to Triton in batched re
 DRIFT events (``aimass.streams.kafka.TableProducer``: records under ``kafka.max_record_bytes``).
 Only windows of ``predict.window_s`` are predicted (other sizes are for other consumers); a
 record that is not a WINDOWS batch, or a window with a non-finite mean, goes to the dead-letter
-topic with its reason (a bounded prefix of the record). Rows Triton did not answer (breaker
+topic with its reason (a bounded prefix of the record); so do the windows of a batch whose
+prediction failed (``predict_failed``: a defect never stops the stage). Rows Triton did not answer (breaker
 open, timeout, error) carry the online forecast and ``degraded=True``: every request has
 ``triton.timeout_s``, and once the breaker is open no poll waits on Triton at all.
 
@@ -278,7 +279,16 @@ class PredictStage:
                 self.stats["rejected"] += bad.num_rows
             by_partition.setdefault(msg.partition(), []).append(good)
         batches = [(p, pa.concat_tables(ts)) for p, ts in by_partition.items()]
-        predictions, drift = await self.predictor.predict(batches, now_ms)
+        try:
+            predictions, drift = await self.predictor.predict(batches, now_ms)
+        except Exception as exc:  # a defect on some input must not stop the stage: its windows are dead letters
+            log.exception("predicting a batch failed; its %d windows go to the dead-letter topic",
+                          sum(t.num_rows for _, t in batches))
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            for _, table in batches:
+                self.out.produce(contract.DEAD_LETTER, rejects(table, "predict_failed", detail, now_ms))
+                self.stats["rejected"] += table.num_rows
+            return
         self.out.produce(contract.PREDICTION_ROWS, predictions)
         self.out.produce(contract.DRIFT_EVENTS, drift)
         self.stats["rows"] += predictions.num_rows

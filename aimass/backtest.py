@@ -122,7 +122,7 @@ def alarm_cover(alerts: pd.DataFrame, windowed_rules: set[str], window_s: int) -
     key = ["rule", "device_id", "metric", "ts_ms"]
     cleared = a[a["transition"] == "cleared"][key].drop_duplicates().assign(reopen=True)
     a = a.merge(cleared, on=key, how="left")
-    raise_again = a["transition"].isin(["raised", "reraised"]) & a["reopen"].fillna(False).astype(bool)
+    raise_again = a["transition"].isin(["raised", "reraised"]) & a["reopen"].eq(True)
     a.loc[raise_again, "ts_ms"] += 1
     return a.drop(columns="reopen")
 

@@ -40,8 +40,9 @@ CHI2_99 = np.array([6.635, 9.210, 11.345, 13.277, 15.086, 16.812, 18.475, 20.090
                     24.725, 26.217, 27.688, 29.141, 30.578, 32.000])  # chi2.ppf(0.99, p), p = 1..16
 
 # scalar state columns
-READY, N_WARM, Q, ALARM, QUIET, REF_T, PEND_END, KNOWN, USED = range(9)
-N_SCALARS = 9
+READY, N_WARM, Q, ALARM, QUIET, REF_T, PEND_END, KNOWN, USED, HAS_LAST = range(10)
+N_SCALARS = 10
+FAST, SLOW = 1.0, 2.0  # ``use``: a metric modelled by its level / by its change from the previous window
 
 
 def empty_state(n: int, warmup: int = 40) -> dict[str, np.ndarray]:
@@ -50,6 +51,7 @@ def empty_state(n: int, warmup: int = 40) -> dict[str, np.ndarray]:
     return {"scalars": np.zeros((n, N_SCALARS)), "use": np.zeros((n, m)), "mean": np.zeros((n, m)),
             "ref": np.zeros((n, m)), "cov": np.zeros((n, m, m)), "prec": np.zeros((n, m, m)),
             "pend": np.zeros((n, m)), "pend_have": np.zeros((n, m)), "pend_noise": np.zeros((n, m)),
+            "last": np.zeros((n, m)),
             "warm": np.zeros((n, min(warmup, WARMUP_MAX), m)), "noise": np.zeros((n, m))}
 
 
@@ -67,7 +69,7 @@ def grown(state: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def inverse(a: np.ndarray) -> np.ndarray:
     """Inverse of a small symmetric positive-definite matrix (Gauss-Jordan, partial pivoting)."""
     n = a.shape[0]
@@ -92,7 +94,7 @@ def inverse(a: np.ndarray) -> np.ndarray:
     return inv
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def shrunk_cov(x: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance shrunk toward its diagonal, floored) of the rows of ``x``."""
     n, p = x.shape
@@ -119,13 +121,13 @@ def shrunk_cov(x: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     return mean, cov
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def mahalanobis(r: np.ndarray, prec: np.ndarray) -> float:
     """rᵀ P r."""
     return float(r @ prec @ r)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _quadratic(r: np.ndarray, prec: np.ndarray, idx: np.ndarray) -> float:
     """rᵀ P r over the rows / columns ``idx`` of ``prec`` (``r`` already compact)."""
     total = 0.0
@@ -137,27 +139,25 @@ def _quadratic(r: np.ndarray, prec: np.ndarray, idx: np.ndarray) -> float:
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
-    """End of warm-up: choose the fast metrics, fit mean / covariance / normalizer of device ``d``."""
+    """End of warm-up: sort the metrics into fast (modelled by level) and slow (modelled by their
+    change from the previous window), fit mean / covariance / normalizer of device ``d``."""
     known = int(sc[KNOWN])
     x = warm[d, :n, :known].copy()
-    idx = np.empty(known, np.int64)
-    p = 0
-    for j in range(known):
-        between = np.var(x[:, j])
-        within = noise[d, j] / n
-        if between <= slow_ratio * within + 1e-300:
-            idx[p] = j
-            p += 1
+    p = known
     sc[READY] = 1.0
     sc[USED] = p
-    if p == 0:  # every metric drifts: no level model (each series is judged alone)
-        return
-    idx = idx[:p]
-    f = np.empty((n, p))
+    f = np.empty((n - 1, p))  # the first window has no previous one: the features start at the second
     for j in range(p):
-        f[:, j] = x[:, idx[j]]
+        between = np.var(x[:, j])
+        within = noise[d, j] / n
+        slow = between > slow_ratio * within + 1e-300
+        use[d, j] = SLOW if slow else FAST
+        for i in range(1, n):
+            f[i - 1, j] = x[i, j] - x[i - 1, j] if slow else x[i, j]
+    idx = np.arange(p)
+    n = n - 1
     m, c = shrunk_cov(f, shrink)
     loo = 0.0
     keep = np.empty((n - 1, p))
@@ -170,21 +170,20 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
         mi, ci = shrunk_cov(keep, shrink)
         loo += mahalanobis(f[i] - mi, inverse(ci))
     pr = inverse(c)
-    use[d, :] = 0.0
     mean[d, :] = 0.0
     cov[d, :, :] = 0.0
     prec[d, :, :] = 0.0
     for a in range(p):
-        use[d, idx[a]] = 1.0
         mean[d, idx[a]] = m[a]
         for b in range(p):
             cov[d, idx[a], idx[b]] = c[a, b]
             prec[d, idx[a], idx[b]] = pr[a, b]
-    sc[Q] = CHI2_99[min(p, 16) - 1] * (loo / n) / p
+    # (error_model="numpy": a division by zero gives inf / NaN, never an exception in a worker)
+    sc[Q] = max(CHI2_99[min(p, 16) - 1] * (loo / n) / p, 1e-12)  # a constant warm-up: any move is far
 
 
-@njit(cache=True, nogil=True)
-def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noise, d, end,
+@njit(cache=True, nogil=True, error_model="numpy")
+def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, last, warm, noise, d, end,
            warmup, slow_ratio, shrink, alarm_score, clear_windows, reopen_distance, reopen_ms, a_ref, a_adapt):
     """Judge device ``d``'s pending window ending at ``end``: (score, D / q, regime change); NaN
     score in the warm-up or when a modelled metric is missing."""
@@ -193,6 +192,11 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
     for j in range(known):
         if pend_have[d, j] == 0.0:
             complete = False
+    had_last = sc[HAS_LAST] > 0.0
+    prev = last[d].copy()  # the previous complete window: slow metrics are judged by their change from it
+    if complete:
+        last[d] = pend[d]
+        sc[HAS_LAST] = 1.0
     if sc[READY] == 0.0:
         if complete:
             n = int(sc[N_WARM])
@@ -203,7 +207,7 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
             if n + 1 >= warmup:
                 _fit(sc, use, mean, cov, prec, warm, noise, d, n + 1, slow_ratio, shrink)
         return np.nan, np.nan, False  # not judged while the model learns
-    if sc[USED] == 0.0:
+    if not complete or not had_last:
         return np.nan, np.nan, False
     idx = np.empty(MAX_METRICS, np.int64)
     p = 0
@@ -214,9 +218,13 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
             idx[p] = j
             p += 1
     idx = idx[:p]
+    f = np.empty(p)
+    for a in range(p):
+        j = idx[a]
+        f[a] = pend[d, j] - prev[j] if use[d, j] == SLOW else pend[d, j]
     r = np.empty(p)
     for a in range(p):
-        r[a] = pend[d, idx[a]] - mean[d, idx[a]]
+        r[a] = f[a] - mean[d, idx[a]]
     dist = _quadratic(r, prec[d], idx) / sc[Q]
     score = 1.0 - 0.5 ** dist
     hot = score > alarm_score
@@ -247,9 +255,9 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
         for a in range(p):
             mean[d, idx[a]] += a_adapt * r[a]
         for a in range(p):
-            ra = pend[d, idx[a]] - mean[d, idx[a]]
+            ra = f[a] - mean[d, idx[a]]
             for b in range(p):
-                rb = pend[d, idx[b]] - mean[d, idx[b]]
+                rb = f[b] - mean[d, idx[b]]
                 cov[d, idx[a], idx[b]] = (1.0 - a_adapt) * cov[d, idx[a], idx[b]] + a_adapt * ra * rb
                 sub[a, b] = cov[d, idx[a], idx[b]]
         pr = inverse(sub)
@@ -259,9 +267,9 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noi
     return score, dist, changed
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def device_kernel(devices, ends, pos, means, noise_of_mean, known, sc_all, use, mean, ref, cov, prec, pend,
-                  pend_have, pend_noise, warm, noise, warmup, slow_ratio, shrink, alarm_score, clear_windows,
+                  pend_have, pend_noise, last, warm, noise, warmup, slow_ratio, shrink, alarm_score, clear_windows,
                   reopen_distance, reopen_ms, a_ref, a_adapt):
     """Per row: (judged window end or 0, score, D / q, regime change) of the device window it completed,
     and whether the device's fitted model judges the row's metric."""
@@ -285,7 +293,7 @@ def device_kernel(devices, ends, pos, means, noise_of_mean, known, sc_all, use, 
         if e > sc[PEND_END]:
             if sc[PEND_END] > 0 and pend_have[d].sum() > 0:  # the previous window, with what arrived
                 score[i], dist[i], changed[i] = _judge(
-                    sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noise, d, int(sc[PEND_END]),
+                    sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, last, warm, noise, d, int(sc[PEND_END]),
                     warmup, slow_ratio, shrink, alarm_score, clear_windows, reopen_distance, reopen_ms, a_ref, a_adapt)
                 judged[i] = int(sc[PEND_END])
             sc[PEND_END] = e
@@ -293,7 +301,7 @@ def device_kernel(devices, ends, pos, means, noise_of_mean, known, sc_all, use, 
         pend[d, j], pend_have[d, j], pend_noise[d, j] = means[i], 1.0, noise_of_mean[i]
         if pend_have[d, :int(sc[KNOWN])].sum() >= sc[KNOWN]:
             score[i], dist[i], changed[i] = _judge(
-                sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, warm, noise, d, e,
+                sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, last, warm, noise, d, e,
                 warmup, slow_ratio, shrink, alarm_score, clear_windows, reopen_distance, reopen_ms, a_ref, a_adapt)
             judged[i] = e
             pend_have[d, :] = 0.0
@@ -311,6 +319,6 @@ def device_step(devices: np.ndarray, ends: np.ndarray, pos: np.ndarray, known: n
     return device_kernel(
         devices, ends, pos, means, noise_of_mean, known, state["scalars"], state["use"], state["mean"],
         state["ref"], state["cov"], state["prec"], state["pend"], state["pend_have"], state["pend_noise"],
-        state["warm"], state["noise"], warmup, cfg.device_slow_ratio, cfg.device_shrink, cfg.device_alarm_score,
+        state["last"], state["warm"], state["noise"], warmup, cfg.device_slow_ratio, cfg.device_shrink, cfg.device_alarm_score,
         cfg.device_clear_windows, cfg.device_reopen_distance, cfg.device_reopen_s * 1000.0,
         1.0 - math.exp(-window_s / cfg.device_reopen_tau_s), 1.0 - math.exp(-window_s / cfg.device_adapt_s))

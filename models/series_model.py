@@ -59,7 +59,7 @@ CUSUM_K = 1.0        # CUSUM allowance (detects shifts of about 2 scales)
 Z_CLIP = 50.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def calibrate(stat: float, q: float) -> float:
     """A non-negative statistic -> 0..1: 0 at 0, 0.5 at ``q``, 0.75 at 2q, 0.875 at 3q."""
     if not stat > 0.0:
@@ -67,7 +67,7 @@ def calibrate(stat: float, q: float) -> float:
     return 1.0 - 0.5 ** (stat / q)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _season(tod: np.ndarray, dow: np.ndarray, s: int, end_ms: int, span_ms: float) -> float:
     """The seasonal offset of window end ``end_ms`` once the history spans its period."""
     off = 0.0
@@ -78,7 +78,7 @@ def _season(tod: np.ndarray, dow: np.ndarray, s: int, end_ms: int, span_ms: floa
     return off
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _reset(st: np.ndarray, tod: np.ndarray, dow: np.ndarray, s: int, end: int, x: float) -> None:
     """Forget a series' behaviour and start learning it again at window ``end`` of mean ``x``."""
     st[:] = 0.0
@@ -87,7 +87,7 @@ def _reset(st: np.ndarray, tod: np.ndarray, dow: np.ndarray, s: int, end: int, x
     dow[s, :] = 0.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, means: np.ndarray, stds: np.ndarray,
                 counts: np.ndarray, state: np.ndarray, history: np.ndarray, tod: np.ndarray, dow: np.ndarray,
                 alpha: float, beta: float, long_windows: float, warmup_windows: int, regime_windows: int,
@@ -126,7 +126,7 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
             young_scale = math.sqrt(max(YOUNG_INFLATE * YOUNG_INFLATE * st[WITHIN], st[RES_VAR]) / c)
             z = min(max(residual / young_scale, -Z_CLIP), Z_CLIP)
         # spread: log std of the window against its own baseline
-        # (a series whose normal windows can have std 0, e.g. quantized readings, is not judged on those)
+        # (a series that had a window of std 0 before, e.g. quantized readings, is not judged on those)
         has_spread = counts[i] >= 3 and math.isfinite(stds[i]) and not (stds[i] == 0.0 and st[ZERO_SD] > 0)
         ls = math.log(max(stds[i], 1e-12 + 1e-9 * abs(x))) if has_spread else 0.0
         z_sp = 0.0
@@ -156,8 +156,8 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
                 if st[RES_VAR] > 0:
                     r2c = min(r2c, HUBER * HUBER * st[RES_VAR])
                 st[RES_VAR] += w * (r2c - st[RES_VAR])
-            if has_spread and stds[i] == 0.0 and (young or not outlier):
-                st[ZERO_SD] += 1.0  # std 0 is part of this series' normal behaviour
+            if has_spread and stds[i] == 0.0:
+                st[ZERO_SD] += 1.0  # judged once; from now on std 0 may be this series' resolution
             elif has_spread and (young or not outlier):
                 st[SP_N] += 1.0
                 st[WITHIN] += (stds[i] * stds[i] - st[WITHIN]) / st[SP_N]

@@ -166,7 +166,10 @@ class Label:
     decided: bool = False
 
     def covers(self, tenant: str, device_id: str, metric: str, ts_ms: int, grace_ms: int) -> bool:
-        return (self.tenant == tenant and self.device_id == device_id and self.metric in ("", metric)
+        """Whether a detection on (device, metric) at ``ts_ms`` is one of this label; a device-level
+        detection (metric ``DEVICE_METRIC``) covers a label on any metric of its device."""
+        return (self.tenant == tenant and self.device_id == device_id
+                and (metric == contract.DEVICE_METRIC or self.metric in ("", metric))
                 and self.start_ms <= ts_ms <= self.end_ms + grace_ms)
 
 

@@ -17,8 +17,12 @@ def device_scores(t0, n, mean, std, warm_n, P=P_):
     # ---- warm-up, equal weights: which metrics are slow (drift) -> excluded from the level model
     Mw = mean[:warm_n]
     vr = Mw.var(0) / (np.mean(std[:warm_n] ** 2 / n[:warm_n, None], 0) + 1e-12)   # between/within variance
-    use = vr <= P['vr_cut']
-    F = Mw[:, use]; nn, q_ = F.shape
+    slow = vr > P['vr_cut']        # slow (drifting) metrics enter as their change from the previous window
+
+    def feat(k):
+        return np.r_[mean[k, ~slow], (mean[k] - mean[k - 1])[slow]]
+
+    F = np.array([feat(k) for k in range(1, warm_n)]); nn, q_ = F.shape
     m = F.mean(0); R = F - m
     C = R.T @ R / (nn - 1); C = (1 - P['shrink']) * C + P['shrink'] * np.diag(np.diag(C))
     # ---- normaliser q: chi2_p 0.99 quantile x (mean leave-one-out distance / p)  ('loo' in stream_eval)
@@ -33,7 +37,7 @@ def device_scores(t0, n, mean, std, warm_n, P=P_):
     score = np.zeros(K); alarm = np.zeros(K, np.int8); rearm = np.zeros(K, bool)
     st = on = off = 0; ref = np.zeros(q_); t_last = 0.0
     for k in range(warm_n, K):
-        f = mean[k, use]; r = f - m
+        f = feat(k); r = f - m
         D = r @ Pm @ r
         score[k] = 1 - 0.5 ** (D / q)              # 0.5 at D = q; alarm level thr=2 <=> score > 0.75
         hot = D > P['thr'] * q

@@ -59,7 +59,7 @@ def test_device_kernel_matches_the_numpy_reference():
     assert judged.sum() == len(means)
     assert np.isnan(res.device_score[judged][:warm]).all()  # not judged while it learns
     np.testing.assert_allclose(res.device_score[judged][warm:], ref_score[warm:], rtol=1e-9, atol=1e-12)
-    assert det.device["use"][0, :4].tolist() == [1.0, 1.0, 1.0, 0.0]  # the drifting metric is left out
+    assert det.device["use"][0, :4].tolist() == [1.0, 1.0, 1.0, 2.0]  # the drifting metric: by its change
     # the kernel's incident state and regime changes are the reference's alarm / re-arm
     assert (res.device_changed[judged] == ref_rearm).all()
     assert ref_alarm[90:110].mean() > 0.8 and ref_alarm[:85].sum() <= 2
@@ -87,6 +87,19 @@ def test_a_missing_metric_is_judged_when_the_next_window_starts_and_not_scored()
     missing_end = T0 + 56 * 10_000
     assert missing_end in ends.tolist()
     assert np.isnan(res.device_score[res.device_end == missing_end]).all()  # incomplete: not scored
+
+
+def test_constant_and_degenerate_devices_never_raise():
+    """A device whose metrics never move in the warm-up, or move by NaN / inf: scores, no exception."""
+    k = 80
+    means = np.ones((k, 3)) * np.array([5.0, 0.0, 1e12])
+    means[60, 0] = 6.0
+    stds = np.zeros((k, 3))
+    res = PartitionDetectors(DetectConfig(), 8).step(windows(means, stds, np.full(k, 10.0)))
+    per_window = res.device_score[res.device_end > 0]
+    assert per_window[60] > 0.99 and (per_window[50:60] < 0.5).all()
+    means[70, 1] = np.inf
+    PartitionDetectors(DetectConfig(), 8).step(windows(means, stds, np.full(k, 1.0)))
 
 
 def test_inverse_matches_numpy():
@@ -118,10 +131,15 @@ def test_a_metric_the_device_model_judges_leaves_its_level_to_it():
     assert res.series[20, sm.OUT_ANOMALY] >= res.series[20, sm.OUT_LEVEL]  # not yet fitted: the level counts
 
 
-def test_a_device_whose_metrics_all_drift_has_no_level_model():
-    res = PartitionDetectors(DetectConfig(), 8).step(series(smooth()))  # a slow sine: between >> within noise
-    assert np.isnan(res.device_score).all()
-    assert (res.series[:, sm.OUT_ANOMALY] >= res.series[:, sm.OUT_LEVEL]).all()
+def test_a_device_whose_metrics_all_drift_is_judged_by_their_changes():
+    values = smooth()  # a slow sine: its window means vary far more than its readings' noise explains
+    values[150] += 3.0
+    det = PartitionDetectors(DetectConfig(), 8)
+    res = det.step(series(values))
+    assert det.device["use"][0, 0] == dm.SLOW
+    judged = res.device_score[np.isfinite(res.device_score)]
+    assert len(judged) == len(values) - DetectConfig().device_warmup_windows
+    assert res.device_score[150] > 0.95 and np.quantile(judged, 0.95) < 0.75
 
 
 def smooth(k: int = 200, seed: int = 1) -> np.ndarray:
@@ -163,8 +181,9 @@ def test_a_stuck_sensor_has_a_high_spread_score():
     std = np.full(len(values), 0.45)
     std[120:130] = 0.0
     out = scores(values, std=std)
-    assert (out[120:130, sm.OUT_SPREAD] > 0.95).all()
-    assert out[40:115, sm.OUT_SPREAD].max() < 0.9
+    assert out[120, sm.OUT_SPREAD] > 0.95  # the first window of std 0 is judged ...
+    assert (out[121:130, sm.OUT_SPREAD] == 0).all()  # ... later ones may be the sensor's resolution
+    assert out[40:115, sm.OUT_SPREAD].max() < 0.9  # (the stuck_sensor rule watches std == 0 for longer)
 
 
 def test_a_young_series_is_judged_against_its_own_noise():

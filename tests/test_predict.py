@@ -212,3 +212,40 @@ def test_rebalance_hands_detector_state_to_the_new_owner(tmp_path, kafka, triton
     table = pa.concat_tables(t for _, t in got)
     seen = set(zip(table["device_id"].to_pylist(), table["window_end_ms"].to_pylist()))
     assert seen == set(zip(windows["device_id"].to_pylist(), windows["window_end_ms"].to_pylist()))
+
+
+def test_a_batch_whose_prediction_fails_goes_to_dead_letters_and_the_stage_runs_on(tmp_path, kafka):
+    cfg = make_config(tmp_path, kafka=kafka)
+    create_topics(cfg)
+    windows, _ = synthetic_windows(SERIES, 6)
+    _produce_windows(cfg, windows.slice(0, SERIES * 3))
+    stage = PredictStage(cfg, use_triton=False)
+    real = stage.predictor.predict
+    failures = []
+
+    async def failing_once(batches, now_ms=None):  # the defect: one batch trips the detectors
+        if not failures:
+            failures.append(sum(t.num_rows for _, t in batches))
+            raise FloatingPointError("injected")
+        return await real(batches, now_ms)
+
+    stage.predictor.predict = failing_once
+    dead, predictions = _reader(cfg, contract.DEAD_LETTER), _reader(cfg, contract.PREDICTION_ROWS)
+
+    def both() -> None:
+        got = _read(cfg, contract.DEAD_LETTER, dead, 1)
+        _produce_windows(cfg, windows.slice(SERIES * 3))  # later windows: predicted as usual
+        got_p = _read(cfg, contract.PREDICTION_ROWS, predictions, windows.num_rows - failures[0])
+        both.dead, both.predicted = got, got_p
+
+    asyncio.run(_run_until(stage, both))
+    rejected = pa.concat_tables(t for _, t in both.dead).to_pydict()
+    assert set(rejected["reason"]) == {"predict_failed"} and "FloatingPointError: injected" in rejected["detail"][0]
+    assert len(rejected["reason"]) == failures[0]  # every window of the failed batch, by identity below
+    failed = set(zip(rejected["device_id"], rejected["ts_ms"]))
+    predicted = pa.concat_tables(t for _, t in both.predicted)
+    seen = set(zip(predicted["device_id"].to_pylist(), predicted["window_end_ms"].to_pylist()))
+    every = set(zip(windows["device_id"].to_pylist(), windows["window_end_ms"].to_pylist()))
+    assert failed | seen == every and not failed & seen  # each window predicted or dead-lettered, once
+    dead.close()
+    predictions.close()

@@ -70,8 +70,9 @@ def test_windows_wait_for_late_predictions_and_checkpoint_incrementally(tmp_path
     assert restored.take_actual_changes()[0] == []
 
 
-def alert(rule: str, ts_ms: int, device: str = "pump-1", transition: str = "raised") -> dict:
-    return dict(rule=rule, tenant="acme", device_id=device, metric="temperature", ts_ms=ts_ms, transition=transition)
+def alert(rule: str, ts_ms: int, device: str = "pump-1", transition: str = "raised", metric: str = "temperature"
+          ) -> dict:
+    return dict(rule=rule, tenant="acme", device_id=device, metric=metric, ts_ms=ts_ms, transition=transition)
 
 
 def test_quality_precision_recall_delay_hand_computed():
@@ -117,3 +118,14 @@ def test_quality_waits_for_the_grace_period_and_survives_restart():
     restored.advance(200_000)
     [row] = restored.rows(2)
     assert (row["true_positives"], row["false_positives"], row["false_negatives"]) == (0, 1, 1)
+
+
+def test_a_device_level_detection_covers_a_label_on_any_metric_of_its_device():
+    q = QualityTracker(grace_s=10)
+    q.add_labels(labels(dict(start_ms=100_000, end_ms=120_000, metric="temperature"),
+                        dict(start_ms=300_000, end_ms=310_000, metric="temperature")))
+    q.add_alert_events([alert("dev", 110_000, metric="*"),        # the device's alarm: detects the metric's label
+                        alert("dev", 305_000, metric="pressure")])  # another metric's alarm does not
+    q.advance(1_000_000)
+    [row] = q.rows(computed_ms=1)
+    assert (row["true_positives"], row["false_positives"], row["false_negatives"]) == (1, 1, 1)
