@@ -255,6 +255,16 @@ class AlertConfig:
     checkpoint_ms: int = field(default=1000, metadata=_range(0, 600_000))
 
 
+@dataclass
+class StateConfig:
+    """Per-partition checkpoints of predict and the alerter (aimass.streams.statestore)."""
+
+    # kafka: a compacted topic, so replicas need no shared volume; files: one directory (single host)
+    store: str = field(default="files", metadata=_choices("files", "kafka"))
+    dir: str = ""  # files store: default <run dir>/state
+    key_env: str = "AIMASS_STATE_KEY"  # HMAC key of checkpoints; required by the kafka store (same for all replicas)
+
+
 # TTLs are `toDateTime(time) + INTERVAL n DAY`, and DateTime ends in 2106: a row whose expiry
 # falls past that wraps around to the 1970s and is deleted at once (36,500 days did this to every
 # row). 20,000 days keeps a row written now safe until 2051. 0 = no TTL: rows are kept forever.
@@ -305,6 +315,7 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     alert: AlertConfig = field(default_factory=AlertConfig)
     clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     @property
     def run_dir(self) -> Path:
