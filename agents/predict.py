@@ -11,10 +11,12 @@ open, timeout, error) carry River's forecast and anomaly score and ``degraded=Tr
 ``triton.timeout_s``, and once the breaker is open no poll waits on Triton at all.
 
 Commit protocol (at least once, restart-safe): every ``predict.checkpoint_every_s`` and on
-partition revoke and shutdown, (1) flush the producer and check every delivery, (2) write
-each partition's River checkpoint atomically, (3) commit the input offsets. A restart or a
-rebalance resumes from the committed offset with the River state that matches it; rows
-replayed after a crash between (2) and (3) are recognized by window end and skipped.
+partition revoke and shutdown, (1) flush the producer and check every delivery, (2) save each
+partition's state with the input offset it covers in the state store
+(``aimass.streams.statestore``: a compacted Kafka topic, so replicas need no shared volume, or
+files on one host), (3) commit the input offsets. The partition's new owner (after a restart, a
+rebalance or a replica's death) loads that checkpoint and resumes at its offset, so state and
+position always match; a partition without one starts fresh from the committed offset.
 
 Why confluent-kafka and not the Faust app (streams/app.py): Faust commits acked offsets on
 its own timer (``broker_commit_interval``), independently of whether our outputs are
@@ -27,9 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import pickle
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +44,8 @@ from aimass.models import online
 from aimass.models.features import denormalize
 from aimass.models.triton_client import TritonModels
 from aimass.core import contract
-from aimass.streams.kafka import TableProducer, consume_available, consumer_config
+from aimass.streams.kafka import ConsumerLag, TableProducer, consume_available, consumer_config
+from aimass.streams.statestore import Checkpoint, open_store
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,23 @@ def undecodable(value: bytes, detail: str, now_ms: int) -> pa.Table:
     return pa.table(row, schema=contract.REJECTS)
 
 
+# --- a partition's state <-> checkpoint bytes: the one place that knows the state class ----
+
+def state_bytes(state: online.OnlinePartition) -> bytes:
+    """A partition's state as checkpoint bytes (pickled: the store seals them and checks the seal before loading)."""
+    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def state_from(checkpoint: Checkpoint | None, k: int, band_k: float) -> online.OnlinePartition:
+    """The state in an authenticated checkpoint, or a fresh one if there is none (or it is for another K);
+    either way with the configured ``band_k``."""
+    state = pickle.loads(checkpoint.data) if checkpoint is not None else None
+    if isinstance(state, online.OnlinePartition) and state.k == k:
+        state.band_k = band_k
+        return state
+    return online.OnlinePartition(k, band_k)
+
+
 # --- the Kafka shell --------------------------------------------------------------------
 
 class PredictStage:
@@ -177,7 +197,8 @@ class PredictStage:
         self.group = f"{prefix}-predict"
         self.topics = {t: t.name(prefix) for t in (contract.WINDOW_ROWS, contract.PREDICTION_ROWS,
                                                     contract.DRIFT_EVENTS, contract.DEAD_LETTER)}
-        self.checkpoints = Path(cfg.predict.checkpoint_dir or cfg.run_dir / "predict") / self.group
+        self.store = open_store(cfg)
+        self.lag = ConsumerLag("predict", self.group)
         self.triton = None
         if use_triton:
             t = cfg.triton
@@ -191,23 +212,24 @@ class PredictStage:
 
     # Rebalance callbacks run inside the consumer's poll, i.e. between two batches.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        src, resumed = self.topics[contract.WINDOW_ROWS], {}
         for tp in partitions:
-            self.predictor.partitions[tp.partition] = online.OnlinePartition.load(
-                self._ckpt(tp.partition), self.predictor.k, self.cfg.predict.band_k)
-        log.info("assigned partitions %s (River state restored from %s)", [tp.partition for tp in partitions],
-                 self.checkpoints)
+            checkpoint = self.store.load(self.group, tp.partition)
+            self.predictor.partitions[tp.partition] = state_from(checkpoint, self.predictor.k, self.cfg.predict.band_k)
+            if checkpoint is not None and src in checkpoint.offsets:
+                tp.offset = resumed[tp.partition] = checkpoint.offsets[src]
+        consumer.assign(partitions)
+        log.info("assigned partitions %s; resuming from checkpoints at %s", [tp.partition for tp in partitions], resumed)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.commit()
+        self.lag.revoked(partitions)
         for tp in partitions:
             self.predictor.partitions.pop(tp.partition, None)
             self.next_offsets.pop(tp.partition, None)
 
-    def _ckpt(self, partition: int) -> Path:
-        return self.checkpoints / f"p{partition}.pkl"
-
     def commit(self) -> None:
-        """Flush outputs, checkpoint River, then commit input offsets (in that order)."""
+        """Flush outputs, checkpoint each partition's state with its offset, then commit the offsets."""
         if not self.next_offsets:
             return
         try:
@@ -215,12 +237,14 @@ class PredictStage:
         except KafkaException as exc:
             raise RuntimeError(f"outputs not delivered ({exc}); not committing, the input will be replayed "
                                "after a restart") from None
-        for partition in self.next_offsets:
-            if partition in self.predictor.partitions:
-                self.predictor.partitions[partition].save(self._ckpt(partition))
         src = self.topics[contract.WINDOW_ROWS]
-        self.consumer.commit(offsets=[TopicPartition(src, p, o) for p, o in self.next_offsets.items()],
-                             asynchronous=False)
+        for partition, offset in self.next_offsets.items():
+            if partition in self.predictor.partitions:
+                self.store.save(self.group, partition, state_bytes(self.predictor.partitions[partition]),
+                                {src: offset})
+        offsets = [TopicPartition(src, p, o) for p, o in self.next_offsets.items()]
+        self.consumer.commit(offsets=offsets, asynchronous=False)
+        self.lag.committed(offsets)
         self.next_offsets.clear()
 
     async def handle(self, messages: list) -> None:
@@ -267,6 +291,7 @@ class PredictStage:
                     await self.handle(messages)
                 if time.monotonic() - last_commit >= self.cfg.predict.checkpoint_every_s:
                     self.commit()
+                    self.lag.update(self.consumer)
                     last_commit = time.monotonic()
                 if time.monotonic() - last_log >= 10:
                     log.info("predict: %s, breaker %s", self.stats,
@@ -280,6 +305,7 @@ class PredictStage:
             if failed:  # the revoke in close() must not commit offsets whose outputs may be missing
                 self.next_offsets.clear()
             self.consumer.close()
+            self.store.close()
             self.out.producer.flush(30)
             if self.triton is not None:
                 await self.triton.close()
@@ -303,8 +329,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         stage = PredictStage(cfg, use_triton=not args.no_triton)
-        log.info("predict: %s -> %s, Triton %s, checkpoints in %s", stage.topics[contract.WINDOW_ROWS],
-                 stage.topics[contract.PREDICTION_ROWS], "off" if args.no_triton else cfg.triton.url, stage.checkpoints)
+        log.info("predict: %s -> %s, Triton %s, checkpoints in the %s state store", stage.topics[contract.WINDOW_ROWS],
+                 stage.topics[contract.PREDICTION_ROWS], "off" if args.no_triton else cfg.triton.url, cfg.state.store)
         await stage.run(stop)
 
     asyncio.run(main())

@@ -16,12 +16,13 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from aimass.agents.predict import PredictStage
+from aimass.agents.predict import PredictStage, state_from
 from aimass.core.procs import free_port
 from aimass.core.stack import create_topics
 from aimass.models import online, registry
 from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
+from aimass.streams.statestore import open_store
 from tests.conftest import make_config
 from tests.fixtures_predict import synthetic_windows
 
@@ -114,9 +115,9 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     committed = group.committed([TopicPartition(src, p) for p in counts], timeout=10)
     group.close()
     assert {tp.partition: tp.offset for tp in committed} == counts
-    ckpt = tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict"
-    states = {p: online.OnlinePartition.load(ckpt / f"p{p}.pkl", cfg.predict.history_windows,
-                                                  cfg.predict.band_k) for p in counts}
+    store = open_store(cfg)
+    states = {p: state_from(store.load(f"{cfg.kafka.topic_prefix}-predict", p), cfg.predict.history_windows,
+                            cfg.predict.band_k) for p in counts}
     assert sum(len(s.series) for s in states.values()) == SERIES
     last_end = int(first["window_end_ms"].to_numpy().max())
     assert all(s.last_end_ms == last_end for st in states.values() for s in st.series.values())
@@ -161,7 +162,7 @@ def test_aimass_predict_command_serves_metrics_and_stops_cleanly_on_sigterm(tmp_
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, out
-    assert (tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict").is_dir()
+    assert list((tmp_path / "state" / f"{cfg.kafka.topic_prefix}-predict").glob("p*.state"))  # checkpointed
 
 
 def test_rebalance_hands_river_state_to_the_new_owner(tmp_path, kafka, triton):

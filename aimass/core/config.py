@@ -210,7 +210,6 @@ class PredictConfig:
 
     history_windows: int = field(default=8, metadata=_range(2, 1024))
     window_s: int = field(default=10, metadata=_range(1, 86400))
-    checkpoint_dir: str = ""  # default: <run dir>/predict
     checkpoint_every_s: float = field(default=5.0, metadata=_range(0.1, 3600))
     metrics_port: int = field(default=9103, metadata=_range(0, 65535))
     band_k: float = field(default=3.0, metadata=_range(0.0, 100.0))  # band = forecast +- band_k * residual rms
