@@ -371,6 +371,7 @@ class AlerterService:
         """Load the checkpoints of newly assigned partitions; the partitions with the offsets to resume at."""
         parts = sorted({tp.partition for tp in partitions if tp.topic in self.keyed} - self.owned)
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         loaded = await loop.run_in_executor(None, lambda: {p: self.state.load(self.group_id, p) for p in parts})
         for p, checkpoint in loaded.items():
             if checkpoint is not None:
@@ -380,8 +381,8 @@ class AlerterService:
             checkpoint = loaded.get(tp.partition) if tp.topic in self.keyed else None
             if checkpoint is not None and tp.topic in checkpoint.offsets:
                 tp.offset = self.positions[(tp.topic, tp.partition)] = checkpoint.offsets[tp.topic]
-        log.info("assigned partitions %s; resuming from checkpoints at %s", parts,
-                 {p: c.offsets for p, c in loaded.items() if c is not None})
+        log.info("assigned partitions %s; resuming from checkpoints at %s (loaded in %.2f s)", parts,
+                 {p: c.offsets for p, c in loaded.items() if c is not None}, time.monotonic() - started)
         return partitions
 
     async def _revoke(self, partitions: list[TopicPartition]) -> None:

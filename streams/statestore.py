@@ -50,7 +50,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from aimass.core import contract
 from aimass.core.config import Config, ConfigError
 from aimass.core.files import check_private, write_private
-from aimass.streams.kafka import consumer_config, producer_config
+from aimass.streams.kafka import consume_available, consumer_config, producer_config
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class KafkaStateStore:
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         try:
             while True:
-                for m in self.consumer.consume(1000, 0.5):
+                for m in consume_available(self.consumer, 1000, 0.5):
                     if m.error():
                         if m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("reading %s[%d]: %s", self.topic, part, m.error())
