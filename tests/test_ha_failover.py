@@ -44,16 +44,11 @@ HOT, NORMAL = 90.0, 50.0
 SECRET = {"AIMASS_STATE_KEY": "ha-test-checkpoint-key", "TEST_HOOK_SECRET": "ha-hook-secret",
           "AIMASS_API_TOKEN": "ha-token"}
 RULES = """
+rules:
+  - {{name: hot, stream: windows, selector: {{device: "pump-*"}}, condition: mean >= 85, clear: mean <= 60,
+     for: 2 windows, flapping: {{changes: 10, within: 1m}}, receivers: [hook]}}
 receivers:
   hook: {{kind: webhook, url: "{url}", secret_env: TEST_HOOK_SECRET, group_wait: 0s}}
-rules:
-  - name: hot
-    stream: windows
-    condition: mean > 80
-    for: 2 windows
-    clear: mean < 75
-    flapping: {{changes: 10, within: 1m}}
-    receivers: [hook]
 """
 DEFECTS = {  # a partition's state is not taken over on assignment
     "alert": "from aimass.agents.alert import Alerter; Alerter.adopt = lambda self, part, state: None; ",
