@@ -42,6 +42,7 @@ import signal
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterable
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -112,15 +113,20 @@ class Alerter:
         """The input partition of a device (the same number in every keyed input topic)."""
         return contract.partition_for(tenant or "", device_id or "", self.cfg.kafka.partitions)
 
-    def partition_state(self, part: int) -> bytes:
-        """A partition's checkpoint: its alarms, engine and join state, and notifications to send (composed now)."""
-        mine = lambda tenant, device_id: self.part_of(tenant, device_id) == part  # noqa: E731
+    def partition_states(self, parts: Iterable[int]) -> dict[int, bytes]:
+        """Each partition's checkpoint: its alarms, engine and join state, and notifications to send (composed now)."""
+        parts = sorted(parts)
+        joiner = self.joiner.shares(self.part_of, parts)
         receivers = self.engine.ruleset.receivers
-        self.outbox.compose_all(part, lambda r: receivers[r].group_max if r in receivers else 1000, now_ms())
-        return json.dumps({"engine": self.engine.snapshot(lambda key: mine(key[0], key[1])),
-                           "alarms": self.store.export(lambda a: mine(a.tenant, a.device_id)),
-                           "joiner": base64.b64encode(self.joiner.snapshot(mine)).decode(),
-                           "notifications": self.outbox.export(part)}).encode()
+        states = {}
+        for part in parts:
+            mine = lambda tenant, device_id: self.part_of(tenant, device_id) == part  # noqa: E731
+            self.outbox.compose_all(part, lambda r: receivers[r].group_max if r in receivers else 1000, now_ms())
+            states[part] = json.dumps({"engine": self.engine.snapshot(lambda key: mine(key[0], key[1])),
+                                       "alarms": self.store.export(lambda a: mine(a.tenant, a.device_id)),
+                                       "joiner": base64.b64encode(joiner[part]).decode(),
+                                       "notifications": self.outbox.export(part)}).encode()
+        return states
 
     def adopt(self, part: int, state: bytes) -> None:
         """Take a partition over from its checkpoint."""
@@ -353,8 +359,8 @@ class AlerterService:
         """Save each partition's state with its offsets, then commit the offsets and release its notifications.
         Call only once every record processed is flushed to Kafka."""
         self.alerter.persist([], checkpoint=True)
-        saves = [(p, self.alerter.partition_state(p),
-                  {t: o for (t, q), o in self.positions.items() if q == p and t in self.keyed}) for p in sorted(parts)]
+        saves = [(p, data, {t: o for (t, q), o in self.positions.items() if q == p and t in self.keyed})
+                 for p, data in self.alerter.partition_states(parts).items()]
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, lambda: [self.state.save(self.group_id, p, data, offsets)
                                                   for p, data, offsets in saves])

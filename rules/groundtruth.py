@@ -64,8 +64,8 @@ class OutcomeJoiner:
 
     Waiting predictions are an Arrow table (few: about one window's worth); the actuals, kept for
     late predictions over the whole horizon (up to hundreds of thousands), are a dict with a heap for
-    eviction, so a batch costs work in proportion to the batch, not to the state. ``snapshot`` /
-    ``merge`` / ``forget`` take a device filter, so each input partition's share moves on its own.
+    eviction, so a batch costs work in proportion to the batch, not to the state. ``shares`` /
+    ``merge`` / ``forget`` work per input partition, so each partition's share moves on its own.
     """
 
     def __init__(self, horizon_s: float = 300.0):
@@ -120,19 +120,37 @@ class OutcomeJoiner:
         self.predictions = self.predictions.filter(pc.greater_equal(self.predictions.column("target_end_ms"), oldest))
         self.expired += waiting - self.predictions.num_rows
 
-    def snapshot(self, keep: Callable[[str, str], bool] | None = None) -> bytes:
-        """Watermark, expiry count, kept actuals and waiting predictions of the devices ``keep`` selects
-        (tenant, device_id; default all): JSON header line, then Arrow IPC."""
-        keep = keep or (lambda tenant, device_id: True)
-        preds = self.predictions.filter(pa.array(
-            [keep(t, d) for t, d in zip(self.predictions["tenant"].to_pylist(), self.predictions["device_id"].to_pylist())],
-            pa.bool_()))
-        actuals = [(k, m, e) for k, (m, e) in self.actuals.items() if keep(*k.split(_SEP, 2)[:2])]
-        sink = io.BytesIO()
-        with pa.ipc.new_stream(sink, preds.schema) as writer:
-            writer.write_table(preds)
-        head = {"watermark_ms": self.watermark_ms, "expired": self.expired, "actuals": actuals}
-        return json.dumps(head).encode() + b"\n" + sink.getvalue()
+    def shares(self, part_of: Callable[[str, str], int], parts: Iterable[int]) -> dict[int, bytes]:
+        """A snapshot per partition in ``parts`` of the devices ``part_of(tenant, device_id)`` puts there, in one
+        pass: watermark, expiry count and kept actuals as a JSON header line, then the waiting predictions (Arrow IPC)."""
+        cache: dict[tuple[str, str], int] = {}
+
+        def part(tenant: str, device_id: str) -> int:
+            found = cache.get((tenant, device_id))
+            if found is None:
+                found = cache[(tenant, device_id)] = part_of(tenant, device_id)
+            return found
+
+        actuals: dict[int, list] = {p: [] for p in parts}
+        for key, (mean, end) in self.actuals.items():
+            tenant, device_id, _ = key.split(_SEP, 2)
+            if (share := actuals.get(part(tenant, device_id))) is not None:
+                share.append((key, mean, end))
+        pred_parts = np.array([part(t, d) for t, d in zip(self.predictions["tenant"].to_pylist(),
+                                                          self.predictions["device_id"].to_pylist())], dtype=np.int64)
+        out = {}
+        for p, share in actuals.items():
+            preds = self.predictions.filter(pa.array(pred_parts == p, pa.bool_()))
+            sink = io.BytesIO()
+            with pa.ipc.new_stream(sink, preds.schema) as writer:
+                writer.write_table(preds)
+            head = {"watermark_ms": self.watermark_ms, "expired": self.expired, "actuals": share}
+            out[p] = json.dumps(head).encode() + b"\n" + sink.getvalue()
+        return out
+
+    def snapshot(self) -> bytes:
+        """The whole state, as one ``shares`` snapshot."""
+        return self.shares(lambda tenant, device_id: 0, [0])[0]
 
     def restore(self, blob: bytes) -> None:
         """Exactly the state of a ``snapshot``."""

@@ -56,10 +56,10 @@ def test_windows_wait_for_late_predictions_and_a_partition_share_moves_alone():
                           dict(device_id="pump-2", window_end_ms=95_000, mean=3.0)))
     j.add_predictions(predictions(dict(device_id="pump-2", target_end_ms=105_000)))
     assert sorted(v for v in j.actuals.values()) == [(3.0, 95_000), (8.0, 95_000)]
-    pump1 = lambda tenant, device: device == "pump-1"  # noqa: E731
     restored = OutcomeJoiner(horizon_s=60)
-    restored.merge(j.snapshot(pump1))  # pump-1's partition moves to another alerter
-    j.forget(pump1)
+    shares = j.shares(lambda tenant, device: 1 if device == "pump-1" else 2, [1, 2])
+    restored.merge(shares[1])  # pump-1's partition moves to another alerter
+    j.forget(lambda tenant, device: device == "pump-1")
     [row] = restored.add_predictions(predictions(dict(window_end_ms=85_000, target_end_ms=95_000,
                                                       forecast=7.5))).to_pylist()  # late prediction
     assert (row["actual"], row["residual"]) == (8.0, 0.5)
