@@ -391,17 +391,18 @@ class Engine:
         return {"fingerprints": self.fingerprints, "states": states,
                 "suspended": {name: asdict(s) for name, s in self.suspended.items()}}
 
-    def restore(self, snap: dict) -> None:
-        """Series state from ``snapshot``; ``set_rules`` then keeps it only for unchanged rules."""
-        self.fingerprints = dict(snap["fingerprints"])
-        self.suspended = {name: Suspension(**s) for name, s in snap.get("suspended", {}).items()}
-        self.states = {}
-        self._add_states(snap["states"])
-
     def merge(self, snap: dict) -> None:
-        """Add the series state of another partition's ``snapshot``, for the rules whose logic it was made with."""
+        """Add the series state of another partition's ``snapshot``, for the rules whose logic it was made with,
+        and its suspensions (one whose rule changed meanwhile clears its ``rule_error`` alarm instead)."""
         self._add_states({name: rows for name, rows in snap["states"].items()
                           if snap["fingerprints"].get(name) == self.fingerprints.get(name)})
+        definitions = {r.name: rule_definition(r) for r in self.ruleset.rules}
+        for name, doc in snap.get("suspended", {}).items():
+            suspension = Suspension(**doc)
+            if definitions.get(name) == suspension.definition:
+                self.suspended.setdefault(name, suspension)
+            elif name not in self.suspended:
+                self.notices.append(suspension.signal("clear"))
 
     def forget(self, drop: Callable[[SeriesKey], bool]) -> None:
         """Drop the state of the series ``drop`` selects (their partition went to another alerter)."""
