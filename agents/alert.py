@@ -10,8 +10,8 @@ loaded exactly at revoke / assign. With a plain consumer the loop says exactly t
 
     consume -> process -> one SQLite transaction (alarms, outbox, queued events)
             -> produce outcomes + queued events, flush -> delete the queue rows
-            -> (checkpoint due) per input partition: compose its waiting notifications, save its
-               state with its offsets in the state store; commit offsets; release its notifications
+            -> (checkpoint due) per input partition: save its state (with its outbox) and offsets
+               in the state store; commit offsets; release the notifications composed so far
 
 Alarm state is per input partition, so several alerters in one consumer group share the
 partitions (clean readings, windows and predictions of a device share a partition number; the
@@ -114,18 +114,17 @@ class Alerter:
         return contract.partition_for(tenant or "", device_id or "", self.cfg.kafka.partitions)
 
     def partition_states(self, parts: Iterable[int]) -> dict[int, bytes]:
-        """Each partition's checkpoint: its alarms, engine and join state, and notifications to send (composed now)."""
+        """Each partition's checkpoint: its alarms, engine and join state, and its outbox (events and notifications
+        still to send)."""
         parts = sorted(parts)
         joiner = self.joiner.shares(self.part_of, parts)
-        receivers = self.engine.ruleset.receivers
         states = {}
         for part in parts:
             mine = lambda tenant, device_id: self.part_of(tenant, device_id) == part  # noqa: E731
-            self.outbox.compose_all(part, lambda r: receivers[r].group_max if r in receivers else 1000, now_ms())
             states[part] = json.dumps({"engine": self.engine.snapshot(lambda key: mine(key[0], key[1])),
                                        "alarms": self.store.export(lambda a: mine(a.tenant, a.device_id)),
                                        "joiner": base64.b64encode(joiner[part]).decode(),
-                                       "notifications": self.outbox.export(part)}).encode()
+                                       "outbox": self.outbox.export(part)}).encode()
         return states
 
     def adopt(self, part: int, state: bytes) -> None:
@@ -136,7 +135,7 @@ class Alerter:
         with self.db:
             self.store.adopt(doc["alarms"])
             self.store.save()
-            self.outbox.adopt(part, doc["notifications"])
+            self.outbox.adopt(part, doc["outbox"])
         ACTIVE.set(self.store.active_count())
 
     def forget(self, part: int) -> None:
@@ -301,6 +300,8 @@ class AlerterService:
                 for receiver, status in await self.alerter.dispatcher.tick():
                     NOTIFICATIONS.labels(receiver, status).inc()
                     self.changed = True
+                if self.alerter.outbox.held(range(self.cfg.kafka.partitions)):
+                    self.changed = True  # composed: the next checkpoint must hold it before it is sent
             except Exception:  # noqa: BLE001 - a delivery bug must not stop alarms
                 log.exception("notification delivery round failed")
             try:
@@ -359,13 +360,16 @@ class AlerterService:
         """Save each partition's state with its offsets, then commit the offsets and release its notifications.
         Call only once every record processed is flushed to Kafka."""
         self.alerter.persist([], checkpoint=True)
+        # Notifications the states below hold (no await in between), and those of partitions owned by no
+        # checkpoint here (a rule_error alarm's series may map to one): better sent than never.
+        unowned = set(range(self.cfg.kafka.partitions)) - self.owned
+        held = self.alerter.outbox.held(set(parts) | unowned)
         saves = [(p, data, {t: o for (t, q), o in self.positions.items() if q == p and t in self.keyed})
                  for p, data in self.alerter.partition_states(parts).items()]
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, lambda: [self.state.save(self.group_id, p, data, offsets)
                                                   for p, data, offsets in saves])
-        for p, _, _ in saves:
-            self.alerter.outbox.release(p)
+        self.alerter.outbox.release(held)
         if self.uncommitted:
             offsets = [TopicPartition(t, p, o) for (t, p), o in self.uncommitted.items()]
             await loop.run_in_executor(None, lambda: self.consumer.commit(offsets=offsets, asynchronous=False))

@@ -34,7 +34,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 
@@ -242,8 +242,8 @@ class Outbox:
 
     Each row carries the input partition of its alarm (``part``), so a partition's share moves with it
     (``export`` / ``adopt`` / ``forget``). With ``hold`` a composed notification is sent only once
-    ``release`` says the checkpoint holding it is durable: a new owner then resends the same
-    notification id, which receivers deduplicate, and never a regrouping of the same events.
+    ``release`` says a checkpoint holding it is durable: a new owner then resends the same
+    notification id, which receivers deduplicate, never a regrouping of events already sent.
     """
 
     def __init__(self, db: StateDB, hold: bool = False):
@@ -291,29 +291,35 @@ class Outbox:
                                                           int(not self.hold)))
         return Notification(nid, receiver, events, 0, at_ms)
 
-    def compose_all(self, part: int, group_max: Callable[[str], int], at_ms: int) -> None:
-        """Compose every waiting event of a partition (before its checkpoint, so the checkpoint fixes the ids)."""
-        for (receiver, p), (count, _) in self.waiting().items():
-            if p == part:
-                for _ in range(-(-count // group_max(receiver))):
-                    self.compose(receiver, group_max(receiver), at_ms, part)
+    def export(self, part: int) -> dict[str, list[list]]:
+        """The partition's events waiting to be grouped and notifications still to send, JSON-able."""
+        return {"waiting": [list(row) for row in self.db.conn.execute(
+                    "SELECT event_id, receiver, event, created_ms FROM notify_waiting WHERE part = ?", (part,))],
+                "notifications": [list(row) for row in self.db.conn.execute(
+                    "SELECT notification_id, receiver, events, attempts, next_ms, created_ms FROM notifications "
+                    "WHERE part = ? AND status = 'pending'", (part,))]}
 
-    def export(self, part: int) -> list[list]:
-        """The partition's notifications still to send (call after ``compose_all``), JSON-able."""
-        return [list(row) for row in self.db.conn.execute(
-            "SELECT notification_id, receiver, events, attempts, next_ms, created_ms FROM notifications "
-            "WHERE part = ? AND status = 'pending'", (part,))]
-
-    def adopt(self, part: int, rows: list[list]) -> None:
-        """Take over a partition's notifications from its checkpoint (ids kept; call inside a transaction)."""
+    def adopt(self, part: int, exported: dict[str, list[list]]) -> None:
+        """Take over a partition's outbox from its checkpoint (ids kept; call inside a transaction)."""
+        self.db.conn.executemany(
+            "INSERT OR IGNORE INTO notify_waiting (event_id, receiver, event, created_ms, part) VALUES (?, ?, ?, ?, ?)",
+            [(*row, part) for row in exported["waiting"]])
         self.db.conn.executemany(
             "INSERT OR IGNORE INTO notifications (notification_id, receiver, events, attempts, next_ms, created_ms, "
-            "part) VALUES (?, ?, ?, ?, ?, ?, ?)", [(*row, part) for row in rows])
+            "part) VALUES (?, ?, ?, ?, ?, ?, ?)", [(*row, part) for row in exported["notifications"]])
 
-    def release(self, part: int) -> None:
-        """The partition's checkpoint is durable: its notifications may be sent."""
+    def held(self, parts: Iterable[int]) -> list[str]:
+        """Ids of the partitions' composed notifications not released yet (what their next checkpoint holds)."""
+        parts = list(parts)
+        return [nid for (nid,) in self.db.conn.execute(
+            f"SELECT notification_id FROM notifications WHERE released = 0 AND part IN ({','.join('?' * len(parts))})",
+            parts)]
+
+    def release(self, ids: list[str]) -> None:
+        """A durable checkpoint holds these notifications: they may be sent."""
         with self.db:
-            self.db.conn.execute("UPDATE notifications SET released = 1 WHERE part = ? AND released = 0", (part,))
+            self.db.conn.executemany("UPDATE notifications SET released = 1 WHERE notification_id = ?",
+                                     [(nid,) for nid in ids])
 
     def forget(self, part: int | None = None) -> None:
         """Drop what a partition (default: every one) still had to send; its checkpoint carries it on."""
