@@ -28,14 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aimass.agents.predict import Predictor
 from aimass.core import contract
-from aimass.core.procs import free_port, port_in_use, wait_until
+from aimass.core.procs import free_port, wait_until
 from aimass.core.stack import create_topics
 from aimass.receiver import WebhookReceiver
 from aimass.streams.kafka import producer_config
 from tests.conftest import make_config
-from tests.fixtures_rules import windows
+from tests.fixtures_rules import Reader, windows
 from tests.fixtures_stream import config_env
-from tests.test_rules_agent import Reader
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 

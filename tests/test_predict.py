@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from aimass.agents.predict import PredictStage, state_from
 from aimass.core.procs import free_port
 from aimass.core.stack import create_topics
-from aimass.models import online, registry
+from aimass.models import registry
 from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
 from aimass.streams.statestore import open_store

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
 from aimass.core.clickhouse import ChdbStore
 from tests.conftest import REPO
-from tests.fixtures_rules import labels, predictions, windows
+from tests.fixtures_rules import Reader, labels, predictions, windows
 from tests.fixtures_store import Running, chdb_config, chdb_run_dir, sink_on, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -130,28 +129,6 @@ def committed_windows(cfg) -> int:
         return tp.offset
     finally:
         group.close()
-
-
-class Reader:
-    """Reads a contract topic from the beginning, accumulating rows."""
-
-    def __init__(self, cfg, topic: contract.Topic):
-        self.topic = topic
-        self.consumer = Consumer(consumer_config(cfg, f"reader-{uuid.uuid4().hex[:8]}"))
-        self.consumer.subscribe([topic.name(cfg.kafka.topic_prefix)])
-        self.rows: list[dict] = []
-
-    def until(self, predicate, timeout: float = 60) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.rows):
-            assert time.monotonic() < deadline, f"timed out on {self.topic.suffix}; rows so far: {self.rows}"
-            for m in self.consumer.consume(100, 0.3):
-                if not m.error():
-                    self.rows += contract.decode(m.value(), self.topic.schema).to_pylist()
-        return self.rows
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess:
