@@ -4,22 +4,29 @@ It consumes clean readings, window rows, prediction rows and labels; joins predi
 the windows they predicted (outcome rows, a stream rules can watch too); runs the rule engine;
 turns its signals into alarm events; enqueues notifications; and serves the alarm API.
 
-Why confluent-kafka and not a Faust agent: the alerter's side effects (alarm state, the
-notification outbox, the checkpoints of the engine and the join) live in one SQLite file, and
-offsets may be committed only after those side effects and the records it produced are
-durable. With a plain consumer the loop says exactly that, in order, per batch:
+Why confluent-kafka and not a Faust agent: offsets may be committed only after the alerter's
+side effects and the records it produced are durable, and a partition's state must be saved and
+loaded exactly at revoke / assign. With a plain consumer the loop says exactly that, per batch:
 
-    consume -> process -> one SQLite transaction (alarms, outbox, queued events; checkpoints when due)
+    consume -> process -> one SQLite transaction (alarms, outbox, queued events)
             -> produce outcomes + queued events, flush -> delete the queue rows
-            -> (checkpoint due) commit offsets
+            -> (checkpoint due) per input partition: save its state (with its outbox) and offsets
+               in the state store; commit offsets; release the notifications composed so far
 
-Checkpoints of the engine, the join and the quality tracker are written, and offsets committed,
-every ``alert.checkpoint_ms`` (1 s): writing them every batch was half the alerter's CPU at high
-rates. A crash anywhere replays the input since the last checkpoint; replays are harmless
-because the engine restarts from the checkpoint that matches the committed offsets, an active
-alarm is not raised twice, event ids and notification ids are deterministic, and receivers dedup
-on the idempotency key.
-Alarm state is one process's (a single alerter per deployment, all partitions).
+Alarm state is per input partition, so several alerters in one consumer group share the
+partitions (clean readings, windows and predictions of a device share a partition number; the
+range assignor gives one alerter the same numbers of every input). A partition's checkpoint
+(``aimass.streams.statestore``) holds its alarms, rule-engine and join state and the
+notifications it still has to send, with the input offsets they cover; it is written every
+``alert.checkpoint_ms`` (1 s) and on revoke, and the next owner (after a rebalance, a restart or
+a replica's death) loads it and resumes at those offsets. A process starts owning nothing: what
+its SQLite file held of partitions is dropped, since their checkpoints carry it. A crash replays
+the input since the last checkpoint; replays are harmless because the state matches those
+offsets, an active alarm is not raised twice and event ids are deterministic. A notification is
+sent only once the checkpoint holding it is durable (``Outbox.hold``), so a new owner resends the
+same notification id, which receivers deduplicate, never a regrouping of the same events.
+The quality tracker (labels vs detections) and the alarm API stay per process: with several
+alerters each scores and serves the partitions it owns.
 Records are written with ``aimass.streams.kafka.TableProducer``: under ``kafka.max_record_bytes``,
 and a record the broker refuses for good is dead-lettered and counted instead of retried, so
 no queued row can wedge the alerter, across restarts either.
@@ -28,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import signal
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,7 +57,8 @@ from aimass.rules.engine import Engine, RuleWatcher, warm_up
 from aimass.rules.model import RULE_ERROR
 from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
 from aimass.core import contract
-from aimass.streams.kafka import TableProducer, consume_available, consumer_config
+from aimass.streams.kafka import ConsumerLag, TableProducer, consume_available, consumer_config
+from aimass.streams.statestore import open_store
 
 log = logging.getLogger("aimass.alerter")
 
@@ -66,6 +76,8 @@ KEEP_FINISHED_MS = 7 * 86400 * 1000  # delivered / dead-lettered notifications k
 # input topic -> stream the rules know it as
 INPUTS = {contract.CLEAN: "readings", contract.WINDOW_ROWS: "windows", contract.PREDICTION_ROWS: "predictions",
           contract.LABEL_ROWS: "labels", contract.DEAD_LETTER: "rejects"}
+# partitioned by device (dead letters too: TableProducer keys them like the rest)
+KEYED_INPUTS = (contract.CLEAN, contract.WINDOW_ROWS, contract.PREDICTION_ROWS, contract.DEAD_LETTER)
 
 
 class Alerter:
@@ -77,27 +89,66 @@ class Alerter:
         state_dir = Path(a.state_dir) if a.state_dir else cfg.run_dir / "alerts"
         self.db = StateDB(state_dir / "alerts.sqlite")
         self.store = AlarmStore(self.db)
-        self.outbox = Outbox(self.db)
+        self.outbox = Outbox(self.db, hold=True)
         self.engine = Engine()
         warm_up()  # the first alarm must not wait for the rule kernel to compile
         self.watcher = RuleWatcher(a.rules_path, self.engine)
         self.joiner = OutcomeJoiner(a.outcome_horizon_s)
         self.quality = QualityTracker(a.label_grace_s, a.anomaly_threshold)
-        self._restore()
-        ACTIVE.set(self.store.active_count())
+        self._start_owning_nothing()
         self.senders = Senders()
         self.dispatcher = Dispatcher(cfg, self.db, self.outbox, self.senders, lambda: self.engine.ruleset.receivers)
         prefix = cfg.kafka.topic_prefix
         self.topics = {t.name(prefix): t for t in contract.ALL_TOPICS}
         self.inputs = {t.name(prefix): stream for t, stream in INPUTS.items()}
 
-    def _restore(self) -> None:
-        if (snap := self.db.get("engine")) is not None:
-            self.engine.restore(json.loads(snap))
-        if (blob := self.db.get("joiner")) is not None:
-            self.joiner.restore(blob, self.db.actuals())
+    def _start_owning_nothing(self) -> None:
+        """Drop what the file holds of partitions (their checkpoints bring it back); keep the quality tracker."""
+        with self.db:
+            self.store.forget(lambda alarm: True)
+            self.outbox.forget()
         if (text := self.db.get("quality")) is not None:
             self.quality.restore(text)
+        ACTIVE.set(0)
+
+    def part_of(self, tenant: str | None, device_id: str | None) -> int:
+        """The input partition of a device (the same number in every keyed input topic)."""
+        return contract.partition_for(tenant or "", device_id or "", self.cfg.kafka.partitions)
+
+    def partition_states(self, parts: Iterable[int]) -> dict[int, bytes]:
+        """Each partition's checkpoint: its alarms, engine and join state, and its outbox (events and notifications
+        still to send)."""
+        parts = sorted(parts)
+        joiner = self.joiner.shares(self.part_of, parts)
+        states = {}
+        for part in parts:
+            mine = lambda tenant, device_id: self.part_of(tenant, device_id) == part  # noqa: E731
+            states[part] = json.dumps({"engine": self.engine.snapshot(lambda key: mine(key[0], key[1])),
+                                       "alarms": self.store.export(lambda a: mine(a.tenant, a.device_id)),
+                                       "joiner": base64.b64encode(joiner[part]).decode(),
+                                       "outbox": self.outbox.export(part)}).encode()
+        return states
+
+    def adopt(self, part: int, state: bytes) -> None:
+        """Take a partition over from its checkpoint."""
+        doc = json.loads(state)
+        self.engine.merge(doc["engine"])
+        self.joiner.merge(base64.b64decode(doc["joiner"]))
+        with self.db:
+            self.store.adopt(doc["alarms"])
+            self.store.save()
+            self.outbox.adopt(part, doc["outbox"])
+        ACTIVE.set(self.store.active_count())
+
+    def forget(self, part: int) -> None:
+        """Drop a partition's state (checkpointed; another alerter takes it over)."""
+        mine = lambda tenant, device_id: self.part_of(tenant, device_id) == part  # noqa: E731
+        self.engine.forget(lambda key: mine(key[0], key[1]))
+        self.joiner.forget(mine)
+        with self.db:
+            self.store.forget(lambda a: mine(a.tenant, a.device_id))
+            self.outbox.forget(part)
+        ACTIVE.set(self.store.active_count())
 
     def topic(self, t: contract.Topic) -> str:
         return t.name(self.cfg.kafka.topic_prefix)
@@ -105,8 +156,8 @@ class Alerter:
     def process(self, records: list[tuple[str, bytes]], checkpoint: bool = True) -> list[tuple[contract.Topic, pa.Table]]:
         """Run one batch of (topic, value) records; returns high-volume tables to produce now.
 
-        Alarm changes, notifications, alarm events and (if ``checkpoint``) checkpoints are written
-        in one transaction.
+        Alarm changes, notifications, alarm events and (if ``checkpoint``) the quality tracker are
+        written in one transaction.
         """
         tables: dict[str, list[pa.Table]] = defaultdict(list)
         out: list[tuple[contract.Topic, pa.Table]] = []
@@ -167,12 +218,9 @@ class Alerter:
             for e in events:
                 receivers = self.engine.receivers_of(e["rule"], (e["tenant"], e["device_id"], e["metric"], 0))
                 if self.cfg.alert.notify and receivers and should_notify(e) and not self.store.silenced(e["alarm_id"], at):
-                    self.outbox.enqueue(e, receivers)
+                    self.outbox.enqueue(e, receivers, part=self.part_of(e["tenant"], e["device_id"]))
             self.db.queue(self.topic(contract.ALERT_EVENTS), events)
             if checkpoint:
-                self.db.put("engine", json.dumps(self.engine.snapshot()))
-                self.db.save_actuals(*self.joiner.take_actual_changes())
-                self.db.put("joiner", self.joiner.snapshot())
                 self.db.put("quality", self.quality.snapshot())
         for e in events:
             EVENTS.labels(e["transition"]).inc()
@@ -209,6 +257,16 @@ class AlerterService:
         self.stopping = asyncio.Event()
         self.consumer: Consumer | None = None
         self.kafka_error = ""  # why the last publish failed; "" once Kafka takes the output again
+        self.state = open_store(cfg)
+        self.lag = ConsumerLag("alert", self.group_id)
+        prefix = cfg.kafka.topic_prefix
+        self.keyed = {t.name(prefix) for t in KEYED_INPUTS}
+        self.owned: set[int] = set()  # input partitions whose state this process holds
+        self.positions: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset, processed or resumed
+        self.uncommitted: dict[tuple[str, int], int] = {}  # offsets processed since the last commit
+        self.changed = False  # state changed outside the input (API, deliveries): checkpoint even without records
+        self.failed = False  # the loop died: a revoke must not checkpoint state that may not match the outputs
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def publish(self, tables: list[tuple[contract.Topic, pa.Table]]) -> int:
         """Produce tables plus the durable queue and flush (blocking: run in a thread); returns last seq sent."""
@@ -246,6 +304,9 @@ class AlerterService:
             try:
                 for receiver, status in await self.alerter.dispatcher.tick():
                     NOTIFICATIONS.labels(receiver, status).inc()
+                    self.changed = True
+                if self.alerter.outbox.held(range(self.cfg.kafka.partitions)):
+                    self.changed = True  # composed: the next checkpoint must hold it before it is sent
             except Exception:  # noqa: BLE001 - a delivery bug must not stop alarms
                 log.exception("notification delivery round failed")
             try:
@@ -279,6 +340,7 @@ class AlerterService:
 
         async def on_events(events: list[dict]) -> None:
             self.alerter.persist(events)
+            self.changed = True
 
         a = self.cfg.alert
         try:
@@ -297,26 +359,92 @@ class AlerterService:
                  len(tokens), ", ".join(f"{t.name}={t.role}" for t in tokens))
         return runner
 
-    async def run(self) -> None:
+    # --- partitions: checkpoint, hand over, take over -------------------------------------
+
+    async def checkpoint(self, parts: set[int]) -> None:
+        """Save each partition's state with its offsets, then commit the offsets and release its notifications.
+        Call only once every record processed is flushed to Kafka."""
+        self.alerter.persist([], checkpoint=True)
+        # Notifications the states below hold (no await in between), and those of partitions owned by no
+        # checkpoint here (a rule_error alarm's series may map to one): better sent than never.
+        unowned = set(range(self.cfg.kafka.partitions)) - self.owned
+        held = self.alerter.outbox.held(set(parts) | unowned)
+        saves = [(p, data, {t: o for (t, q), o in self.positions.items() if q == p and t in self.keyed})
+                 for p, data in self.alerter.partition_states(parts).items()]
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: [self.state.save(self.group_id, p, data, offsets)
+                                                  for p, data, offsets in saves])
+        self.alerter.outbox.release(held)
+        if self.uncommitted:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self.uncommitted.items()]
+            await loop.run_in_executor(None, lambda: self.consumer.commit(offsets=offsets, asynchronous=False))
+            self.lag.committed(offsets)
+            self.uncommitted.clear()
+        self.changed = False
+
+    async def _assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Load the checkpoints of newly assigned partitions; the partitions with the offsets to resume at."""
+        parts = sorted({tp.partition for tp in partitions if tp.topic in self.keyed} - self.owned)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        loaded = await loop.run_in_executor(None, lambda: {p: self.state.load(self.group_id, p) for p in parts})
+        for p, checkpoint in loaded.items():
+            if checkpoint is not None:
+                self.alerter.adopt(p, checkpoint.data)
+        self.owned |= set(parts)
+        for tp in partitions:
+            checkpoint = loaded.get(tp.partition) if tp.topic in self.keyed else None
+            if checkpoint is not None and tp.topic in checkpoint.offsets:
+                tp.offset = self.positions[(tp.topic, tp.partition)] = checkpoint.offsets[tp.topic]
+        log.info("assigned partitions %s; resuming from checkpoints at %s (loaded in %.2f s)", parts,
+                 {p: c.offsets for p, c in loaded.items() if c is not None}, time.monotonic() - started)
+        return partitions
+
+    async def _revoke(self, partitions: list[TopicPartition]) -> None:
+        """Checkpoint and commit everything processed, then drop the revoked partitions' state."""
+        parts = {tp.partition for tp in partitions if tp.topic in self.keyed} & self.owned
+        if not self.failed:
+            await self.flush([])
+            await self.checkpoint(parts)
+        for p in parts:
+            self.alerter.forget(p)
+        self.owned -= parts
+        for tp in partitions:
+            self.positions.pop((tp.topic, tp.partition), None)
+            self.uncommitted.pop((tp.topic, tp.partition), None)
+        self.lag.revoked(partitions)
+        log.info("revoked partitions %s", sorted(parts))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        consumer.assign(self._on_loop(self._assign(partitions)))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._on_loop(self._revoke(partitions))
+
+    def _on_loop(self, step):
+        """Run a rebalance step on the event loop, which owns the alerter's state, and wait for it: the
+        callbacks run in the consumer's thread (a poll or close run in an executor), while the loop waits."""
+        return asyncio.run_coroutine_threadsafe(step, self.loop).result()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = self.loop = asyncio.get_running_loop()
         a = self.cfg.alert
         self.alerter.watcher.poll()
         if not self.alerter.engine.ruleset.rules and self.alerter.watcher.errors:
             log.error("starting with no rules: fix the files above (they are re-read every %.1fs)", a.reload_s)
-        consumer = self.consumer = Consumer(consumer_config(self.cfg, self.group_id))
-        consumer.subscribe(list(self.alerter.inputs))
-        runner = await self.serve_api() if a.api_port else None
+        # range: partition p of every keyed input goes to the same alerter (its state covers all of them)
+        consumer = self.consumer = Consumer(consumer_config(self.cfg, self.group_id,
+                                                            **{"partition.assignment.strategy": "range"}))
+        consumer.subscribe(list(self.alerter.inputs), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        runner = None
+        # The API opens once the group has assigned this alerter its partitions (their alarms are loaded
+        # then), or after two session timeouts when it gets none (more alerters than partitions).
+        api_at = time.monotonic() + 2 * self.cfg.kafka.session_timeout_ms / 1000
         delivery = asyncio.create_task(self.deliver_forever())
         next_reload = next_quality = next_batch = next_checkpoint = time.monotonic()
-        uncommitted: dict[tuple[str, int], int] = {}  # offsets processed since the last checkpoint
         await self.flush([])  # whatever a previous run queued but did not send
-
-        async def commit() -> None:
-            if uncommitted:
-                offsets = [TopicPartition(t, p, o) for (t, p), o in uncommitted.items()]
-                await loop.run_in_executor(None, lambda: consumer.commit(offsets=offsets, asynchronous=False))
-                uncommitted.clear()
-
         try:
             while not self.stopping.is_set():
                 if time.monotonic() >= next_reload:
@@ -324,6 +452,8 @@ class AlerterService:
                     RULES.set(len(self.alerter.engine.ruleset.rules))
                     RULE_FILE_ERRORS.set(len(self.alerter.watcher.errors))
                     next_reload = time.monotonic() + a.reload_s
+                if runner is None and a.api_port and (self.owned or time.monotonic() >= api_at):
+                    runner = await self.serve_api()
                 await asyncio.sleep(next_batch - time.monotonic())  # returns at once when it is due
                 next_batch = time.monotonic() + a.batch_interval_ms / 1000
                 msgs = await loop.run_in_executor(None, consume_available, consumer, 2000, 0.2)
@@ -333,22 +463,25 @@ class AlerterService:
                         log.warning("consume error: %s", m.error())
                         continue
                     records.append((m.topic(), m.value()))
-                    uncommitted[(m.topic(), m.partition())] = m.offset() + 1
-                checkpoint = bool(uncommitted) and time.monotonic() >= next_checkpoint
+                    self.uncommitted[(m.topic(), m.partition())] = m.offset() + 1
+                    self.positions[(m.topic(), m.partition())] = m.offset() + 1
+                checkpoint = bool(self.uncommitted or self.changed) and time.monotonic() >= next_checkpoint
                 busy = records or checkpoint or self.alerter.engine.notices  # notices: rule_error clears
                 tables = self.alerter.process(records, checkpoint) if busy else []
                 await self.flush(tables)
-                if checkpoint:  # the checkpoint just written covers every offset processed so far
-                    await commit()
+                if checkpoint:  # covers every offset processed so far, all flushed just above
+                    await self.checkpoint(self.owned)
+                    await loop.run_in_executor(None, self.lag.update, consumer)
                     next_checkpoint = time.monotonic() + a.checkpoint_ms / 1000
-                if not uncommitted and time.monotonic() >= next_quality:
+                if not self.uncommitted and time.monotonic() >= next_quality:
                     # only where the state matches the committed offsets, since this saves the tracker
                     self.alerter.queue_quality()
                     self.alerter.outbox.purge(now_ms() - KEEP_FINISHED_MS)
                     next_quality = time.monotonic() + a.quality_every_s
-            if uncommitted:  # stopping: checkpoint what was processed, then commit it
-                self.alerter.persist([], checkpoint=True)
-                await commit()
+            await self.checkpoint(self.owned)  # stopping: checkpoint what was processed, then commit it
+        except BaseException:
+            self.failed = True
+            raise
         finally:
             self.stopping.set()
             await delivery
@@ -358,7 +491,8 @@ class AlerterService:
             except KafkaException as exc:
                 log.error("stopping with records still queued in %s (sent at the next start): %s",
                           self.alerter.db.path, exc)
-            consumer.close()
+            await loop.run_in_executor(None, consumer.close)  # revokes: the last checkpoint (unless failed)
+            self.state.close()
             if runner is not None:
                 await runner.cleanup()
             await self.alerter.senders.close()

@@ -13,10 +13,12 @@ open, timeout, error) carry the online forecast and ``degraded=True``: every req
 ``triton.timeout_s``, and once the breaker is open no poll waits on Triton at all.
 
 Commit protocol (at least once, restart-safe): every ``predict.checkpoint_every_s`` and on
-partition revoke and shutdown, (1) flush the producer and check every delivery, (2) write
-each partition's detector checkpoint atomically, (3) commit the input offsets. A restart or a
-rebalance resumes from the committed offset with the detector state that matches it; rows
-replayed after a crash between (2) and (3) are recognized by window end and skipped.
+partition revoke and shutdown, (1) flush the producer and check every delivery, (2) save each
+partition's state with the input offset it covers in the state store
+(``aimass.streams.statestore``: a compacted Kafka topic, so replicas need no shared volume, or
+files on one host), (3) commit the input offsets. The partition's new owner (after a restart, a
+rebalance or a replica's death) loads that checkpoint and resumes at its offset, so state and
+position always match; a partition without one starts fresh from the committed offset.
 
 Why confluent-kafka and not the Faust app (streams/app.py): Faust commits acked offsets on
 its own timer (``broker_commit_interval``), independently of whether our outputs are
@@ -31,7 +33,6 @@ import asyncio
 import logging
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,10 +44,10 @@ from aimass.core.config import Config
 from aimass.models import detect, features
 from aimass.models import series_model as sm
 from aimass.models.features import denormalize
-from aimass.core.files import write_private as atomic_write
 from aimass.models.triton_client import TritonModels
 from aimass.core import contract
-from aimass.streams.kafka import TableProducer, consume_available, consumer_config
+from aimass.streams.kafka import ConsumerLag, TableProducer, consume_available, consumer_config
+from aimass.streams.statestore import Checkpoint, open_store
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,20 @@ def undecodable(value: bytes, detail: str, now_ms: int) -> pa.Table:
     return pa.table(row, schema=contract.REJECTS)
 
 
+# --- a partition's state <-> checkpoint bytes: the one place that knows the state class ----
+
+def state_bytes(state: detect.PartitionDetectors) -> bytes:
+    """A partition's state as checkpoint bytes (a NumPy archive: data, never code; the store seals it too)."""
+    return state.to_bytes()
+
+
+def state_from(checkpoint: Checkpoint | None, cfg: Config) -> detect.PartitionDetectors:
+    """The state in an authenticated checkpoint, or a fresh one if there is none (or it is of another layout)."""
+    if checkpoint is None:
+        return detect.PartitionDetectors(cfg.detect, cfg.predict.history_windows)
+    return detect.PartitionDetectors.from_bytes(checkpoint.data, cfg.detect, cfg.predict.history_windows)
+
+
 # --- the Kafka shell --------------------------------------------------------------------
 
 class PredictStage:
@@ -207,7 +222,8 @@ class PredictStage:
         self.group = f"{prefix}-predict"
         self.topics = {t: t.name(prefix) for t in (contract.WINDOW_ROWS, contract.PREDICTION_ROWS,
                                                     contract.DRIFT_EVENTS, contract.DEAD_LETTER)}
-        self.checkpoints = Path(cfg.predict.checkpoint_dir or cfg.run_dir / "predict") / self.group
+        self.store = open_store(cfg)
+        self.lag = ConsumerLag("predict", self.group)
         self.triton = None
         if use_triton:
             t = cfg.triton
@@ -221,25 +237,24 @@ class PredictStage:
 
     # Rebalance callbacks run inside the consumer's poll, i.e. between two batches.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        src, resumed = self.topics[contract.WINDOW_ROWS], {}
         for tp in partitions:
-            path = self._ckpt(tp.partition)
-            self.predictor.partitions[tp.partition] = (
-                detect.PartitionDetectors.from_bytes(path.read_bytes(), self.cfg.detect, self.predictor.k)
-                if path.exists() else detect.PartitionDetectors(self.cfg.detect, self.predictor.k))
-        log.info("assigned partitions %s (detector state restored from %s)", [tp.partition for tp in partitions],
-                 self.checkpoints)
+            checkpoint = self.store.load(self.group, tp.partition)
+            self.predictor.partitions[tp.partition] = state_from(checkpoint, self.cfg)
+            if checkpoint is not None and src in checkpoint.offsets:
+                tp.offset = resumed[tp.partition] = checkpoint.offsets[src]
+        consumer.assign(partitions)
+        log.info("assigned partitions %s; resuming from checkpoints at %s", [tp.partition for tp in partitions], resumed)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.commit()
+        self.lag.revoked(partitions)
         for tp in partitions:
             self.predictor.partitions.pop(tp.partition, None)
             self.next_offsets.pop(tp.partition, None)
 
-    def _ckpt(self, partition: int) -> Path:
-        return self.checkpoints / f"p{partition}.npz"
-
     def commit(self) -> None:
-        """Flush outputs, checkpoint the detectors, then commit input offsets (in that order)."""
+        """Flush outputs, checkpoint each partition's state with its offset, then commit the offsets."""
         if not self.next_offsets:
             return
         try:
@@ -247,12 +262,14 @@ class PredictStage:
         except KafkaException as exc:
             raise RuntimeError(f"outputs not delivered ({exc}); not committing, the input will be replayed "
                                "after a restart") from None
-        for partition in self.next_offsets:
-            if partition in self.predictor.partitions:
-                atomic_write(self._ckpt(partition), self.predictor.partitions[partition].to_bytes())
         src = self.topics[contract.WINDOW_ROWS]
-        self.consumer.commit(offsets=[TopicPartition(src, p, o) for p, o in self.next_offsets.items()],
-                             asynchronous=False)
+        for partition, offset in self.next_offsets.items():
+            if partition in self.predictor.partitions:
+                self.store.save(self.group, partition, state_bytes(self.predictor.partitions[partition]),
+                                {src: offset})
+        offsets = [TopicPartition(src, p, o) for p, o in self.next_offsets.items()]
+        self.consumer.commit(offsets=offsets, asynchronous=False)
+        self.lag.committed(offsets)
         self.next_offsets.clear()
 
     async def handle(self, messages: list) -> None:
@@ -308,6 +325,7 @@ class PredictStage:
                     await self.handle(messages)
                 if time.monotonic() - last_commit >= self.cfg.predict.checkpoint_every_s:
                     self.commit()
+                    self.lag.update(self.consumer)
                     last_commit = time.monotonic()
                 if time.monotonic() - last_log >= 10:
                     log.info("predict: %s, breaker %s", self.stats,
@@ -321,6 +339,7 @@ class PredictStage:
             if failed:  # the revoke in close() must not commit offsets whose outputs may be missing
                 self.next_offsets.clear()
             self.consumer.close()
+            self.store.close()
             self.out.producer.flush(30)
             if self.triton is not None:
                 await self.triton.close()
@@ -344,8 +363,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         stage = PredictStage(cfg, use_triton=not args.no_triton)
-        log.info("predict: %s -> %s, Triton %s, checkpoints in %s", stage.topics[contract.WINDOW_ROWS],
-                 stage.topics[contract.PREDICTION_ROWS], "off" if args.no_triton else cfg.triton.url, stage.checkpoints)
+        log.info("predict: %s -> %s, Triton %s, checkpoints in the %s state store", stage.topics[contract.WINDOW_ROWS],
+                 stage.topics[contract.PREDICTION_ROWS], "off" if args.no_triton else cfg.triton.url, cfg.state.store)
         await stage.run(stop)
 
     asyncio.run(main())

@@ -55,7 +55,7 @@ from aimass.core.db import migrate
 from aimass.core.files import write_private
 from aimass.core.procs import StackError, port_in_use
 from aimass.core import contract, tables
-from aimass.streams.kafka import TableProducer, consumer_config, producer_config
+from aimass.streams.kafka import ConsumerLag, TableProducer, consumer_config, producer_config
 from aimass.core.tables import LEGACY, TableSpec
 
 log = logging.getLogger("aimass.sink")
@@ -305,6 +305,7 @@ class Sink:
         self.max_age_s = {spec.name: side_s for spec in tables.TABLES} | {MAIN_TABLE: cfg.clickhouse.flush_ms / 1000}
         self.dead_letter_topic = contract.DEAD_LETTER.name(self.prefix)
         self.stopping = threading.Event()
+        self.lag = ConsumerLag("sink", cfg.clickhouse.group_id)
         self.batch = Batch()
         self.replay: Manifest | None = journal.load()   # a batch a killed sink may have half-inserted
         self.replay_batch = Batch()
@@ -334,8 +335,12 @@ class Sink:
 
         self.consumer.subscribe(self.topics(), on_assign=self._on_assign, on_revoke=self._on_revoke)
         flush_s = self.cfg.clickhouse.flush_ms / 1000
+        next_lag = time.monotonic()
         try:
             while not self.stopping.is_set():
+                if time.monotonic() >= next_lag:
+                    self.lag.update(self.consumer)
+                    next_lag = time.monotonic() + 1.0
                 for msg in self.consumer.consume(num_messages=1000, timeout=min(0.2, flush_s)):
                     if msg.error():
                         log.warning("kafka: %s", msg.error())
@@ -472,6 +477,7 @@ class Sink:
         A batch whose journal still waits (a killed sink's, or one whose commit the broker refused)
         is collected again after the rebalance and re-inserted under its own tokens."""
         self.assigned = set()
+        self.lag.revoked(partitions)
         if self.replay is None and self.uncommitted is None and self.batch:
             try:
                 self.flush(self.batch, retry=False)
@@ -588,6 +594,7 @@ class Sink:
             return True
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.lag.committed(offsets)
             log.debug("batch %s committed: %s", manifest.batch_id,
                       ", ".join(f"{tp.topic}[{tp.partition}]={tp.offset}" for tp in offsets))
             return True

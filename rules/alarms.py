@@ -29,7 +29,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from aimass.core.files import create_private
 from aimass.rules.engine import Signal
@@ -56,8 +56,6 @@ class StateDB:
             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS outgoing (seq INTEGER PRIMARY KEY AUTOINCREMENT,
                                                  topic TEXT NOT NULL, row TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS actuals (key TEXT PRIMARY KEY, mean REAL, end_ms INTEGER NOT NULL);
-            CREATE INDEX IF NOT EXISTS actuals_end ON actuals (end_ms);
         """)
         self._depth = 0
 
@@ -78,14 +76,6 @@ class StateDB:
     def get(self, key: str) -> bytes | str | None:
         row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
-
-    def save_actuals(self, added: list[tuple[str, float, int]], drop_before_ms: int) -> None:
-        """Window means kept for the outcome join: add these (key, mean, end), drop those that ended earlier."""
-        self.conn.executemany("INSERT OR REPLACE INTO actuals (key, mean, end_ms) VALUES (?, ?, ?)", added)
-        self.conn.execute("DELETE FROM actuals WHERE end_ms < ?", (drop_before_ms,))
-
-    def actuals(self) -> list[tuple[str, float, int]]:
-        return self.conn.execute("SELECT key, mean, end_ms FROM actuals").fetchall()
 
     def queue(self, topic: str, rows: Iterable[dict]) -> None:
         """Queue records for Kafka (JSON rows of the topic's schema), in the caller's transaction."""
@@ -226,6 +216,24 @@ class AlarmStore:
 
     def active_count(self) -> int:
         return sum(a.active for a in self.alarms.values())
+
+    def export(self, keep: Callable[[Alarm], bool]) -> list[dict]:
+        """The alarms ``keep`` selects, JSON-able (a partition's share of a checkpoint)."""
+        return [asdict(a) for a in self.alarms.values() if keep(a)]
+
+    def adopt(self, docs: Iterable[dict]) -> None:
+        """Take over alarms from a checkpoint (their partition came to this alerter)."""
+        for doc in docs:
+            self.alarms[doc["alarm_id"]] = Alarm(**doc)
+            self._dirty.add(doc["alarm_id"])
+
+    def forget(self, drop: Callable[[Alarm], bool]) -> None:
+        """Drop the alarms ``drop`` selects, here and in the file (their partition went to another alerter)."""
+        gone = [aid for aid, a in self.alarms.items() if drop(a)]
+        for aid in gone:
+            del self.alarms[aid]
+            self._dirty.discard(aid)
+        self.db.conn.executemany("DELETE FROM alarms WHERE alarm_id = ?", [(aid,) for aid in gone])
 
     def save(self) -> None:
         """Write changed alarms (inside the caller's ``StateDB`` transaction)."""

@@ -34,7 +34,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 
@@ -238,10 +238,16 @@ def backoff_s(attempts: int, initial_s: float, max_s: float, rng: random.Random 
 
 
 class Outbox:
-    """The durable queue of events to notify and of composed notifications (tables in StateDB)."""
+    """The durable queue of events to notify and of composed notifications (tables in StateDB).
 
-    def __init__(self, db: StateDB):
-        self.db = db
+    Each row carries the input partition of its alarm (``part``), so a partition's share moves with it
+    (``export`` / ``adopt`` / ``forget``). With ``hold`` a composed notification is sent only once
+    ``release`` says a checkpoint holding it is durable: a new owner then resends the same
+    notification id, which receivers deduplicate, never a regrouping of events already sent.
+    """
+
+    def __init__(self, db: StateDB, hold: bool = False):
+        self.db, self.hold = db, hold
         db.conn.executescript("""
             CREATE TABLE IF NOT EXISTS notify_waiting (
                 event_id TEXT NOT NULL, receiver TEXT NOT NULL, event TEXT NOT NULL, created_ms INTEGER NOT NULL,
@@ -251,39 +257,82 @@ class Outbox:
                 attempts INTEGER NOT NULL DEFAULT 0, next_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL,
                 status TEXT NOT NULL DEFAULT 'pending', error TEXT NOT NULL DEFAULT '');
         """)
+        for table, column, decl in (("notify_waiting", "part", "INTEGER NOT NULL DEFAULT 0"),
+                                    ("notifications", "part", "INTEGER NOT NULL DEFAULT 0"),
+                                    ("notifications", "released", "INTEGER NOT NULL DEFAULT 1")):
+            if column not in {row[1] for row in db.conn.execute(f"PRAGMA table_info({table})")}:
+                db.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
-    def enqueue(self, event: dict, receivers: tuple[str, ...], created_ms: int | None = None) -> None:
+    def enqueue(self, event: dict, receivers: tuple[str, ...], created_ms: int | None = None, part: int = 0) -> None:
         """Remember that ``event`` must reach ``receivers`` (idempotent; call inside a transaction)."""
         created_ms = created_ms or now_ms()
         self.db.conn.executemany(
-            "INSERT OR IGNORE INTO notify_waiting (event_id, receiver, event, created_ms) VALUES (?, ?, ?, ?)",
-            [(event["event_id"], r, json.dumps(event), created_ms) for r in receivers])
+            "INSERT OR IGNORE INTO notify_waiting (event_id, receiver, event, created_ms, part) VALUES (?, ?, ?, ?, ?)",
+            [(event["event_id"], r, json.dumps(event), created_ms, part) for r in receivers])
 
-    def waiting(self) -> dict[str, tuple[int, int]]:
-        """receiver -> (waiting events, oldest created_ms)."""
-        return {r: (n, oldest) for r, n, oldest in self.db.conn.execute(
-            "SELECT receiver, COUNT(*), MIN(created_ms) FROM notify_waiting GROUP BY receiver")}
+    def waiting(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(receiver, partition) -> (waiting events, oldest created_ms)."""
+        return {(r, part): (n, oldest) for r, part, n, oldest in self.db.conn.execute(
+            "SELECT receiver, part, COUNT(*), MIN(created_ms) FROM notify_waiting GROUP BY receiver, part")}
 
-    def compose(self, receiver: str, limit: int, at_ms: int) -> Notification:
-        """Group up to ``limit`` waiting events of a receiver into one pending notification."""
+    def compose(self, receiver: str, limit: int, at_ms: int, part: int = 0) -> Notification:
+        """Group up to ``limit`` waiting events of a receiver and partition into one pending notification."""
         rows = self.db.conn.execute(
-            "SELECT event_id, event, created_ms FROM notify_waiting WHERE receiver = ? "
-            "ORDER BY created_ms, event_id LIMIT ?", (receiver, limit)).fetchall()
+            "SELECT event_id, event, created_ms FROM notify_waiting WHERE receiver = ? AND part = ? "
+            "ORDER BY created_ms, event_id LIMIT ?", (receiver, part, limit)).fetchall()
         events = [json.loads(e) for _, e, _ in rows]
         nid = hashlib.sha256("\x1f".join([receiver, *sorted(r[0] for r in rows)]).encode()).hexdigest()[:32]
         with self.db:
             self.db.conn.executemany("DELETE FROM notify_waiting WHERE event_id = ? AND receiver = ?",
                                      [(r[0], receiver) for r in rows])
             self.db.conn.execute(
-                "INSERT OR IGNORE INTO notifications (notification_id, receiver, events, next_ms, created_ms) "
-                "VALUES (?, ?, ?, ?, ?)", (nid, receiver, json.dumps(events), at_ms, at_ms))
+                "INSERT OR IGNORE INTO notifications (notification_id, receiver, events, next_ms, created_ms, part, "
+                "released) VALUES (?, ?, ?, ?, ?, ?, ?)", (nid, receiver, json.dumps(events), at_ms, at_ms, part,
+                                                          int(not self.hold)))
         return Notification(nid, receiver, events, 0, at_ms)
+
+    def export(self, part: int) -> dict[str, list[list]]:
+        """The partition's events waiting to be grouped and notifications still to send, JSON-able."""
+        return {"waiting": [list(row) for row in self.db.conn.execute(
+                    "SELECT event_id, receiver, event, created_ms FROM notify_waiting WHERE part = ?", (part,))],
+                "notifications": [list(row) for row in self.db.conn.execute(
+                    "SELECT notification_id, receiver, events, attempts, next_ms, created_ms FROM notifications "
+                    "WHERE part = ? AND status = 'pending'", (part,))]}
+
+    def adopt(self, part: int, exported: dict[str, list[list]]) -> None:
+        """Take over a partition's outbox from its checkpoint (ids kept; call inside a transaction)."""
+        self.db.conn.executemany(
+            "INSERT OR IGNORE INTO notify_waiting (event_id, receiver, event, created_ms, part) VALUES (?, ?, ?, ?, ?)",
+            [(*row, part) for row in exported["waiting"]])
+        self.db.conn.executemany(
+            "INSERT OR IGNORE INTO notifications (notification_id, receiver, events, attempts, next_ms, created_ms, "
+            "part) VALUES (?, ?, ?, ?, ?, ?, ?)", [(*row, part) for row in exported["notifications"]])
+
+    def held(self, parts: Iterable[int]) -> list[str]:
+        """Ids of the partitions' composed notifications not released yet (what their next checkpoint holds)."""
+        parts = list(parts)
+        return [nid for (nid,) in self.db.conn.execute(
+            f"SELECT notification_id FROM notifications WHERE released = 0 AND part IN ({','.join('?' * len(parts))})",
+            parts)]
+
+    def release(self, ids: list[str]) -> None:
+        """A durable checkpoint holds these notifications: they may be sent."""
+        with self.db:
+            self.db.conn.executemany("UPDATE notifications SET released = 1 WHERE notification_id = ?",
+                                     [(nid,) for nid in ids])
+
+    def forget(self, part: int | None = None) -> None:
+        """Drop what a partition (default: every one) still had to send; its checkpoint carries it on."""
+        where, args = ("WHERE part = ?", (part,)) if part is not None else ("", ())
+        self.db.conn.execute(f"DELETE FROM notify_waiting {where}", args)
+        self.db.conn.execute(f"DELETE FROM notifications {where or 'WHERE 1'} AND status = 'pending'", args)
 
     def due(self, at_ms: int, limit: int = 100) -> list[Notification]:
         return [Notification(nid, r, json.loads(ev), attempts, created) for nid, r, ev, attempts, created in
                 self.db.conn.execute(
                     "SELECT notification_id, receiver, events, attempts, created_ms FROM notifications "
-                    "WHERE status = 'pending' AND next_ms <= ? ORDER BY next_ms LIMIT ?", (at_ms, limit))]
+                    "WHERE status = 'pending' AND released = 1 AND next_ms <= ? ORDER BY next_ms LIMIT ?",
+                    (at_ms, limit))]
 
     def unsent_receivers(self) -> set[str]:
         """Receivers with a composed notification not yet attempted (held back by the rate limit)."""
@@ -335,14 +384,14 @@ class Dispatcher:
         at = now_ms()
         specs = self.receivers()
         unsent = self.outbox.unsent_receivers()
-        for receiver, (count, oldest) in self.outbox.waiting().items():
+        for (receiver, part), (count, oldest) in self.outbox.waiting().items():
             spec = specs.get(receiver)
             if spec is None:
-                self.outbox.compose(receiver, 1000, at)  # dead-lettered below: nowhere to send
+                self.outbox.compose(receiver, 1000, at, part)  # dead-lettered below: nowhere to send
             elif receiver in unsent and count < spec.group_max:
                 continue  # the last message is still held by the rate limit: keep grouping into the next
             elif count >= spec.group_max or at - oldest >= spec.group_wait_s * 1000:
-                self.outbox.compose(receiver, spec.group_max, at)
+                self.outbox.compose(receiver, spec.group_max, at, part)
         for n in self.outbox.due(at):
             if n.notification_id in self.in_flight:
                 continue

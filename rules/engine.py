@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -398,24 +398,40 @@ class Engine:
             signals.append(Signal(KIND_NAMES[k], rule, keys[g], t, v, r, columns, j))
         return signals
 
-    def snapshot(self) -> dict:
-        """JSON-able series state (persisted with the alarms so `for` progress survives a restart)."""
+    def snapshot(self, keep: Callable[[SeriesKey], bool] | None = None) -> dict:
+        """JSON-able series state (of the series ``keep`` selects, default all), checkpointed with the alarms
+        so `for` progress survives a restart or a handover."""
         states = {}
         for name, st in self.states.items():
-            tracked = np.flatnonzero(st.tracked).tolist()
+            tracked = [g for g in np.flatnonzero(st.tracked).tolist() if keep is None or keep(self.registry.keys[g])]
             if tracked:
                 states[name] = [[list(self.registry.keys[g]), *(getattr(st, f)[g].item() for f in RuleState.FIELDS)]
                                 for g in tracked]
         return {"fingerprints": self.fingerprints, "states": states,
                 "suspended": {name: asdict(s) for name, s in self.suspended.items()}}
 
-    def restore(self, snap: dict) -> None:
-        """Series state from ``snapshot``; ``set_rules`` then keeps it only for unchanged rules."""
-        self.fingerprints = dict(snap["fingerprints"])
-        self.suspended = {name: Suspension(**s) for name, s in snap.get("suspended", {}).items()}
-        self.states = {}
-        for name, rows in snap["states"].items():
-            st = self.states[name] = RuleState()
+    def merge(self, snap: dict) -> None:
+        """Add the series state of another partition's ``snapshot``, for the rules whose logic it was made with,
+        and its suspensions (one whose rule changed meanwhile clears its ``rule_error`` alarm instead)."""
+        self._add_states({name: rows for name, rows in snap["states"].items()
+                          if snap["fingerprints"].get(name) == self.fingerprints.get(name)})
+        definitions = {r.name: rule_definition(r) for r in self.ruleset.rules}
+        for name, doc in snap.get("suspended", {}).items():
+            suspension = Suspension(**doc)
+            if definitions.get(name) == suspension.definition:
+                self.suspended.setdefault(name, suspension)
+            elif name not in self.suspended:
+                self.notices.append(suspension.signal("clear"))
+
+    def forget(self, drop: Callable[[SeriesKey], bool]) -> None:
+        """Drop the state of the series ``drop`` selects (their partition went to another alerter)."""
+        gone = np.array([drop(key) for key in self.registry.keys], dtype=bool)
+        for st in self.states.values():
+            st.tracked[:gone.size] &= ~gone[:st.tracked.size]
+
+    def _add_states(self, states: dict[str, list]) -> None:
+        for name, rows in states.items():
+            st = self.states.setdefault(name, RuleState())
             for key, *values in rows:
                 g = self.registry.id_of((key[0], key[1], key[2], int(key[3])))
                 st.ensure(g + 1)

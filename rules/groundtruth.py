@@ -19,7 +19,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -64,8 +64,8 @@ class OutcomeJoiner:
 
     Waiting predictions are an Arrow table (few: about one window's worth); the actuals, kept for
     late predictions over the whole horizon (up to hundreds of thousands), are a dict with a heap for
-    eviction, so a batch costs work in proportion to the batch, not to the state. The actuals are
-    checkpointed incrementally (``take_actual_changes``), the rest whole (``snapshot``).
+    eviction, so a batch costs work in proportion to the batch, not to the state. ``shares`` /
+    ``merge`` / ``forget`` work per input partition, so each partition's share moves on its own.
     """
 
     def __init__(self, horizon_s: float = 300.0):
@@ -73,7 +73,6 @@ class OutcomeJoiner:
         self.predictions = self._empty_predictions()
         self.actuals: dict[str, tuple[float, int]] = {}  # join key -> (window mean, window end)
         self._ends: list[tuple[int, str]] = []  # heap of (window end, key) for eviction
-        self._added: list[tuple[str, float, int]] = []  # actuals since the last take_actual_changes()
         self.watermark_ms = 0
         self.expired = 0  # predictions whose window never arrived within the horizon
 
@@ -108,7 +107,6 @@ class OutcomeJoiner:
         for key, mean, end in rows:  # a replayed window replaces its earlier copy
             self.actuals[key] = (mean, end)
             heapq.heappush(self._ends, (end, key))
-        self._added += rows
         self.watermark_ms = max(self.watermark_ms, max(ends))
         self._evict()
         return outcome_rows(joined)
@@ -122,34 +120,62 @@ class OutcomeJoiner:
         self.predictions = self.predictions.filter(pc.greater_equal(self.predictions.column("target_end_ms"), oldest))
         self.expired += waiting - self.predictions.num_rows
 
-    def take_actual_changes(self) -> tuple[list[tuple[str, float, int]], int]:
-        """(actuals added since the last call as (key, mean, end), the window end below which actuals
-        were dropped): what an incremental checkpoint writes."""
-        added, self._added = self._added, []
-        return added, self.watermark_ms - self.horizon_ms
+    def shares(self, part_of: Callable[[str, str], int], parts: Iterable[int]) -> dict[int, bytes]:
+        """A snapshot per partition in ``parts`` of the devices ``part_of(tenant, device_id)`` puts there, in one
+        pass: watermark, expiry count and kept actuals as a JSON header line, then the waiting predictions (Arrow IPC)."""
+        cache: dict[tuple[str, str], int] = {}
 
-    def actual_rows(self) -> list[tuple[str, float, int]]:
-        """Every kept actual as (key, mean, end), e.g. to restore from."""
-        return [(key, mean, end) for key, (mean, end) in self.actuals.items()]
+        def part(tenant: str, device_id: str) -> int:
+            found = cache.get((tenant, device_id))
+            if found is None:
+                found = cache[(tenant, device_id)] = part_of(tenant, device_id)
+            return found
+
+        actuals: dict[int, list] = {p: [] for p in parts}
+        for key, (mean, end) in self.actuals.items():
+            tenant, device_id, _ = key.split(_SEP, 2)
+            if (share := actuals.get(part(tenant, device_id))) is not None:
+                share.append((key, mean, end))
+        pred_parts = np.array([part(t, d) for t, d in zip(self.predictions["tenant"].to_pylist(),
+                                                          self.predictions["device_id"].to_pylist())], dtype=np.int64)
+        out = {}
+        for p, share in actuals.items():
+            preds = self.predictions.filter(pa.array(pred_parts == p, pa.bool_()))
+            sink = io.BytesIO()
+            with pa.ipc.new_stream(sink, preds.schema) as writer:
+                writer.write_table(preds)
+            head = {"watermark_ms": self.watermark_ms, "expired": self.expired, "actuals": share}
+            out[p] = json.dumps(head).encode() + b"\n" + sink.getvalue()
+        return out
 
     def snapshot(self) -> bytes:
-        """Watermark, expiry count and the waiting predictions (Arrow IPC): the checkpoint besides the actuals."""
-        sink = io.BytesIO()
-        with pa.ipc.new_stream(sink, self.predictions.schema) as writer:
-            writer.write_table(self.predictions)
-        return json.dumps({"watermark_ms": self.watermark_ms, "expired": self.expired}).encode() + b"\n" + \
-            sink.getvalue()
+        """The whole state, as one ``shares`` snapshot."""
+        return self.shares(lambda tenant, device_id: 0, [0])[0]
 
-    def restore(self, blob: bytes, actuals: Iterable[tuple[str, float, int]] = ()) -> None:
-        """The state of a ``snapshot`` plus the actuals checkpointed from ``take_actual_changes``."""
+    def restore(self, blob: bytes) -> None:
+        """Exactly the state of a ``snapshot``."""
+        self.predictions, self.actuals, self._ends, self.watermark_ms = self._empty_predictions(), {}, [], 0
+        self.merge(blob)
+        self.expired = json.loads(blob.partition(b"\n")[0])["expired"]
+
+    def merge(self, blob: bytes) -> None:
+        """Add the devices of another partition's ``snapshot`` (their partition came to this alerter)."""
         head, _, body = blob.partition(b"\n")
         meta = json.loads(head)
-        self.watermark_ms, self.expired = meta["watermark_ms"], meta["expired"]
-        self.predictions = pa.ipc.open_stream(pa.BufferReader(body)).read_all()
-        self.actuals = {key: (mean, end) for key, mean, end in actuals}
+        self.watermark_ms = max(self.watermark_ms, meta["watermark_ms"])
+        self.predictions = pa.concat_tables([self.predictions, pa.ipc.open_stream(pa.BufferReader(body)).read_all()])
+        for key, mean, end in meta["actuals"]:
+            self.actuals[key] = (mean, end)
+            heapq.heappush(self._ends, (end, key))
+
+    def forget(self, drop: Callable[[str, str], bool]) -> None:
+        """Drop the predictions and actuals of the devices ``drop`` selects (their partition went elsewhere)."""
+        self.predictions = self.predictions.filter(pa.array(
+            [not drop(t, d) for t, d in zip(self.predictions["tenant"].to_pylist(),
+                                            self.predictions["device_id"].to_pylist())], pa.bool_()))
+        self.actuals = {k: v for k, v in self.actuals.items() if not drop(*k.split(_SEP, 2)[:2])}
         self._ends = [(end, key) for key, (_, end) in self.actuals.items()]
         heapq.heapify(self._ends)
-        self._added = []
 
 
 @dataclass

@@ -7,6 +7,11 @@ broker refuses for a reason that will not change on a retry (``refused_for_good`
 invalid) becomes a dead-letter row holding a bounded prefix of it, its size and SHA-256, and
 is counted; it is never retried. Any other delivery failure is raised, so the caller keeps its
 offsets and tries again.
+
+``ConsumerLag`` exports ``aimass_consumer_lag``{stage, group, topic, partition} for the partitions
+a consumer owns: the high watermark its last fetch saw minus the offset its group committed. The
+watermark comes from fetch responses (``cached=True``), not from ListOffsets, which the local
+broker answers wrongly; a partition not fetched yet has no value until it is.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import logging
 import time
 
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
-from prometheus_client import Counter
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import Counter, Gauge
 
 from aimass.core.config import Config
 from aimass.core import contract
@@ -27,6 +32,8 @@ REFUSED = Counter("aimass_kafka_records_refused_total",
                   "records the broker refused for good, sent to the dead-letter topic instead", ["stage"])
 DROPPED = Counter("aimass_kafka_dead_letters_dropped_total",
                   "dead-letter records the broker refused for good (logged, nowhere else to go)", ["stage"])
+LAG = Gauge("aimass_consumer_lag", "records of a partition after the offset its consumer group committed "
+            "(high watermark of the last fetch minus the committed offset)", ["stage", "group", "topic", "partition"])
 
 # Errors a retry cannot cure: the record itself is wrong for this broker.
 PERMANENT = frozenset((KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG,
@@ -97,6 +104,37 @@ def consume_available(consumer: Consumer, max_messages: int, timeout_s: float) -
     if first is None:
         return []
     return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+
+
+class ConsumerLag:
+    """``aimass_consumer_lag`` of one stage's consumer: call ``committed`` after each commit, ``revoked``
+    from the revoke callback and ``update`` now and then from the consuming thread."""
+
+    def __init__(self, stage: str, group: str):
+        self.stage, self.group = stage, group
+        self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> committed offset
+
+    def committed(self, offsets: list[TopicPartition]) -> None:
+        self.offsets.update({(tp.topic, tp.partition): tp.offset for tp in offsets if tp.offset >= 0})
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            if self.offsets.pop((tp.topic, tp.partition), None) is not None:
+                LAG.remove(self.stage, self.group, tp.topic, str(tp.partition))
+
+    def update(self, consumer: Consumer) -> None:
+        owned = consumer.assignment()
+        unknown = [tp for tp in owned if (tp.topic, tp.partition) not in self.offsets]
+        if unknown:  # owned since the last update: ask the group
+            try:
+                self.committed(consumer.committed(unknown, timeout=5))
+            except KafkaException as exc:  # a metric must never stop the stage
+                log.warning("committed offsets unavailable for the lag metric: %s", exc)
+        for tp in owned:
+            committed = self.offsets.get((tp.topic, tp.partition))
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if committed is not None and high >= 0:
+                LAG.labels(self.stage, self.group, tp.topic, str(tp.partition)).set(max(0, high - committed))
 
 
 class TableProducer:

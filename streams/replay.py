@@ -37,7 +37,7 @@ from faust.types import TP
 
 from aimass.core.config import Config
 from aimass.core import contract
-from aimass.streams.kafka import consumer_config
+from aimass.streams.kafka import LAG, consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class ReplayedPartitions(Generic[S]):
     def __init__(self, app: faust.App, cfg: Config, topic_name: str, stage: str, new_state: Callable[[], S]):
         self.app = app
         self.topic_name = topic_name
+        self.stage = stage
         self.new_state = new_state
         self.max_record_bytes = cfg.kafka.max_record_bytes
         self.states: dict[int, S] = {}
@@ -88,6 +89,8 @@ class ReplayedPartitions(Generic[S]):
         """Forget all state (Faust seeks every partition back to its restart offset) and load markers."""
         async with self._lock:
             partitions = sorted(tp.partition for tp in assigned if tp.topic == self.topic_name)
+            for p in self._committed:
+                LAG.remove(self.stage, self.app.conf.id, self.topic_name, str(p))
             self.states.clear()
             self._next.clear()
             self._committed.clear()
@@ -134,6 +137,7 @@ class ReplayedPartitions(Generic[S]):
         """Flush outputs and check their delivery, then commit emitted-through markers and restart
         offsets of every partition; ``DeliveryFailed`` after a failed delivery."""
         async with self._lock:
+            self._export_lag()
             if self.failed is not None:
                 raise self.failed
             sent, self._sent = self._sent, []  # every output of the records below the marks
@@ -159,6 +163,14 @@ class ReplayedPartitions(Generic[S]):
                 return
             if await self.app.consumer._commit({TP(self.topic_name, p): r for p, (_, r) in marks.items()}):
                 self._committed.update(marks)
+
+    def _export_lag(self) -> None:
+        """aimass_consumer_lag of the owned partitions: the fetched high watermark minus the committed
+        emitted-through offset (the restart offset trails on purpose, to rebuild state)."""
+        for p, (emitted, _) in self._committed.items():
+            high = self.app.consumer.highwater(TP(self.topic_name, p))
+            if high is not None and high >= 0:
+                LAG.labels(self.stage, self.app.conf.id, self.topic_name, str(p)).set(max(0, high - emitted))
 
     def install(self, source: faust.TopicT, schema: pa.Schema, stage: str, dead_out: faust.TopicT,
                 handle: Callable[[S, int, int, pa.Table, dict, bool], Awaitable[None]],

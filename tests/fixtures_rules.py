@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from confluent_kafka import Consumer
 
 from aimass.rules import expr
 from aimass.rules.model import RuleSet, load_rules
 from aimass.core import contract
+from aimass.streams.kafka import consumer_config
 
 READING = dict(tenant="acme", device_id="pump-1", metric="temperature", ts_ms=0, value=0.0, unit="Cel",
                received_ms=0)
@@ -124,3 +128,25 @@ def poisoned_sqrt() -> tuple:
             raise FloatingPointError(f"poisoned sqrt({POISON_VALUE})")
         return vector(x)
     return arity, poisoned, row
+
+
+class Reader:
+    """Reads a contract topic from the beginning, accumulating rows."""
+
+    def __init__(self, cfg, topic: contract.Topic):
+        self.topic = topic
+        self.consumer = Consumer(consumer_config(cfg, f"reader-{uuid.uuid4().hex[:8]}"))
+        self.consumer.subscribe([topic.name(cfg.kafka.topic_prefix)])
+        self.rows: list[dict] = []
+
+    def until(self, predicate, timeout: float = 60) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.rows):
+            assert time.monotonic() < deadline, f"timed out on {self.topic.suffix}; rows so far: {self.rows}"
+            for m in self.consumer.consume(100, 0.3):
+                if not m.error():
+                    self.rows += contract.decode(m.value(), self.topic.schema).to_pylist()
+        return self.rows
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client import REGISTRY
 
 from aimass.core import contract
-from aimass.streams.kafka import consume_available, consumer_config, producer_config
+from aimass.streams.kafka import ConsumerLag, consume_available, consumer_config, producer_config
 
 
 def test_consume_available_returns_what_is_there_instead_of_waiting_for_a_full_batch(cfg):
@@ -34,5 +35,34 @@ def test_consume_available_returns_what_is_there_instead_of_waiting_for_a_full_b
         while len(got) < 2 and time.monotonic() - started < 60:
             got += [m.value() for m in consume_available(consumer, 1, 5.0) if not m.error()]
         assert got == [b"record 3", b"record 4"]  # at most max_messages per call, in order
+    finally:
+        consumer.close()
+
+
+def test_consumer_lag_is_the_fetched_high_watermark_minus_the_committed_offset(cfg):
+    topic = contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix)
+    producer = Producer(producer_config(cfg))
+    for i in range(10):
+        producer.produce(topic, b"r%d" % i, partition=2)
+    assert producer.flush(10) == 0
+    group = f"{cfg.kafka.topic_prefix}-lag"
+    consumer = Consumer(consumer_config(cfg, group))
+    consumer.assign([TopicPartition(topic, 2, 0)])
+    lag = ConsumerLag("test", group)
+    try:
+        got, deadline = [], time.monotonic() + 30
+        while len(got) < 10 and time.monotonic() < deadline:
+            got += [m for m in consume_available(consumer, 100, 0.5) if not m.error()]
+        consumer.commit(offsets=[TopicPartition(topic, 2, 4)], asynchronous=False)  # 6 records not done
+        lag.update(consumer)  # the committed offset comes from the group
+        assert REGISTRY.get_sample_value("aimass_consumer_lag", {"stage": "test", "group": group, "topic": topic,
+                                                                 "partition": "2"}) == 6
+        lag.committed([TopicPartition(topic, 2, 10)])
+        lag.update(consumer)
+        assert REGISTRY.get_sample_value("aimass_consumer_lag", {"stage": "test", "group": group, "topic": topic,
+                                                                 "partition": "2"}) == 0
+        lag.revoked([TopicPartition(topic, 2)])
+        assert REGISTRY.get_sample_value("aimass_consumer_lag", {"stage": "test", "group": group, "topic": topic,
+                                                                 "partition": "2"}) is None
     finally:
         consumer.close()

@@ -17,14 +17,14 @@ import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from aimass.agents.predict import PredictStage
+from aimass.agents.predict import PredictStage, state_from
 from aimass.core.procs import free_port
 from aimass.core.stack import create_topics
 from aimass.models import registry
 from aimass.models import series_model as sm
-from aimass.models.detect import PartitionDetectors
 from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
+from aimass.streams.statestore import open_store
 from tests.conftest import make_config
 from tests.fixtures_predict import synthetic_windows
 
@@ -121,15 +121,14 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     assert sorted(rejected["reason"]) == ["bad_record", "non_finite_mean"]
     assert b"not arrow" in rejected["payload"]
 
-    # Offsets committed for everything consumed, River state checkpointed per partition.
+    # Offsets committed for everything consumed, detector state checkpointed per partition.
     group = Consumer(consumer_config(cfg, f"{cfg.kafka.topic_prefix}-predict"))
     src = contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix)
     committed = group.committed([TopicPartition(src, p) for p in counts], timeout=10)
     group.close()
     assert {tp.partition: tp.offset for tp in committed} == counts
-    ckpt = tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict"
-    states = {p: PartitionDetectors.from_bytes((ckpt / f"p{p}.npz").read_bytes(), cfg.detect,
-                                               cfg.predict.history_windows) for p in counts}
+    store = open_store(cfg)
+    states = {p: state_from(store.load(f"{cfg.kafka.topic_prefix}-predict", p), cfg) for p in counts}
     assert sum(len(s) for s in states.values()) == SERIES
     last_end = int(first["window_end_ms"].to_numpy().max())
     assert all((s.state[:len(s), sm.LAST_END] == last_end).all() for s in states.values())
@@ -174,7 +173,7 @@ def test_aimass_predict_command_serves_metrics_and_stops_cleanly_on_sigterm(tmp_
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, out
-    assert (tmp_path / "predict" / f"{cfg.kafka.topic_prefix}-predict").is_dir()
+    assert list((tmp_path / "state" / f"{cfg.kafka.topic_prefix}-predict").glob("p*.state"))  # checkpointed
 
 
 def test_rebalance_hands_detector_state_to_the_new_owner(tmp_path, kafka, triton):

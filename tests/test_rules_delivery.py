@@ -508,3 +508,26 @@ def test_smtp_refuses_to_send_a_password_without_tls_unless_allowed(tmp_path):
     assert {r["receiver"]: r["status"] for r in rows} == {"unsafe": "dead_letter", "mail": "delivered"}
     assert "clear text" in next(r["error"] for r in rows if r["receiver"] == "unsafe")
     assert logins == [(b"aimass", b"pw")] and len(inbox.messages) == 1  # explicitly allowed: sent
+
+
+def test_a_held_outbox_sends_only_what_a_checkpoint_holds_and_moves_per_partition(tmp_path):
+    """With ``hold`` a composed notification waits for ``release``; a partition's share moves with its id."""
+    old = Outbox(StateDB(tmp_path / "old.sqlite"), hold=True)
+    with old.db:
+        old.enqueue({"event_id": "e1", "tenant": "acme"}, ("hook",), created_ms=1, part=3)
+        old.enqueue({"event_id": "e2", "tenant": "acme"}, ("hook",), created_ms=1, part=3)
+        old.enqueue({"event_id": "e3", "tenant": "acme"}, ("hook",), created_ms=1, part=4)
+    assert old.waiting() == {("hook", 3): (2, 1), ("hook", 4): (1, 1)}  # grouped per partition
+    sent = old.compose("hook", 50, at_ms=10, part=3)
+    assert old.due(at_ms=100) == [] and old.held([3]) == [sent.notification_id]  # not in a checkpoint yet
+    share = json.loads(json.dumps(old.export(3)))  # what partition 3's checkpoint carries
+    old.release(old.held([3]))
+    assert [n.notification_id for n in old.due(at_ms=100)] == [sent.notification_id]
+
+    new = Outbox(StateDB(tmp_path / "new.sqlite"), hold=True)  # partition 3's next owner
+    with new.db:
+        new.adopt(3, share)
+        old.forget(3)
+    assert [(n.notification_id, [e["event_id"] for e in n.events]) for n in new.due(at_ms=100)] == [
+        (sent.notification_id, ["e1", "e2"])]  # the same id: the receiver deduplicates a resend
+    assert old.due(at_ms=100) == [] and old.waiting() == {("hook", 4): (1, 1)}

@@ -236,15 +236,18 @@ def test_engine_state_snapshot_round_trip(tmp_path):
     text = "  - {name: hot, stream: windows, condition: mean > 80, for: 3 windows}\n"
     engine = engine_for(tmp_path, text)
     assert run(engine, "windows", windows(*window_rows([90, 90]))) == []
-    restored = Engine()  # a restart: state first, then the rule files are (re)loaded
-    restored.restore(json.loads(json.dumps(engine.snapshot())))
-    restored.set_rules(ruleset(tmp_path, "rules:\n" + text))
+    restored = Engine(ruleset(tmp_path, "rules:\n" + text))  # a restart: rules loaded, then the partition's state
+    restored.merge(json.loads(json.dumps(engine.snapshot())))
     # the third consecutive window fires only if the two before it survived the restart
     assert run(restored, "windows", windows(dict(window_end_ms=30_000, mean=90))) == [("fire", 30_000)]
-    changed = Engine()
-    changed.restore(engine.snapshot())
-    changed.set_rules(ruleset(tmp_path, "rules:\n" + text.replace("mean > 80", "mean > 85")))
+    changed = Engine(ruleset(tmp_path, "rules:\n" + text.replace("mean > 80", "mean > 85")))
+    changed.merge(engine.snapshot())
     assert changed.states == {}  # the rule changed while the alerter was down: its progress is void
+    other = Engine(ruleset(tmp_path, "rules:\n" + text))  # a partition's share moves to another alerter
+    other.merge(engine.snapshot(lambda key: key[1] == "elsewhere"))
+    assert run(other, "windows", windows(dict(window_end_ms=30_000, mean=90))) == []
+    engine.forget(lambda key: key[1] == "pump-1")  # handed over: the two hot windows are gone here
+    assert run(engine, "windows", windows(dict(window_end_ms=30_000, mean=90))) == []
 
 
 FRAGILE = """
@@ -279,10 +282,14 @@ def test_a_rule_that_raises_is_suspended_with_a_rule_error_alarm(tmp_path, monke
     assert [(s.rule.name, s.kind, s.series[1]) for s in again] == [("hot", "fire", "d3")]
 
     # a restart keeps the suspension; reloading the same rule keeps it; changing the rule clears the alarm
-    restored = Engine()
-    restored.restore(json.loads(json.dumps(engine.snapshot())))
+    restored = Engine(ruleset(tmp_path, FRAGILE))
+    restored.merge(json.loads(json.dumps(engine.snapshot())))
     restored.set_rules(ruleset(tmp_path, FRAGILE))
     assert set(restored.suspended) == {"fragile"} and restored.take_notices() == []
+    changed_while_down = Engine(ruleset(tmp_path, FRAGILE.replace("sqrt(mean) > 100", "mean > 1000")))
+    changed_while_down.merge(engine.snapshot())
+    assert changed_while_down.suspended == {}
+    assert [(n.rule.name, n.kind) for n in changed_while_down.take_notices()] == [("rule_error", "clear")]
     restored.set_rules(ruleset(tmp_path, FRAGILE.replace("sqrt(mean) > 100", "mean > 1000")))
     assert restored.suspended == {}
     cleared = store.apply(restored.take_notices())

@@ -43,31 +43,29 @@ def test_unmatched_predictions_expire_and_checkpoint_round_trips():
     j.add_windows(windows(dict(device_id="other", window_end_ms=200_000)))
     assert j.expired == 1 and j.predictions.num_rows == 1
     restored = OutcomeJoiner(horizon_s=60)
-    restored.restore(j.snapshot(), j.actual_rows())
+    restored.restore(j.snapshot())
     assert restored.expired == 1 and restored.watermark_ms == 200_000
     assert restored.add_windows(windows(dict(window_end_ms=500_000, mean=1.0))).num_rows == 1
 
 
-def test_windows_wait_for_late_predictions_and_checkpoint_incrementally(tmp_path):
-    from aimass.rules.alarms import StateDB
-    db = StateDB(tmp_path / "state.sqlite")
+def test_windows_wait_for_late_predictions_and_a_partition_share_moves_alone():
     j = OutcomeJoiner(horizon_s=60)
     j.add_windows(windows(dict(window_end_ms=20_000, mean=5.0), dict(window_end_ms=30_000, mean=6.0)))
-    with db:
-        db.save_actuals(*j.take_actual_changes())
     j.add_windows(windows(dict(window_end_ms=30_000, mean=7.0),  # a replayed window replaces its copy
-                          dict(window_end_ms=95_000, mean=8.0)))  # watermark 95 s: windows that ended before 35 s expire
-    added, drop_before = j.take_actual_changes()
-    assert [a[1:] for a in added] == [(7.0, 30_000), (8.0, 95_000)] and drop_before == 35_000
-    with db:
-        db.save_actuals(added, drop_before)
-    assert sorted(r[1:] for r in db.actuals()) == [(8.0, 95_000)] == sorted(r[1:] for r in j.actual_rows())
+                          dict(window_end_ms=95_000, mean=8.0),  # watermark 95 s: windows that ended before 35 s expire
+                          dict(device_id="pump-2", window_end_ms=95_000, mean=3.0)))
+    j.add_predictions(predictions(dict(device_id="pump-2", target_end_ms=105_000)))
+    assert sorted(v for v in j.actuals.values()) == [(3.0, 95_000), (8.0, 95_000)]
     restored = OutcomeJoiner(horizon_s=60)
-    restored.restore(j.snapshot(), db.actuals())
+    shares = j.shares(lambda tenant, device: 1 if device == "pump-1" else 2, [1, 2])
+    restored.merge(shares[1])  # pump-1's partition moves to another alerter
+    j.forget(lambda tenant, device: device == "pump-1")
     [row] = restored.add_predictions(predictions(dict(window_end_ms=85_000, target_end_ms=95_000,
                                                       forecast=7.5))).to_pylist()  # late prediction
     assert (row["actual"], row["residual"]) == (8.0, 0.5)
-    assert restored.take_actual_changes()[0] == []
+    assert restored.predictions.num_rows == 0 and restored.watermark_ms == 95_000
+    assert list(j.actuals.values()) == [(3.0, 95_000)] and j.predictions["device_id"].to_pylist() == ["pump-2"]
+    assert j.add_predictions(predictions(dict(window_end_ms=85_000, target_end_ms=95_000))).num_rows == 0
 
 
 def alert(rule: str, ts_ms: int, device: str = "pump-1", transition: str = "raised", metric: str = "temperature"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
 from aimass.agents.sink import Batch, Sink
 from aimass.core.clickhouse import ChdbStore
@@ -25,6 +26,12 @@ def make_sink(cfg) -> Sink:
     return sink_on(cfg, store)
 
 
+def consumer_lag(group: str, topic: str) -> set[float]:
+    """The sink's aimass_consumer_lag values for the partitions of ``topic`` it owns."""
+    return {s.value for m in REGISTRY.collect() if m.name == "aimass_consumer_lag" for s in m.samples
+            if (s.labels["stage"], s.labels["group"], s.labels["topic"]) == ("sink", group, topic)}
+
+
 def test_every_topic_lands_in_its_table_with_rollups_and_commits(sink_cfg):
     batches = [sample_tables(seed) for seed in range(3)]
     produce(sink_cfg, [item for b in batches for item in b.items()])
@@ -34,6 +41,8 @@ def test_every_topic_lands_in_its_table_with_rollups_and_commits(sink_cfg):
     with Running(sink):
         wait_for(lambda: counts(sink.store, db) == want or None, 60, f"counts {want}")
         wait_for(lambda: committed(sink_cfg, contract.CLEAN) == 3, 30, "committed offsets")
+        clean = contract.CLEAN.name(sink_cfg.kafka.topic_prefix)
+        wait_for(lambda: consumer_lag(sink_cfg.clickhouse.group_id, clean) == {0.0} or None, 10, "sink lag 0")
     assert counts(sink.store, db, final=False) == want  # no duplicates even without FINAL
     r = sink.store.query(f"SELECT sum(value) AS s, min(ts) AS lo, toTypeName(ts) AS t FROM `{db}`.readings GROUP BY t")
     produced = pa.concat_tables([b[contract.CLEAN] for b in batches])

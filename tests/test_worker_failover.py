@@ -3,18 +3,21 @@ its partitions over and rebuilds their state by replay. The window rows equal th
 undisturbed run: identical duplicates (at-least-once) are allowed, conflicting values are not."""
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
 import time
+import urllib.request
 
 import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from aimass.agents.clean import CleanEngine
 from aimass.agents.window import WindowEngine
-from aimass.core.procs import wait_until
+from aimass.core.procs import free_port, wait_until
 from aimass.core import contract
 from aimass.streams.kafka import consumer_config, producer_config
 from aimass.streams.units import UnitTable
@@ -77,7 +80,9 @@ def test_sigkilled_worker_is_replaced_without_changing_any_window(cfg, tmp_path)
     assert len(expected) > 500 and not expected.duplicated(KEY).any()
 
     logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
-    workers = [start_worker(cfg, log) for log in logs]
+    survivor_cfg = copy.deepcopy(cfg)
+    survivor_cfg.worker.metrics_port = metrics_port = free_port()
+    workers = [start_worker(cfg, logs[0]), start_worker(survivor_cfg, logs[1])]
     victim, survivor = workers
     raw = contract.RAW.name(cfg.kafka.topic_prefix)
     producer = Producer(producer_config(cfg))
@@ -116,6 +121,14 @@ def test_sigkilled_worker_is_replaced_without_changing_any_window(cfg, tmp_path)
         produce(records[half:])
         got = rows_of(consume(cfg, contract.WINDOW_ROWS, idle_s=8, timeout_s=150, until_rows=len(expected)),
                       contract.WINDOWS).to_pandas()
+        # The survivor owns every partition now and has emitted all it read: lag 0 on each, per stage.
+        want_lag = {(stage, f"{cfg.kafka.topic_prefix}-worker", topic, str(p)): 0.0
+                    for stage, topic in (("clean", raw), ("window", clean_topic)) for p in range(cfg.kafka.partitions)}
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            lag = {(s.labels["stage"], s.labels["group"], s.labels["topic"], s.labels["partition"]): s.value
+                   for f in text_string_to_metric_families(r.read().decode()) if f.name == "aimass_consumer_lag"
+                   for s in f.samples}
+        assert want_lag.items() <= lag.items(), lag
     finally:
         for consumer in groups.values():
             consumer.close()

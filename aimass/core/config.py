@@ -210,7 +210,6 @@ class PredictConfig:
 
     history_windows: int = field(default=8, metadata=_range(2, 1024))
     window_s: int = field(default=10, metadata=_range(1, 86400))
-    checkpoint_dir: str = ""  # default: <run dir>/predict
     checkpoint_every_s: float = field(default=5.0, metadata=_range(0.1, 3600))
     metrics_port: int = field(default=9103, metadata=_range(0, 65535))
     band_k: float = field(default=3.0, metadata=_range(0.0, 100.0))  # band = forecast +- band_k * residual rms
@@ -280,6 +279,16 @@ class AlertConfig:
     checkpoint_ms: int = field(default=1000, metadata=_range(0, 600_000))
 
 
+@dataclass
+class StateConfig:
+    """Per-partition checkpoints of predict and the alerter (aimass.streams.statestore)."""
+
+    # kafka: a compacted topic, so replicas need no shared volume; files: one directory (single host)
+    store: str = field(default="files", metadata=_choices("files", "kafka"))
+    dir: str = ""  # files store: default <run dir>/state
+    key_env: str = "AIMASS_STATE_KEY"  # HMAC key of checkpoints; required by the kafka store (same for all replicas)
+
+
 # TTLs are `toDateTime(time) + INTERVAL n DAY`, and DateTime ends in 2106: a row whose expiry
 # falls past that wraps around to the 1970s and is deleted at once (36,500 days did this to every
 # row). 20,000 days keeps a row written now safe until 2051. 0 = no TTL: rows are kept forever.
@@ -331,6 +340,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     alert: AlertConfig = field(default_factory=AlertConfig)
     clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     @property
     def run_dir(self) -> Path:

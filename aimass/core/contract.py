@@ -193,7 +193,7 @@ class Topic:
     """A Kafka topic of the contract: its suffix, record schema and whether it is keyed by device."""
 
     suffix: str
-    schema: pa.Schema
+    schema: pa.Schema | None  # None: records are not Arrow (the state topic's checkpoint chunks)
     partitioned: bool = True  # False: a single partition is enough (low volume, global order)
 
     def name(self, prefix: str = "aimass") -> str:
@@ -212,6 +212,10 @@ ALERT_EVENTS = Topic("alerts", ALERTS, partitioned=False)
 DRIFT_EVENTS = Topic("drift", DRIFT, partitioned=False)
 QUALITY_ROWS = Topic("quality", QUALITY, partitioned=False)
 NOTIFICATION_ROWS = Topic("notifications", NOTIFICATIONS, partitioned=False)
+
+# Checkpoints of per-partition state (aimass.streams.statestore): compacted, keyed by group/partition,
+# created by the store itself on first use; not a data topic, so not in ALL_TOPICS.
+STATE = Topic("state", None)
 
 ALL_TOPICS: tuple[Topic, ...] = (
     RAW, CLEAN, LATE, DEAD_LETTER, WINDOW_ROWS, PREDICTION_ROWS, OUTCOME_ROWS,
