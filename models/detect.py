@@ -98,7 +98,9 @@ class PartitionDetectors:
         means = w["mean"].to_numpy(zero_copy_only=False).astype(np.float64)
         c = self.cfg
         out = sm.series_step(slots, ends, next_ends, means, w["std"].to_numpy(zero_copy_only=False).astype(np.float64),
-                             w["count"].to_numpy(zero_copy_only=False).astype(np.float64), self.state, self.history,
+                             w["count"].to_numpy(zero_copy_only=False).astype(np.float64),
+                             w["first"].to_numpy(zero_copy_only=False).astype(np.float64),
+                             w["last"].to_numpy(zero_copy_only=False).astype(np.float64), self.state, self.history,
                              self.tod, self.dow, c.forecast_alpha, c.forecast_beta, float(c.long_windows),
                              c.warmup_windows, c.regime_windows, c.q_level, c.q_spread, c.q_change)
         done = np.flatnonzero(np.isfinite(out[:, sm.OUT_NEXT]))

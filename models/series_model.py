@@ -15,7 +15,8 @@ seasonal profile. ``series_step`` advances the rows of one batch in arrival orde
 - **Detectors**, each a statistic turned into a calibrated 0..1 score by ``calibrate`` (0.5 at
   the statistic's normal-operation tail ``q``): ``level`` = |z| of the one-step residual,
   ``spread`` = |z| of log(window std) against its own baseline (a stuck or suddenly noisy
-  sensor; windows of fewer than 3 readings are not judged), ``change`` = a two-sided CUSUM on z
+  sensor; windows of fewer than 3 readings are not judged; an exact repeat of the previous window's
+  last reading, in a series whose readings never repeated, counts as stuck), ``change`` = a two-sided CUSUM on z
   (a sustained shift or drift too small for one window to show).
 - **New regime**: after ``regime_windows`` anomalous windows in a row the series is re-learned
   from its current behaviour (a drift event), so a permanent change raises an alarm and then
@@ -40,8 +41,8 @@ from numba import njit
 
 # --- state columns ------------------------------------------------------------------------
 N, FIRST_END, LAST_END, LEVEL, TREND, RES_VAR, BASE, SP_N, SP_MEAN, SP_VAR, CUSUM_HI, CUSUM_LO, RUN, WITHIN, \
-    ZERO_SD = range(15)
-N_STATE = 15
+    ZERO_SD, PREV_LAST, REPEATS = range(17)
+N_STATE = 17
 TOD_BINS = 24
 DOW_BINS = 7
 DAY_MS = 86_400_000
@@ -89,7 +90,7 @@ def _reset(st: np.ndarray, tod: np.ndarray, dow: np.ndarray, s: int, end: int, x
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, means: np.ndarray, stds: np.ndarray,
-                counts: np.ndarray, state: np.ndarray, history: np.ndarray, tod: np.ndarray, dow: np.ndarray,
+                counts: np.ndarray, firsts: np.ndarray, lasts: np.ndarray, state: np.ndarray, history: np.ndarray, tod: np.ndarray, dow: np.ndarray,
                 alpha: float, beta: float, long_windows: float, warmup_windows: int, regime_windows: int,
                 q_level: float, q_spread: float, q_change: float) -> np.ndarray:
     """Advance the series of ``slots`` by one window each row (rows in arrival order); returns
@@ -135,6 +136,11 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
         zc = min(max(z, -HUBER), HUBER)  # an outlier is the level score's; the CUSUM adds up small shifts
         hi = max(0.0, st[CUSUM_HI] + zc - CUSUM_K)
         lo = max(0.0, st[CUSUM_LO] - zc - CUSUM_K)
+        # a reading repeated exactly across the boundary of consecutive windows: a stuck sign for a
+        # series whose readings never repeated before (judged once, like std 0)
+        repeat = st[N] > 0 and steps == 1.0 and firsts[i] == st[PREV_LAST]
+        if repeat and st[REPEATS] == 0.0 and st[N] >= 3:
+            z_sp = Z_CLIP
         level_score = calibrate(abs(z), q_level)
         spread_score = calibrate(abs(z_sp), q_spread)
         change_score = calibrate(max(hi, lo), q_change)
@@ -187,6 +193,9 @@ def series_step(slots: np.ndarray, ends: np.ndarray, next_ends: np.ndarray, mean
                 dow[s, db] += rate * (x - st[BASE] - tod[s, tb] - dow[s, db])
             st[N] += 1.0
         st[LAST_END] = end
+        st[PREV_LAST] = lasts[i]
+        if repeat:
+            st[REPEATS] += 1.0
         for j in range(k - 1):
             history[s, j] = history[s, j + 1]
         history[s, k - 1] = x

@@ -259,3 +259,20 @@ def test_a_checkpoint_of_another_layout_starts_fresh():
     det = PartitionDetectors(DetectConfig(), 8)
     det.step(series(smooth(50)))
     assert len(PartitionDetectors.from_bytes(det.to_bytes(), DetectConfig(), 4)) == 0
+
+
+def test_a_reading_repeated_across_windows_is_a_stuck_sign_once():
+    """A sensor that gets stuck mid-window: its windows only look a little calmer, but its reading
+    repeats exactly across the window boundary, which a continuous reading never does."""
+    values = smooth(80)
+    table = series(values)
+    first = np.asarray(values, float) + 0.01
+    last = np.asarray(values, float) - 0.01
+    last[49] = first[50] = 42.123  # stuck from the end of window 49 into window 50
+    last[59] = first[60] = 42.5    # a second repeat: from now on repeats may be the sensor's resolution
+    table = table.set_column(table.schema.get_field_index("first"), "first", pa.array(first))
+    table = table.set_column(table.schema.get_field_index("last"), "last", pa.array(last))
+    out = PartitionDetectors(DetectConfig(device_warmup_windows=256), 8).step(table).series
+    assert out[50, sm.OUT_SPREAD] > 0.99 and out[50, sm.OUT_ANOMALY] > 0.99
+    assert out[60, sm.OUT_SPREAD] < 0.9
+    assert np.delete(out[3:, sm.OUT_SPREAD], [47]).max() < 0.9
