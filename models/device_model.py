@@ -24,8 +24,10 @@ abnormal as a whole while every metric alone looks plausible. Per device, ``devi
 Rows of one device and window may come in several batches: a window is judged when all of the
 device's known metrics arrived, or, with what arrived, when the device's next window starts.
 References: MSET / Hotelling T² monitoring; SKAB (Katser & Kozitsin, 2020) for the evaluation.
+A device of one metric has no device model (nothing to combine: its series scores judge it).
 Known weakness: a metric that only becomes slow (or fast) after the warm-up keeps its warm-up
-treatment; an anomaly inside the warm-up is learned as normal.
+treatment, one that first reports after it is not in the model; an anomaly inside the warm-up is
+learned as normal.
 """
 from __future__ import annotations
 
@@ -147,7 +149,9 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
     x = warm[d, :n, :known].copy()
     p = known
     sc[READY] = 1.0
-    sc[USED] = p
+    sc[USED] = p if p >= 2 else 0
+    if p < 2:  # one metric: nothing to combine, its series scores judge it
+        return
     f = np.empty((n - 1, p))  # the first window has no previous one: the features start at the second
     for j in range(p):
         between = np.var(x[:, j])
@@ -207,7 +211,7 @@ def _judge(sc, use, mean, ref, cov, prec, pend, pend_have, pend_noise, last, war
             if n + 1 >= warmup:
                 _fit(sc, use, mean, cov, prec, warm, noise, d, n + 1, slow_ratio, shrink)
         return np.nan, np.nan, False  # not judged while the model learns
-    if not complete or not had_last:
+    if not complete or not had_last or sc[USED] == 0.0:
         return np.nan, np.nan, False
     idx = np.empty(MAX_METRICS, np.int64)
     p = 0

@@ -116,30 +116,44 @@ def series(values: np.ndarray, std: float | np.ndarray = 0.5, count: int = 20) -
 
 
 def scores(values: np.ndarray, **kw) -> np.ndarray:
-    """Per-series outputs of one series (no device model: its warm-up never ends here)."""
-    res = PartitionDetectors(DetectConfig(device_warmup_windows=256), 8).step(series(values, **kw))
+    """Per-series outputs of one series (a one-metric device: no device model)."""
+    res = PartitionDetectors(DetectConfig(), 8).step(series(values, **kw))
     return res.series
 
 
+def two_metrics(values: np.ndarray, other: np.ndarray, std: float = 0.45) -> pa.Table:
+    k = len(values)
+    return windows(np.stack([values, other], axis=1), np.full((k, 2), std), np.full(k, 20.0))
+
+
 def test_a_metric_the_device_model_judges_leaves_its_level_to_it():
-    values = 50 + 0.1 * np.random.default_rng(5).standard_normal(200)  # white noise: a fast metric
+    rng = np.random.default_rng(5)
+    values, other = 50 + 0.1 * rng.standard_normal(200), 20 + 0.1 * rng.standard_normal(200)  # fast metrics
     values[150] += 3.0
-    res = PartitionDetectors(DetectConfig(), 8).step(series(values, std=0.45))
-    assert res.series[150, sm.OUT_LEVEL] > 0.95  # still scored and stored ...
-    assert res.series[150, sm.OUT_ANOMALY] < 0.5  # ... but the combined score leaves it to the device score
-    assert res.device_score[150] > 0.95
-    assert res.series[20, sm.OUT_ANOMALY] >= res.series[20, sm.OUT_LEVEL]  # not yet fitted: the level counts
+    res = PartitionDetectors(DetectConfig(), 8).step(two_metrics(values, other))
+    series = res.series.reshape(200, 2, -1)[:, 0]
+    assert series[150, sm.OUT_LEVEL] > 0.95  # still scored and stored ...
+    assert series[150, sm.OUT_ANOMALY] < 0.5  # ... but the combined score leaves it to the device score
+    assert res.device_score[res.device_end > 0][150] > 0.95
+    assert series[20, sm.OUT_ANOMALY] >= series[20, sm.OUT_LEVEL]  # not yet fitted: the level counts
 
 
 def test_a_device_whose_metrics_all_drift_is_judged_by_their_changes():
-    values = smooth()  # a slow sine: its window means vary far more than its readings' noise explains
+    values, other = smooth(), smooth(seed=2) * 2  # slow sines: window means vary far more than noise explains
     values[150] += 3.0
     det = PartitionDetectors(DetectConfig(), 8)
-    res = det.step(series(values))
-    assert det.device["use"][0, 0] == dm.SLOW
-    judged = res.device_score[np.isfinite(res.device_score)]
+    res = det.step(two_metrics(values, other))
+    assert det.device["use"][0, :2].tolist() == [dm.SLOW, dm.SLOW]
+    per_window = res.device_score[res.device_end > 0]
+    judged = per_window[np.isfinite(per_window)]
     assert len(judged) == len(values) - DetectConfig().device_warmup_windows
-    assert res.device_score[150] > 0.95 and np.quantile(judged, 0.95) < 0.75
+    assert per_window[150] > 0.95 and np.quantile(judged, 0.95) < 0.75
+
+
+def test_a_single_metric_device_has_no_device_model():
+    res = PartitionDetectors(DetectConfig(), 8).step(series(smooth()))
+    assert np.isnan(res.device_score).all()
+    assert (res.series[:, sm.OUT_ANOMALY] >= res.series[:, sm.OUT_LEVEL]).all()  # its level always counts
 
 
 def smooth(k: int = 200, seed: int = 1) -> np.ndarray:

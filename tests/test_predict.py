@@ -30,6 +30,7 @@ from tests.fixtures_predict import synthetic_windows
 
 pytestmark = pytest.mark.integration
 SERIES, STEPS = 12, 40
+DEVICES = SERIES // 2  # the main test pairs the series: devices of two metrics (a device model each)
 DEVICE_WARMUP = 30
 REPO = Path(__file__).resolve().parent.parent / "triton_repo"
 
@@ -52,6 +53,15 @@ def _produce_windows(cfg, windows: pa.Table, extra: list[tuple[int, bytes]] = ()
         counts[p] = counts.get(p, 0) + 1
     assert producer.flush(30) == 0
     return counts
+
+
+def _paired(windows: pa.Table) -> pa.Table:
+    """The synthetic series as DEVICES devices of two metrics each (series 2i, 2i+1 -> device i)."""
+    series = np.array([int(d[4:]) for d in windows["device_id"].to_pylist()])
+    windows = windows.set_column(windows.schema.get_field_index("device_id"), "device_id",
+                                 pa.array([f"dev-{i // 2:04d}" for i in series]))
+    return windows.set_column(windows.schema.get_field_index("metric"), "metric",
+                              pa.array(["temp" if i % 2 == 0 else "humidity" for i in series]))
 
 
 def _read(cfg, topic: contract.Topic, consumer: Consumer, want_rows: int, timeout: float = 60) -> list[tuple[int, pa.Table]]:
@@ -86,14 +96,14 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     cfg.predict.checkpoint_every_s = 0.5
     cfg.detect.device_warmup_windows = DEVICE_WARMUP
     create_topics(cfg)
-    windows, _ = synthetic_windows(SERIES, STEPS + 10)
+    windows = _paired(synthetic_windows(SERIES, STEPS + 10)[0])
     first, later = windows.slice(0, SERIES * STEPS), windows.slice(SERIES * STEPS)
     nan_row = first.slice(0, 1).set_column(first.schema.get_field_index("mean"), "mean", pa.array([float("nan")]))
     counts = _produce_windows(cfg, first, extra=[(0, b"not arrow"), (1, contract.encode(nan_row, contract.WINDOWS))])
 
     predictions, dead = _reader(cfg, contract.PREDICTION_ROWS), _reader(cfg, contract.DEAD_LETTER)
     got: list = []
-    expected = SERIES * STEPS + SERIES * (STEPS - DEVICE_WARMUP)
+    expected = SERIES * STEPS + DEVICES * (STEPS - DEVICE_WARMUP)
     asyncio.run(_run_until(PredictStage(cfg), lambda: got.extend(_read(cfg, contract.PREDICTION_ROWS, predictions,
                                                                       expected))))
     both = pa.concat_tables(t for _, t in got)
@@ -102,10 +112,10 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     assert table.num_rows == SERIES * STEPS
     # one device row per device and window once its model is fitted (after DEVICE_WARMUP windows)
     assert len(set(zip(device["device_id"], device["window_end_ms"]))) == len(device["device_id"]) == \
-        SERIES * (STEPS - DEVICE_WARMUP)
+        DEVICES * (STEPS - DEVICE_WARMUP)
     assert all(0 <= a <= 1 for a in device["anomaly_device"]) and device["anomaly"] == device["anomaly_device"]
     d = table.to_pydict()
-    assert len(set(zip(d["device_id"], d["window_end_ms"]))) == SERIES * STEPS  # one per window
+    assert len(set(zip(d["device_id"], d["metric"], d["window_end_ms"]))) == SERIES * STEPS  # one per window
     live = {name: f"{name}:{registry.live_version(REPO, name)}" for name in registry.MODELS}
     assert not any(d["degraded"]) and set(d["forecaster_model"]) == {live["forecaster"]}
     assert set(d["anomaly_model"]) == {SERIES_MODEL_NAME}  # `anomaly` is the online detectors'; Triton's beside it
@@ -140,9 +150,9 @@ def test_stage_predicts_every_window_commits_and_resumes(tmp_path, kafka, triton
     _produce_windows(cfg, later)
     more: list = []
     asyncio.run(_run_until(PredictStage(cfg), lambda: more.extend(_read(cfg, contract.PREDICTION_ROWS, predictions,
-                                                                        2 * SERIES * 10))))
+                                                                        (SERIES + DEVICES) * 10))))
     again = pa.concat_tables(t for _, t in more)
-    assert again.num_rows == 2 * SERIES * 10  # a series row and a device row per new window
+    assert again.num_rows == (SERIES + DEVICES) * 10  # series rows and a device row per new window
     assert min(again["window_end_ms"].to_pylist()) > last_end
     assert _read(cfg, contract.PREDICTION_ROWS, predictions, 1, timeout=2) == []  # nothing replayed
     predictions.close()
