@@ -167,8 +167,12 @@ class ReplayedPartitions(Generic[S]):
     def _export_lag(self) -> None:
         """aimass_consumer_lag of the owned partitions: the fetched high watermark minus the committed
         emitted-through offset (the restart offset trails on purpose, to rebuild state)."""
-        for p, (emitted, _) in self._committed.items():
-            high = self.app.consumer.highwater(TP(self.topic_name, p))
+        for p, (emitted, _) in list(self._committed.items()):
+            try:
+                high = self.app.consumer.highwater(TP(self.topic_name, p))
+            except Exception as exc:  # noqa: BLE001 - a metric must never fail a commit (e.g. mid-rebalance)
+                log.debug("%s[%d]: no high watermark for the lag metric (%s)", self.topic_name, p, exc)
+                continue
             if high is not None and high >= 0:
                 LAG.labels(self.stage, self.app.conf.id, self.topic_name, str(p)).set(max(0, high - emitted))
 

@@ -163,6 +163,9 @@ class FakeApp:
         self.commits.append(offsets)
         return True
 
+    def highwater(self, tp):  # the lag metric's source
+        return None
+
 
 class FakeMarkers:
     def __init__(self):
