@@ -274,7 +274,8 @@ def seed_report_data(store) -> None:
     for batch in (sample_tables(1), sample_tables(2)):
         for i, (topic, table) in enumerate(batch.items()):
             insert(store, topic, table, offset=i)
-    start = (NOW_MS - 600_000) // 10_000 * 10_000
+    # the reports look back from now: a suite that runs long must not age the data out of their window
+    start = (int(time.time() * 1000) - 600_000) // 10_000 * 10_000
     for device, level in (("calm", 0.1), ("wild", 0.9)):
         insert(store, contract.CLEAN, readings(600, device=device, start_ms=start, step_ms=1000))
         n = 60
@@ -285,7 +286,8 @@ def seed_report_data(store) -> None:
                      forecast_triton=[20.0] * n, forecast_online=[20.0] * n, forecast=[20.0] * n,
                      band_low=[18.0] * n, band_high=[22.0] * n, anomaly_triton=[level] * n,
                      anomaly_level=[level] * n, anomaly_spread=[0.0] * n, anomaly_change=[0.0] * n,
-                     anomaly_device=[float("nan")] * n, regime_change=[False] * n, anomaly=np.linspace(0, level, n), forecaster_model=["zscore:1"] * n,
+                     anomaly_device=[float("nan")] * n, regime_change=[False] * n, anomaly=np.linspace(0, level, n),
+                     forecaster_model=["zscore:1"] * n,
                      anomaly_model=["iforest:1"] * n, degraded=[False] * n, max_received_ms=ends,
                      predicted_ms=ends - 9_000)
         insert(store, contract.PREDICTION_ROWS, pa.table(preds, schema=contract.PREDICTIONS))
