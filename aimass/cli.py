@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "simulate": ("aimass.streams.simulator", "configure", "run", "publish simulated device telemetry with injected anomalies"),
     "replay": ("aimass.streams.history_replay", "configure", "run", "publish a CSV/Parquet history through MQTT in event-time order"),
     "worker": ("aimass.agents.worker", "configure", "run", "run a Faust worker (clean + window agents)"),
-    "predict": ("aimass.agents.predict", "configure", "run", "run the predict stage (Triton + River)"),
+    "predict": ("aimass.agents.predict", "configure", "run", "run the predict stage (online detectors + Triton)"),
     "alerter": ("aimass.agents.alert", "configure", "run", "run the rule engine, alarms, notifications and the alarm API"),
     "sink": ("aimass.agents.sink", "configure", "run", "store every result topic in ClickHouse / chDB"),
     "rules": ("aimass.rules.cli", "configure_rules", "run_rules", "validate rule files (`aimass rules check FILE...`)"),

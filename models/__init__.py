@@ -1,2 +1,3 @@
-"""Stage: the models behind predictions. Online River models, the Triton client and model
-repository registry, feature scaling, training, ONNX export and `aimass train` / `aimass models`."""
+"""Stage: the models behind predictions. The online detectors (per series and per device), the
+Triton client and model repository registry, feature scaling, training, ONNX export, detection
+evaluation and `aimass train` / `aimass models`."""

@@ -1,6 +1,6 @@
 """Model features: the last K window means of a series, normalized per series.
 
-Every model (Triton's forecaster and anomaly scorer, River's online models) sees the same
+Every Triton model (the forecaster and the anomaly scorer) sees the same
 vector: the K most recent window means ``x`` of one series, scaled by the mean and standard
 deviation of the K-1 OLDER windows (the reference), so the newest window stands out when it
 breaks from the recent past, and one model serves every device whatever its units. Targets

@@ -3,7 +3,7 @@
 ``TritonModels.infer(features)`` splits the rows into requests of at most
 ``max_rows_per_request``, keeps at most ``max_in_flight`` requests open, gives each one
 ``timeout_s``, and never raises: rows Triton did not answer come back with NaN and
-``served=False`` so the caller continues from River and marks them degraded. After
+``served=False`` so the caller continues from the online models and marks them degraded. After
 ``breaker_failures`` failed requests in a row the breaker opens and no request is sent for
 ``breaker_reset_s``; then one probe request is let through and a success closes the breaker.
 """
@@ -60,7 +60,7 @@ class CircuitBreaker:
         self.consecutive += 1
         if self.state == "half_open" or (self.state == "closed" and self.consecutive >= self.failures):
             if self.state == "closed":
-                log.warning("Triton failing (%s): circuit breaker open, predictions continue from River (degraded)",
+                log.warning("Triton failing (%s): circuit breaker open, predictions continue from the online models (degraded)",
                             error)
             self.state, self.opened_at = "open", self.clock()
             BREAKER_OPEN.set(1)
