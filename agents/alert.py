@@ -201,7 +201,10 @@ class Alerter:
         if "readings" in batches:
             signals += self.engine.process("readings", batches["readings"])
         if "rejects" in batches:
-            signals += self.engine.process("rejects", batches["rejects"])
+            rejected = batches["rejects"]
+            event_time = pc.coalesce(rejected["ts_ms"], rejected["rejected_ms"])  # undecodable records have none
+            rejected = rejected.set_column(rejected.schema.get_field_index("ts_ms"), "ts_ms", event_time)
+            signals += self.engine.process("rejects", rejected)
         for s in signals:
             if s.rule.name == RULE_ERROR and s.kind == "fire":
                 RULE_ERRORS.labels(s.series[2]).inc()

@@ -47,8 +47,9 @@ STREAMS: dict[str, tuple[pa.Schema, str, str, str]] = {
     "windows": (contract.WINDOWS, "window_end_ms", "max_received_ms", "mean"),
     "predictions": (contract.PREDICTIONS, "window_end_ms", "max_received_ms", "anomaly"),
     "outcomes": (contract.OUTCOMES, "target_end_ms", "", "residual"),
-    # dead letters: readings (and records) a stage refused, by rejection time; ``reason`` says why
-    "rejects": (contract.REJECTS, "rejected_ms", "received_ms", "value"),
+    # dead letters: readings (and records) a stage refused, by the reading's time (the rejection
+    # time for a record without one); ``reason`` says why
+    "rejects": (contract.REJECTS, "ts_ms", "received_ms", "value"),
 }
 SEVERITIES = ("info", "warning", "critical")
 RECEIVER_KINDS = ("webhook", "sms", "email")

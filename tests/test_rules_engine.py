@@ -345,4 +345,4 @@ def test_a_rule_on_rejected_readings(tmp_path):
             dict(stage="predict", reason="non_finite_mean", tenant="acme", device_id="d2", metric="temp",
                  rejected_ms=3000, detail="")]
     got = [(s.kind, s.series[1], s.ts_ms) for s in engine.process("rejects", table(contract.REJECTS, {}, rows))]
-    assert got == [("fire", "d1", 2000)]
+    assert got == [("fire", "d1", 1000)]  # at the reading's time

@@ -168,7 +168,7 @@ def test_examples_are_valid_and_cli_reports_errors(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "aimass.cli", "rules", "check", str(REPO / "rules" / "examples")],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("OK: 6 rules, 3 receivers")
+    assert ok.stdout.startswith("OK: 5 rules, 3 receivers")
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD)
     res = subprocess.run([sys.executable, "-m", "aimass.cli", "rules", "check", str(bad)],
