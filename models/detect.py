@@ -63,7 +63,7 @@ class DetectResult:
     series: np.ndarray     # [n, sm.N_OUT] per-series outputs
     history: np.ndarray    # [n, K] each row's series' last K window means (Triton's features)
     device_end: np.ndarray   # [n] end of the device window this row completed and judged, else 0
-    device_score: np.ndarray  # [n] that window's device score 0..1 (NaN: not judged, 0 in warm-up)
+    device_score: np.ndarray  # [n] that window's device score 0..1 (NaN: not judged, e.g. in the warm-up)
     device_distance: np.ndarray  # [n] its Mahalanobis distance in units of the normal 99th percentile
     device_changed: np.ndarray  # [n] the device's open incident changed regime at that window
 
@@ -95,26 +95,25 @@ class PartitionDetectors:
         self.tod, self.dow = _grown(self.tod, rows), _grown(self.dow, rows)
         ends = w["window_end_ms"].to_numpy().astype(np.int64)
         next_ends = ends + w["window_s"].to_numpy().astype(np.int64) * 1000
-        means = w["mean"].to_numpy(zero_copy_only=False).astype(np.float64)
+        means, stds, counts, firsts, lasts = (w[name].to_numpy(zero_copy_only=False).astype(np.float64)
+                                              for name in ("mean", "std", "count", "first", "last"))
         c = self.cfg
-        out = sm.series_step(slots, ends, next_ends, means, w["std"].to_numpy(zero_copy_only=False).astype(np.float64),
-                             w["count"].to_numpy(zero_copy_only=False).astype(np.float64),
-                             w["first"].to_numpy(zero_copy_only=False).astype(np.float64),
-                             w["last"].to_numpy(zero_copy_only=False).astype(np.float64), self.state, self.history,
+        out = sm.series_step(slots, ends, next_ends, means, stds, counts, firsts, lasts, self.state, self.history,
                              self.tod, self.dow, c.forecast_alpha, c.forecast_beta, float(c.long_windows),
                              c.warmup_windows, c.regime_windows, c.q_level, c.q_spread, c.q_change)
         done = np.flatnonzero(np.isfinite(out[:, sm.OUT_NEXT]))
         history = self.history[slots[done]].copy()
-        judged, score, stat, changed, covered = self._device(w, device_key, done, ends)
+        judged, score, stat, changed, covered = self._device(w, device_key, done, ends[done], means[done],
+                                                             stds[done], counts[done])
         series = out[done]
         # a metric the device model judges (fitted, fast metric) has its level judged there, jointly
         series[covered, sm.OUT_ANOMALY] = np.maximum(series[covered, sm.OUT_SPREAD], series[covered, sm.OUT_CHANGE])
         return DetectResult(done, series, history, judged, score, stat, changed)
 
-    def _device(self, w: pa.Table, device_key: pa.Array, done: np.ndarray, ends: np.ndarray
-                ) -> tuple[np.ndarray, ...]:
-        """Device judgements of the processed rows (every metric of a device at a window together),
-        and whether each row's metric is one the device model judges."""
+    def _device(self, w: pa.Table, device_key: pa.Array, done: np.ndarray, ends: np.ndarray, means: np.ndarray,
+                stds: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Device judgements of the processed rows (``ends`` ... ``counts`` are theirs: every metric of a
+        device at a window together), and whether each row's metric is one the device model judges."""
         dev = self.device_slots.lookup(device_key)[done]
         self.device = dm.grown(self.device, len(self.device_slots.keys))
         metrics = w["metric"].to_pylist()
@@ -128,13 +127,8 @@ class PartitionDetectors:
             pos[j] = p
         for j, d in enumerate(dev.tolist()):  # a device's metrics in this batch are known before it is judged
             known[j] = min(len(self.metric_pos[keys[d]]), dm.MAX_METRICS)
-
-        def col(name: str) -> np.ndarray:
-            return w[name].to_numpy(zero_copy_only=False).astype(np.float64)[done]
-
         window_s = float(w["window_s"][0].as_py()) if w.num_rows else 10.0
-        return dm.device_step(dev, ends[done], pos, known, col("mean"), col("std"), col("count"), window_s,
-                              self.device, self.cfg)
+        return dm.device_step(dev, ends, pos, known, means, stds, counts, window_s, self.device, self.cfg)
 
     # --- checkpoints -----------------------------------------------------------------------
 

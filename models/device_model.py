@@ -160,7 +160,6 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
         use[d, j] = SLOW if slow else FAST
         for i in range(1, n):
             f[i - 1, j] = x[i, j] - x[i - 1, j] if slow else x[i, j]
-    idx = np.arange(p)
     n = n - 1
     m, c = shrunk_cov(f, shrink)
     loo = 0.0
@@ -177,11 +176,9 @@ def _fit(sc, use, mean, cov, prec, warm, noise, d, n, slow_ratio, shrink):
     mean[d, :] = 0.0
     cov[d, :, :] = 0.0
     prec[d, :, :] = 0.0
-    for a in range(p):
-        mean[d, idx[a]] = m[a]
-        for b in range(p):
-            cov[d, idx[a], idx[b]] = c[a, b]
-            prec[d, idx[a], idx[b]] = pr[a, b]
+    mean[d, :p] = m  # every known metric is modelled (by level or by change): positions 0..p-1
+    cov[d, :p, :p] = c
+    prec[d, :p, :p] = pr
     # (error_model="numpy": a division by zero gives inf / NaN, never an exception in a worker)
     sc[Q] = max(CHI2_99[min(p, 16) - 1] * (loo / n) / p, 1e-12)  # a constant warm-up: any move is far
 
