@@ -27,6 +27,11 @@ sent only once the checkpoint holding it is durable (``Outbox.hold``), so a new 
 same notification id, which receivers deduplicate, never a regrouping of the same events.
 The quality tracker (labels vs detections) and the alarm API stay per process: with several
 alerters each scores and serves the partitions it owns.
+Alerts on the pipeline itself (Alertmanager -> ``POST /pipeline-alerts``, ``aimass.rules.pipeline``)
+are alarms of one input partition, that of their series: the alerter holding it applies them and
+answers once the checkpoint holding their changes is durable (so Alertmanager, which retries until
+it gets a 2xx, never loses one to a crash); any other alerter answers 503 and closes the
+connection, and Alertmanager's retry reaches another replica.
 Records are written with ``aimass.streams.kafka.TableProducer``: under ``kafka.max_record_bytes``,
 and a record the broker refuses for good is dead-lettered and counted instead of retried, so
 no queued row can wedge the alerter, across restarts either.
@@ -51,11 +56,12 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from aimass.core.config import Config, ConfigError
 from aimass.rules.alarms import AlarmStore, StateDB, now_ms, should_notify
-from aimass.rules.api import ApiHooks, api_tls_context, api_tokens, make_app
+from aimass.rules.api import ApiHooks, Unavailable, api_tls_context, api_tokens, make_app
 from aimass.rules.delivery import Dispatcher, Outbox, Senders
 from aimass.rules.engine import Engine, RuleWatcher, warm_up
 from aimass.rules.model import RULE_ERROR
 from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
+from aimass.rules.pipeline import PIPELINE_DEVICE, PIPELINE_TENANT, PipelineAlert, apply_alerts, is_pipeline
 from aimass.core import contract
 from aimass.streams.kafka import ConsumerLag, TableProducer, consume_available, consumer_config
 from aimass.streams.statestore import open_store
@@ -72,6 +78,7 @@ LATENCY = Histogram("aimass_alert_latency_seconds", "Alarm event time minus brid
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
 
 KEEP_FINISHED_MS = 7 * 86400 * 1000  # delivered / dead-lettered notifications kept this long in the outbox
+DURABLE_WAIT_S = 10.0  # POST /pipeline-alerts waits this long for the checkpoint holding its alarms, else 503
 
 # input topic -> stream the rules know it as
 INPUTS = {contract.CLEAN: "readings", contract.WINDOW_ROWS: "windows", contract.PREDICTION_ROWS: "predictions",
@@ -219,7 +226,7 @@ class Alerter:
         with self.db:
             self.store.save()
             for e in events:
-                receivers = self.engine.receivers_of(e["rule"], (e["tenant"], e["device_id"], e["metric"], 0))
+                receivers = self.receivers_of(e)
                 if self.cfg.alert.notify and receivers and should_notify(e) and not self.store.silenced(e["alarm_id"], at):
                     self.outbox.enqueue(e, receivers, part=self.part_of(e["tenant"], e["device_id"]))
             self.db.queue(self.topic(contract.ALERT_EVENTS), events)
@@ -230,6 +237,27 @@ class Alerter:
             if e["source_received_ms"]:
                 LATENCY.observe(max(0.0, (e["event_ms"] - e["source_received_ms"]) / 1000))
         ACTIVE.set(self.store.active_count())
+
+    def receivers_of(self, event: dict) -> tuple[str, ...]:
+        """Who an alarm event goes to: its rule's receivers; for an alert on the pipeline, the ``pipeline:`` route."""
+        if is_pipeline(event):
+            route = self.engine.ruleset.pipeline
+            return route.receivers_for(event["severity"]) if route else ()
+        return self.engine.receivers_of(event["rule"], (event["tenant"], event["device_id"], event["metric"], 0))
+
+    def take_pipeline_alerts(self, alerts: list[PipelineAlert], owned: set[int]) -> list[dict]:
+        """Apply an Alertmanager post and persist its alarm events; Unavailable when another alerter holds the
+        pipeline alarms' partition, or no rule file routes them."""
+        part = self.part_of(PIPELINE_TENANT, PIPELINE_DEVICE)
+        if part not in owned:
+            raise Unavailable(f"the pipeline alarms are in input partition {part}, which this alerter does not "
+                              "hold: retry (another alerter holds it, or one will after the rebalance)")
+        if self.engine.ruleset.pipeline is None:
+            raise Unavailable("no rule file routes alerts on the pipeline: add a `pipeline: {receivers: [...]}` "
+                              "section to one")
+        events = apply_alerts(self.store, alerts)
+        self.persist(events)
+        return events
 
     def reload_rules(self) -> dict:
         """Re-read the rule files now (POST /rules/reload)."""
@@ -269,6 +297,7 @@ class AlerterService:
         self.uncommitted: dict[tuple[str, int], int] = {}  # offsets processed since the last commit
         self.changed = False  # state changed outside the input (API, deliveries): checkpoint even without records
         self.failed = False  # the loop died: a revoke must not checkpoint state that may not match the outputs
+        self.next_checkpoint: asyncio.Future | None = None  # done when a checkpoint holds the changes made so far
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def publish(self, tables: list[tuple[contract.Topic, pa.Table]]) -> int:
@@ -345,6 +374,12 @@ class AlerterService:
             self.alerter.persist(events)
             self.changed = True
 
+        async def pipeline(alerts: list[PipelineAlert]) -> dict:
+            events = self.alerter.take_pipeline_alerts(alerts, self.owned)
+            await self.durable()  # also when nothing changed: a retried post may repeat one not yet durable
+            return {"alerts": len(alerts), "events": [{k: e[k] for k in ("alarm_id", "rule", "transition")}
+                                                      for e in events]}
+
         a = self.cfg.alert
         try:
             tokens = api_tokens(a)
@@ -354,7 +389,7 @@ class AlerterService:
             log.warning("neither %s nor %s is set: the alarm API will refuse every request",
                         a.api_tokens_env, a.api_token_env)
         context = api_tls_context(a)
-        hooks = ApiHooks(on_events, self.status, self.alerter.reload_rules)
+        hooks = ApiHooks(on_events, self.status, self.alerter.reload_rules, pipeline)
         runner = web.AppRunner(make_app(self.alerter.store, tokens, hooks, a), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.api_host, a.api_port, ssl_context=context).start()
@@ -363,6 +398,18 @@ class AlerterService:
         return runner
 
     # --- partitions: checkpoint, hand over, take over -------------------------------------
+
+    async def durable(self) -> None:
+        """Wait until a checkpoint holds every change made so far (the loop takes one soon: ``changed``);
+        Unavailable when none does within DURABLE_WAIT_S."""
+        self.changed = True
+        if self.next_checkpoint is None:
+            self.next_checkpoint = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.next_checkpoint), DURABLE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"the alarms changed but no checkpoint held them within {DURABLE_WAIT_S:.0f} s: "
+                              "retry (the same alerts posted again change nothing twice)") from None
 
     async def checkpoint(self, parts: set[int]) -> None:
         """Save each partition's state with its offsets, then commit the offsets and release its notifications.
@@ -374,16 +421,21 @@ class AlerterService:
         held = self.alerter.outbox.held(set(parts) | unowned)
         saves = [(p, data, {t: o for (t, q), o in self.positions.items() if q == p and t in self.keyed})
                  for p, data in self.alerter.partition_states(parts).items()]
+        covered = None
+        if set(parts) >= self.owned:  # holds every change so far; later ones wait for the next checkpoint
+            covered, self.next_checkpoint = self.next_checkpoint, None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, lambda: [self.state.save(self.group_id, p, data, offsets)
                                                   for p, data, offsets in saves])
+        if covered is not None:  # (a failed save leaves it pending: its waiters time out and answer 503)
+            covered.set_result(None)
         self.alerter.outbox.release(held)
         if self.uncommitted:
             offsets = [TopicPartition(t, p, o) for (t, p), o in self.uncommitted.items()]
             await loop.run_in_executor(None, lambda: self.consumer.commit(offsets=offsets, asynchronous=False))
             self.lag.committed(offsets)
             self.uncommitted.clear()
-        self.changed = False
+        self.changed = self.next_checkpoint is not None  # a post waits for changes made during this one
 
     async def _assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """Load the checkpoints of newly assigned partitions; the partitions with the offsets to resume at."""

@@ -7,10 +7,15 @@
     POST /alarms/{id}/ack            operate  body {"by": "name"}; 404 unknown, 409 nothing to acknowledge
     POST /alarms/{id}/silence        operate  body {"for_s": 3600}: hold back its notifications (0 lifts it)
     POST /rules/reload               admin    re-read the rule files now
+    POST /pipeline-alerts            ingest   Alertmanager's webhook JSON (version 4): alerts on the pipeline
+                                              itself become alarms (``aimass.rules.pipeline``); 400 with the
+                                              reason for any other body, 503 + Retry-After when this alerter
+                                              does not hold the pipeline alarms' partition (another one does)
 
 Tokens come only from the environment (``api_tokens``): ``alert.api_tokens_env`` holds
 ``name:role:secret`` entries separated by commas, and ``alert.api_token_env`` (the variable
-`aimass alerts` sends) adds one admin token named ``default``. Roles nest: admin > operate > read.
+`aimass alerts` sends) adds one admin token named ``default``. Roles nest: admin > operate > read;
+``ingest`` (for Alertmanager) may only post pipeline alerts, which admin may too.
 Secrets are compared with ``hmac.compare_digest`` and never logged; the token's *name* is the
 actor recorded on acknowledgement and silence events (the audit trail in the store).
 
@@ -18,7 +23,8 @@ Rate limits (token buckets): each token has its own (``api_rate_per_s``, ``api_b
 flooding client never starves another; requests without a valid token (guesses, /healthz) share
 a bucket per client address. Both answer 429 with ``Retry-After``. With
 ``alert.api_tls_cert_file`` and ``alert.api_tls_key_file`` set it serves HTTPS only (TLS 1.2+). Bodies must be JSON objects
-with fields of the right type (400 otherwise) and at most ``api_max_body_bytes`` (413).
+with fields of the right type (400 otherwise) and at most ``api_max_body_bytes`` (413;
+``pipeline_max_body_bytes`` for /pipeline-alerts, since Alertmanager sends a whole group).
 With no token configured the API refuses every request.
 """
 from __future__ import annotations
@@ -35,9 +41,13 @@ from aiohttp import web
 from aimass.core.config import AlertConfig, Config, ConfigError
 from aimass.rules.alarms import Alarm, AlarmStore
 from aimass.rules.delivery import TokenBucket
+from aimass.rules.pipeline import PipelineAlert, parse_webhook
 
 OnEvents = Callable[[list[dict]], Awaitable[None]]
-ROLES = ("read", "operate", "admin")  # each role may do what the ones before it may
+# role -> the roles whose endpoints it may use
+GRANTS = {"read": ("read",), "operate": ("read", "operate"), "admin": ("read", "operate", "admin", "ingest"),
+          "ingest": ("ingest",)}
+ROLES = tuple(GRANTS)
 MAX_SILENCE_S = 30 * 86400
 MAX_TRACKED_ADDRESSES = 10_000
 
@@ -51,7 +61,7 @@ class ApiToken:
     secret: str = field(repr=False)
 
     def allows(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
+        return role in GRANTS[self.role]
 
 
 def parse_tokens(text: str, source: str) -> list[ApiToken]:
@@ -131,21 +141,44 @@ class BadRequest(Exception):
     """A request body the API cannot use; the message says what it expects."""
 
 
-async def json_object(request: web.Request, fields: dict[str, tuple[type, ...]], example: str) -> dict:
-    """The body as a JSON object whose known ``fields`` have the given types (empty body = {})."""
+class Unavailable(Exception):
+    """This alerter cannot take the request now (another one can, or it can later): 503 + Retry-After."""
+
+
+async def body_bytes(request: web.Request, limit: int) -> bytes:
+    """The raw body, at most ``limit`` bytes (413 beyond, before reading it when the length is declared)."""
+    if (request.content_length or 0) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     raw = await request.read()
-    if not raw.strip():
-        return {}
+    if len(raw) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+    return raw
+
+
+def parse_json(raw: bytes, example: str) -> Any:
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except ValueError:
         raise BadRequest(f"body must be JSON, e.g. {example}") from None
+
+
+async def json_object(request: web.Request, fields: dict[str, tuple[type, ...]], example: str, limit: int) -> dict:
+    """The body (at most ``limit`` bytes) as a JSON object whose known ``fields`` have the given types
+    (empty body = {})."""
+    raw = await body_bytes(request, limit)
+    if not raw.strip():
+        return {}
+    body = parse_json(raw, example)
     if not isinstance(body, dict):
         raise BadRequest(f"body must be a JSON object, e.g. {example}")
     for name, types in fields.items():
         if name in body and (not isinstance(body[name], types) or isinstance(body[name], bool)):
             raise BadRequest(f"{name!r} must be a {' or '.join(t.__name__ for t in types)}, e.g. {example}")
     return body
+
+
+async def not_served(alerts: list[PipelineAlert]) -> dict:
+    raise Unavailable("this alarm API takes no pipeline alerts")
 
 
 @dataclass
@@ -155,6 +188,8 @@ class ApiHooks:
     on_events: OnEvents                                   # persist and publish ack / silence events
     status: Callable[[], dict] = dict                     # GET /status
     reload: Callable[[], dict] = dict                     # POST /rules/reload
+    # POST /pipeline-alerts: apply and persist the alerts; what happened (JSON-able), or Unavailable
+    pipeline: Callable[[list[PipelineAlert]], Awaitable[dict]] = not_served
 
 
 def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, settings: AlertConfig) -> web.Application:
@@ -187,6 +222,9 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
             return await handler(request)
         except BadRequest as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        except Unavailable as exc:  # a new connection may reach another alerter: close this one
+            return web.json_response({"error": str(exc)}, status=503,
+                                     headers={"Retry-After": "1", "Connection": "close"})
 
     def needs(role: str, handler: Callable[[web.Request], Awaitable[web.Response]]):
         async def checked(request: web.Request) -> web.Response:
@@ -219,7 +257,7 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
     async def ack(request: web.Request) -> web.Response:
         aid = known(request)
         token: ApiToken = request[TOKEN]
-        body = await json_object(request, {"by": (str,)}, '{"by": "alice"}')
+        body = await json_object(request, {"by": (str,)}, '{"by": "alice"}', settings.api_max_body_bytes)
         event = store.acknowledge(aid, body.get("by", token.name)[:100], actor=token.name)
         if event is None:
             return web.json_response({"error": f"alarm is {store.alarms[aid].state}: nothing to acknowledge"},
@@ -229,7 +267,7 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
 
     async def silence(request: web.Request) -> web.Response:
         aid = known(request)
-        body = await json_object(request, {"for_s": (int, float)}, '{"for_s": 3600}')
+        body = await json_object(request, {"for_s": (int, float)}, '{"for_s": 3600}', settings.api_max_body_bytes)
         for_s: Any = body.get("for_s")
         if for_s is None or not 0 <= for_s <= MAX_SILENCE_S:
             raise BadRequest(f"'for_s' (seconds, 0 lifts the silence) must be between 0 and {MAX_SILENCE_S}")
@@ -240,12 +278,22 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
     async def reload(request: web.Request) -> web.Response:
         return web.json_response(hooks.reload())
 
-    app = web.Application(middlewares=[guard], client_max_size=settings.api_max_body_bytes)
+    async def pipeline_alerts(request: web.Request) -> web.Response:
+        raw = await body_bytes(request, settings.pipeline_max_body_bytes)
+        try:
+            alerts = parse_webhook(parse_json(raw, '{"version": "4", "alerts": [...]}'))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return web.json_response(await hooks.pipeline(alerts))
+
+    app = web.Application(middlewares=[guard],
+                          client_max_size=max(settings.api_max_body_bytes, settings.pipeline_max_body_bytes))
     app.add_routes([web.get("/healthz", healthz),
                     web.get("/alarms", needs("read", list_alarms)),
                     web.get("/alarms/{id}", needs("read", get_alarm)),
                     web.get("/status", needs("read", status)),
                     web.post("/alarms/{id}/ack", needs("operate", ack)),
                     web.post("/alarms/{id}/silence", needs("operate", silence)),
-                    web.post("/rules/reload", needs("admin", reload))])
+                    web.post("/rules/reload", needs("admin", reload)),
+                    web.post("/pipeline-alerts", needs("ingest", pipeline_alerts))])
     return app

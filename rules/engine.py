@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 from numba import njit
 
 from aimass.rules.expr import BOOL, NUM, compile_expr
-from aimass.rules.model import (RULE_ERROR, STREAMS, Rule, RuleError, RuleSet, RulesInvalid, Selector, load_rules,
-                                render, rule_files, template_fields)
+from aimass.rules.model import (RULE_ERROR, STREAMS, Rule, RuleError, RuleSet, RulesInvalid, Selector,
+                                load_rules, render, rule_files, template_fields)
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +289,17 @@ class Suspension:
         """The ``rule_error`` alarm's fire (the rule failed) or clear (it was changed or removed)."""
         text = (f"rule {self.rule!r} ({self.where}) was changed or removed and runs again" if kind == "clear" else
                 f"rule {self.rule!r} ({self.where}) failed and is suspended until it is changed: {self.error}")
-        rule = Rule(name=RULE_ERROR, stream="", selector=Selector(), condition=_ALWAYS, clear=None, value=_ZERO,
-                    severity="critical", labels=(("failed_rule", self.rule), ("file", self.where)),
-                    message=text.replace("{", "{{").replace("}", "}}"), receivers=tuple(self.receivers))
-        return Signal(kind, rule, ("", "", self.rule, 0), int(time.time() * 1000), 0.0, 0, {}, 0)
+        return notice(kind, RULE_ERROR, "critical", (("failed_rule", self.rule), ("file", self.where)), text,
+                      ("", "", self.rule, 0), int(time.time() * 1000), tuple(self.receivers))
+
+
+def notice(kind: str, name: str, severity: str, labels: tuple[tuple[str, str], ...], text: str, series: SeriesKey,
+           ts_ms: int, receivers: tuple[str, ...] = ()) -> Signal:
+    """A signal no batch row produced (a ``rule_error``, an alert on the pipeline): its message is ``text``."""
+    rule = Rule(name=name, stream="", selector=Selector(), condition=_ALWAYS, clear=None, value=_ZERO,
+                severity=severity, labels=labels, message=text.replace("{", "{{").replace("}", "}}"),
+                receivers=receivers)
+    return Signal(kind, rule, series, ts_ms, 0.0, 0, {}, 0)
 
 
 class Engine:

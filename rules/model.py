@@ -1,6 +1,7 @@
 """Rule and receiver files (YAML): what a rule is, and a loader that points at every error.
 
-A rule file holds ``rules:`` (a list) and/or ``receivers:`` (a mapping name -> receiver)::
+A rule file holds ``rules:`` (a list), ``receivers:`` (a mapping name -> receiver) and/or, in one
+file of the set, ``pipeline:`` (where the alerts on the pipeline itself go, ``aimass.rules.pipeline``)::
 
     receivers:
       ops-hook: {kind: webhook, url: "http://hooks.example/alerts", secret_env: AIMASS_WEBHOOK_SECRET}
@@ -17,6 +18,9 @@ A rule file holds ``rules:`` (a list) and/or ``receivers:`` (a mapping name -> r
         message: "{device_id} {metric}: anomaly {value:.2f}"
         repeat: 10m                      # re-notify while active; absent: never
         receivers: [ops-hook]
+    pipeline:                            # Alertmanager's alerts, posted to the alarm API
+      receivers: [ops-hook]              # every one
+      by_severity: {critical: [ops-sms]} # and these too, by the alert's severity label
 
 ``load_rules`` reads every file, checks every field and expression (``aimass.rules.expr``), and
 returns a ``RuleSet`` or raises ``RulesInvalid`` listing ``file:line:col: message`` for
@@ -160,6 +164,18 @@ class ReceiverSpec:
     group_max: int = 50
 
 
+@dataclass(frozen=True)
+class PipelineRoute:
+    """Where alerts on the pipeline itself go: ``receivers`` for all, plus ``by_severity``'s for a severity."""
+
+    receivers: tuple[str, ...] = ()
+    by_severity: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def receivers_for(self, severity: str) -> tuple[str, ...]:
+        extra = [r for sev, names in self.by_severity if sev == severity for r in names]
+        return tuple(dict.fromkeys([*self.receivers, *extra]))
+
+
 @dataclass
 class RuleSet:
     """Every rule and receiver loaded from a set of files."""
@@ -167,6 +183,7 @@ class RuleSet:
     rules: list[Rule] = field(default_factory=list)
     receivers: dict[str, ReceiverSpec] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    pipeline: PipelineRoute | None = None  # None: no file routes the pipeline's alerts
 
     def for_stream(self, stream: str) -> list[Rule]:
         return [r for r in self.rules if r.stream == stream]
@@ -278,7 +295,7 @@ class _FileLoader:
         self.errors = errors
         self.declared_receivers = declared_receivers  # valid or not: a bad receiver is reported once
         self.lines: list[str] = []
-        self.receiver_nodes: dict[str, tuple[tuple[str, yaml.Node], ...]] = {}  # rule -> its receiver refs
+        self.receiver_nodes: dict[str, tuple[tuple[str, yaml.Node], ...]] = {}  # "rule 'x'" -> its receiver refs
         self.rule_nodes: list[tuple[str, yaml.Node]] = []  # every rule's name node, valid or not
 
     def error(self, node: yaml.Node | None, message: str, line: int | None = None, col: int | None = None) -> None:
@@ -335,7 +352,7 @@ class _FileLoader:
         if root is None:  # an editor's half-written save must not silently drop every rule
             self.error(None, "the file is empty; write `rules: []` to define no rules, or delete the file")
             return
-        top = self.mapping(root, "a rule file", ("rules", "receivers"))
+        top = self.mapping(root, "a rule file", ("rules", "receivers", "pipeline"))
         if top is None:
             return
         if "receivers" in top:
@@ -347,6 +364,12 @@ class _FileLoader:
                 spec = self.guarded(node, lambda n: self.receiver(name, n))
                 if spec is not None:
                     ruleset.receivers[name] = spec
+        if "pipeline" in top:
+            key_node, node = top["pipeline"]
+            if ruleset.pipeline is not None:
+                self.error(key_node, "pipeline: is defined in another file already; define it once")
+            else:
+                ruleset.pipeline = self.guarded(node, self.pipeline)
         if "rules" in top:
             seq = top["rules"][1]
             if not isinstance(seq, yaml.SequenceNode):
@@ -489,8 +512,27 @@ class _FileLoader:
                     clear_windows=clear_windows, reopen=reopen, for_s=for_s, for_windows=for_windows, severity=severity, labels=labels, message=message,
                     repeat_s=repeat_s, receivers=tuple(r for r, _ in receivers), flapping=flapping,
                     file=str(self.path), line=node.start_mark.line + 1)
-        self.receiver_nodes[rule.name] = receivers
+        self.receiver_nodes[f"rule {rule.name!r}"] = receivers
         return rule
+
+    def pipeline(self, node: yaml.Node) -> PipelineRoute | None:
+        """The ``pipeline:`` section: ``receivers`` and ``by_severity`` (severity -> receivers)."""
+        fields = self.mapping(node, "pipeline", ("receivers", "by_severity"))
+        if fields is None:
+            return None
+        receivers = self.strings(fields, "receivers")
+        per_severity = (self.mapping(fields["by_severity"][1], "by_severity", None) or {}) if "by_severity" in fields \
+            else {}
+        by_severity = {severity: self.strings(per_severity, severity) for severity in per_severity}
+        for severity, (key_node, _) in per_severity.items():
+            if severity not in SEVERITIES:
+                self.error(key_node, f"by_severity: {severity!r} is not a severity; accepted: {', '.join(SEVERITIES)}")
+        refs = receivers + tuple(ref for names in by_severity.values() for ref in names)
+        if not refs:
+            self.error(node, "pipeline: name at least one receiver (receivers: [...])")
+        self.receiver_nodes["pipeline"] = refs
+        return PipelineRoute(tuple(n for n, _ in receivers),
+                             tuple((sev, tuple(n for n, _ in names)) for sev, names in by_severity.items()))
 
     def selector(self, fields: dict) -> Selector:
         if "selector" not in fields:
@@ -636,10 +678,10 @@ def load_rules(paths: list[str | Path] | str | Path) -> RuleSet:
                 loader.error(node, f"rule {name!r} is already defined in {seen[name]}")
             seen[name] = f"{path}:{node.start_mark.line + 1}"
         receiver_refs += [(loader, n, refs) for n, refs in loader.receiver_nodes.items()]
-    for loader, rule_name, refs in receiver_refs:
+    for loader, owner, refs in receiver_refs:
         for ref, node in refs:
             if ref not in declared:
-                loader.error(node, f"rule {rule_name!r}: unknown receiver {ref!r}; defined: "
+                loader.error(node, f"{owner}: unknown receiver {ref!r}; defined: "
                                    f"{', '.join(sorted(declared)) or 'none'}")
     if errors:
         raise RulesInvalid(sorted(errors, key=lambda e: (e.file, e.line, e.col)))

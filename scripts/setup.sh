@@ -21,16 +21,17 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # promtool / amtool check the shipped Prometheus rules and Alertmanager config
-# (tests/test_prometheus_rules.py): unpacked from Debian's packages into .cache/tools, not
-# installed (the packages would start daemons).
-if [ ! -x .cache/tools/bin/promtool ] || [ ! -x .cache/tools/bin/amtool ]; then
-  echo "==> unpacking promtool and amtool into .cache/tools"
+# (tests/test_prometheus_rules.py), and tests/test_pipeline_alerts.py runs the real Alertmanager:
+# unpacked from Debian's packages into .cache/tools, not installed (the packages would start daemons).
+if [ ! -x .cache/tools/bin/promtool ] || [ ! -x .cache/tools/bin/amtool ] || [ ! -x .cache/tools/bin/alertmanager ]; then
+  echo "==> unpacking promtool, amtool and alertmanager into .cache/tools"
   mkdir -p .cache/tools/debs .cache/tools/bin
   (cd .cache/tools/debs && { apt-get download prometheus prometheus-alertmanager >/dev/null 2>&1 \
     || { $SUDO apt-get update -qq && apt-get download prometheus prometheus-alertmanager >/dev/null; }; })
   for deb in .cache/tools/debs/*.deb; do dpkg-deb -x "$deb" .cache/tools/root; done
   ln -sf ../root/usr/bin/promtool .cache/tools/bin/promtool
   ln -sf ../root/usr/bin/amtool .cache/tools/bin/amtool
+  ln -sf ../../../scripts/alertmanager .cache/tools/bin/alertmanager  # runs ../root/usr/bin/prometheus-alertmanager
   rm -rf .cache/tools/debs
 fi
 

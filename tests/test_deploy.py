@@ -316,7 +316,11 @@ def test_alarm_api_is_published_on_loopback_or_inside_the_cluster_only() -> None
     [policy] = [doc for _, doc in K8S if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == "alerter"]
     assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
     api_rules = [r for r in policy["spec"]["ingress"] if {"port": 8080, "protocol": "TCP"} in r["ports"]]
-    assert api_rules == [{"from": [{"podSelector": {}}], "ports": [{"port": 8080, "protocol": "TCP"}]}]
+    # this namespace's pods, and Alertmanager's (POST /pipeline-alerts): both selectors in one peer, so
+    # no other pod of the monitoring namespace gets in
+    alertmanager = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "alertmanager"}}}
+    assert api_rules == [{"from": [{"podSelector": {}}, alertmanager], "ports": [{"port": 8080, "protocol": "TCP"}]}]
 
 
 def test_shipped_mosquitto_config_caps_packets_like_the_bridge() -> None:

@@ -1,7 +1,7 @@
 """The alerts on the pipeline itself (deploy/prometheus/): Prometheus's own tools check them, their
 unit tests (alerts.test.yml) show each alert firing on its failure and quiet on a healthy pipeline,
-every metric they name is one the stages export, and Alertmanager routes them to the device
-alarms' destinations.
+every metric they name is one the stages export, and Alertmanager sends them to the alerter, which
+routes them to the device alarms' destinations (tests/test_pipeline_alerts.py runs that path).
 
 promtool and amtool come from Debian's packages, unpacked into .cache/tools by scripts/setup.sh;
 without them these tests fail and say so.
@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from prometheus_client import REGISTRY
+
+from aimass.core.config import Config
+from aimass.rules.model import load_rules
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
@@ -112,19 +115,35 @@ def test_rules_read_only_metrics_the_stages_export() -> None:
     assert all(rule_metric_names().values()), "a rule reads no metric: the name extraction broke"
 
 
-def test_alertmanager_config_is_valid_and_reaches_the_device_alarm_destinations() -> None:
+def routes(*labels: str) -> set[str]:
+    """The Alertmanager receivers an alert with these labels goes to (amtool's route test)."""
+    out = check([tool("amtool"), "config", "routes", "test", "--config.file=alertmanager.yml", *labels])
+    return set(out.split()[-1].split(","))
+
+
+def test_alertmanager_sends_every_alert_to_the_alerter_which_routes_it_to_the_device_alarm_receivers() -> None:
     check([tool("amtool"), "check-config", "alertmanager.yml"])
     am = yaml.safe_load((PROM / "alertmanager.yml").read_text())
-    examples = yaml.safe_load((REPO / "rules" / "examples" / "receivers.yaml").read_text())["receivers"]
-    hook, mail = examples["ops-webhook"], examples["ops-email"]
     receivers = {r["name"]: r for r in am["receivers"]}
-    for r in receivers.values():
-        for w in r.get("webhook_configs", []):
-            assert (urlsplit(w["url"]).port, urlsplit(w["url"]).path) == (urlsplit(hook["url"]).port,
-                                                                           urlsplit(hook["url"]).path)
-            assert "credentials_file" in w["http_config"]["authorization"]  # a secret file, never inline
-        for e in r.get("email_configs", []):
-            assert [e["to"]] == mail["to"]
+    [hook] = receivers[am["route"]["receiver"]]["webhook_configs"]
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())["services"]
+    assert "alerter" in compose["alertmanager"]["depends_on"]
+    url = urlsplit(hook["url"])
+    assert (url.hostname, url.port, url.path) == ("alerter", Config().alert.api_port, "/pipeline-alerts")
+    assert hook["send_resolved"] and "credentials_file" in hook["http_config"]["authorization"]  # never inline
+    for alert in (r for g in ALERTS["groups"] for r in g["rules"]):
+        labels = [f"alertname={alert['alert']}", f"severity={alert['labels']['severity']}", "job=sink"]
+        assert "aimass-alerter" in routes(*labels), alert["alert"]
+    # the alerter routes them like device alarms: the ops webhook, critical ones by email too
+    route = load_rules(REPO / "rules" / "examples").pipeline
+    assert route.receivers_for("warning") == ("ops-webhook",)
+    assert route.receivers_for("critical") == ("ops-webhook", "ops-email")
+    # what the alerter cannot deliver about itself also goes straight to the ops mailbox
+    examples = yaml.safe_load((REPO / "rules" / "examples" / "receivers.yaml").read_text())["receivers"]
+    mail = examples["ops-email"]
+    assert routes("alertname=AimassStageDown", "job=alerter", "severity=critical") == {"aimass-alerter",
+                                                                                       "ops-email-direct"}
+    assert routes("alertname=AimassNotificationsFailing", "receiver=ops-webhook") == {"aimass-alerter",
+                                                                                      "ops-email-direct"}
+    assert [e["to"] for e in receivers["ops-email-direct"]["email_configs"]] == mail["to"]
     assert am["global"]["smtp_from"] == mail["from"] and "smtp_auth_password_file" in am["global"]
-    critical = [r for r in am["route"]["routes"] if r["matchers"] == ['severity="critical"']]
-    assert critical and receivers[critical[0]["receiver"]].get("email_configs")

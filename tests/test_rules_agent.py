@@ -100,10 +100,11 @@ checkpoint_ms = {checkpoint_ms}
 ENV = {**os.environ, "AIMASS_API_TOKEN": "test-token", "TEST_HOOK_SECRET": "hook-secret"}
 
 
-def start_alerter(config: Path, log: Path, api_port: int, python: tuple[str, ...] = ("-m", "aimass.cli")) -> subprocess.Popen:
+def start_alerter(config: Path, log: Path, api_port: int, python: tuple[str, ...] = ("-m", "aimass.cli"),
+                  env: dict[str, str] = ENV) -> subprocess.Popen:
     """`aimass alerter` (or ``python`` args that run aimass.cli, e.g. after injecting a fault)."""
     proc = subprocess.Popen([sys.executable, *python, "--config", str(config), "alerter"],
-                            stdout=subprocess.DEVNULL, stderr=log.open("a"), env=ENV, cwd=REPO)
+                            stdout=subprocess.DEVNULL, stderr=log.open("a"), env=env, cwd=REPO)
     wait_until(lambda: port_in_use(api_port), 30, "alerter API", proc, log)
     return proc
 

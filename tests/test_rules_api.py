@@ -45,13 +45,16 @@ class Api:
     """make_app served on 127.0.0.1 (HTTPS when ``tls``); ``published`` gets the events it persisted."""
 
     def __init__(self, store: AlarmStore, tokens_env: str = TOKENS_ENV, tls: ssl.SSLContext | None = None,
-                 **settings):
+                 pipeline=None, **settings):
         self.published: list[dict] = []
         self.reloads = 0
         alert = AlertConfig(**settings)
         alert.api_tokens_env, alert.api_token_env = "TEST_API_TOKENS", "TEST_API_TOKEN_UNSET"
         self.tokens = parse_tokens(tokens_env, "TEST_API_TOKENS")
-        self.app = make_app(store, self.tokens, ApiHooks(self.on_events, lambda: {"rules": 1}, self.reload), alert)
+        hooks = ApiHooks(self.on_events, lambda: {"rules": 1}, self.reload)
+        if pipeline is not None:
+            hooks.pipeline = pipeline
+        self.app = make_app(store, self.tokens, hooks, alert)
         self.tls = tls
         self.port = free_port()
         self.runner: web.AppRunner | None = None

@@ -257,6 +257,8 @@ class AlertConfig:
     api_address_rate_per_s: float = field(default=5.0, metadata=_range(0.1, 100_000))
     api_address_burst: int = field(default=50, metadata=_range(1, 1_000_000))
     api_max_body_bytes: int = field(default=16384, metadata=_range(256, 16 * 1024 * 1024))
+    # POST /pipeline-alerts: Alertmanager posts a whole group (alertmanager.yml's max_alerts bounds it)
+    pipeline_max_body_bytes: int = field(default=262144, metadata=_range(1024, 16 * 1024 * 1024))
     api_tls_cert_file: str = ""  # both set: the API serves HTTPS only
     api_tls_key_file: str = ""
     api_tls_ca_file: str = ""  # `aimass alerts`: CA that signed the API's certificate (default: the system's)
