@@ -2,28 +2,41 @@
 conversion, idempotency, late copies), the ``pipeline:`` route of the rule files, POST /pipeline-alerts on a
 real aiohttp server (roles, 400 with the reason, 413, 503 where another alerter holds the partition), and
 end to end: the real Alertmanager binary posting to a real `aimass alerter` on the Kafka fixture, whose
-signed webhook reaches a verifying receiver once per alert state however often Alertmanager re-posts."""
+signed webhook reaches a verifying receiver once per alert state however often Alertmanager re-posts, also
+with two alerters behind a per-connection balancer (as a Kubernetes Service) when the one holding the
+pipeline alarms is SIGKILLed."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import re
+import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from aimass.agents.alert import Alerter
+from aimass.core import contract
 from aimass.core.config import Config
-from aimass.core.procs import free_port, wait_until
+from aimass.core.procs import free_port, port_in_use, wait_until
+from aimass.core.stack import create_topics
 from aimass.receiver import WebhookReceiver
 from aimass.rules.alarms import AlarmStore, StateDB
 from aimass.rules.api import Unavailable
 from aimass.rules.model import RulesInvalid, load_rules
 from aimass.rules.pipeline import (MAX_KEY_CHARS, PIPELINE_DEVICE, PIPELINE_TENANT, PipelineAlert, apply_alerts,
                                    metric_key, parse_webhook)
+from tests.conftest import make_config
+from tests.fixtures_stream import config_env
 from tests.test_prometheus_rules import tool
 from tests.test_rules_agent import ENV, start_alerter, write_config
 from tests.test_rules_api import Api, raised_store
@@ -232,7 +245,7 @@ route:
 receivers:
   - name: alerter
     webhook_configs:
-      - url: http://127.0.0.1:{api_port}/pipeline-alerts
+      - url: {url}
         send_resolved: true
         max_alerts: 50
         http_config:
@@ -258,21 +271,34 @@ def webhook_posts(am_port: int, metric: str = "alertmanager_notifications_total"
     return 0.0
 
 
+def start_alertmanager(tmp_path: Path, url: str) -> tuple[subprocess.Popen, int, Path]:
+    """Debian's Alertmanager posting every group to ``url`` (with the ingest token); (process, port, log)."""
+    token_file = tmp_path / "alerter-token"
+    token_file.write_text(INGEST)
+    am_port = free_port()
+    (tmp_path / "alertmanager.yml").write_text(ALERTMANAGER.format(url=url, token_file=token_file))
+    log = tmp_path / "alertmanager.log"
+    am = subprocess.Popen([tool("alertmanager"), f"--config.file={tmp_path / 'alertmanager.yml'}",
+                           f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
+                           "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{am_port}/-/ready", timeout=2).status == 200,
+               30, "alertmanager", am, log)
+    return am, am_port, log
+
+
+def fire(am_port: int, labels: dict, starts: str, ends: str | None = None) -> None:
+    """Post one alert to Alertmanager's API (as Prometheus does); with ``ends`` in the past it is resolved."""
+    doc = {"labels": labels, "annotations": {"summary": "sink down"}, "startsAt": starts}
+    http_json(f"http://127.0.0.1:{am_port}/api/v2/alerts", [doc | ({"endsAt": ends} if ends else {})])
+
+
 @pytest.mark.integration
 def test_alertmanager_posts_reach_a_signed_webhook_once_per_alert_state(cfg, tmp_path):
     receiver = WebhookReceiver("hook-secret", free_port()).start()
     config = write_config(cfg, tmp_path, receiver.port, rules_text=RULES)
     env = {**ENV, "AIMASS_API_TOKENS": f"alertmanager:ingest:{INGEST}"}
-    token_file = tmp_path / "alerter-token"
-    token_file.write_text(INGEST)
-    am_port = free_port()
-    (tmp_path / "alertmanager.yml").write_text(ALERTMANAGER.format(api_port=cfg.alert.api_port, token_file=token_file))
-    am_log = tmp_path / "alertmanager.log"
     alerter = start_alerter(config, tmp_path / "alerter.log", cfg.alert.api_port, env=env)
-    am = subprocess.Popen([tool("alertmanager"), f"--config.file={tmp_path / 'alertmanager.yml'}",
-                           f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-                           "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=am_log.open("w"))
-    am_api = f"http://127.0.0.1:{am_port}/api/v2/alerts"
+    am = None
     labels = {"alertname": "AimassStageDown", "job": "sink", "instance": "sink:9105", "severity": "critical"}
     started = iso(int(time.time() * 1000))
 
@@ -280,20 +306,17 @@ def test_alertmanager_posts_reach_a_signed_webhook_once_per_alert_state(cfg, tmp
         return [e for e in receiver.events if e["transition"] == transition]
 
     try:
-        wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{am_port}/-/ready", timeout=2).status == 200,
-                   30, "alertmanager", am, am_log)
-        http_json(am_api, [{"labels": labels, "annotations": {"summary": "sink down"}, "startsAt": started}])
+        am, am_port, am_log = start_alertmanager(tmp_path, f"http://127.0.0.1:{cfg.alert.api_port}/pipeline-alerts")
+        fire(am_port, labels, started)
         wait_until(lambda: arrived("raised"), 30, "the raised alarm at the webhook receiver", alerter,
                    tmp_path / "alerter.log")
         # Alertmanager re-posts the firing group every repeat_interval, and with the new alert of the group
         posts = webhook_posts(am_port)
-        http_json(am_api, [{"labels": {**labels, "instance": "sink-2:9105"}, "startsAt": started}])
+        fire(am_port, {**labels, "instance": "sink-2:9105"}, started)
         wait_until(lambda: webhook_posts(am_port) >= posts + 3 and len(arrived("raised")) >= 2, 30,
                    "three more Alertmanager posts and the second alert's alarm")
         assert len(arrived("raised")) == 2, receiver.events
-        resolved_at = iso(int(time.time() * 1000))
-        http_json(am_api, [{"labels": labels, "annotations": {"summary": "sink down"}, "startsAt": started,
-                            "endsAt": resolved_at}])
+        fire(am_port, labels, started, ends=iso(int(time.time() * 1000)))
         wait_until(lambda: arrived("cleared"), 30, "the cleared alarm at the webhook receiver", alerter,
                    tmp_path / "alerter.log")
         posts = webhook_posts(am_port)
@@ -310,8 +333,9 @@ def test_alertmanager_posts_reach_a_signed_webhook_once_per_alert_state(cfg, tmp
         assert sorted(a["state"] for a in alarms if a["device_id"] == PIPELINE_DEVICE) == [
             "active_unack", "cleared_unack"]
     finally:
-        am.terminate()
-        am.wait(10)
+        if am is not None:
+            am.terminate()
+            am.wait(10)
         alerter.terminate()
         alerter.wait(30)
         receiver.stop()
@@ -322,3 +346,131 @@ def http_json_authorized(port: int, path: str) -> dict:
                                      headers={"Authorization": f"Bearer {ENV['AIMASS_API_TOKEN']}"})
     with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
+
+
+class Balancer:
+    """A TCP balancer on 127.0.0.1 that, like a Kubernetes Service, picks a backend per connection (round robin,
+    skipping a backend that refuses); ``picked`` counts connections per backend port."""
+
+    def __init__(self, backends: list[int]):
+        self.backends, self.turn = backends, 0
+        self.picked: dict[int, int] = {port: 0 for port in backends}
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self.connect, args=(client,), daemon=True).start()
+
+    def connect(self, client: socket.socket) -> None:
+        for _ in self.backends:
+            port = self.backends[self.turn % len(self.backends)]
+            self.turn += 1
+            try:
+                upstream = socket.create_connection(("127.0.0.1", port), timeout=2)
+            except OSError:
+                continue
+            upstream.settimeout(None)
+            self.picked[port] += 1
+            threading.Thread(target=self.pipe, args=(upstream, client), daemon=True).start()
+            self.pipe(client, upstream)
+            return
+        client.close()
+
+    @staticmethod
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def assigned(log: Path) -> list[int]:
+    """The partitions an alerter's last assignment (in its log) gave it."""
+    found = re.findall(r"assigned partitions \[([\d, ]*)\]", log.read_text() if log.exists() else "")
+    return [int(p) for p in found[-1].split(",") if p.strip()] if found else []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_with_two_alerters_the_one_holding_the_pipeline_alarms_pages_once_and_a_kill_hands_them_over(tmp_path,
+                                                                                                    kafka):
+    cfg = make_config(tmp_path, kafka=kafka)
+    cfg.state.store = "kafka"
+    create_topics(cfg)
+    receiver = WebhookReceiver("hook-secret", free_port()).start()
+    (tmp_path / "rules.yaml").write_text(RULES.format(port=receiver.port))
+    secrets = {"AIMASS_STATE_KEY": "pipeline-alerts-test-key", "TEST_HOOK_SECRET": "hook-secret",
+               "AIMASS_API_TOKENS": f"alertmanager:ingest:{INGEST}"}
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Path] = {}
+    ports: dict[str, int] = {}
+    for name in ("alert-a", "alert-b"):
+        c = copy.deepcopy(cfg)
+        c.run.dir = str(tmp_path / name)  # nothing shared on disk: state moves through Kafka
+        c.alert.rules_path, c.alert.api_port = str(tmp_path / "rules.yaml"), free_port()
+        c.alert.backoff_initial_s = 0.1
+        ports[name], logs[name] = c.alert.api_port, tmp_path / f"{name}.log"
+        procs[name] = subprocess.Popen([sys.executable, "-m", "aimass.cli", "alerter"],
+                                       env={**config_env(c), **secrets}, stdout=logs[name].open("ab"),
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+    balancer = Balancer(list(ports.values()))
+    am = None
+    pipeline_part = contract.partition_for(PIPELINE_TENANT, PIPELINE_DEVICE, cfg.kafka.partitions)
+    labels = {"alertname": "AimassStageDown", "job": "sink", "instance": "sink:9105", "severity": "critical"}
+    started = iso(int(time.time() * 1000))
+
+    def arrived(transition: str) -> list[dict]:
+        return [e for e in receiver.events if e["transition"] == transition]
+
+    try:
+        for name, proc in procs.items():
+            wait_until(lambda: assigned(logs[name]) and port_in_use(ports[name]), 90, f"{name} owning partitions",
+                       proc, logs[name])
+        [owner] = [name for name in procs if pipeline_part in assigned(logs[name])]
+        [survivor] = [name for name in procs if name != owner]
+        am, am_port, am_log = start_alertmanager(tmp_path, f"http://127.0.0.1:{balancer.port}/pipeline-alerts")
+        fire(am_port, labels, started)
+        fire(am_port, {**labels, "instance": "sink-2:9105"}, started)  # still firing at the end: posts go on
+        wait_until(lambda: len(arrived("raised")) >= 2, 60, "the raised alarms at the webhook receiver")
+        procs[owner].send_signal(signal.SIGKILL)
+        procs[owner].wait(10)
+        # Alertmanager goes on re-posting the firing alert (repeat_interval); once the survivor holds the
+        # partition it answers them 2xx from the alarm state it took over: nothing is raised again
+        wait_until(lambda: pipeline_part in assigned(logs[survivor]), 60, f"{survivor} taking the partition over",
+                   procs[survivor], logs[survivor])
+        posts = webhook_posts(am_port)
+        wait_until(lambda: webhook_posts(am_port) >= posts + 2, 60, "two Alertmanager posts to the survivor")
+        fire(am_port, labels, started, ends=iso(int(time.time() * 1000)))
+        wait_until(lambda: arrived("cleared"), 60, "the cleared alarm at the webhook receiver", procs[survivor],
+                   logs[survivor])
+        posts = webhook_posts(am_port)
+        wait_until(lambda: webhook_posts(am_port) >= posts + 2, 30, "two more Alertmanager posts")
+        assert sorted(e["transition"] for e in receiver.events) == ["cleared", "raised", "raised"], receiver.events
+        assert receiver.bad_signatures == 0
+        assert balancer.picked[ports[survivor]] >= 1  # the survivor answered after the owner died
+    finally:
+        if am is not None:
+            am.terminate()
+            am.wait(10)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+        balancer.close()
+        receiver.stop()
