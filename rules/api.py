@@ -156,6 +156,7 @@ async def body_bytes(request: web.Request, limit: int) -> bytes:
 
 
 def parse_json(raw: bytes, example: str) -> Any:
+    """The body's JSON value; BadRequest (showing ``example``) when it is not JSON."""
     try:
         return json.loads(raw)
     except ValueError:
@@ -178,6 +179,7 @@ async def json_object(request: web.Request, fields: dict[str, tuple[type, ...]],
 
 
 async def not_served(alerts: list[PipelineAlert]) -> dict:
+    """The pipeline hook of an API that takes no pipeline alerts."""
     raise Unavailable("this alarm API takes no pipeline alerts")
 
 

@@ -104,9 +104,14 @@ def parse_webhook(body: Any) -> list[PipelineAlert]:
     return [parse_alert(doc, f"alerts[{i}]") for i, doc in enumerate(alerts)]
 
 
+def escape(text: str) -> str:
+    """``\\``, ``,`` and ``=`` escaped with a backslash, so a key names one label set only."""
+    return text.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=")
+
+
 def metric_key(labels: dict[str, str]) -> str:
     """The alert's identity besides its name: its other labels, sorted, as ``k=v,...`` (bounded)."""
-    key = ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "alertname")
+    key = ",".join(f"{escape(k)}={escape(v)}" for k, v in sorted(labels.items()) if k != "alertname")
     if len(key) <= MAX_KEY_CHARS:
         return key
     return key[:MAX_KEY_CHARS - 17] + "~" + hashlib.sha1(key.encode()).hexdigest()[:16]

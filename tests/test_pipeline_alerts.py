@@ -125,6 +125,8 @@ def test_long_label_sets_keep_distinct_bounded_keys():
     a, b = ({"alertname": "A", "topic": "t" * 300 + x} for x in "12")
     assert len(metric_key(a)) == MAX_KEY_CHARS and metric_key(a) != metric_key(b)
     assert metric_key({"alertname": "A", "job": "x"}) == "job=x"
+    # label values may hold the separators: distinct label sets stay distinct alarms
+    assert metric_key({"a": "1,b=2"}) != metric_key({"a": "1", "b": "2"})
 
 
 # --- routing ---------------------------------------------------------------------------------------------
