@@ -224,9 +224,10 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
             return await handler(request)
         except BadRequest as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        except Unavailable as exc:  # a new connection may reach another alerter: close this one
-            return web.json_response({"error": str(exc)}, status=503,
-                                     headers={"Retry-After": "1", "Connection": "close"})
+        except Unavailable as exc:
+            response = web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "1"})
+            response.force_close()  # the retry's new connection may reach another alerter
+            return response
 
     def needs(role: str, handler: Callable[[web.Request], Awaitable[web.Response]]):
         async def checked(request: web.Request) -> web.Response:
