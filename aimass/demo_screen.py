@@ -91,13 +91,22 @@ def live_table(m: dict[str, float], rates: Rates, elapsed_s: float, remaining_s:
     return [line[:WIDTH] for line in lines]
 
 
+def short(n: float) -> str:
+    """A count in at most 5 characters, 3 significant digits: ``999``, ``54.0k``, ``2.70M``."""
+    for div, suffix in ((1, ""), (1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+        v = float(f"{n / div:.3g}")
+        if v < 1000:
+            return f"{v:.0f}" if div == 1 else f"{v:.{max(0, 2 - math.floor(math.log10(v)))}f}{suffix}"
+    return f"{n / 1e12:.0f}T"
+
+
 def log_line(m: dict[str, float], rates: Rates, elapsed_s: float) -> str:
-    """One progress line for a log (at most ``WIDTH`` characters)."""
+    """One progress line for a log, within ``WIDTH`` characters for any count and a run under
+    1,000 minutes; the window rate is left to the terminal table."""
     r = rates.rate
-    line = (f"[{clock(elapsed_s)}] published {total(m, 'published'):,.0f} | bridge {r('bridge'):,.0f}/s"
-            f" clean {r('clean'):,.0f}/s windows {r('window'):,.0f}/s predict {r('predict'):,.0f}/s"
-            f" | stored {total(m, STORED):,.0f} | alarms {m.get('aimass_alarms_active', 0):,.0f}")
-    return line[:WIDTH]
+    return (f"[{clock(elapsed_s)}] published {short(total(m, 'published'))} stored {short(total(m, STORED))}"
+            f" alarms {short(m.get('aimass_alarms_active', 0))} | /s: bridge {short(r('bridge'))}"
+            f" clean {short(r('clean'))} predict {short(r('predict'))}")
 
 
 class LiveScreen:

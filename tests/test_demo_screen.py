@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 
-from aimass.demo_screen import WIDTH, LiveScreen, Rates, aligned, detection_table, live_table
+from aimass.demo_screen import WIDTH, LiveScreen, Rates, aligned, detection_table, live_table, log_line, short
 
 
 def flushing_counters(t: float) -> dict[str, float]:
@@ -65,6 +65,23 @@ def test_terminal_redraws_in_place_and_a_log_gets_a_line_every_ten_seconds():
     assert all(len(line) <= WIDTH and "\x1b" not in line for line in lines)
 
 
+def test_a_log_line_keeps_every_field_within_100_columns():
+    assert [short(n) for n in (0, 999, 1_000, 54_000, 999_499, 999_500, 2_704_000, 1e12)] == \
+        ["0", "999", "1.00k", "54.0k", "999k", "1.00M", "2.70M", "1.00T"]
+    default_demo = {"published": 54_000, "aimass_bridge_readings_produced_total": 54_000,
+                    "aimass_clean_readings_out_total": 54_000, "aimass_predict_rows_total": 3_600,
+                    'aimass_sink_rows_total{table="readings"}': 54_000, "aimass_alarms_active": 12}
+    rates = Rates()
+    rates.add(0.0, {k: 0.0 for k in default_demo})
+    rates.add(180.0, default_demo)
+    assert log_line(default_demo, rates, 180) == \
+        "[3:00] published 54.0k stored 54.0k alarms 12 | /s: bridge 300 clean 300 predict 20"
+    huge = {k: 999e12 for k in default_demo}
+    rates.add(181.0, huge)
+    line = log_line(huge, rates, 999 * 60 + 59)
+    assert len(line) <= WIDTH and line.endswith("predict 5.52T") and "alarms 999T" in line   # nothing cut off
+
+
 def test_summary_tables_are_aligned():
     lines = aligned(["name", "n"], [["a", "1"], ["longer", "1,000"]])
     assert lines == ["name        n", "a           1", "longer  1,000"]
@@ -77,3 +94,4 @@ def test_summary_tables_are_aligned():
     assert zscore.split() == ["rule", "window_zscore", "0.30", "0.50", "12.3", "6", "14", "6"]
     assert model.split() == ["model", "anomaly", "-", "0.00", "-", "0", "0", "12"]
     assert len({len(line) for line in (header, zscore)}) == 1           # right-aligned to the same edge
+
