@@ -161,7 +161,11 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
     alert_p50, alert_p99 = percentiles(
         reader, "dateDiff('millisecond', source_received_at, event_at) / 1000", f"{db}.alerts",
         f"{t} AND transition IN ('raised', 'reraised') AND toUnixTimestamp64Milli(source_received_at) > 0")
-    scores = detection_scores(pq.read_table(labels_path) if labels_path.exists() else None, alerts)
+    scored_windows = reader.query(
+        f"SELECT tenant, device_id, metric, window_s, toUnixTimestamp64Milli(window_end_at) AS window_end_ms, "
+        f"anomaly, anomaly_model FROM {db}.predictions FINAL WHERE {t} ORDER BY window_end_at")
+    scores = detection_scores(pq.read_table(labels_path) if labels_path.exists() else None, alerts, scored_windows,
+                              cfg.alert.label_grace_s, cfg.alert.anomaly_threshold)
     raised = [a for a in alerts if a["transition"] in ("raised", "reraised")]
 
     say("\n=== AI Mass demo summary ===")
@@ -205,14 +209,18 @@ def json_safe(value):
 ANY_RULE = "(any rule)"
 
 
-def detection_scores(labels: pa.Table | None, alerts: list[dict]) -> list[dict]:
-    """Precision, recall and mean delay per rule, and for the alarms of every rule together
-    (``ANY_RULE``): stored alarm events against labelled intervals."""
-    quality = QualityTracker()
+def detection_scores(labels: pa.Table | None, alerts: list[dict], predictions: pa.Table | None = None,
+                     grace_s: float = 60.0, threshold: float = 0.8) -> list[dict]:
+    """Precision, recall and mean delay per rule, for the alarms of every rule together
+    (``ANY_RULE``) and per model: stored alarm events, and the rising edges of the anomaly score
+    over ``threshold`` in ``predictions`` (sorted by window end), against labelled intervals."""
+    quality = QualityTracker(grace_s, threshold)
     if labels is not None:
         quality.add_labels(labels)
     events = [{**a, "ts_ms": _ms(a["ts"])} for a in alerts]
     quality.add_alert_events(events + [{**e, "rule": ANY_RULE} for e in events])
+    if predictions is not None:
+        quality.add_predictions(predictions)
     quality.advance(2 ** 62)  # the run is over: settle every label and detection
     quality.decide()
     return quality.rows(int(time.time() * 1000))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import math
 
+import pyarrow as pa
+
+from aimass.demo import detection_scores
 from aimass.demo_screen import WIDTH, LiveScreen, Rates, aligned, detection_table, live_table, log_line, short
 
 
@@ -95,3 +98,22 @@ def test_summary_tables_are_aligned():
     assert model.split() == ["model", "anomaly", "-", "0.00", "-", "0", "0", "12"]
     assert len({len(line) for line in (header, zscore)}) == 1           # right-aligned to the same edge
 
+
+def test_detection_scores_have_a_row_per_rule_all_rules_and_model():
+    """The demo's detection table: alarm activations per rule and the anomaly score's rising edges
+    over the threshold per model, against labelled intervals."""
+    labels = pa.table({"tenant": ["t"], "device_id": ["d1"], "metric": ["temp"], "start_ms": [100_000],
+                       "end_ms": [130_000], "kind": ["spike"]})
+    alerts = [{"tenant": "t", "device_id": "d1", "metric": "temp", "rule": "high", "transition": "raised",
+               "ts": 104_000}]
+    ends = [90_000, 110_000, 120_000, 130_000, 500_000]
+    predictions = pa.table({"tenant": ["t"] * 5, "device_id": ["d1"] * 5, "metric": ["temp"] * 5,
+                            "window_s": [10] * 5, "window_end_ms": ends, "anomaly": [0.1, 0.9, 0.95, 0.1, 0.85],
+                            "anomaly_model": ["series"] * 5})
+    rows = {r["rule"] or r["model"]: r for r in detection_scores(labels, alerts, predictions, 60.0, 0.8)}
+    assert set(rows) == {"high", "(any rule)", "series"}
+    assert (rows["high"]["true_positives"], rows["high"]["mean_delay_s"]) == (1, 4.0)
+    model = rows["series"]                  # rising edges at 110 s (in the label) and 500 s (none)
+    assert (model["true_positives"], model["false_positives"], model["precision"], model["mean_delay_s"]) == \
+        (1, 1, 0.5, 10.0)
+    assert any(line.split()[:2] == ["model", "series"] for line in detection_table(list(rows.values())))

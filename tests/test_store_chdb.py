@@ -2,21 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from aimass.core.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError
 from aimass.core.config import MAX_TTL_DAYS, Config, ConfigError, load_config
 from aimass.core.db import migrate
 from aimass.core.procs import free_port
+from aimass.demo import json_safe, summarize
 from aimass.query import REPORTS, format_table, run_report
 from aimass.core import contract, tables
 from tests.fixtures_store import (NOW_MS, _fill, chdb_config, chdb_run_dir, counts, insert,  # noqa: F401
@@ -201,3 +206,27 @@ def test_a_second_process_on_the_same_chdb_dir_gets_a_clear_error(store):
                          text=True, timeout=120, cwd=REPO_ROOT)
     assert out.returncode == 1
     assert "chDB allows one process per data dir" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_summary_reads_the_run_back_and_writes_it_as_json(store, tmp_path):
+    """The demo's summary from the store: the detection table has a row per rule and per model,
+    and the same figures land in <run dir>/demo-summary.json."""
+    seed_report_data(store)
+    labels = tmp_path / "labels.parquet"   # device wild's anomaly score rises over 0.8 in the last minutes
+    now_ms = int(time.time() * 1000)
+    pq.write_table(pa.table({"tenant": ["acme"], "device_id": ["wild"], "metric": ["temp"],
+                             "start_ms": [now_ms - 1_200_000], "end_ms": [now_ms], "kind": ["drift"]}), labels)
+    receiver = SimpleNamespace(events=[], notifications=[], bad_signatures=0)
+    lines = []
+    summary = summarize(store.cfg, "acme", {"readings": 1200, "messages": 1200}, labels, receiver, lines.append)
+    path = store.cfg.run_dir / "demo-summary.json"
+    try:
+        assert json.loads(path.read_text()) == json.loads(json.dumps(json_safe(summary)))
+    finally:
+        path.unlink()
+    rows = {(r["rule"], r["model"]): r for r in summary["detection"]}
+    assert rows[("", "iforest:1")]["true_positives"] == 1 and rows[("band", "")]["true_positives"] == 1
+    assert summary["stored"] == 1280 and summary["predictions"] >= 120   # the seeded readings and predictions
+    table = lines[lines.index("") + 1:]
+    assert table[0].split()[:3] == ["detection", "precision", "recall"]
+    assert {line.split("  ")[0] for line in table[1:4]} == {"model iforest:1", "rule band", "rule (any rule)"}
