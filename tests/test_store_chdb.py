@@ -22,12 +22,13 @@ from aimass.core.config import MAX_TTL_DAYS, Config, ConfigError, load_config
 from aimass.core.db import migrate
 from aimass.core.procs import free_port
 from aimass.demo import json_safe, summarize
-from aimass.query import REPORTS, format_table, run_report
+from aimass.query import REPORTS, format_table, readable_times, run_report
 from aimass.core import contract, tables
 from tests.fixtures_store import (NOW_MS, _fill, chdb_config, chdb_run_dir, counts, insert,  # noqa: F401
                                   readings, seed_report_data)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ISO_UTC = r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 @pytest.fixture
@@ -147,7 +148,10 @@ def test_every_report_runs_and_plots(store, name, tmp_path):
                                                            "first_event", "last_event", "minute")]
     assert all(pa.types.is_timestamp(table.schema.field(c).type) for c in time_columns), table.schema
     text = format_table(table)
-    assert all(re.search(r"\b20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\b", text) for _ in time_columns), text
+    iso = readable_times(table)
+    for c in time_columns:
+        shown = [v for v in iso.column(c).to_pylist() if v is not None]
+        assert shown and all(re.fullmatch(ISO_UTC, v) and v in text for v in shown), (c, shown)
     assert not re.search(r"\b1[6-9]\d{8}\b", text), text  # no epoch seconds or milliseconds
     if name in ("device", "ingest"):
         assert ticks and all(re.fullmatch(r"[\d:\-A-Za-z ]+", t) for t in ticks) and any(":" in t for t in ticks), ticks
@@ -159,6 +163,15 @@ def test_every_report_runs_and_plots(store, name, tmp_path):
         assert row["readings"] == 10 and row["forecast"] == 20.0 and row["band_high"] == 22.0
     if name == "summary":
         assert dict(zip(table.column("table").to_pylist(), table.column("rows").to_pylist()))["readings"] == 1280
+
+
+def test_csv_and_json_show_iso_utc_times_and_epoch_milliseconds_only_when_asked():
+    table = pa.table({"minute": pa.array([1_796_312_880_123, None], pa.timestamp("ms", "UTC")), "readings": [5, 6]})
+    assert readable_times(table).to_pylist() == [{"minute": "2026-12-03T15:48:00.123Z", "readings": 5},
+                                                 {"minute": None, "readings": 6}]
+    assert readable_times(table, epoch=True).column("minute").to_pylist() == [1_796_312_880_123, None]
+    chdb_seconds = pa.table({"t": pa.array([1_796_312_880], pa.timestamp("s"))})   # no zone: read as UTC
+    assert readable_times(chdb_seconds).column("t").to_pylist() == ["2026-12-03T15:48:00.000Z"]
 
 
 def test_alerts_report_keeps_the_raising_message_next_to_the_latest(store):
