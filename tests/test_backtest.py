@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import aimass.backtest as bt
+from aimass import cli
 from aimass.backtest import (
     alarm_active,
     backtest_config,
@@ -115,6 +117,51 @@ def test_complete_needs_every_reading_window_and_prediction():
     assert not complete({**done, "stored": 89}, 100)
     assert not complete({**done, "windows": 6}, 100)          # a window still open
     assert not complete({**done, "predictions": 6}, 100)
+
+
+class QuietPipeline:
+    """Stands in for the private pipeline: every reading acknowledged, nothing predicted."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def quiet_backtest(monkeypatch, tmp_path, store: dict[str, int], timeout: str) -> int:
+    """`aimass backtest` (the CLI, in process) on 30 readings through a stand-in pipeline whose
+    store reports ``store`` and holds no prediction."""
+    path = tmp_path / "h.csv"
+    pd.DataFrame({"timestamp": np.arange(30) * 1000 + 1_400_000_000_000, "value": 1.0}).to_csv(path, index=False)
+    monkeypatch.setenv("AIMASS_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(bt, "Pipeline", QuietPipeline)
+    monkeypatch.setattr(bt, "replay", lambda cfg, h, **kw: {"all_acked": True, "messages": len(h), "elapsed_s": 0.1})
+    monkeypatch.setattr(bt, "progress", lambda *a: store)
+    monkeypatch.setattr(bt.time, "sleep", lambda s: None)
+    no_predictions = pd.DataFrame(columns=["device_id", "metric", "window_end_ms", "target_end_ms", *bt.SCORE_COLUMNS,
+                                           "regime_change", "forecast", "band_low", "band_high"])
+    no_alerts = pd.DataFrame(columns=["rule", "device_id", "metric", "ts_ms", "transition"])
+    no_rejects = pd.DataFrame(columns=["device_id", "metric", "ts_ms", "reason"])
+    monkeypatch.setattr(bt, "fetch", lambda *a: (no_predictions, no_alerts, no_rejects))
+    return cli.main(["backtest", str(path), "--device", "d", "--metric", "m", "--timeout", timeout,
+                     "--out", str(tmp_path / "out.csv")])
+
+
+def test_a_backtest_timeout_exits_1_and_says_what_is_missing(monkeypatch, tmp_path, capsys):
+    store = {"stored": 30, "rejected": 0, "reading_windows": 3, "windows": 2, "predictions": 2}
+    assert quiet_backtest(monkeypatch, tmp_path, store, "0") == 1
+    assert "aimass backtest: backtest timed out after 0s: 30 of 30 readings stored or rejected, 2 of 3 windows " \
+           "closed, 2 of 2 windows predicted" in capsys.readouterr().err
+
+
+def test_a_backtest_that_scores_nothing_exits_1_and_says_so(monkeypatch, tmp_path, capsys):
+    store = {"stored": 30, "rejected": 0, "reading_windows": 3, "windows": 3, "predictions": 3}
+    assert quiet_backtest(monkeypatch, tmp_path, store, "60") == 1
+    assert "aimass backtest: nothing was scored: 3 predictions for 30 readings" in capsys.readouterr().err
 
 
 def history(tmp_path) -> tuple[str, pd.DataFrame]:
