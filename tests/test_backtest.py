@@ -2,6 +2,7 @@
 and span through a private pipeline (every reading stored and scored)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -22,7 +23,9 @@ from aimass.backtest import (
     evaluation_table,
     evaluation_units,
     interval_labels,
+    score_detectors,
 )
+from aimass.core.procs import StackError
 from aimass.models.evaluation import evaluate
 from aimass.core.config import Config
 from tests.conftest import REPO
@@ -162,6 +165,31 @@ def test_a_backtest_that_scores_nothing_exits_1_and_says_so(monkeypatch, tmp_pat
     store = {"stored": 30, "rejected": 0, "reading_windows": 3, "windows": 3, "predictions": 3}
     assert quiet_backtest(monkeypatch, tmp_path, store, "60") == 1
     assert "aimass backtest: nothing was scored: 3 predictions for 30 readings" in capsys.readouterr().err
+
+
+def test_a_labels_file_scores_every_detector_and_each_labelled_event(tmp_path, capsys):
+    """`--labels FILE`: intervals (no metric: all of the device's) re-tenanted to the backtest's."""
+    ts = np.arange(100) * 1000 + 1_400_000_000_000
+    history = pd.DataFrame({"device_id": "d", "metric": "m", "ts_ms": ts, "value": 1.0})
+    hot = (ts >= ts[40]) & (ts <= ts[49])
+    result = history.assign(**{c: np.nan for c in bt.SCORE_COLUMNS}).assign(anomaly=np.where(hot, 0.9, 0.1))
+    alerts = pd.DataFrame({"rule": "high", "device_id": "d", "metric": "m", "ts_ms": [ts[42], ts[55]],
+                           "transition": ["raised", "cleared"], "tenant": "bt1"})
+    alerts["ts"] = alerts["ts_ms"]
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"device_id": ["d"], "start_ms": [ts[40]], "end_ms": [ts[49]]}).to_csv(labels, index=False)
+    args = argparse.Namespace(labels=str(labels), fit_rows=0, nab_window_s=60.0)
+    out = score_detectors(args, history, result, alerts, "bt1", Config())
+    model, rule = out["evaluation"]["model:anomaly"]["outlier"], out["evaluation"]["rule:high"]["outlier"]
+    assert (model["tp"], model["fp"], model["fn"]) == (10, 0, 0)
+    assert (rule["tp"], rule["fp"], rule["fn"]) == (8, 5, 2)              # active from 42 s to 54 s
+    events = {e["rule"]: e for e in out["events"]}
+    assert (events["high"]["true_positives"], events["high"]["mean_delay_s"]) == (1, 2.0)
+    printed = capsys.readouterr().out
+    assert "model:anomaly" in printed and "labelled events" in printed
+    pd.DataFrame({"device": ["d"]}).to_csv(labels, index=False)
+    with pytest.raises(StackError, match=r"lacks columns \['device_id', 'end_ms', 'start_ms'\]"):
+        score_detectors(args, history, result, alerts, "bt1", Config())
 
 
 def history(tmp_path) -> tuple[str, pd.DataFrame]:
