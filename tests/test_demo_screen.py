@@ -44,6 +44,12 @@ def test_live_table_has_a_row_per_stage_and_fits_100_columns():
     assert bridge.split()[1:5] == ["1,000", "10,000", "0", "3"]        # rate, total, backlog, rejected messages
     clean = next(line for line in lines if line.startswith("clean"))
     assert "2 +1 late" in clean
+    lagging = {**flushing_counters(10.0), 'aimass_consumer_lag{group="p",partition="0",stage="predict",topic="w"}': 7,
+               'aimass_consumer_lag{group="p",partition="1",stage="predict",topic="w"}': 5,
+               'aimass_consumer_lag{group="a",partition="0",stage="alert",topic="p"}': 2}
+    backlogs = {line.split()[0]: line[37:49].strip() for line in live_table(lagging, rates, 75, 105)[2:]}
+    assert backlogs == {"publish": "-", "bridge": "0", "clean": "0", "window": "0 rec", "predict": "12 rec",
+                        "alert": "2 rec", "sink": "0"}
     huge = {k: 1e12 for k in flushing_counters(0)}
     assert all(len(line) <= WIDTH for line in live_table(huge, rates, 1e6, None))
     assert "draining" in live_table(huge, rates, 1e6, None)[0]
