@@ -27,7 +27,7 @@ from aimass.core.clickhouse import open_reader
 from aimass.core.config import Config, to_env
 from aimass.core.stack import down, up
 from aimass.core.supervisor import Supervisor, aimass_argv, scrape
-from aimass.demo_screen import LiveScreen, detection_table
+from aimass.demo_screen import LiveScreen, detection_table, number
 from aimass.receiver import WebhookReceiver
 from aimass.rules.groundtruth import QualityTracker
 from aimass.streams.simulator import SimSpec, publish
@@ -177,8 +177,8 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
     say(f"alarm events            {len(alerts)} ({len(raised)} raised)")
     say(f"webhook                 {len(receiver.events)} events in {len(receiver.notifications)} notifications, "
         f"{receiver.bad_signatures} bad signatures")
-    say(f"latency                 publish->stored p50 {stored_p50:.2f}s p99 {stored_p99:.2f}s")
-    say(f"                        publish->alert p50 {alert_p50:.2f}s p99 {alert_p99:.2f}s")
+    say(f"latency (s)             publish->stored p50 {number(stored_p50, '.2f')} p99 {number(stored_p99, '.2f')}")
+    say(f"                        publish->alert p50 {number(alert_p50, '.2f')} p99 {number(alert_p99, '.2f')}")
     say("")
     for line in detection_table(scores):
         say(line)

@@ -154,13 +154,14 @@ def aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), *(line(r) for r in rows)]
 
 
-def _num(value: float, fmt: str) -> str:
+def number(value: float | None, fmt: str) -> str:
+    """``value`` formatted, or "-" when there is none (None or NaN: nothing measured)."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
 def detection_table(scores: list[dict]) -> list[str]:
     """Precision, recall and delay per rule and per model, aligned."""
-    rows = [[f"{'rule' if s['rule'] else 'model'} {s['rule'] or s['model']}", _num(s["precision"], ".2f"),
-             _num(s["recall"], ".2f"), _num(s["mean_delay_s"], ".1f"), str(s["true_positives"]),
+    rows = [[f"{'rule' if s['rule'] else 'model'} {s['rule'] or s['model']}", number(s["precision"], ".2f"),
+             number(s["recall"], ".2f"), number(s["mean_delay_s"], ".1f"), str(s["true_positives"]),
              str(s["false_positives"]), str(s["false_negatives"])] for s in scores]
     return aligned(["detection", "precision", "recall", "mean delay s", "TP", "FP", "FN"], rows)
