@@ -15,9 +15,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_demo_runs_the_pipeline_and_summarizes(tmp_path):
+    grpc = free_port()
     env = dict(os.environ, AIMASS_RUN_DIR=str(tmp_path), AIMASS_MQTT_PORT=str(free_port()),
                AIMASS_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", AIMASS_TRITON_HTTP_PORT=str(free_port()),
-               AIMASS_TRITON_GRPC_PORT=str(free_port()), AIMASS_TRITON_METRICS_PORT=str(free_port()),
+               AIMASS_TRITON_GRPC_PORT=str(grpc), AIMASS_TRITON_URL=f"127.0.0.1:{grpc}",
+               AIMASS_TRITON_METRICS_PORT=str(free_port()),
                **{f"AIMASS_{s}_METRICS_PORT": str(free_port()) for s in ("BRIDGE", "WORKER", "PREDICT", "ALERT",
                                                                           "CLICKHOUSE")},
                AIMASS_CLICKHOUSE_QUERY_PORT=str(free_port()), AIMASS_WORKER_WEB_PORT=str(free_port()),
@@ -36,6 +38,7 @@ def test_demo_runs_the_pipeline_and_summarizes(tmp_path):
     assert "publish->stored p50" in out and "stages stopped: " in out
     summary = json.loads((tmp_path / "demo-summary.json").read_text())   # the same summary, for scripts
     assert summary["published"]["readings"] == published and summary["stored"] == stored
+    assert summary["predictions"] > 0 and summary["degraded"] < summary["predictions"]   # the demo's Triton served
     assert {"rejects", "windows", "predictions", "alert_events", "detection", "latency_alert_p99_s"} <= set(summary)
     assert all({"precision", "recall", "mean_delay_s"} <= set(row) for row in summary["detection"])
     assert any(line.split()[:3] == ["detection", "precision", "recall"] for line in out.splitlines())
