@@ -57,7 +57,7 @@ def backtest_config(cfg: Config, tenant: str) -> Config:
     private.kafka.bootstrap = f"127.0.0.1:{free_port()}"
     t = private.triton
     t.http_port, t.grpc_port, t.metrics_port = free_port(), free_port(), free_port()
-    t.url = f"127.0.0.1:{t.grpc_port}"
+    t.url = ""  # predict talks to the backtest's own tritonserver, on its grpc_port
     for section in (private.bridge, private.worker, private.predict, private.alert, private.clickhouse):
         section.metrics_port = free_port()
     private.worker.web_port, private.alert.api_port, private.clickhouse.query_port = free_port(), free_port(), free_port()

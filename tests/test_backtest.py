@@ -108,7 +108,7 @@ def test_private_pipeline_shares_no_port_keeps_history_and_notifies_nobody(tmp_p
              private.clickhouse.query_port]
     live = [cfg.mqtt.port, 9092, 8000, 8001, 8002, 9101, 9102, 9103, 9104, 9105, 6066, 8080, 9125]
     assert len(set(ports)) == len(ports) and not set(ports) & set(live)
-    assert private.run_dir == tmp_path / "backtests" / "bt1" and private.triton.url.endswith(str(ports[3]))
+    assert private.run_dir == tmp_path / "backtests" / "bt1" and private.triton.grpc_address() == f"127.0.0.1:{ports[3]}"
     assert private.clickhouse.ttl_days == 0 and private.bridge.max_past_days > 20_000    # no TTL; 1970 on
     assert not private.alert.notify and cfg.alert.notify
     assert private.window.idle_close_s == 60 < cfg.window.idle_close_s          # the largest window: last ones close soon

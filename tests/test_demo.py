@@ -15,11 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_demo_runs_the_pipeline_and_summarizes(tmp_path):
-    grpc = free_port()
     env = dict(os.environ, AIMASS_RUN_DIR=str(tmp_path), AIMASS_MQTT_PORT=str(free_port()),
                AIMASS_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", AIMASS_TRITON_HTTP_PORT=str(free_port()),
-               AIMASS_TRITON_GRPC_PORT=str(grpc), AIMASS_TRITON_URL=f"127.0.0.1:{grpc}",
-               AIMASS_TRITON_METRICS_PORT=str(free_port()),
+               AIMASS_TRITON_GRPC_PORT=str(free_port()), AIMASS_TRITON_METRICS_PORT=str(free_port()),
                **{f"AIMASS_{s}_METRICS_PORT": str(free_port()) for s in ("BRIDGE", "WORKER", "PREDICT", "ALERT",
                                                                           "CLICKHOUSE")},
                AIMASS_CLICKHOUSE_QUERY_PORT=str(free_port()), AIMASS_WORKER_WEB_PORT=str(free_port()),
