@@ -22,7 +22,7 @@ from aimass.core.config import MAX_TTL_DAYS, Config, ConfigError, load_config
 from aimass.core.db import migrate
 from aimass.core.procs import free_port
 from aimass.demo import json_safe, summarize
-from aimass.query import REPORTS, format_table, readable_times, run_report
+from aimass.query import REPORTS, configure, format_table, readable_times, run_report, top_anomalous_sql
 from aimass.core import contract, tables
 from tests.fixtures_store import (NOW_MS, _fill, chdb_config, chdb_run_dir, counts, insert,  # noqa: F401
                                   readings, seed_report_data)
@@ -163,6 +163,18 @@ def test_every_report_runs_and_plots(store, name, tmp_path):
         assert row["readings"] == 10 and row["forecast"] == 20.0 and row["band_high"] == 22.0
     if name == "summary":
         assert dict(zip(table.column("table").to_pylist(), table.column("rows").to_pylist()))["readings"] == 1280
+
+
+@pytest.mark.parametrize("name, time_column", [("device", "bucket"), ("ingest", "minute")])
+def test_time_series_reports_show_their_newest_limit_rows_in_time_order(store, name, time_column):
+    seed_report_data(store)
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args([name, "wild"])   # no --limit: every row of the time range
+    everything = run_report(store, args).column(time_column).to_pylist()
+    newest = run_report(store, parser.parse_args([name, "wild", "--limit", "3"])).column(time_column).to_pylist()
+    assert len(everything) > 3 and newest == everything[-3:]
+    assert "LIMIT 20" in top_anomalous_sql(parser.parse_args(["top-anomalous"]), "db")   # ranked reports: 20
 
 
 def test_csv_and_json_show_iso_utc_times_and_epoch_milliseconds_only_when_asked():
