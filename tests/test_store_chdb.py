@@ -218,6 +218,26 @@ def test_aimass_query_cli_opens_chdb_directly_when_no_sink_runs(tmp_path):
     assert listing.returncode == 0 and all(name in listing.stdout for name in REPORTS)
 
 
+def test_aimass_query_into_a_closed_pipe_exits_quietly_as_sigpipe_would():
+    """`aimass query ... | head`: the reader is gone before anything is written (as head after its lines)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aimass.cli", "query", "--list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    proc.stdout.close()   # before the child has started Python: every write it makes hits a closed pipe
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (141, "")   # 128 + SIGPIPE, as `cat big | head` leaves cat; no traceback
+
+
+def test_a_broken_pipe_other_than_stdout_is_not_hidden(monkeypatch):
+    import aimass.query
+    from aimass.cli import main
+
+    def lost_peer(args, cfg):
+        raise BrokenPipeError("a socket's peer went away")
+    monkeypatch.setattr(aimass.query, "run", lost_peer)
+    with pytest.raises(BrokenPipeError, match="socket"):
+        main(["query", "summary"])
+
+
 def test_committed_schema_sql_is_what_the_specs_generate():
     for dialect, name in ((tables.MODERN, "schema.sql"), (tables.LEGACY, "schema-legacy.sql")):
         committed = (REPO_ROOT / "deploy" / "clickhouse" / name).read_text()
