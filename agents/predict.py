@@ -227,7 +227,7 @@ class PredictStage:
         self.triton = None
         if use_triton:
             t = cfg.triton
-            self.triton = TritonModels(t.url, t.timeout_s, t.max_rows_per_request, t.max_in_flight,
+            self.triton = TritonModels(t.grpc_address(), t.timeout_s, t.max_rows_per_request, t.max_in_flight,
                                        t.breaker_failures, t.breaker_reset_s)
         self.predictor = Predictor(cfg, self.triton)
         self.out = TableProducer(cfg, "predict")
@@ -364,7 +364,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             loop.add_signal_handler(sig, stop.set)
         stage = PredictStage(cfg, use_triton=not args.no_triton)
         log.info("predict: %s -> %s, Triton %s, checkpoints in the %s state store", stage.topics[contract.WINDOW_ROWS],
-                 stage.topics[contract.PREDICTION_ROWS], "off" if args.no_triton else cfg.triton.url, cfg.state.store)
+                 stage.topics[contract.PREDICTION_ROWS], "off" if args.no_triton else cfg.triton.grpc_address(), cfg.state.store)
         await stage.run(stop)
 
     asyncio.run(main())

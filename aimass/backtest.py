@@ -38,7 +38,7 @@ from aimass.core.clickhouse import open_reader
 from aimass.core.config import Config
 from aimass.core.procs import StackError, free_port
 from aimass.demo import Pipeline, detection_scores, json_safe
-from aimass.demo_screen import aligned, detection_table
+from aimass.demo_screen import aligned, detection_table, number
 from aimass.models.evaluation import Evaluation, evaluate
 from aimass.rules.model import load_rules
 from aimass.streams.history_replay import configure as configure_replay, load_history, replay
@@ -57,7 +57,7 @@ def backtest_config(cfg: Config, tenant: str) -> Config:
     private.kafka.bootstrap = f"127.0.0.1:{free_port()}"
     t = private.triton
     t.http_port, t.grpc_port, t.metrics_port = free_port(), free_port(), free_port()
-    t.url = f"127.0.0.1:{t.grpc_port}"
+    t.url = ""  # predict talks to the backtest's own tritonserver, on its grpc_port
     for section in (private.bridge, private.worker, private.predict, private.alert, private.clickhouse):
         section.metrics_port = free_port()
     private.worker.web_port, private.alert.api_port, private.clickhouse.query_port = free_port(), free_port(), free_port()
@@ -200,14 +200,12 @@ def evaluate_detectors(units: pd.DataFrame, detectors: list[str], nab_window_s: 
 
 def evaluation_table(results: dict[str, Evaluation]) -> list[str]:
     """One aligned row per detector: outlier scores, delay and both NAB variants (standard profile)."""
-    def num(v: float, fmt: str) -> str:
-        return "-" if v is None or math.isnan(v) else format(v, fmt)
     # precision of a detector that never fired is 1 by convention (nothing claimed); shown as "-"
-    rows = [[name, num(e.outlier.precision if e.outlier.tp + e.outlier.fp else math.nan, ".2f"),
-             num(e.outlier.recall, ".2f"), num(e.outlier.f1, ".2f"),
-             num(100 * e.outlier.far, ".1f"), num(100 * e.outlier.mar, ".1f"), num(e.delay.mean_s, ".1f"),
-             num(e.nab_skab.standard, ".1f"), num(e.nab_skab.low_fp, ".1f"), num(e.nab_skab.low_fn, ".1f"),
-             num(e.nab_numenta.standard, ".1f")] for name, e in results.items()]
+    rows = [[name, number(e.outlier.precision if e.outlier.tp + e.outlier.fp else math.nan, ".2f"),
+             number(e.outlier.recall, ".2f"), number(e.outlier.f1, ".2f"), number(100 * e.outlier.far, ".1f"),
+             number(100 * e.outlier.mar, ".1f"), number(e.delay.mean_s, ".1f"), number(e.nab_skab.standard, ".1f"),
+             number(e.nab_skab.low_fp, ".1f"), number(e.nab_skab.low_fn, ".1f"), number(e.nab_numenta.standard, ".1f")]
+            for name, e in results.items()]
     return aligned(["detector", "precision", "recall", "F1", "FAR %", "MAR %", "delay s", "NAB", "NAB lowFP",
                     "NAB lowFN", "NAB (Numenta)"], rows)
 

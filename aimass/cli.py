@@ -3,12 +3,20 @@
 Each subcommand lives in the module that does the work and exposes two functions,
 ``configure(parser)`` (its options) and ``run(args, cfg) -> exit code``. Modules are
 imported only for the subcommand that runs, so `aimass --help` stays fast.
+
+A command whose stdout reader has gone (`aimass query ... | head`) stops quietly with 141, the
+status a Unix tool killed by SIGPIPE leaves, so `set -o pipefail` scripts see what `cat | head`
+gives them; SIGPIPE itself stays ignored (Python's default), so a stage writing to a socket whose
+peer left gets an error it can handle instead of dying. A BrokenPipeError from anything but
+stdout still propagates.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
+import select
 import sys
 
 from aimass.core.config import ConfigError, load_config
@@ -54,6 +62,28 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+STDOUT_CLOSED_EXIT = 128 + 13  # 128 + SIGPIPE
+
+
+def stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no stdout, or one without a descriptor
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def quiet_stdout() -> int:
+    """Point stdout at /dev/null (the interpreter's last flush would fail again); the exit status."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return STDOUT_CLOSED_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -80,12 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg.run.log_level = gargs.log_level
     logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(getattr(module, run_name)(args, cfg) or 0)
+        code = int(getattr(module, run_name)(args, cfg) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
     except (StackError, ConfigError) as exc:
         print(f"aimass {name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if stdout_closed():
+            return quiet_stdout()
+        raise
 
 
 if __name__ == "__main__":

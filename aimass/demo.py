@@ -27,7 +27,7 @@ from aimass.core.clickhouse import open_reader
 from aimass.core.config import Config, to_env
 from aimass.core.stack import down, up
 from aimass.core.supervisor import Supervisor, aimass_argv, scrape
-from aimass.demo_screen import LiveScreen, detection_table
+from aimass.demo_screen import LiveScreen, detection_table, number
 from aimass.receiver import WebhookReceiver
 from aimass.rules.groundtruth import QualityTracker
 from aimass.streams.simulator import SimSpec, publish
@@ -161,7 +161,11 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
     alert_p50, alert_p99 = percentiles(
         reader, "dateDiff('millisecond', source_received_at, event_at) / 1000", f"{db}.alerts",
         f"{t} AND transition IN ('raised', 'reraised') AND toUnixTimestamp64Milli(source_received_at) > 0")
-    scores = detection_scores(pq.read_table(labels_path) if labels_path.exists() else None, alerts)
+    scored_windows = reader.query(
+        f"SELECT tenant, device_id, metric, window_s, toUnixTimestamp64Milli(window_end_at) AS window_end_ms, "
+        f"anomaly, anomaly_model FROM {db}.predictions FINAL WHERE {t} ORDER BY window_end_at")
+    scores = detection_scores(pq.read_table(labels_path) if labels_path.exists() else None, alerts, scored_windows,
+                              cfg.alert.label_grace_s, cfg.alert.anomaly_threshold)
     raised = [a for a in alerts if a["transition"] in ("raised", "reraised")]
 
     say("\n=== AI Mass demo summary ===")
@@ -173,8 +177,8 @@ def summarize(cfg: Config, tenant: str, published: dict, labels_path: Path, rece
     say(f"alarm events            {len(alerts)} ({len(raised)} raised)")
     say(f"webhook                 {len(receiver.events)} events in {len(receiver.notifications)} notifications, "
         f"{receiver.bad_signatures} bad signatures")
-    say(f"latency                 publish->stored p50 {stored_p50:.2f}s p99 {stored_p99:.2f}s")
-    say(f"                        publish->alert p50 {alert_p50:.2f}s p99 {alert_p99:.2f}s")
+    say(f"latency (s)             publish->stored p50 {number(stored_p50, '.2f')} p99 {number(stored_p99, '.2f')}")
+    say(f"                        publish->alert p50 {number(alert_p50, '.2f')} p99 {number(alert_p99, '.2f')}")
     say("")
     for line in detection_table(scores):
         say(line)
@@ -205,14 +209,18 @@ def json_safe(value):
 ANY_RULE = "(any rule)"
 
 
-def detection_scores(labels: pa.Table | None, alerts: list[dict]) -> list[dict]:
-    """Precision, recall and mean delay per rule, and for the alarms of every rule together
-    (``ANY_RULE``): stored alarm events against labelled intervals."""
-    quality = QualityTracker()
+def detection_scores(labels: pa.Table | None, alerts: list[dict], predictions: pa.Table | None = None,
+                     grace_s: float = 60.0, threshold: float = 0.8) -> list[dict]:
+    """Precision, recall and mean delay per rule, for the alarms of every rule together
+    (``ANY_RULE``) and per model: stored alarm events, and the rising edges of the anomaly score
+    over ``threshold`` in ``predictions`` (sorted by window end), against labelled intervals."""
+    quality = QualityTracker(grace_s, threshold)
     if labels is not None:
         quality.add_labels(labels)
     events = [{**a, "ts_ms": _ms(a["ts"])} for a in alerts]
     quality.add_alert_events(events + [{**e, "rule": ANY_RULE} for e in events])
+    if predictions is not None:
+        quality.add_predictions(predictions)
     quality.advance(2 ** 62)  # the run is over: settle every label and detection
     quality.decide()
     return quality.rows(int(time.time() * 1000))

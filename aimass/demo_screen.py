@@ -1,7 +1,8 @@
 """What `aimass demo` shows: a live table of the stages while it runs, and aligned summary tables.
 
-On a terminal the live table (one row per stage: rate over the last 10 s, total, backlog,
-rejected; alarms active; elapsed / remaining) is redrawn in place, never wider than 100 columns.
+On a terminal the live table (one row per stage: rate over the last 10 s, total, backlog: readings
+waiting or, for window / predict / alert, the consumer lag in Kafka records; rejected; alarms
+active; elapsed / remaining) is redrawn in place, never wider than 100 columns.
 Elsewhere (a log file, CI) one line is printed every 10 s instead. Rates are taken between counter
 samples 10 s apart: stages count once per flush, so a rate over one 2 s tick jumps between 0 and
 twice the real rate.
@@ -24,6 +25,11 @@ def total(m: dict[str, float], *names: str) -> float:
     return sum(m.get(n, 0.0) for n in names)
 
 
+def lag(m: dict[str, float], stage: str) -> float:
+    """Kafka records the stage's consumers have not yet committed (``aimass_consumer_lag``)."""
+    return sum(v for k, v in m.items() if k.startswith("aimass_consumer_lag{") and f'stage="{stage}"' in k)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One row of the live table: what it counts, what waits for it, what it turned away."""
@@ -32,6 +38,7 @@ class Stage:
     done: Callable[[dict[str, float]], float]
     backlog: Callable[[dict[str, float]], float] | None = None
     rejected: Callable[[dict[str, float]], str] | None = None
+    backlog_unit: str = ""  # readings, or " rec" (Kafka records: the consumer lag of a windowed stage)
 
 
 STORED = 'aimass_sink_rows_total{table="readings"}'
@@ -44,10 +51,10 @@ STAGES = (
     Stage("clean", lambda m: total(m, "aimass_clean_readings_out_total"),
           lambda m: total(m, "aimass_bridge_readings_produced_total") - total(m, "aimass_clean_readings_in_total"),
           lambda m: f"{total(m, 'aimass_clean_rejected_total'):,.0f} +{total(m, 'aimass_clean_late_total'):,.0f} late"),
-    Stage("window", lambda m: total(m, "aimass_window_rows_total")),
-    Stage("predict", lambda m: total(m, "aimass_predict_rows_total"),
-          rejected=lambda m: f"{total(m, 'aimass_predict_degraded_rows_total'):,.0f} degraded"),
-    Stage("alert", lambda m: total(m, "aimass_alert_events_total")),
+    Stage("window", lambda m: total(m, "aimass_window_rows_total"), lambda m: lag(m, "window"), backlog_unit=" rec"),
+    Stage("predict", lambda m: total(m, "aimass_predict_rows_total"), lambda m: lag(m, "predict"),
+          lambda m: f"{total(m, 'aimass_predict_degraded_rows_total'):,.0f} degraded", " rec"),
+    Stage("alert", lambda m: total(m, "aimass_alert_events_total"), lambda m: lag(m, "alert"), backlog_unit=" rec"),
     Stage("sink", lambda m: total(m, STORED),
           lambda m: total(m, "aimass_clean_readings_out_total") - total(m, STORED),
           lambda m: f"{total(m, 'aimass_sink_dead_letter_total'):,.0f} records"),
@@ -85,19 +92,28 @@ def live_table(m: dict[str, float], rates: Rates, elapsed_s: float, remaining_s:
     lines = [f"AI Mass demo  elapsed {clock(elapsed_s)}  {phase}  |  alarms active {m.get('aimass_alarms_active', 0):,.0f}",
              f"{'stage':<9}{'rate/s (10 s)':>14}{'total':>14}{'backlog':>12}   rejected"]
     for s in STAGES:
-        backlog = f"{max(0.0, s.backlog(m)):,.0f}" if s.backlog else "-"
+        backlog = f"{max(0.0, s.backlog(m)):,.0f}{s.backlog_unit}" if s.backlog else "-"
         rejected = s.rejected(m) if s.rejected else "-"
         lines.append(f"{s.name:<9}{rates.rate(s.name):>14,.0f}{s.done(m):>14,.0f}{backlog:>12}   {rejected}")
     return [line[:WIDTH] for line in lines]
 
 
+def short(n: float) -> str:
+    """A count in at most 5 characters, 3 significant digits: ``999``, ``54.0k``, ``2.70M``."""
+    for div, suffix in ((1, ""), (1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+        v = float(f"{n / div:.3g}")
+        if v < 1000:
+            return f"{v:.0f}" if div == 1 else f"{v:.{max(0, 2 - math.floor(math.log10(v)))}f}{suffix}"
+    return f"{n / 1e12:.0f}T"
+
+
 def log_line(m: dict[str, float], rates: Rates, elapsed_s: float) -> str:
-    """One progress line for a log (at most ``WIDTH`` characters)."""
+    """One progress line for a log, within ``WIDTH`` characters for any count and a run under
+    1,000 minutes; the window rate is left to the terminal table."""
     r = rates.rate
-    line = (f"[{clock(elapsed_s)}] published {total(m, 'published'):,.0f} | bridge {r('bridge'):,.0f}/s"
-            f" clean {r('clean'):,.0f}/s windows {r('window'):,.0f}/s predict {r('predict'):,.0f}/s"
-            f" | stored {total(m, STORED):,.0f} | alarms {m.get('aimass_alarms_active', 0):,.0f}")
-    return line[:WIDTH]
+    return (f"[{clock(elapsed_s)}] published {short(total(m, 'published'))} stored {short(total(m, STORED))}"
+            f" alarms {short(m.get('aimass_alarms_active', 0))} | /s: bridge {short(r('bridge'))}"
+            f" clean {short(r('clean'))} predict {short(r('predict'))}")
 
 
 class LiveScreen:
@@ -138,13 +154,14 @@ def aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), *(line(r) for r in rows)]
 
 
-def _num(value: float, fmt: str) -> str:
+def number(value: float | None, fmt: str) -> str:
+    """``value`` formatted, or "-" when there is none (None or NaN: nothing measured)."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
 def detection_table(scores: list[dict]) -> list[str]:
     """Precision, recall and delay per rule and per model, aligned."""
-    rows = [[f"{'rule' if s['rule'] else 'model'} {s['rule'] or s['model']}", _num(s["precision"], ".2f"),
-             _num(s["recall"], ".2f"), _num(s["mean_delay_s"], ".1f"), str(s["true_positives"]),
+    rows = [[f"{'rule' if s['rule'] else 'model'} {s['rule'] or s['model']}", number(s["precision"], ".2f"),
+             number(s["recall"], ".2f"), number(s["mean_delay_s"], ".1f"), str(s["true_positives"]),
              str(s["false_positives"]), str(s["false_negatives"])] for s in scores]
     return aligned(["detection", "precision", "recall", "mean delay s", "TP", "FP", "FN"], rows)

@@ -4,6 +4,10 @@ Reads through the running sink's SQL endpoint in chDB mode (the sink owns the da
 opens chDB directly when no sink runs, or queries the ClickHouse server of clickhouse.url.
 Reports use modern SQL (chDB, ClickHouse >= 22.3). `aimass query --list` shows them.
 
+``--limit`` caps every report but summary (a row per table): the ranked ones (top-anomalous,
+rejects, alerts, models) show their first 20 rows without it; the time series (device, ingest) show the whole time range
+without it and their newest ``--limit`` rows, still in time order, with it.
+
 Times are for people: every time column a report returns is a UTC ``DateTime64`` (``utc``), shown
 as ISO 8601 in tables, CSV and JSON and as dates on plot axes; ``--epoch`` gives epoch
 milliseconds in CSV / JSON for scripts.
@@ -47,6 +51,21 @@ class Report:
 
 # --- SQL ------------------------------------------------------------------------------
 
+RANKED_LIMIT = 20  # rows of a ranked report without --limit
+
+
+def ranked_limit(args: argparse.Namespace) -> int:
+    """Rows a ranked report shows: --limit, else RANKED_LIMIT."""
+    return RANKED_LIMIT if args.limit is None else args.limit
+
+
+def newest(sql: str, order: str, newest_first: str, args: argparse.Namespace) -> str:
+    """``sql`` ordered by ``order``; with --limit only its newest rows (by ``newest_first``), still so ordered."""
+    if args.limit is None:
+        return f"{sql}\nORDER BY {order}"
+    return f"SELECT * FROM ({sql}\nORDER BY {newest_first} LIMIT {args.limit})\nORDER BY {order}"
+
+
 def summary_sql(args: argparse.Namespace, db: str) -> str:
     parts = [f"SELECT '{t.name}' AS table, count() AS rows, {utc(f'max({t.time_column})')} AS latest, "
              f"{utc('max(inserted_at)')} AS last_insert FROM `{db}`.`{t.name}` FINAL" for t in tables.TABLES]
@@ -67,7 +86,7 @@ FROM (
 )
 GROUP BY tenant, device_id, metric
 ORDER BY max_anomaly DESC, mean_anomaly DESC
-LIMIT {args.limit}"""
+LIMIT {ranked_limit(args)}"""
 
 
 def device_sql(args: argparse.Namespace, db: str) -> str:
@@ -76,7 +95,7 @@ def device_sql(args: argparse.Namespace, db: str) -> str:
     where = f"device_id = {quote(args.device)} {tenant_filter(args)}"
     if args.metric:
         where += f" AND metric = {quote(args.metric)}"
-    return f"""
+    return newest(f"""
 WITH r AS (
   SELECT metric, {utc(f"toStartOfInterval(ts, INTERVAL {args.window_s} SECOND)")} AS bucket, count() AS readings,
          avg(value) AS mean
@@ -90,9 +109,8 @@ p AS (
 SELECT r.metric AS metric, r.bucket AS bucket, r.readings AS readings, round(r.mean, 4) AS mean,
        round(p.forecast, 4) AS forecast, round(p.band_low, 4) AS band_low, round(p.band_high, 4) AS band_high,
        round(p.anomaly, 3) AS anomaly
-FROM r LEFT JOIN p ON r.metric = p.metric AND r.bucket = p.bucket
-ORDER BY metric, bucket
-SETTINGS join_use_nulls = 1"""
+FROM r LEFT JOIN p ON r.metric = p.metric AND r.bucket = p.bucket""", "metric, bucket", "bucket DESC, metric", args) \
+        + "\nSETTINGS join_use_nulls = 1"
 
 
 def rejects_sql(args: argparse.Namespace, db: str) -> str:
@@ -100,7 +118,7 @@ def rejects_sql(args: argparse.Namespace, db: str) -> str:
 SELECT stage, reason, count() AS rejects, {utc("max(rejected_at)")} AS last_seen, any(detail) AS example
 FROM `{db}`.rejects FINAL
 WHERE rejected_at >= now64(3) - INTERVAL {args.hours} HOUR {tenant_filter(args)}
-GROUP BY stage, reason ORDER BY rejects DESC LIMIT {args.limit}"""
+GROUP BY stage, reason ORDER BY rejects DESC LIMIT {ranked_limit(args)}"""
 
 
 def alerts_sql(args: argparse.Namespace, db: str) -> str:
@@ -112,7 +130,7 @@ SELECT rule, tenant, device_id, metric, argMax(severity, event_at) AS severity, 
 FROM `{db}`.alerts FINAL
 WHERE event_at >= now64(3) - INTERVAL {args.hours} HOUR {tenant_filter(args)}
 GROUP BY rule, tenant, device_id, metric
-ORDER BY last_event DESC LIMIT {args.limit}"""
+ORDER BY last_event DESC LIMIT {ranked_limit(args)}"""
 
 
 def models_sql(args: argparse.Namespace, db: str) -> str:
@@ -121,15 +139,15 @@ SELECT forecaster_model, countMerge(n) AS outcomes, round(sumMerge(in_band_n) / 
        round(sumMerge(abs_residual_sum) / outcomes, 4) AS mae, round(sqrt(sumMerge(sq_residual_sum) / outcomes), 4) AS rmse
 FROM `{db}`.outcomes_1m
 WHERE bucket >= now() - INTERVAL {args.hours} HOUR
-GROUP BY forecaster_model ORDER BY outcomes DESC LIMIT {args.limit}"""
+GROUP BY forecaster_model ORDER BY outcomes DESC LIMIT {ranked_limit(args)}"""
 
 
 def ingest_sql(args: argparse.Namespace, db: str) -> str:
-    return f"""
+    return newest(f"""
 SELECT {utc("bucket")} AS minute, countMerge(n) AS readings, uniqExact(device_id) AS devices
 FROM `{db}`.readings_1m
 WHERE bucket >= now() - INTERVAL {args.minutes} MINUTE {tenant_filter(args)}
-GROUP BY minute ORDER BY minute"""
+GROUP BY minute""", "minute", "minute DESC", args)
 
 
 def tenant_filter(args: argparse.Namespace, prefix: str = "") -> str:
@@ -207,14 +225,14 @@ REPORTS: dict[str, Report] = {r.name: r for r in (
     Report("summary", "rows, newest event and last insert per table", summary_sql, bar_plot("table", "rows")),
     Report("top-anomalous", "devices with the highest anomaly scores (--hours, --limit)", top_anomalous_sql,
            bar_plot(("device_id", "metric"), "max_anomaly")),
-    Report("device", "one device's readings vs predicted band per window (DEVICE --minutes --metric --window-s)",
+    Report("device", "one device's readings vs predicted band per window (DEVICE --minutes --metric --window-s --limit)",
            device_sql, device_plot),
     Report("rejects", "rejected and late readings by stage and reason (--hours)", rejects_sql,
            bar_plot(("stage", "reason"), "rejects")),
     Report("alerts", "alarms and their latest state (--hours)", alerts_sql, bar_plot(("rule", "device_id"), "transitions")),
     Report("models", "forecast quality per model: MAE, RMSE, in-band share (--hours)", models_sql,
            bar_plot("forecaster_model", "mae")),
-    Report("ingest", "readings per minute from the 1-minute rollup (--minutes)", ingest_sql,
+    Report("ingest", "readings per minute from the 1-minute rollup (--minutes --limit)", ingest_sql,
            line_plot("minute", ("readings",))),
 )}
 
@@ -245,6 +263,14 @@ def format_table(table: pa.Table) -> str:
 
 # --- CLI ------------------------------------------------------------------------------
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("report", nargs="?", choices=list(REPORTS), metavar="REPORT",
                    help="one of: " + ", ".join(REPORTS))
@@ -252,7 +278,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the reports and exit")
     p.add_argument("--hours", type=float, default=1.0, help="time range for hour-based reports (default 1)")
     p.add_argument("--minutes", type=float, default=30.0, help="time range for minute-based reports (default 30)")
-    p.add_argument("--limit", type=int, default=20, help="most rows to show (default 20)")
+    p.add_argument("--limit", type=positive_int, help=f"most rows to show (default {RANKED_LIMIT}; device and ingest: "
+                   "the whole time range, else their newest rows)")
     p.add_argument("--tenant", help="only this tenant")
     p.add_argument("--metric", help="only this metric (device report)")
     p.add_argument("--window-s", type=int, default=10, help="window size of the device report (default 10)")

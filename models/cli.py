@@ -94,7 +94,7 @@ def training_data(args: argparse.Namespace, cfg: Config, window_s: int, say=prin
 
 def triton_http_url(cfg: Config) -> str:
     """host:port of Triton's HTTP endpoint, or "" when no Triton answers there."""
-    url = f"{cfg.triton.url.rsplit(':', 1)[0]}:{cfg.triton.http_port}"
+    url = f"{cfg.triton.grpc_address().rsplit(':', 1)[0]}:{cfg.triton.http_port}"
     try:
         with urllib.request.urlopen(f"http://{url}/v2/health/live", timeout=2) as r:
             return url if r.status == 200 else ""

@@ -59,7 +59,6 @@ def make_config(run_dir: Path, mosquitto: Server | None = None, kafka: Server | 
         cfg.triton.http_port = triton.ports["http"]
         cfg.triton.grpc_port = triton.ports["grpc"]
         cfg.triton.metrics_port = triton.ports["metrics"]
-        cfg.triton.url = f"127.0.0.1:{triton.ports['grpc']}"
     for name in ("bridge", "worker", "predict", "alert", "clickhouse"):
         getattr(cfg, name).metrics_port = 0  # 0: no metrics server in tests unless asked
     cfg.worker.web_port = free_port()

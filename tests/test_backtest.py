@@ -2,6 +2,7 @@
 and span through a private pipeline (every reading stored and scored)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import aimass.backtest as bt
+from aimass import cli
 from aimass.backtest import (
     alarm_active,
     backtest_config,
@@ -20,7 +23,9 @@ from aimass.backtest import (
     evaluation_table,
     evaluation_units,
     interval_labels,
+    score_detectors,
 )
+from aimass.core.procs import StackError
 from aimass.models.evaluation import evaluate
 from aimass.core.config import Config
 from tests.conftest import REPO
@@ -103,7 +108,7 @@ def test_private_pipeline_shares_no_port_keeps_history_and_notifies_nobody(tmp_p
              private.clickhouse.query_port]
     live = [cfg.mqtt.port, 9092, 8000, 8001, 8002, 9101, 9102, 9103, 9104, 9105, 6066, 8080, 9125]
     assert len(set(ports)) == len(ports) and not set(ports) & set(live)
-    assert private.run_dir == tmp_path / "backtests" / "bt1" and private.triton.url.endswith(str(ports[3]))
+    assert private.run_dir == tmp_path / "backtests" / "bt1" and private.triton.grpc_address() == f"127.0.0.1:{ports[3]}"
     assert private.clickhouse.ttl_days == 0 and private.bridge.max_past_days > 20_000    # no TTL; 1970 on
     assert not private.alert.notify and cfg.alert.notify
     assert private.window.idle_close_s == 60 < cfg.window.idle_close_s          # the largest window: last ones close soon
@@ -115,6 +120,76 @@ def test_complete_needs_every_reading_window_and_prediction():
     assert not complete({**done, "stored": 89}, 100)
     assert not complete({**done, "windows": 6}, 100)          # a window still open
     assert not complete({**done, "predictions": 6}, 100)
+
+
+class QuietPipeline:
+    """Stands in for the private pipeline: every reading acknowledged, nothing predicted."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def quiet_backtest(monkeypatch, tmp_path, store: dict[str, int], timeout: str) -> int:
+    """`aimass backtest` (the CLI, in process) on 30 readings through a stand-in pipeline whose
+    store reports ``store`` and holds no prediction."""
+    path = tmp_path / "h.csv"
+    pd.DataFrame({"timestamp": np.arange(30) * 1000 + 1_400_000_000_000, "value": 1.0}).to_csv(path, index=False)
+    monkeypatch.setenv("AIMASS_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(bt, "Pipeline", QuietPipeline)
+    monkeypatch.setattr(bt, "replay", lambda cfg, h, **kw: {"all_acked": True, "messages": len(h), "elapsed_s": 0.1})
+    monkeypatch.setattr(bt, "progress", lambda *a: store)
+    monkeypatch.setattr(bt.time, "sleep", lambda s: None)
+    no_predictions = pd.DataFrame(columns=["device_id", "metric", "window_end_ms", "target_end_ms", *bt.SCORE_COLUMNS,
+                                           "regime_change", "forecast", "band_low", "band_high"])
+    no_alerts = pd.DataFrame(columns=["rule", "device_id", "metric", "ts_ms", "transition"])
+    no_rejects = pd.DataFrame(columns=["device_id", "metric", "ts_ms", "reason"])
+    monkeypatch.setattr(bt, "fetch", lambda *a: (no_predictions, no_alerts, no_rejects))
+    return cli.main(["backtest", str(path), "--device", "d", "--metric", "m", "--timeout", timeout,
+                     "--out", str(tmp_path / "out.csv")])
+
+
+def test_a_backtest_timeout_exits_1_and_says_what_is_missing(monkeypatch, tmp_path, capsys):
+    store = {"stored": 30, "rejected": 0, "reading_windows": 3, "windows": 2, "predictions": 2}
+    assert quiet_backtest(monkeypatch, tmp_path, store, "0") == 1
+    assert "aimass backtest: backtest timed out after 0s: 30 of 30 readings stored or rejected, 2 of 3 windows " \
+           "closed, 2 of 2 windows predicted" in capsys.readouterr().err
+
+
+def test_a_backtest_that_scores_nothing_exits_1_and_says_so(monkeypatch, tmp_path, capsys):
+    store = {"stored": 30, "rejected": 0, "reading_windows": 3, "windows": 3, "predictions": 3}
+    assert quiet_backtest(monkeypatch, tmp_path, store, "60") == 1
+    assert "aimass backtest: nothing was scored: 3 predictions for 30 readings" in capsys.readouterr().err
+
+
+def test_a_labels_file_scores_every_detector_and_each_labelled_event(tmp_path, capsys):
+    """`--labels FILE`: intervals (no metric: all of the device's) re-tenanted to the backtest's."""
+    ts = np.arange(100) * 1000 + 1_400_000_000_000
+    history = pd.DataFrame({"device_id": "d", "metric": "m", "ts_ms": ts, "value": 1.0})
+    hot = (ts >= ts[40]) & (ts <= ts[49])
+    result = history.assign(**{c: np.nan for c in bt.SCORE_COLUMNS}).assign(anomaly=np.where(hot, 0.9, 0.1))
+    alerts = pd.DataFrame({"rule": "high", "device_id": "d", "metric": "m", "ts_ms": [ts[42], ts[55]],
+                           "transition": ["raised", "cleared"], "tenant": "bt1"})
+    alerts["ts"] = alerts["ts_ms"]
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"device_id": ["d"], "start_ms": [ts[40]], "end_ms": [ts[49]]}).to_csv(labels, index=False)
+    args = argparse.Namespace(labels=str(labels), fit_rows=0, nab_window_s=60.0)
+    out = score_detectors(args, history, result, alerts, "bt1", Config())
+    model, rule = out["evaluation"]["model:anomaly"]["outlier"], out["evaluation"]["rule:high"]["outlier"]
+    assert (model["tp"], model["fp"], model["fn"]) == (10, 0, 0)
+    assert (rule["tp"], rule["fp"], rule["fn"]) == (8, 5, 2)              # active from 42 s to 54 s
+    events = {e["rule"]: e for e in out["events"]}
+    assert (events["high"]["true_positives"], events["high"]["mean_delay_s"]) == (1, 2.0)
+    printed = capsys.readouterr().out
+    assert "model:anomaly" in printed and "labelled events" in printed
+    pd.DataFrame({"device": ["d"]}).to_csv(labels, index=False)
+    with pytest.raises(StackError, match=r"lacks columns \['device_id', 'end_ms', 'start_ms'\]"):
+        score_detectors(args, history, result, alerts, "bt1", Config())
 
 
 def history(tmp_path) -> tuple[str, pd.DataFrame]:

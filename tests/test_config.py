@@ -86,6 +86,15 @@ def test_to_env_round_trips_every_key(tmp_path):
     assert again == cfg
 
 
+def test_triton_address_follows_the_grpc_port_unless_a_url_is_set():
+    from aimass.core.config import to_env
+    cfg = load_config(env={"AIMASS_TRITON_GRPC_PORT": "9123"})   # the demo / a backtest on free ports
+    assert cfg.triton.grpc_address() == "127.0.0.1:9123"
+    assert load_config(env=to_env(cfg)).triton.grpc_address() == "127.0.0.1:9123"   # as the demo's stages read it
+    remote = load_config(env={"AIMASS_TRITON_GRPC_PORT": "9123", "AIMASS_TRITON_URL": "triton:8001"})
+    assert remote.triton.grpc_address() == "triton:8001"   # a cluster's Triton service
+
+
 def test_readme_configuration_reference_is_current():
     from pathlib import Path
 

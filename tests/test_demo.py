@@ -36,6 +36,7 @@ def test_demo_runs_the_pipeline_and_summarizes(tmp_path):
     assert "publish->stored p50" in out and "stages stopped: " in out
     summary = json.loads((tmp_path / "demo-summary.json").read_text())   # the same summary, for scripts
     assert summary["published"]["readings"] == published and summary["stored"] == stored
+    assert summary["predictions"] > 0 and summary["degraded"] < summary["predictions"]   # the demo's Triton served
     assert {"rejects", "windows", "predictions", "alert_events", "detection", "latency_alert_p99_s"} <= set(summary)
     assert all({"precision", "recall", "mean_delay_s"} <= set(row) for row in summary["detection"])
     assert any(line.split()[:3] == ["detection", "precision", "recall"] for line in out.splitlines())

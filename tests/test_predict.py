@@ -166,7 +166,7 @@ def test_aimass_predict_command_serves_metrics_and_stops_cleanly_on_sigterm(tmp_
     _produce_windows(cfg, windows)
     metrics_port = free_port()
     env = {**os.environ, "AIMASS_KAFKA_BOOTSTRAP": cfg.kafka.bootstrap, "AIMASS_KAFKA_TOPIC_PREFIX": cfg.kafka.topic_prefix,
-           "AIMASS_TRITON_URL": cfg.triton.url, "AIMASS_RUN_DIR": str(tmp_path),
+           "AIMASS_TRITON_GRPC_PORT": str(cfg.triton.grpc_port), "AIMASS_RUN_DIR": str(tmp_path),
            "AIMASS_PREDICT_METRICS_PORT": str(metrics_port)}
     proc = subprocess.Popen([sys.executable, "-m", "aimass.cli", "predict"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -2,27 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from aimass.core.clickhouse import ChdbStore, HttpReader, QueryServer, StoreError
 from aimass.core.config import MAX_TTL_DAYS, Config, ConfigError, load_config
 from aimass.core.db import migrate
 from aimass.core.procs import free_port
-from aimass.query import REPORTS, format_table, run_report
+from aimass.demo import json_safe, summarize
+from aimass.query import REPORTS, configure, format_table, readable_times, run_report, top_anomalous_sql
 from aimass.core import contract, tables
 from tests.fixtures_store import (NOW_MS, _fill, chdb_config, chdb_run_dir, counts, insert,  # noqa: F401
                                   readings, seed_report_data)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ISO_UTC = r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 @pytest.fixture
@@ -142,7 +148,10 @@ def test_every_report_runs_and_plots(store, name, tmp_path):
                                                            "first_event", "last_event", "minute")]
     assert all(pa.types.is_timestamp(table.schema.field(c).type) for c in time_columns), table.schema
     text = format_table(table)
-    assert all(re.search(r"\b20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\b", text) for _ in time_columns), text
+    iso = readable_times(table)
+    for c in time_columns:
+        shown = [v for v in iso.column(c).to_pylist() if v is not None]
+        assert shown and all(re.fullmatch(ISO_UTC, v) and v in text for v in shown), (c, shown)
     assert not re.search(r"\b1[6-9]\d{8}\b", text), text  # no epoch seconds or milliseconds
     if name in ("device", "ingest"):
         assert ticks and all(re.fullmatch(r"[\d:\-A-Za-z ]+", t) for t in ticks) and any(":" in t for t in ticks), ticks
@@ -154,6 +163,27 @@ def test_every_report_runs_and_plots(store, name, tmp_path):
         assert row["readings"] == 10 and row["forecast"] == 20.0 and row["band_high"] == 22.0
     if name == "summary":
         assert dict(zip(table.column("table").to_pylist(), table.column("rows").to_pylist()))["readings"] == 1280
+
+
+@pytest.mark.parametrize("name, time_column", [("device", "bucket"), ("ingest", "minute")])
+def test_time_series_reports_show_their_newest_limit_rows_in_time_order(store, name, time_column):
+    seed_report_data(store)
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args([name, "wild"])   # no --limit: every row of the time range
+    everything = run_report(store, args).column(time_column).to_pylist()
+    newest = run_report(store, parser.parse_args([name, "wild", "--limit", "3"])).column(time_column).to_pylist()
+    assert len(everything) > 3 and newest == everything[-3:]
+    assert "LIMIT 20" in top_anomalous_sql(parser.parse_args(["top-anomalous"]), "db")   # ranked reports: 20
+
+
+def test_csv_and_json_show_iso_utc_times_and_epoch_milliseconds_only_when_asked():
+    table = pa.table({"minute": pa.array([1_796_312_880_123, None], pa.timestamp("ms", "UTC")), "readings": [5, 6]})
+    assert readable_times(table).to_pylist() == [{"minute": "2026-12-03T15:48:00.123Z", "readings": 5},
+                                                 {"minute": None, "readings": 6}]
+    assert readable_times(table, epoch=True).column("minute").to_pylist() == [1_796_312_880_123, None]
+    chdb_seconds = pa.table({"t": pa.array([1_796_312_880], pa.timestamp("s"))})   # no zone: read as UTC
+    assert readable_times(chdb_seconds).column("t").to_pylist() == ["2026-12-03T15:48:00.000Z"]
 
 
 def test_alerts_report_keeps_the_raising_message_next_to_the_latest(store):
@@ -188,6 +218,26 @@ def test_aimass_query_cli_opens_chdb_directly_when_no_sink_runs(tmp_path):
     assert listing.returncode == 0 and all(name in listing.stdout for name in REPORTS)
 
 
+def test_aimass_query_into_a_closed_pipe_exits_quietly_as_sigpipe_would():
+    """`aimass query ... | head`: the reader is gone before anything is written (as head after its lines)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aimass.cli", "query", "--list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    proc.stdout.close()   # before the child has started Python: every write it makes hits a closed pipe
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (141, "")   # 128 + SIGPIPE, as `cat big | head` leaves cat; no traceback
+
+
+def test_a_broken_pipe_other_than_stdout_is_not_hidden(monkeypatch):
+    import aimass.query
+    from aimass.cli import main
+
+    def lost_peer(args, cfg):
+        raise BrokenPipeError("a socket's peer went away")
+    monkeypatch.setattr(aimass.query, "run", lost_peer)
+    with pytest.raises(BrokenPipeError, match="socket"):
+        main(["query", "summary"])
+
+
 def test_committed_schema_sql_is_what_the_specs_generate():
     for dialect, name in ((tables.MODERN, "schema.sql"), (tables.LEGACY, "schema-legacy.sql")):
         committed = (REPO_ROOT / "deploy" / "clickhouse" / name).read_text()
@@ -201,3 +251,28 @@ def test_a_second_process_on_the_same_chdb_dir_gets_a_clear_error(store):
                          text=True, timeout=120, cwd=REPO_ROOT)
     assert out.returncode == 1
     assert "chDB allows one process per data dir" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_summary_reads_the_run_back_and_writes_it_as_json(store, tmp_path):
+    """The demo's summary from the store: the detection table has a row per rule and per model,
+    and the same figures land in <run dir>/demo-summary.json."""
+    seed_report_data(store)
+    labels = tmp_path / "labels.parquet"   # device wild's anomaly score rises over 0.8 in the last minutes
+    now_ms = int(time.time() * 1000)
+    pq.write_table(pa.table({"tenant": ["acme"], "device_id": ["wild"], "metric": ["temp"],
+                             "start_ms": [now_ms - 1_200_000], "end_ms": [now_ms], "kind": ["drift"]}), labels)
+    receiver = SimpleNamespace(events=[], notifications=[], bad_signatures=0)
+    lines = []
+    summary = summarize(store.cfg, "acme", {"readings": 1200, "messages": 1200}, labels, receiver, lines.append)
+    path = store.cfg.run_dir / "demo-summary.json"
+    try:
+        assert json.loads(path.read_text()) == json.loads(json.dumps(json_safe(summary)))
+    finally:
+        path.unlink()
+    rows = {(r["rule"], r["model"]): r for r in summary["detection"]}
+    assert rows[("", "iforest:1")]["true_positives"] == 1 and rows[("band", "")]["true_positives"] == 1
+    assert summary["stored"] == 1280 and summary["predictions"] >= 120   # the seeded readings and predictions
+    assert not any("nan" in line for line in lines), lines      # nothing measured shows "-", never "nans"
+    table = lines[lines.index("") + 1:]
+    assert table[0].split()[:3] == ["detection", "precision", "recall"]
+    assert {line.split("  ")[0] for line in table[1:4]} == {"model iforest:1", "rule band", "rule (any rule)"}

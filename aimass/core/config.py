@@ -192,7 +192,9 @@ class WorkerConfig:
 class TritonConfig:
     """Triton Inference Server: where it is and how the predict stage talks to it."""
 
-    url: str = "127.0.0.1:8001"  # gRPC
+    # gRPC host:port of a Triton run elsewhere (a cluster's service); empty: the tritonserver the
+    # embedded stack starts (`aimass up`, the demo, a backtest), 127.0.0.1:<grpc_port>
+    url: str = ""
     http_port: int = field(default=8000, metadata=_range(1, 65535))
     grpc_port: int = field(default=8001, metadata=_range(1, 65535))
     metrics_port: int = field(default=8002, metadata=_range(1, 65535))
@@ -202,6 +204,10 @@ class TritonConfig:
     max_in_flight: int = field(default=8, metadata=_range(1, 1024))
     breaker_failures: int = field(default=3, metadata=_range(1, 1000))
     breaker_reset_s: float = field(default=5.0, metadata=_range(0.1, 3600))
+
+    def grpc_address(self) -> str:
+        """host:port the predict stage's gRPC client connects to: ``url``, else the embedded Triton."""
+        return self.url or f"127.0.0.1:{self.grpc_port}"
 
 
 @dataclass
