@@ -25,8 +25,9 @@ the input since the last checkpoint; replays are harmless because the state matc
 offsets, an active alarm is not raised twice and event ids are deterministic. A notification is
 sent only once the checkpoint holding it is durable (``Outbox.hold``), so a new owner resends the
 same notification id, which receivers deduplicate, never a regrouping of the same events.
-The quality tracker (labels vs detections) and the alarm API stay per process: with several
-alerters each scores and serves the partitions it owns.
+The quality tracker (labels vs detections) stays per process: with several alerters each scores
+the partitions it owns. The alarm API answers for all of them when ``alert.api_peers`` names the
+replicas (``aimass.rules.peers``).
 Records are written with ``aimass.streams.kafka.TableProducer``: under ``kafka.max_record_bytes``,
 and a record the broker refuses for good is dead-lettered and counted instead of retried, so
 no queued row can wedge the alerter, across restarts either.
@@ -56,6 +57,7 @@ from aimass.rules.delivery import Dispatcher, Outbox, Senders
 from aimass.rules.engine import Engine, RuleWatcher, warm_up
 from aimass.rules.model import RULE_ERROR
 from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
+from aimass.rules.peers import Peers
 from aimass.core import contract
 from aimass.streams.kafka import ConsumerLag, TableProducer, consume_available, consumer_config
 from aimass.streams.statestore import open_store
@@ -355,7 +357,8 @@ class AlerterService:
                         a.api_tokens_env, a.api_token_env)
         context = api_tls_context(a)
         hooks = ApiHooks(on_events, self.status, self.alerter.reload_rules)
-        runner = web.AppRunner(make_app(self.alerter.store, tokens, hooks, a), access_log=None)
+        peers = Peers.from_config(a)
+        runner = web.AppRunner(make_app(self.alerter.store, tokens, hooks, a, peers), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.api_host, a.api_port, ssl_context=context).start()
         log.info("alarm API on %s://%s:%d (%d tokens: %s)", "https" if context else "http", a.api_host, a.api_port,

@@ -259,7 +259,11 @@ class AlertConfig:
     api_max_body_bytes: int = field(default=16384, metadata=_range(256, 16 * 1024 * 1024))
     api_tls_cert_file: str = ""  # both set: the API serves HTTPS only
     api_tls_key_file: str = ""
-    api_tls_ca_file: str = ""  # `aimass alerts`: CA that signed the API's certificate (default: the system's)
+    api_tls_ca_file: str = ""  # `aimass alerts` and peers: CA that signed the API's certificate (default: the system's)
+    # host:port,... of the other alerter replicas (a name resolving to all of them, e.g. a headless
+    # Service): every replica's API then answers for all alarms ("" = this replica's only)
+    api_peers: str = ""
+    api_peer_timeout_s: float = field(default=2.0, metadata=_range(0.1, 60))
     notify: bool = True  # false: alarms are raised and stored, but no receiver is notified (backtests)
     webhook_secret_env: str = "AIMASS_WEBHOOK_SECRET"  # the demo generates this secret when unset
     max_attempts: int = field(default=15, metadata=_range(1, 100))
