@@ -53,7 +53,9 @@ def test_device_kernel_matches_the_numpy_reference():
     warm = 45
     ref_score, ref_alarm, ref_rearm = reference_device.device_scores(
         np.arange(len(means)) * 10.0, counts, means, stds, warm)
-    det = PartitionDetectors(DetectConfig(device_warmup_windows=warm), 8)
+    # the reference's alarm settings: open at D > 2q (score 0.75), closed after 3 quiet windows
+    det = PartitionDetectors(DetectConfig(device_warmup_windows=warm, device_alarm_score=0.75,
+                                          device_clear_windows=3), 8)
     res = det.step(windows(means, stds, counts))
     judged = res.device_end > 0
     assert judged.sum() == len(means)

@@ -232,8 +232,8 @@ class DetectConfig:
     device_warmup_windows: int = field(default=45, metadata=_range(3, 256))
     device_slow_ratio: float = field(default=20.0, metadata=_range(1.0, None))  # between / within variance
     device_shrink: float = field(default=0.3, metadata=_range(0.0, 1.0))
-    device_alarm_score: float = field(default=0.75, metadata=_range(0.0, 1.0))  # the device rule's threshold
-    device_clear_windows: int = field(default=3, metadata=_range(1, 10_000))
+    device_alarm_score: float = field(default=0.86, metadata=_range(0.0, 1.0))  # the device rule's threshold
+    device_clear_windows: int = field(default=6, metadata=_range(1, 10_000))
     device_reopen_distance: float = field(default=1.0, metadata=_range(0.0, None))
     device_reopen_s: float = field(default=20.0, metadata=_range(0.0, None))
     device_reopen_tau_s: float = field(default=120.0, metadata=_range(1.0, None))
