@@ -25,8 +25,9 @@ the input since the last checkpoint; replays are harmless because the state matc
 offsets, an active alarm is not raised twice and event ids are deterministic. A notification is
 sent only once the checkpoint holding it is durable (``Outbox.hold``), so a new owner resends the
 same notification id, which receivers deduplicate, never a regrouping of the same events.
-The quality tracker (labels vs detections) and the alarm API stay per process: with several
-alerters each scores and serves the partitions it owns.
+The quality tracker (labels vs detections) stays per process: with several alerters each scores
+the partitions it owns. The alarm API answers for all of them when ``alert.api_peers`` names the
+replicas (``aimass.rules.peers``).
 Alerts on the pipeline itself (Alertmanager -> ``POST /pipeline-alerts``, ``aimass.rules.pipeline``)
 are alarms of one input partition, that of their series: the alerter holding it applies them and
 answers once the checkpoint holding their changes is durable (so Alertmanager, which retries until
@@ -62,6 +63,7 @@ from aimass.rules.engine import Engine, RuleWatcher, warm_up
 from aimass.rules.model import RULE_ERROR
 from aimass.rules.groundtruth import OutcomeJoiner, QualityTracker
 from aimass.rules.pipeline import PIPELINE_DEVICE, PIPELINE_TENANT, PipelineAlert, apply_alerts, is_pipeline
+from aimass.rules.peers import Peers
 from aimass.core import contract
 from aimass.streams.kafka import ConsumerLag, TableProducer, consume_available, consumer_config
 from aimass.streams.statestore import open_store
@@ -390,7 +392,8 @@ class AlerterService:
                         a.api_tokens_env, a.api_token_env)
         context = api_tls_context(a)
         hooks = ApiHooks(on_events, self.status, self.alerter.reload_rules, pipeline)
-        runner = web.AppRunner(make_app(self.alerter.store, tokens, hooks, a), access_log=None)
+        peers = Peers.from_config(a)
+        runner = web.AppRunner(make_app(self.alerter.store, tokens, hooks, a, peers), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.api_host, a.api_port, ssl_context=context).start()
         log.info("alarm API on %s://%s:%d (%d tokens: %s)", "https" if context else "http", a.api_host, a.api_port,

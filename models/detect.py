@@ -85,7 +85,18 @@ class PartitionDetectors:
         return len(self.series_slots.keys)
 
     def step(self, w: pa.Table) -> DetectResult:
-        """Advance every series and device of ``w`` (rows of a series in time order)."""
+        """Advance every series and device of ``w`` (rows of a series in time order); the result's
+        ``rows`` index ``w``."""
+        # Window-major: a batch may hold several windows of a device series by series (a backlog, a
+        # replay), and the device model judges a window once the next one starts.
+        order = np.argsort(w["window_end_ms"].to_numpy(), kind="stable")
+        if np.any(order[1:] < order[:-1]):
+            res = self._step(w.take(order))
+            res.rows = order[res.rows]
+            return res
+        return self._step(w)
+
+    def _step(self, w: pa.Table) -> DetectResult:
         window_s = pc.cast(w["window_s"], pa.string())
         device_key = pc.binary_join_element_wise(w["tenant"], w["device_id"], window_s, "\x1f")
         series_key = pc.binary_join_element_wise(device_key, w["metric"], "\x1f")

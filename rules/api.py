@@ -2,6 +2,7 @@
 
     GET  /healthz                    no token (rate limited per address)
     GET  /alarms[?all=1]             read     active and cleared-unacknowledged alarms (all=1: every alarm)
+                                              (with peers: {"alarms": [...], "unreachable": [peers]})
     GET  /alarms/{id}                read     one alarm
     GET  /status                     read     stage health: rules, consumer lag, Kafka and delivery state
     POST /alarms/{id}/ack            operate  body {"by": "name"}; 404 unknown, 409 nothing to acknowledge
@@ -26,6 +27,10 @@ a bucket per client address. Both answer 429 with ``Retry-After``. With
 with fields of the right type (400 otherwise) and at most ``api_max_body_bytes`` (413;
 ``pipeline_max_body_bytes`` for /pipeline-alerts, since Alertmanager sends a whole group).
 With no token configured the API refuses every request.
+
+With ``alert.api_peers`` set, a replica answers for every alerter of the deployment
+(``aimass.rules.peers``): lists merge all replicas' alarms, and a request about an alarm another
+replica holds is forwarded to it (``?local=1`` asks one replica about its own alarms only).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from aimass.core.config import AlertConfig, Config, ConfigError
 from aimass.rules.alarms import Alarm, AlarmStore
 from aimass.rules.delivery import TokenBucket
 from aimass.rules.pipeline import PipelineAlert, parse_webhook
+from aimass.rules.peers import FORWARDED, INSTANCE_HEADER, Peers, merged_alarms, owner_answer
 
 OnEvents = Callable[[list[dict]], Awaitable[None]]
 # role -> the roles whose endpoints it may use
@@ -194,8 +200,9 @@ class ApiHooks:
     pipeline: Callable[[list[PipelineAlert]], Awaitable[dict]] = not_served
 
 
-def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, settings: AlertConfig) -> web.Application:
-    """The API application."""
+def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, settings: AlertConfig,
+             peers: Peers | None = None) -> web.Application:
+    """The API application; with ``peers``, it answers for every alerter replica."""
     per_token = RateLimiter(settings.api_rate_per_s, settings.api_burst)
     per_address = RateLimiter(settings.api_address_rate_per_s, settings.api_address_burst)
 
@@ -221,13 +228,15 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
             return too_many(wait, f"token {token.name!r}")
         request[TOKEN] = token
         try:
-            return await handler(request)
+            response = await handler(request)
         except BadRequest as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            response = web.json_response({"error": str(exc)}, status=400)
         except Unavailable as exc:
             response = web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "1"})
             response.force_close()  # the retry's new connection may reach another alerter
-            return response
+        if peers is not None:
+            response.headers[INSTANCE_HEADER] = peers.instance
+        return response
 
     def needs(role: str, handler: Callable[[web.Request], Awaitable[web.Response]]):
         async def checked(request: web.Request) -> web.Response:
@@ -237,6 +246,21 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
                                                    f"{token.name if token else '-'!r} does not have it"}, status=403)
             return await handler(request)
         return checked
+
+    def fan_out(request: web.Request) -> bool:
+        """Whether this request is answered with the other replicas' help (not one they forwarded)."""
+        return peers is not None and request.query.get(FORWARDED[0]) != FORWARDED[1]
+
+    def elsewhere(handler: Callable[[web.Request], Awaitable[web.Response]]):
+        """``handler`` for an alarm this replica holds; otherwise the answer of the replica that does."""
+        async def routed(request: web.Request) -> web.Response:
+            if request.match_info["id"] in store.alarms or not fan_out(request):
+                return await handler(request)
+            query = {k: v for k, v in request.query.items() if k != FORWARDED[0]}
+            answer = owner_answer(await peers.ask_all(request.method, request.path, query, dict(request.headers),
+                                                      await request.read()))
+            return web.json_response(answer.body, status=answer.status)
+        return routed
 
     def known(request: web.Request) -> str:
         aid = request.match_info["id"]
@@ -249,7 +273,12 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
 
     async def list_alarms(request: web.Request) -> web.Response:
         include_all = request.query.get("all", "") in ("1", "true", "yes")
-        return web.json_response({"alarms": [alarm_json(a) for a in store.listing(include_all)]})
+        own = [alarm_json(a) for a in store.listing(include_all)]
+        if not fan_out(request):
+            return web.json_response({"alarms": own})
+        query = {"all": "1"} if include_all else {}
+        answers = await peers.ask_all("GET", request.path, query, dict(request.headers))
+        return web.json_response(merged_alarms(own, answers))
 
     async def get_alarm(request: web.Request) -> web.Response:
         return web.json_response(alarm_json(store.alarms[known(request)]))
@@ -291,12 +320,14 @@ def make_app(store: AlarmStore, tokens: list[ApiToken], hooks: ApiHooks, setting
 
     app = web.Application(middlewares=[guard],
                           client_max_size=max(settings.api_max_body_bytes, settings.pipeline_max_body_bytes))
+    if peers is not None:
+        app.on_cleanup.append(lambda _app: peers.close())
     app.add_routes([web.get("/healthz", healthz),
                     web.get("/alarms", needs("read", list_alarms)),
-                    web.get("/alarms/{id}", needs("read", get_alarm)),
+                    web.get("/alarms/{id}", needs("read", elsewhere(get_alarm))),
                     web.get("/status", needs("read", status)),
-                    web.post("/alarms/{id}/ack", needs("operate", ack)),
-                    web.post("/alarms/{id}/silence", needs("operate", silence)),
+                    web.post("/alarms/{id}/ack", needs("operate", elsewhere(ack))),
+                    web.post("/alarms/{id}/silence", needs("operate", elsewhere(silence))),
                     web.post("/rules/reload", needs("admin", reload)),
                     web.post("/pipeline-alerts", needs("ingest", pipeline_alerts))])
     return app

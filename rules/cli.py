@@ -105,6 +105,9 @@ def run_alerts(args: argparse.Namespace, cfg: Config) -> int:
         print(f"aimass alerts: {doc.get('error', status)}", file=sys.stderr)
         return 1
     alarms = doc["alarms"]
+    if doc.get("unreachable"):  # several alerters, some of which did not answer: the list is partial
+        print(f"aimass alerts: alerters {', '.join(doc['unreachable'])} did not answer; their alarms are missing",
+              file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(alarms, indent=2))
         return 0

@@ -102,6 +102,8 @@ def step_rule(series: np.ndarray, ts: np.ndarray, selected: np.ndarray, cond: np
             count[g] += 1
             if count[g] >= clear_windows:
                 tracked[g], kinds[i] = False, 2
+            elif reopen[i]:  # the incident changed while calming down: still one quiet row towards the clear
+                last_notify[g], kinds[i] = t, 4
         else:
             count[g] = 0
             if reopen[i]:

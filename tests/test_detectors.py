@@ -53,7 +53,9 @@ def test_device_kernel_matches_the_numpy_reference():
     warm = 45
     ref_score, ref_alarm, ref_rearm = reference_device.device_scores(
         np.arange(len(means)) * 10.0, counts, means, stds, warm)
-    det = PartitionDetectors(DetectConfig(device_warmup_windows=warm), 8)
+    # the reference's alarm settings: open at D > 2q (score 0.75), closed after 3 quiet windows
+    det = PartitionDetectors(DetectConfig(device_warmup_windows=warm, device_alarm_score=0.75,
+                                          device_clear_windows=3), 8)
     res = det.step(windows(means, stds, counts))
     judged = res.device_end > 0
     assert judged.sum() == len(means)
@@ -74,6 +76,25 @@ def test_device_windows_split_over_batches_are_judged_once_when_complete():
     scores = np.concatenate([p.device_score[p.device_end > 0] for p in parts])
     np.testing.assert_allclose(scores, whole.device_score[whole.device_end > 0])
     assert np.isfinite(scores).sum() == len(scores) - DetectConfig().device_warmup_windows
+
+
+def test_a_batch_holding_several_windows_series_by_series_is_judged_window_by_window():
+    """A backlog or a replay gives predict many windows of a device at once, grouped by series;
+    every window is still judged with all its metrics, and each output row maps to its input row."""
+    means, stds, counts = pump()
+    table = windows(means, stds, counts)
+    series_major = np.lexsort((table["window_end_ms"].to_numpy(), np.array(table["metric"].to_pylist())))
+    whole = PartitionDetectors(DetectConfig(), 8).step(table)
+    shuffled = table.take(series_major)
+    res = PartitionDetectors(DetectConfig(), 8).step(shuffled)
+    got = res.device_score[res.device_end > 0]
+    assert np.isfinite(got).sum() == len(means) - DetectConfig().device_warmup_windows
+    np.testing.assert_allclose(got, whole.device_score[whole.device_end > 0])
+    assert shuffled.take(res.rows)["window_end_ms"].to_pylist() == sorted(table["window_end_ms"].to_pylist())
+    by_row = dict(zip(zip(shuffled.take(res.rows)["metric"].to_pylist(), shuffled.take(res.rows)["window_end_ms"].to_pylist()),
+                      res.series.tolist()))
+    assert by_row == dict(zip(zip(table.take(whole.rows)["metric"].to_pylist(),
+                                  table.take(whole.rows)["window_end_ms"].to_pylist()), whole.series.tolist()))
 
 
 def test_a_missing_metric_is_judged_when_the_next_window_starts_and_not_scored():

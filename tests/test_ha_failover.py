@@ -3,7 +3,8 @@ Kafka state store), share the partitions; one of each is SIGKILLed mid-stream. E
 still predicted, with the values an undisturbed predictor gives (the state moved with its
 partitions); every expected alarm event is in the alerts topic (no other, so none was raised twice
 or lost its state) and reaches the webhook receiver exactly once, within kafka.session_timeout_ms
-+ 5 s of its window; each stage's aimass_consumer_lag is served by its metrics endpoint.
++ 5 s of its window; each stage's aimass_consumer_lag is served by its metrics endpoint. Either
+alerter's API (alert.api_peers) lists every alarm while each holds only its own partitions'.
 
 ``AIMASS_HA_DEFECT=alert`` (or ``predict``) runs that stage with its partition state not taken over
 on assignment: the test must then fail."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import os
 import re
 import signal
@@ -125,6 +127,16 @@ def drain(reader: Reader, seconds: float) -> list[dict]:
     return reader.rows
 
 
+def alarm_devices(port: int, local: bool = False) -> tuple[set[str], list[str]]:
+    """Devices with an alarm in an alerter's API listing (``local``: its own alarms only), and the
+    peers it names as unreachable."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/alarms" + ("?local=1" if local else ""),
+                                 headers={"Authorization": f"Bearer {SECRET['AIMASS_API_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        doc = json.loads(r.read())
+    return {a["device_id"] for a in doc["alarms"]}, doc.get("unreachable", [])
+
+
 def lag(port: int) -> dict[tuple[str, str, str, str], float]:
     """aimass_consumer_lag samples a stage serves: (stage, group, topic, partition) -> records behind."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -152,15 +164,18 @@ def test_killing_one_of_two_predictors_and_alerters_loses_and_duplicates_nothing
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
     metrics = {}
+    api = {name: free_port() for name in ("alert-a", "alert-b")}
     for name in ("predict-a", "predict-b", "alert-a", "alert-b"):
         c = copy.deepcopy(cfg)
         c.run.dir = str(tmp_path / name)  # nothing shared on disk
-        c.alert.rules_path, c.alert.api_port = str(rules), free_port()
+        c.alert.rules_path, c.alert.api_port = str(rules), api.get(name, free_port())
+        c.alert.api_peers = ",".join(f"127.0.0.1:{port}" for port in api.values())
         metrics[name] = free_port()
         c.predict.metrics_port = c.alert.metrics_port = metrics[name]
         procs[name], logs[name] = start(name.split("-")[0], c, tmp_path, name, defect)
     alerts = Reader(cfg, contract.ALERT_EVENTS)
     predictions = Reader(cfg, contract.PREDICTION_ROWS)
+    everyone = {f"pump-{i}" for i in range(DEVICES)}
     try:
         for name, proc in procs.items():
             wait_until(lambda: owns_partitions(logs[name]), 90, f"{name} owning partitions", proc, logs[name])
@@ -176,6 +191,12 @@ def test_killing_one_of_two_predictors_and_alerters_loses_and_duplicates_nothing
             assert producer.flush(10) == 0
             produced_at[t] = time.time()
             if t == KILL_AT:
+                # every device raised an alarm in its first episode; each alerter holds only its partitions'
+                # alarms, and either one's API lists them all
+                wait_until(lambda: alarm_devices(api["alert-a"])[0] == everyone, 30, "alert-a listing every alarm")
+                assert alarm_devices(api["alert-b"])[0] == everyone
+                held = [alarm_devices(api[name], local=True)[0] for name in ("alert-a", "alert-b")]
+                assert held[0] and held[1] and not held[0] & held[1], held
                 for name in ("predict-a", "alert-a"):
                     procs[name].send_signal(signal.SIGKILL)
             time.sleep(PACE_S)
@@ -196,6 +217,9 @@ def test_killing_one_of_two_predictors_and_alerters_loses_and_duplicates_nothing
         print(f"alarm delay after the kill: max {max(delays.values()):.1f} s (session timeout "
               f"{cfg.kafka.session_timeout_ms / 1000:.0f} s)")
         assert max(delays.values()) <= cfg.kafka.session_timeout_ms / 1000 + 5, sorted(delays.values())[-5:]
+
+        # the survivor holds every alarm now and says that its peer does not answer
+        assert alarm_devices(api["alert-b"]) == (everyone, [f"127.0.0.1:{api['alert-a']}"])
 
         wait_until(lambda: len(receiver.events) >= len(want), 60, "notifications at the receiver")
         time.sleep(3)

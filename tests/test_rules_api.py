@@ -19,6 +19,7 @@ from aimass.agents.alert import Alerter
 from aimass.rules.alarms import AlarmStore, StateDB
 from aimass.rules.api import ApiHooks, api_tls_context, api_tokens, make_app, parse_tokens
 from aimass.rules.engine import Engine
+from aimass.rules.peers import Peers, parse_peers
 from tests.fixtures_rules import ruleset, tls_files, windows  # noqa: F401
 
 RULE = """
@@ -33,11 +34,12 @@ TOKENS_ENV = ",".join(f"{name}:{role}:{SECRETS[name]}" for name, role in
                       (("reader", "read"), ("operator", "operate"), ("administrator", "admin")))
 
 
-def raised_store(tmp_path: Path) -> tuple[AlarmStore, str]:
-    """An alarm store holding one active, unacknowledged alarm; (store, its id)."""
+def raised_store(tmp_path: Path, device_id: str = "dev-0") -> tuple[AlarmStore, str]:
+    """An alarm store holding one active, unacknowledged alarm of ``device_id``; (store, its id)."""
     engine = Engine(ruleset(tmp_path, RULE))
-    store = AlarmStore(StateDB(tmp_path / "s.sqlite"))
-    [event] = store.apply(engine.process("windows", windows(dict(window_end_ms=10_000, mean=90.0))))
+    store = AlarmStore(StateDB(tmp_path / f"{device_id}.sqlite"))
+    [event] = store.apply(engine.process("windows", windows(dict(window_end_ms=10_000, mean=90.0,
+                                                                   device_id=device_id))))
     return store, event["alarm_id"]
 
 
@@ -45,7 +47,7 @@ class Api:
     """make_app served on 127.0.0.1 (HTTPS when ``tls``); ``published`` gets the events it persisted."""
 
     def __init__(self, store: AlarmStore, tokens_env: str = TOKENS_ENV, tls: ssl.SSLContext | None = None,
-                 pipeline=None, **settings):
+                 pipeline=None, peers: Peers | None = None, **settings):
         self.published: list[dict] = []
         self.reloads = 0
         alert = AlertConfig(**settings)
@@ -54,7 +56,7 @@ class Api:
         hooks = ApiHooks(self.on_events, lambda: {"rules": 1}, self.reload)
         if pipeline is not None:
             hooks.pipeline = pipeline
-        self.app = make_app(store, self.tokens, hooks, alert)
+        self.app = make_app(store, self.tokens, hooks, alert, peers)
         self.tls = tls
         self.port = free_port()
         self.runner: web.AppRunner | None = None
@@ -303,3 +305,60 @@ def test_a_silenced_alarm_is_recorded_but_not_notified_until_the_silence_ends(tm
             ("silenced", "operator", "hot"), ("unsilenced", "operator", "hot")]
     finally:
         alerter.close()
+
+
+def test_every_replica_answers_for_all_alarms_and_forwards_to_the_owner(tmp_path):
+    """Two alerters, each holding the alarms of its own partitions, and a third peer address that is
+    down: either replica lists both alarms (naming the dead one), acknowledges the other's alarm
+    there (recorded by the other, with the caller's token as the actor), and ?local=1 stays local."""
+    store_a, alarm_a = raised_store(tmp_path, "dev-a")
+    store_b, alarm_b = raised_store(tmp_path, "dev-b")
+    ports, dead = (free_port(), free_port()), free_port()
+    names = ",".join(f"127.0.0.1:{p}" for p in (*ports, dead))
+
+    def replica(store: AlarmStore, port: int) -> Api:
+        api = Api(store, peers=Peers(parse_peers(names), None, timeout_s=2.0))
+        api.port = port
+        return api
+
+    a, b = replica(store_a, ports[0]), replica(store_b, ports[1])
+
+    async def scenario() -> dict:
+        got = {}
+        async with a, b, aiohttp.ClientSession() as s:
+            async def call(method: str, url: str, who: str = "operator", body: dict | None = None):
+                async with s.request(method, url, headers=bearer(who), json=body) as r:
+                    return r.status, await r.json()
+            got["list_a"] = await call("GET", f"{a.base}/alarms")
+            got["list_b"] = await call("GET", f"{b.base}/alarms")
+            got["local_a"] = await call("GET", f"{a.base}/alarms?local=1")
+            got["reader_ack"] = await call("POST", f"{a.base}/alarms/{alarm_b}/ack", "reader", {})
+            got["ack_b_via_a"] = await call("POST", f"{a.base}/alarms/{alarm_b}/ack", body={"by": "alice"})
+            got["one_b_via_a"] = await call("GET", f"{a.base}/alarms/{alarm_b}")
+            got["unknown"] = await call("GET", f"{a.base}/alarms/nosuchalarm")
+        return got
+
+    got = asyncio.run(scenario())
+    dead_peer = [f"127.0.0.1:{dead}"]
+    for name in ("list_a", "list_b"):
+        status, doc = got[name]
+        assert status == 200 and {x["alarm_id"] for x in doc["alarms"]} == {alarm_a, alarm_b}, got[name]
+        assert doc["unreachable"] == dead_peer
+    assert got["local_a"] == (200, {"alarms": [got["local_a"][1]["alarms"][0]]})
+    assert got["local_a"][1]["alarms"][0]["alarm_id"] == alarm_a
+    assert got["reader_ack"][0] == 403  # the role is checked before anything is forwarded
+    status, doc = got["ack_b_via_a"]
+    assert status == 200 and doc["alarm_id"] == alarm_b and doc["acked_by"] == "alice", got["ack_b_via_a"]
+    assert store_b.alarms[alarm_b].acked_by == "alice" and store_a.alarms[alarm_a].acked_by == ""
+    assert [(e["transition"], e["actor"]) for e in b.published] == [("acknowledged", "operator")]
+    assert a.published == []
+    assert got["one_b_via_a"][1]["state"] == "active_ack"
+    # an id nobody holds: not "no such alarm" while a peer is down, since it might be the owner
+    assert got["unknown"][0] == 503 and dead_peer[0] in got["unknown"][1]["error"]
+
+
+def test_bad_peer_lists_are_refused_with_the_key_and_an_example():
+    for bad in ("alerter", "alerter:http", ":8080", "alerter:70000"):
+        with pytest.raises(ConfigError, match="alert.api_peers.*host:port"):
+            parse_peers(bad)
+    assert parse_peers(" a:1, [::1]:8080 ,") == [("a", 1), ("::1", 8080)]

@@ -336,6 +336,18 @@ def test_reopen_clears_and_raises_again_while_active(tmp_path):
                                                               ("clear", 40_000)]
 
 
+def test_reopen_on_a_quiet_row_still_counts_towards_the_clear(tmp_path):
+    engine = engine_for(tmp_path, """
+  - {name: shifted, stream: predictions, condition: anomaly > 0.75, clear_for: 3 windows, reopen: regime_change}
+""")
+    rows = [dict(window_end_ms=t, anomaly=a, regime_change=r) for t, a, r in
+            [(10_000, 0.9, False), (20_000, 0.2, True), (30_000, 0.2, False), (40_000, 0.2, True)]]
+    # the change at 20 s is reported although its row is quiet; the clear comes after 3 quiet rows in a
+    # row, at 40 s, and wins over that row's change
+    assert run(engine, "predictions", predictions(*rows)) == [("fire", 10_000), ("clear", 20_000), ("fire", 20_000),
+                                                              ("clear", 40_000)]
+
+
 def test_a_rule_on_rejected_readings(tmp_path):
     engine = engine_for(tmp_path, """
   - {name: invalid, stream: rejects, condition: stage == "clean" and reason == "out_of_range"}

@@ -238,8 +238,8 @@ class DetectConfig:
     device_warmup_windows: int = field(default=45, metadata=_range(3, 256))
     device_slow_ratio: float = field(default=20.0, metadata=_range(1.0, None))  # between / within variance
     device_shrink: float = field(default=0.3, metadata=_range(0.0, 1.0))
-    device_alarm_score: float = field(default=0.75, metadata=_range(0.0, 1.0))  # the device rule's threshold
-    device_clear_windows: int = field(default=3, metadata=_range(1, 10_000))
+    device_alarm_score: float = field(default=0.86, metadata=_range(0.0, 1.0))  # the device rule's threshold
+    device_clear_windows: int = field(default=6, metadata=_range(1, 10_000))
     device_reopen_distance: float = field(default=1.0, metadata=_range(0.0, None))
     device_reopen_s: float = field(default=20.0, metadata=_range(0.0, None))
     device_reopen_tau_s: float = field(default=120.0, metadata=_range(1.0, None))
@@ -267,7 +267,11 @@ class AlertConfig:
     pipeline_max_body_bytes: int = field(default=262144, metadata=_range(1024, 16 * 1024 * 1024))
     api_tls_cert_file: str = ""  # both set: the API serves HTTPS only
     api_tls_key_file: str = ""
-    api_tls_ca_file: str = ""  # `aimass alerts`: CA that signed the API's certificate (default: the system's)
+    api_tls_ca_file: str = ""  # `aimass alerts` and peers: CA that signed the API's certificate (default: the system's)
+    # host:port,... of the other alerter replicas (a name resolving to all of them, e.g. a headless
+    # Service): every replica's API then answers for all alarms ("" = this replica's only)
+    api_peers: str = ""
+    api_peer_timeout_s: float = field(default=2.0, metadata=_range(0.1, 60))
     notify: bool = True  # false: alarms are raised and stored, but no receiver is notified (backtests)
     webhook_secret_env: str = "AIMASS_WEBHOOK_SECRET"  # the demo generates this secret when unset
     max_attempts: int = field(default=15, metadata=_range(1, 100))
