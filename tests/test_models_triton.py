@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,14 @@ def test_client_degrades_instead_of_raising_on_bad_input(triton):
     bad, after, state = asyncio.run(run())
     assert not bad.served.any() and np.isnan(bad.forecast).all()
     assert not after.served.any() and state == "open"
+
+
+def test_models_run_on_gpus_where_triton_has_them_else_on_cpu(triton):
+    """KIND_AUTO in the committed configs: Triton resolves it to GPU instances when it sees a GPU and
+    to one CPU instance otherwise (this machine's kind decides which the served config must show)."""
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{triton.ports['grpc']}")
+    gpus = shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True, text=True).stdout.count("GPU ") > 0
+    for name in registry.MODELS:
+        groups = client.get_model_config(name, as_json=True)["config"]["instance_group"]
+        assert [g["kind"] for g in groups] == ["KIND_GPU" if gpus else "KIND_CPU"], groups
