@@ -150,3 +150,17 @@ class Reader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def offline_alerter(tmp_path: Path, rules_text: str):
+    """An ``Alerter`` (no Kafka) over one rule file written into ``tmp_path``, rules loaded."""
+    from aimass.agents.alert import Alerter
+    from aimass.core.config import Config
+
+    (tmp_path / "rules.yaml").write_text(rules_text)
+    cfg = Config()
+    cfg.run.dir = str(tmp_path / "run")
+    cfg.alert.rules_path = str(tmp_path / "rules.yaml")
+    alerter = Alerter(cfg)
+    alerter.watcher.poll()
+    return alerter

@@ -24,9 +24,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from aimass.agents.alert import Alerter
 from aimass.core import contract
-from aimass.core.config import Config
 from aimass.core.procs import free_port, port_in_use, wait_until
 from aimass.core.stack import create_topics
 from aimass.receiver import WebhookReceiver
@@ -36,6 +34,7 @@ from aimass.rules.model import RulesInvalid, load_rules
 from aimass.rules.pipeline import (MAX_KEY_CHARS, PIPELINE_DEVICE, PIPELINE_TENANT, PipelineAlert, apply_alerts,
                                    metric_key, parse_webhook)
 from tests.conftest import make_config
+from tests.fixtures_rules import offline_alerter
 from tests.fixtures_stream import config_env
 from tests.test_prometheus_rules import tool
 from tests.test_rules_agent import ENV, start_alerter, write_config
@@ -156,12 +155,8 @@ def test_the_rule_files_route_pipeline_alerts_by_severity_and_point_at_mistakes(
 
 
 def test_the_alerter_applies_a_post_only_where_it_holds_the_pipeline_partition(tmp_path):
-    (tmp_path / "rules.yaml").write_text(RECEIVERS)
-    cfg = Config()
-    cfg.run.dir = str(tmp_path / "run")
-    cfg.alert.rules_path = str(tmp_path / "rules.yaml")
-    alerter = Alerter(cfg)
-    alerter.watcher.poll()
+    alerter = offline_alerter(tmp_path, RECEIVERS)
+    cfg = alerter.cfg
     everything = set(range(cfg.kafka.partitions))
     mine = alerter.part_of(PIPELINE_TENANT, PIPELINE_DEVICE)
     alerts = parse_webhook(post(alert(), alert(instance="x:1", severity="warning")))

@@ -12,15 +12,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from aimass.core.config import AlertConfig, Config, ConfigError
+from aimass.core.config import AlertConfig, ConfigError
 from aimass.core.procs import free_port
 from aimass.core import contract
-from aimass.agents.alert import Alerter
 from aimass.rules.alarms import AlarmStore, StateDB
 from aimass.rules.api import ApiHooks, api_tls_context, api_tokens, make_app, parse_tokens
 from aimass.rules.engine import Engine
 from aimass.rules.peers import Peers, parse_peers
-from tests.fixtures_rules import ruleset, tls_files, windows  # noqa: F401
+from tests.fixtures_rules import offline_alerter, ruleset, tls_files, windows  # noqa: F401
 
 RULE = """
 rules:
@@ -153,8 +152,9 @@ def test_a_flooding_token_gets_429_with_retry_after_while_another_token_keeps_ge
 
     async def scenario(api: Api) -> float:
         async with api, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
-            async def flooder(n: int) -> None:
-                for _ in range(n):
+            async def flooder() -> None:
+                # at least `flood` requests, and on until the other token has asked 10 times meanwhile
+                while len(statuses) < flood or len(other) < 10:
                     async with s.get(f"{api.base}/alarms", headers=bearer("reader")) as r:
                         await r.read()
                         statuses.append(r.status)
@@ -162,22 +162,22 @@ def test_a_flooding_token_gets_429_with_retry_after_while_another_token_keeps_ge
                             retry_after.add(r.headers["Retry-After"])
 
             async def polite() -> None:
-                while len(statuses) < flood:
+                while len(statuses) < flood or len(other) < 10:
                     async with s.get(f"{api.base}/alarms", headers=bearer("operator")) as r:
                         other.append(r.status)
                     await asyncio.sleep(0.05)
 
             started = time.monotonic()
-            await asyncio.gather(polite(), *(flooder(flood // 50) for _ in range(50)))
+            await asyncio.gather(polite(), *(flooder() for _ in range(50)))
             return time.monotonic() - started
 
     elapsed = asyncio.run(scenario(Api(store, api_rate_per_s=rate, api_burst=burst)))
-    assert len(statuses) == flood and set(statuses) == {200, 429}
+    assert len(statuses) >= flood and set(statuses) == {200, 429}
     assert statuses.count(200) <= burst + rate * elapsed + 1  # the bucket held
-    assert statuses.count(429) >= flood - burst - rate * elapsed - 1
+    assert statuses.count(429) >= len(statuses) - burst - rate * elapsed - 1
     assert retry_after == {"1"}
     assert len(other) >= 10 and set(other) == {200}  # the other token was never held back
-    print(f"flood: {flood} requests in {elapsed:.1f} s, {statuses.count(200)} answered 200, "
+    print(f"flood: {len(statuses)} requests in {elapsed:.1f} s, {statuses.count(200)} answered 200, "
           f"other token {len(other)} x 200")
 
 
@@ -273,12 +273,8 @@ rules:
 
 
 def test_a_silenced_alarm_is_recorded_but_not_notified_until_the_silence_ends(tmp_path):
-    (tmp_path / "rules.yaml").write_text(RULE_WITH_HOOK)
-    cfg = Config()
-    cfg.run.dir = str(tmp_path / "run")
-    cfg.alert.rules_path = str(tmp_path / "rules.yaml")
-    alerter = Alerter(cfg)
-    alerter.watcher.poll()
+    alerter = offline_alerter(tmp_path, RULE_WITH_HOOK)
+    cfg = alerter.cfg
     topic = contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix)
 
     def feed(end_ms: int, mean: float) -> list[str]:
