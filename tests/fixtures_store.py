@@ -126,8 +126,9 @@ def readings(n: int, device: str = "dev-1", tenant: str = "acme", start_ms: int 
     }, schema=contract.READINGS)
 
 
-def _fill(schema: pa.Schema, n: int, seed: int, overrides: dict) -> pa.Table:
-    """Rows of ``schema`` with distinct identities (row i differs in every string and time field)."""
+def _fill(schema: pa.Schema, n: int, seed: int, overrides: dict, now_ms: int = NOW_MS) -> pa.Table:
+    """Rows of ``schema`` with distinct identities (row i differs in every string and time field),
+    times in the five minutes before ``now_ms``."""
     rng = np.random.default_rng(seed)
     cols = {}
     for f in schema:
@@ -138,7 +139,7 @@ def _fill(schema: pa.Schema, n: int, seed: int, overrides: dict) -> pa.Table:
         elif pa.types.is_binary(f.type):
             cols[f.name] = [bytes([i % 256, 0xFF]) for i in range(n)]
         elif f.name.endswith("_ms"):
-            cols[f.name] = NOW_MS - 300_000 + seed * 1000 + np.arange(n, dtype=np.int64) * 1000
+            cols[f.name] = now_ms - 300_000 + seed * 1000 + np.arange(n, dtype=np.int64) * 1000
         elif pa.types.is_floating(f.type):
             cols[f.name] = rng.normal(size=n)
         elif pa.types.is_boolean(f.type):
@@ -275,7 +276,8 @@ def seed_report_data(store) -> None:
         for i, (topic, table) in enumerate(batch.items()):
             insert(store, topic, table, offset=i)
     # the reports look back from now: a suite that runs long must not age the data out of their window
-    start = (int(time.time() * 1000) - 600_000) // 10_000 * 10_000
+    now_ms = int(time.time() * 1000)
+    start = (now_ms - 600_000) // 10_000 * 10_000
     for device, level in (("calm", 0.1), ("wild", 0.9)):
         insert(store, contract.CLEAN, readings(600, device=device, start_ms=start, step_ms=1000))
         n = 60
@@ -292,16 +294,17 @@ def seed_report_data(store) -> None:
                      predicted_ms=ends - 9_000)
         insert(store, contract.PREDICTION_ROWS, pa.table(preds, schema=contract.PREDICTIONS))
         series = {"tenant": ["acme"] * n, "device_id": [device] * n, "metric": ["temp"] * n}
-        insert(store, contract.WINDOW_ROWS, _fill(contract.WINDOWS, n, 50, {
+        insert(store, contract.WINDOW_ROWS, _fill(contract.WINDOWS, n, 50, now_ms=now_ms, overrides={
             **series, "window_s": np.full(n, 10, np.int32), "window_start_ms": ends - 20_000,
             "window_end_ms": ends - 10_000}))
-        insert(store, contract.OUTCOME_ROWS, _fill(contract.OUTCOMES, n, 51, {
+        insert(store, contract.OUTCOME_ROWS, _fill(contract.OUTCOMES, n, 51, now_ms=now_ms, overrides={
             **series, "window_s": np.full(n, 10, np.int32), "target_end_ms": ends, "forecaster_model": ["zscore:1"] * n}))
         events = {**series, "event_id": [f"{device}-{i}" for i in range(n)], "state": ["active_unack"] * n,
                   "transition": ["raised"] * n, "rule": ["band"] * n, "severity": ["warning"] * n}
-        insert(store, contract.ALERT_EVENTS, _fill(contract.ALERTS, n, 52, events))
-        insert(store, contract.DRIFT_EVENTS, _fill(contract.DRIFT, n, 53, {**series, "window_s": np.full(n, 10, np.int32)}))
-    insert(store, contract.NOTIFICATION_ROWS, _fill(contract.NOTIFICATIONS, 20, 54, {
+        insert(store, contract.ALERT_EVENTS, _fill(contract.ALERTS, n, 52, now_ms=now_ms, overrides=events))
+        insert(store, contract.DRIFT_EVENTS, _fill(contract.DRIFT, n, 53, now_ms=now_ms, overrides={
+            **series, "window_s": np.full(n, 10, np.int32)}))
+    insert(store, contract.NOTIFICATION_ROWS, _fill(contract.NOTIFICATIONS, 20, 54, now_ms=now_ms, overrides={
         "status": ["delivered"] * 20, "kind": ["webhook"] * 20}))
 
 
