@@ -220,7 +220,7 @@ def test_no_adversarial_statement_runs_reads_writes_or_calls_out(store, trap, tm
     before = counts(store, db, final=False)
     server = QueryServer(store, free_port(), TOKEN, QueryLimits(timeout_s=2)).start()
     url = f"http://127.0.0.1:{trap.server_address[1]}"
-    succeeded, silent = [], []
+    succeeded, silent, executed = [], [], []
     try:
         for attack in ATTACKS:
             sql = attack.format(canary=canary, out=out, url=url, hostport=url[7:], db=db)
@@ -230,6 +230,8 @@ def test_no_adversarial_statement_runs_reads_writes_or_calls_out(store, trap, tm
                 succeeded.append(sql)
             elif not (400 <= status < 500 and len(body.strip()) > 10):
                 silent.append((sql, status, body))
+            if not body.startswith(b"refused: "):  # the parse check's refusals come before anything runs
+                executed.append((sql, status, body))
         # the port still answers legitimate reads
         for read in READS:
             status, body = post(server.port, read.format(db=db).encode())
@@ -238,6 +240,7 @@ def test_no_adversarial_statement_runs_reads_writes_or_calls_out(store, trap, tm
         server.stop()
     assert succeeded == []
     assert silent == []  # every refusal is a 4xx that says why
+    assert executed == []  # none reached the engine: nothing was opened, read or fetched
     assert Trap.hits == []  # no request left
     assert not out.exists() and list(tmp_path.iterdir()) == [canary]  # nothing written
     assert counts(store, db, final=False) == before  # nothing inserted, nothing dropped
@@ -287,7 +290,7 @@ def test_the_engine_itself_refuses_what_the_parse_check_lets_through(store, tmp_
 
 
 def test_limits_body_time_rows_and_concurrency(store):
-    limits = QueryLimits(timeout_s=1.0, max_rows=1000, max_concurrent=2)
+    limits = QueryLimits(timeout_s=1.0, max_rows=1000, max_bytes=1 << 20, max_concurrent=2)
     server = QueryServer(store, free_port(), TOKEN, limits).start()
     try:
         status, body = post(server.port, b"SELECT 1 -- " + b"x" * MAX_SQL_BYTES)
@@ -298,6 +301,8 @@ def test_limits_body_time_rows_and_concurrency(store):
         status, body = post(server.port, b"SELECT number FROM numbers(5000)")
         assert status == 422 and b"TOO_MANY_ROWS" in body
         assert post(server.port, b"SELECT number FROM numbers(1000)")[0] == 200
+        status, body = post(server.port, b"SELECT repeat(toString(number), 2000) FROM numbers(500)")  # ~2 MB
+        assert status == 422 and b"max bytes: 1.00 MiB" in body
         results = []
         threads = [threading.Thread(target=lambda: results.append(post(server.port, HEAVY.encode())))
                    for _ in range(4)]
