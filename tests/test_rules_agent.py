@@ -194,7 +194,8 @@ def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server, chdb_run_dir): 
         assert (status["rules"], status["rule_file_errors"], status["alarms_active"]) == (2, [], 2)
         assert status["kafka"]["ok"] and status["delivery"]["retrying_by_receiver"] == {}
         lag = status["consumer_lag"]
-        window_part = f"{contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix)}[{pump_partition(cfg, contract.WINDOW_ROWS)}]"
+        windows_topic = contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix)
+        window_part = f"{windows_topic}[{pump_partition(cfg, contract.WINDOW_ROWS)}]"
         assert window_part in lag and lag[window_part] in (0, None)
 
         listing = cli(config, "list")
