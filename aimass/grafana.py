@@ -185,14 +185,15 @@ def dashboards(db: str = "aimass") -> list[DashboardSpec]:
                   f"WHERE {device} AND metric = '${{metric}}' AND window_s = ${{window_s}} "
                   f"AND $__timeFilter(window_end_at) ORDER BY time",
                   ("time", "mean", "min", "max")),
+        # Nullable `actual`, not `SETTINGS join_use_nulls`: the read-only grafana user may not set settings.
         PanelSpec("Forecast and band vs actual", "timeseries",
                   f"SELECT p.target_end_at AS time, p.forecast AS forecast, p.band_low AS band_low, "
                   f"p.band_high AS band_high, o.actual AS actual FROM {db}.predictions AS p FINAL "
-                  f"LEFT JOIN (SELECT * FROM {db}.outcomes FINAL WHERE {device} AND $__timeFilter(target_end_at)) AS o "
+                  f"LEFT JOIN (SELECT tenant, device_id, metric, window_s, target_end_at, toNullable(actual) AS actual "
+                  f"FROM {db}.outcomes FINAL WHERE {device} AND $__timeFilter(target_end_at)) AS o "
                   f"USING (tenant, device_id, metric, window_s, target_end_at) "
                   f"WHERE p.tenant = '${{tenant}}' AND p.device_id = '${{device}}' AND p.metric = '${{metric}}' "
-                  f"AND p.window_s = ${{window_s}} AND $__timeFilter(p.target_end_at) ORDER BY time "
-                  f"SETTINGS join_use_nulls = 1",
+                  f"AND p.window_s = ${{window_s}} AND $__timeFilter(p.target_end_at) ORDER BY time",
                   ("time", "forecast", "band_low", "band_high", "actual")),
         PanelSpec("Anomaly score", "timeseries",
                   f"SELECT target_end_at AS time, anomaly, anomaly_level, anomaly_spread, anomaly_change, anomaly_triton FROM {db}.predictions FINAL "

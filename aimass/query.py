@@ -95,6 +95,8 @@ def device_sql(args: argparse.Namespace, db: str) -> str:
     where = f"device_id = {quote(args.device)} {tenant_filter(args)}"
     if args.metric:
         where += f" AND metric = {quote(args.metric)}"
+    # Buckets without a prediction show NULLs: the joined columns are Nullable (no `SETTINGS
+    # join_use_nulls`: the query port and read-only server users refuse SETTINGS).
     return newest(f"""
 WITH r AS (
   SELECT metric, {utc(f"toStartOfInterval(ts, INTERVAL {args.window_s} SECOND)")} AS bucket, count() AS readings,
@@ -103,14 +105,14 @@ WITH r AS (
   WHERE {where} AND ts >= now64(3) - INTERVAL {args.minutes} MINUTE
   GROUP BY metric, bucket),
 p AS (
-  SELECT metric, {utc("target_end_at - INTERVAL window_s SECOND")} AS bucket, forecast, band_low, band_high, anomaly
+  SELECT metric, {utc("target_end_at - INTERVAL window_s SECOND")} AS bucket, toNullable(forecast) AS forecast,
+         toNullable(band_low) AS band_low, toNullable(band_high) AS band_high, toNullable(anomaly) AS anomaly
   FROM `{db}`.predictions FINAL
   WHERE {where} AND window_s = {args.window_s} AND target_end_at >= now64(3) - INTERVAL {args.minutes} MINUTE)
 SELECT r.metric AS metric, r.bucket AS bucket, r.readings AS readings, round(r.mean, 4) AS mean,
        round(p.forecast, 4) AS forecast, round(p.band_low, 4) AS band_low, round(p.band_high, 4) AS band_high,
        round(p.anomaly, 3) AS anomaly
-FROM r LEFT JOIN p ON r.metric = p.metric AND r.bucket = p.bucket""", "metric, bucket", "bucket DESC, metric", args) \
-        + "\nSETTINGS join_use_nulls = 1"
+FROM r LEFT JOIN p ON r.metric = p.metric AND r.bucket = p.bucket""", "metric, bucket", "bucket DESC, metric", args)
 
 
 def rejects_sql(args: argparse.Namespace, db: str) -> str:

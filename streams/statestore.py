@@ -20,12 +20,14 @@ record, so a new owner resumes exactly where the state stands. Two backends, one
   (group, partition), written atomically. The local broker keeps topics in memory and never
   compacts them, so checkpoints in it would grow without bound.
 
-Security: some state classes are pickled, so whoever may write the topic or the directory could
-otherwise run code in the stage. Every checkpoint is sealed with HMAC-SHA256 under the key in the
-environment variable ``state.key_env`` and bound to its group and partition; ``load`` checks the
-seal before a byte is parsed and skips a checkpoint that fails it (logged as an error). Without
-that variable the files store generates a key file (mode 0600, refused if another user may write
-it); the kafka store refuses to start, since every replica needs the same key.
+Security: checkpoints are data (predict: NumPy arrays loaded without pickles; the alerter: JSON),
+and whoever may write the topic or the directory must still not choose a stage's state. Every
+checkpoint is sealed with HMAC-SHA256 under the key in the environment variable ``state.key_env``
+and bound to its group and partition; ``load`` checks the seal before a byte is parsed and skips a
+checkpoint that fails it (logged as an error). The files store also skips a checkpoint file that
+another user owns or that group / others may write. Without that variable the files store
+generates a key file (mode 0600, refused if another user may write it); the kafka store refuses to
+start, since every replica needs the same key.
 
 Failures: ``save`` raises ``StateStoreError`` when the checkpoint is not durable (the caller must
 not commit its offsets then); ``load`` raises it when the store cannot be read.
@@ -49,7 +51,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 
 from aimass.core import contract
 from aimass.core.config import Config, ConfigError
-from aimass.core.files import check_private, write_private
+from aimass.core.files import UnsafeFileError, check_private, private_dir, write_private
 from aimass.streams.kafka import consume_available, consumer_config, producer_config
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ class FileStateStore:
     """Checkpoints as files ``DIR/GROUP/pPARTITION.state`` on one host."""
 
     def __init__(self, directory: Path, key: bytes):
-        self.dir, self.key = Path(directory), key
+        self.dir, self.key = private_dir(directory), key  # 0700 also when it lies outside the run dir
 
     def path(self, group: str, partition: int) -> Path:
         return self.dir / quote(group, safe="") / f"p{partition}.state"
@@ -124,6 +126,11 @@ class FileStateStore:
     def load(self, group: str, partition: int) -> Checkpoint | None:
         path = self.path(group, partition)
         if not path.exists():
+            return None
+        try:
+            check_private(path, "checkpoint")
+        except UnsafeFileError as exc:
+            log.error("%s; starting that partition empty", exc)
             return None
         try:
             return unseal(self.key, group, partition, path.read_bytes())

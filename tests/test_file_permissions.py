@@ -1,5 +1,6 @@
-"""Private files: the run dir 0700; checkpoints, journal, alerter state and token 0600; a detector
-checkpoint is data (NumPy arrays, no pickles): one that carries a pickle is refused without running it."""
+"""Private files: the run dir 0700; checkpoints, journal, alerter state and token 0600; a checkpoint
+file that another user owns or others may write is refused; a detector checkpoint is data (NumPy
+arrays, no pickles): one that carries a pickle is refused without running it."""
 from __future__ import annotations
 
 import io
@@ -13,6 +14,7 @@ from aimass.core.config import DetectConfig
 from aimass.core.files import private_dir, write_private
 from aimass.models.detect import PartitionDetectors
 from aimass.rules.alarms import StateDB
+from aimass.streams.statestore import FileStateStore
 
 
 class Planted:
@@ -51,6 +53,21 @@ def test_checkpoint_journal_and_alerter_state_are_0600(tmp_path):
     files = [p for p in (tmp_path / "alert").iterdir()]
     assert {p.name for p in files} >= {"alerts.sqlite", "alerts.sqlite-wal"}
     assert {mode(p) for p in files} == {"0o600"}
+
+
+def test_state_store_checkpoints_are_private_and_unsafe_ones_refused(tmp_path, monkeypatch):
+    store = FileStateStore(tmp_path / "state", b"k" * 32)
+    store.save("predict", 3, b"state", {"in": 7})
+    path = store.path("predict", 3)
+    assert mode(path) == "0o600" and mode(path.parent) == mode(path.parent.parent) == "0o700"
+    assert store.load("predict", 3) == (b"state", {"in": 7})
+    path.chmod(0o620)  # a sealed checkpoint that group members may write: not loaded
+    assert store.load("predict", 3) is None
+    path.chmod(0o600)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 1)  # the file is another user's
+    assert store.load("predict", 3) is None
+    monkeypatch.undo()
+    assert store.load("predict", 3) == (b"state", {"in": 7})
 
 
 def test_a_checkpoint_carrying_a_pickle_is_refused_and_never_run(tmp_path):

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from aimass import grafana
-from aimass.core.clickhouse import ChdbStore
+from aimass.core.clickhouse import ChdbStore, HttpReader, QueryServer
 from aimass.core.config import Config
 from aimass.core.db import migrate
+from aimass.core.procs import free_port
 from tests.fixtures_store import NOW_MS, chdb_config, chdb_run_dir, seed_report_data  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +26,14 @@ def seeded(tmp_path_factory, chdb_run_dir) -> ChdbStore:  # noqa: F811
     migrate(store, cfg)
     seed_report_data(store)
     return store
+
+
+@pytest.fixture(scope="module")
+def read_only(seeded) -> HttpReader:
+    """The seeded store through read-only sessions (like Grafana's read-only user: no writes, no SETTINGS)."""
+    server = QueryServer(seeded, free_port(), token="t").start()
+    yield HttpReader(server.port, seeded.database, token="t")
+    server.stop()
 
 
 def all_queries(db: str):
@@ -69,11 +78,11 @@ def test_dashboard_json_is_a_grafana_11_model_with_clickhouse_sql_targets():
 
 
 @pytest.mark.parametrize("uid,what,sql,columns", list(all_queries("aimass")), ids=lambda v: str(v)[:40])
-def test_every_panel_sql_with_macros_expanded_runs_on_the_schema(seeded, uid, what, sql, columns):
-    db_sql = sql.replace("aimass.", f"{seeded.database}.")
+def test_every_panel_sql_with_macros_expanded_runs_on_the_schema(read_only, uid, what, sql, columns):
+    db_sql = sql.replace("aimass.", f"{read_only.database}.")
     now_ms = int(time.time() * 1000)
     expanded = grafana.expand_macros(db_sql, NOW_MS - 3_600_000, now_ms + 60_000, 60, VARIABLES)
-    result = seeded.query(expanded)
+    result = read_only.query(expanded)
     if columns:
         assert tuple(result.column_names) == columns
     assert result.num_rows > 0, f"{uid} / {what} returned no rows on the seeded data"

@@ -5,6 +5,7 @@ insert delay behind the heaviest allowed query, the token and the Host check."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -117,7 +118,48 @@ ATTACKS = [
     "SELECT * FROM merge('system', '^one$')",
     "SHOW TABLES FROM system",
     "EXISTS TABLE {db}.readings",
+    # more of the same kind: tables of other databases through SHOW, writes inside EXPLAIN
+    "SHOW COLUMNS FROM system.one",
+    "SHOW COLUMNS FROM one FROM system",
+    "SHOW EXTENDED FULL COLUMNS IN users IN `system`",
+    "SHOW DATABASES",
+    "SHOW SETTINGS LIKE '%path%'",
+    "SHOW CLUSTERS",
+    "SHOW MERGES",
+    "SHOW FILESYSTEM CACHES",
+    "SHOW DICTIONARIES FROM {db}",
+    "EXPLAIN AST INSERT INTO {db}.readings (tenant) VALUES ('evil')",
+    "EXPLAIN PIPELINE INSERT INTO {db}.readings (tenant) SELECT 'evil'",
+    "EXPLAIN AST SHOW DATABASES",
+    "SELECT * FROM (EXPLAIN AST INSERT INTO {db}.readings (tenant) SELECT 'evil')",
+    # ... files, URLs and programs behind views, subqueries, joins, comments and look-alike names
+    "SELECT * FROM view(SELECT * FROM url('{url}/v1', 'LineAsString'))",
+    "SELECT * FROM viewIfPermitted(SELECT * FROM file('{canary}', 'LineAsString') ELSE null('a String'))",
+    "SELECT * FROM viewExplain('EXPLAIN', '', (SELECT * FROM file('{canary}', 'LineAsString')))",
+    "SELECT * FROM values('a String', (SELECT * FROM file('{canary}', 'LineAsString')))",
+    "SELECT * FROM format(LineAsString, (SELECT file('{canary}')))",
+    "SELECT * FROM numbers(2) AS n JOIN file('{canary}', 'LineAsString') AS f ON 1",
+    "SELECT * FROM loop(file('{canary}', 'LineAsString'))",
+    "SELECT * FROM file # a comment\n('{canary}', 'LineAsString')",
+    "SELECT * FROM \"file\"('{canary}', 'LineAsString')",
+    "SELECT * FROM `fi\\x6ce`('{canary}', 'LineAsString')",
+    "SELECT * FROM f\u0456le('{canary}', 'LineAsString')",  # Cyrillic i
+    "SELECT * FROM \uff46\uff49\uff4c\uff45('{canary}', 'LineAsString')",  # full-width letters
+    "SELECT * FROM s3Cluster('default', '{url}/b/k', 'CSV', 'a String')",
+    "SELECT * FROM gcs('{url}/b/k', 'CSV', 'a String')",
+    "SELECT * FROM deltaLake('{url}/dl')",
+    "SELECT * FROM iceberg('{url}/ice')",
+    "SELECT * FROM azureBlobStorageCluster('default', '{url}/az', 'c', 'b', 'CSV')",
+    "SELECT * FROM remoteSecure('{hostport}', '{db}', 'readings', 'default', '')",
+    "SELECT * FROM information_schema.tables",
+    "WITH (SELECT name FROM system.users LIMIT 1) AS u SELECT u",
+    "SELECT * FROM {db}.readings FINAL SETTINGS max_threads = 1000",
 ]
+# Reads of the project's database that must still be answered.
+READS = ["SELECT count() FROM {db}.readings", "SHOW TABLES", "SHOW TABLES FROM {db} LIKE 'read%'",
+         "SHOW COLUMNS FROM readings", "SHOW COLUMNS FROM readings FROM {db}", "SHOW CREATE TABLE {db}.readings",
+         "DESCRIBE {db}.readings", "EXPLAIN SELECT 1", "EXPLAIN PIPELINE header = 1 SELECT count() FROM {db}.readings",
+         "EXPLAIN AST SHOW TABLES", "SELECT * FROM view(SELECT number FROM numbers(3))"]
 
 
 class Trap(BaseHTTPRequestHandler):
@@ -178,7 +220,7 @@ def test_no_adversarial_statement_runs_reads_writes_or_calls_out(store, trap, tm
     before = counts(store, db, final=False)
     server = QueryServer(store, free_port(), TOKEN, QueryLimits(timeout_s=2)).start()
     url = f"http://127.0.0.1:{trap.server_address[1]}"
-    succeeded, silent = [], []
+    succeeded, silent, executed = [], [], []
     try:
         for attack in ATTACKS:
             sql = attack.format(canary=canary, out=out, url=url, hostport=url[7:], db=db)
@@ -188,13 +230,17 @@ def test_no_adversarial_statement_runs_reads_writes_or_calls_out(store, trap, tm
                 succeeded.append(sql)
             elif not (400 <= status < 500 and len(body.strip()) > 10):
                 silent.append((sql, status, body))
+            if not body.startswith(b"refused: "):  # the parse check's refusals come before anything runs
+                executed.append((sql, status, body))
         # the port still answers legitimate reads
-        status, _ = post(server.port, f"SELECT count() FROM {db}.readings".encode())
-        assert status == 200
+        for read in READS:
+            status, body = post(server.port, read.format(db=db).encode())
+            assert status == 200, (read, body)
     finally:
         server.stop()
     assert succeeded == []
     assert silent == []  # every refusal is a 4xx that says why
+    assert executed == []  # none reached the engine: nothing was opened, read or fetched
     assert Trap.hits == []  # no request left
     assert not out.exists() and list(tmp_path.iterdir()) == [canary]  # nothing written
     assert counts(store, db, final=False) == before  # nothing inserted, nothing dropped
@@ -214,6 +260,9 @@ def test_refusals_name_the_reason(store, tmp_path):
             "SELECT 1; SELECT 2": "Multi-statements are not allowed",
             "SELECT * FROM system.one": "reads only the tables of database",
             "SET readonly = 0": "only SELECT",
+            "SHOW DATABASES": "only SHOW TABLES, SHOW COLUMNS and SHOW CREATE TABLE",
+            "SHOW COLUMNS FROM system.one": "reads only database",
+            f"EXPLAIN AST INSERT INTO {db}.readings (tenant) VALUES ('x')": "not EXPLAIN of InsertQuery",
         }
         for sql, why in reasons.items():
             status, body = post(server.port, sql.encode())
@@ -241,7 +290,7 @@ def test_the_engine_itself_refuses_what_the_parse_check_lets_through(store, tmp_
 
 
 def test_limits_body_time_rows_and_concurrency(store):
-    limits = QueryLimits(timeout_s=1.0, max_rows=1000, max_concurrent=2)
+    limits = QueryLimits(timeout_s=1.0, max_rows=1000, max_bytes=1 << 20, max_concurrent=2)
     server = QueryServer(store, free_port(), TOKEN, limits).start()
     try:
         status, body = post(server.port, b"SELECT 1 -- " + b"x" * MAX_SQL_BYTES)
@@ -252,6 +301,8 @@ def test_limits_body_time_rows_and_concurrency(store):
         status, body = post(server.port, b"SELECT number FROM numbers(5000)")
         assert status == 422 and b"TOO_MANY_ROWS" in body
         assert post(server.port, b"SELECT number FROM numbers(1000)")[0] == 200
+        status, body = post(server.port, b"SELECT repeat(toString(number), 2000) FROM numbers(500)")  # ~2 MB
+        assert status == 422 and b"max bytes: 1.00 MiB" in body
         results = []
         threads = [threading.Thread(target=lambda: results.append(post(server.port, HEAVY.encode())))
                    for _ in range(4)]
@@ -264,6 +315,30 @@ def test_limits_body_time_rows_and_concurrency(store):
         assert statuses.count(422) == 2 and statuses.count(429) == 2, results  # 2 ran to the limit, 2 were refused
         assert all(b"retry later" in b for s, b in results if s == 429)
     finally:
+        server.stop()
+
+
+def test_a_slow_sender_holds_no_query_slot(store):
+    """Clients that announce a body and never send it do not take the query slots from others; a body
+    that ends short is refused."""
+    server = QueryServer(store, free_port(), TOKEN, QueryLimits(max_concurrent=2)).start()
+    slow = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(f"POST /query HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {TOKEN}"
+                         "\r\nContent-Length: 100\r\n\r\nSELECT".encode())
+            slow.append(sock)
+        time.sleep(0.3)
+        status, body = post(server.port, b"SELECT 1")
+        assert status == 200, body  # not 429: the slow senders hold no slot
+        slow[0].shutdown(socket.SHUT_WR)  # a body cut short is refused, not run
+        slow[0].settimeout(10)
+        reply = b"".join(iter(lambda: slow[0].recv(4096), b""))  # until the server closes
+        assert b" 400 " in reply and b"the body ended after 6 of 100 bytes" in reply, reply
+    finally:
+        for sock in slow:
+            sock.close()
         server.stop()
 
 

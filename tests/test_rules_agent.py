@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -137,6 +138,14 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=ENV, timeout=60)
 
 
+def api_status(port: int) -> dict:
+    """GET /status of the alerter's API with the read token of ENV."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/status",
+                                 headers={"Authorization": f"Bearer {ENV['AIMASS_API_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
 def transitions(rows: list[dict]) -> list[tuple[str, str]]:
     return [(r["rule"], r["transition"]) for r in rows]
 
@@ -179,6 +188,15 @@ def test_alerter_end_to_end_on_kafka(cfg, tmp_path, hook_server, chdb_run_dir): 
         q = quality.until(lambda rs: any(r["rule"] == "hot" and r["true_positives"] == 1 for r in rs))
         hot_q = [r for r in q if r["rule"] == "hot" and r["true_positives"] == 1][-1]
         assert (hot_q["false_negatives"], hot_q["mean_delay_s"]) == (0, 5.0)
+
+        # /status with a token: rules, active alarms, Kafka health, lag per input partition, delivery state
+        status = api_status(cfg.alert.api_port)
+        assert (status["rules"], status["rule_file_errors"], status["alarms_active"]) == (2, [], 2)
+        assert status["kafka"]["ok"] and status["delivery"]["retrying_by_receiver"] == {}
+        lag = status["consumer_lag"]
+        windows_topic = contract.WINDOW_ROWS.name(cfg.kafka.topic_prefix)
+        window_part = f"{windows_topic}[{pump_partition(cfg, contract.WINDOW_ROWS)}]"
+        assert window_part in lag and lag[window_part] in (0, None)
 
         listing = cli(config, "list")
         assert listing.returncode == 0, listing.stderr

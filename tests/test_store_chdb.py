@@ -134,10 +134,15 @@ def test_query_endpoint_serves_read_only_sql_with_a_token(store):
 
 @pytest.mark.parametrize("name", list(REPORTS))
 def test_every_report_runs_and_plots(store, name, tmp_path):
+    """Through the sink's query port, as `aimass query` reads while the stack runs (read-only, no SETTINGS)."""
     seed_report_data(store)
     args = argparse.Namespace(report=name, device="wild", hours=1.0, minutes=30.0, limit=20, tenant=None,
                               metric=None, window_s=10)
-    table = run_report(store, args)
+    server = QueryServer(store, free_port(), token="t").start()
+    try:
+        table = run_report(HttpReader(server.port, store.database, token="t"), args)
+    finally:
+        server.stop()
     assert table.num_rows > 0, f"{name} returned no rows"
     assert "no rows" not in format_table(table)
     png = tmp_path / f"{name}.png"

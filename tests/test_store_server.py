@@ -1,17 +1,27 @@
 """A real ClickHouse server (Debian's 18.16, legacy dialect) over the native protocol:
-migrations, sink inserts, a server killed and restarted under a running sink, error classes."""
+migrations, sink inserts, a server killed and restarted under a running sink, error classes, and
+`aimass query` as the read-only user that deploy/clickhouse ships."""
 from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pytest
 
 from aimass.agents.sink import RETRIES, Record, to_store_table
-from aimass.core.clickhouse import ServerStore, StoreError, open_store
+from aimass.core.clickhouse import ServerStore, StoreError, open_reader, open_store
+from aimass.core.config import Config
 from aimass.core.db import migrate
 from aimass.core.procs import free_port, stop_pid
 from aimass.core import contract, tables
 from tests.fixtures_store import (Running, clickhouse_server, committed, counts, expected_counts,  # noqa: F401
-                                  produce, readings, sample_tables, sink_on, start_clickhouse_server, wait_for)
+                                  insert, produce, readings, sample_tables, sink_on, start_clickhouse_server,
+                                  wait_for)
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +139,82 @@ def test_native_protocol_over_tls_verifies_the_server_certificate(server_cfg, tm
         assert counts(store, store.database)["readings"] == 100
     finally:
         stop_pid(server.pid)
+
+
+# Settings of the shipped profiles that Debian's 18.16 does not know yet (it refuses a login whose
+# profile names one); everything else of deploy/clickhouse/users.d/aimass.xml is installed as shipped.
+NEWER_SETTINGS = ("deduplicate_blocks_in_dependent_materialized_views", "allow_introspection_functions")
+
+
+class Trap(BaseHTTPRequestHandler):
+    """Records any request (none may arrive)."""
+
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        Trap.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_aimass_query_as_the_shipped_read_only_user_reads_and_nothing_else(tmp_path, monkeypatch):
+    d = tmp_path / "ch"
+    (d / "users.d").mkdir(parents=True)
+    password = "pw-" + os.urandom(6).hex()
+    users = (REPO / "deploy" / "clickhouse" / "users.d" / "aimass.xml").read_text()
+    users = users.replace("REPLACE_WITH_SHA256", hashlib.sha256(password.encode()).hexdigest())
+    for name in NEWER_SETTINGS:
+        users = re.sub(rf"\s*<{name}>[^<]*</{name}>", "", users)
+    (d / "users.d" / "aimass.xml").write_text(users)  # its user aimass (the writer) replaces the fixture's
+    server = start_clickhouse_server(d, free_port(), free_port(), password)
+    trap = ThreadingHTTPServer(("127.0.0.1", free_port()), Trap)
+    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    Trap.hits = []
+    canary = d / "user_files" / "canary.txt"
+    canary.write_text("CANARY\n")
+    try:
+        cfg = Config()
+        cfg.clickhouse.url = f"clickhouse://aimass@127.0.0.1:{server.ports['tcp']}/"
+        writer = ServerStore(cfg.clickhouse.url, cfg.clickhouse.database, password, connect_timeout_s=2)
+        migrate(writer, cfg)
+        insert(writer, contract.CLEAN, readings(50))
+        writer.execute(f"CREATE TABLE {cfg.clickhouse.database}.big ENGINE = MergeTree ORDER BY n "
+                       "AS SELECT number AS n FROM system.numbers LIMIT 5000001")
+        # what `aimass query` opens with AIMASS_CLICKHOUSE_URL=clickhouse://aimass_query@host/ (its reports
+        # need a server of 22.3 or later; this one is 18.16, so plain SQL here)
+        cfg.clickhouse.url = f"clickhouse://aimass_query@127.0.0.1:{server.ports['tcp']}/"
+        cfg.clickhouse.password_env = "TEST_READER_PASSWORD"
+        monkeypatch.setenv("TEST_READER_PASSWORD", password)
+        reader = open_reader(cfg)
+        db = cfg.clickhouse.database
+        assert reader.query(f"SELECT count() AS n FROM {db}.readings").column("n").to_pylist() == [50]
+        limits = {r["name"]: r["value"] for r in reader.query(
+            "SELECT name, value FROM system.settings WHERE name IN ('readonly', 'max_execution_time', "
+            "'max_result_rows', 'max_threads')").to_pylist()}
+        assert limits == {"readonly": "1", "max_execution_time": "30", "max_result_rows": "5000000", "max_threads": "4"}
+        refused = {  # statement -> what the server says (code 164: READONLY, 291: access denied, 396: too many rows)
+            f"INSERT INTO {db}.readings (tenant) SELECT 'evil'": "readonly",
+            f"CREATE TABLE {db}.evil (x Int8) ENGINE = Memory": "readonly",
+            f"DROP TABLE {db}.readings": "readonly",
+            "SET readonly = 0": "readonly",
+            "SELECT 1 SETTINGS max_execution_time = 1000": "readonly",
+            "SELECT 1 SETTINGS join_use_nulls = 1": "readonly",  # why reports and panels carry no SETTINGS
+            "SELECT * FROM file('canary.txt', 'TSV', 'a String')": "Table functions are forbidden",
+            f"SELECT * FROM url('http://127.0.0.1:{trap.server_address[1]}/x', 'TSV', 'a String')":
+                "Table functions are forbidden",
+            f"SELECT * FROM remote('127.0.0.1:{server.ports['tcp']}', {db}.readings)": "Table functions are forbidden",
+            "SELECT * FROM default.anything": "Access denied to database default",
+            f"SELECT n FROM {db}.big": "Limit for result exceeded",
+        }
+        for sql, why in refused.items():
+            with pytest.raises(StoreError, match=why):
+                reader.query(sql)
+        assert counts(writer, db, final=False)["readings"] == 50
+    finally:
+        trap.shutdown()
+        trap.server_close()
+        stop_pid(server.pid)
+    assert Trap.hits == []

@@ -19,6 +19,7 @@ import logging
 import queue
 import re
 import secrets
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -310,6 +311,10 @@ SAFE_TABLE_FUNCTIONS = frozenset({"numbers", "numbers_mt", "zeros", "zeros_mt", 
 DENIED_FUNCTIONS = frozenset({"file", "catboostevaluate", "hascolumnintable", "joinget", "joingetornull",
                               "addresstoline", "addresstolinewithinlines", "addresstosymbol", "demangle"})
 AST_LINE = re.compile(r"^( *)(\w+)(?: +([^ ]+))?")
+# The SHOW statements of the project's database; SHOW DATABASES / SETTINGS / CLUSTERS / MERGES ...
+# parse to the same ShowTables node, and SHOW COLUMNS names its database only in the text.
+SHOW_ALLOWED = re.compile(r"SHOW (?:(?:FULL )?(?:TEMPORARY )?TABLES|(?:EXTENDED )?(?:FULL )?COLUMNS|CREATE TABLE)\b")
+SHOW_COLUMNS_DB = re.compile(r"SHOW (?:EXTENDED )?(?:FULL )?COLUMNS FROM (?:`[^`]*`|[^ `]+) FROM (`[^`]*`|[^ `]+)")
 QUOTED_IDENTIFIER_WITH_ESCAPE = re.compile(r"`[^`]*\\")
 STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'")
 
@@ -363,15 +368,33 @@ def check_canonical(canonical: str) -> None:
             raise QueryRefused("FORMAT is refused: the query port answers in Arrow IPC (`aimass query` converts)", 400)
 
 
+def check_show(canonical: str, database: str) -> None:
+    """Refuse SHOW statements other than SHOW TABLES / COLUMNS / CREATE TABLE, and columns of other databases."""
+    for line in canonical.splitlines():
+        if not line.startswith("SHOW "):
+            continue
+        if not SHOW_ALLOWED.match(line):
+            raise QueryRefused(f"{' '.join(line.split()[:2])} is refused: only SHOW TABLES, SHOW COLUMNS and "
+                               f"SHOW CREATE TABLE of database {database} are accepted")
+        m = SHOW_COLUMNS_DB.match(line)
+        if m and m.group(1).strip("`") != database:
+            raise QueryRefused(f"{m.group(1)} is refused: the query port reads only database {database}")
+
+
 def check_ast(explain_ast: str, database: str, other_databases: frozenset[str], denied: frozenset[str]) -> None:
-    """Refuse statements other than SELECT / SHOW / DESCRIBE / EXPLAIN, denied functions and other databases."""
+    """Refuse statements other than SELECT / SHOW / DESCRIBE / EXPLAIN (also as what an EXPLAIN explains),
+    denied functions and other databases."""
+    kinds: dict[int, str] = {}  # depth -> kind of the last node seen there (a node's parent is at depth - 1)
     for i, line in enumerate(explain_ast.splitlines()):
         m = AST_LINE.match(line)
         if not m:
             continue
-        kind, name = m.group(2), (m.group(3) or "")
+        depth, kind, name = len(m.group(1)), m.group(2), (m.group(3) or "")
         if i == 0 and kind not in STATEMENTS:
             raise QueryRefused(f"only SELECT, SHOW, DESCRIBE and EXPLAIN are accepted, not {kind}")
+        kinds[depth] = kind
+        if kinds.get(depth - 1) == "Explain" and kind not in STATEMENTS and kind != "Set":  # what it explains
+            raise QueryRefused(f"only SELECT, SHOW, DESCRIBE and EXPLAIN are accepted, not EXPLAIN of {kind}")
         if kind == "Function" and name.lower() in denied:
             raise QueryRefused(f"{name}() is refused: the query port reads only the tables of database {database}")
         if kind in ("TableIdentifier", "Identifier") and "." in name:
@@ -434,6 +457,7 @@ class ReadOnlyQueries:
         except Exception as exc:  # noqa: BLE001 - syntax errors and multi-statements
             raise QueryRefused(f"not one valid statement: {classify(exc)}", 400) from None
         check_canonical(canonical)
+        check_show(canonical, self.database)
         try:
             ast = _rows(s, f"EXPLAIN AST {canonical}", raw=True)
         except Exception as exc:  # noqa: BLE001
@@ -481,6 +505,12 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the client went away before its answer
+            log.debug("query endpoint: %s closed the connection early", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class QueryServer:
@@ -551,11 +581,14 @@ class QueryServer:
                     return self._refuse(411, "Content-Length is required")
                 if not 0 < size <= MAX_SQL_BYTES:
                     return self._refuse(413, f"the SQL must be 1..{MAX_SQL_BYTES} bytes, not {size}")
+                body = self.rfile.read(size)  # before taking a slot: a slow sender holds none
+                if len(body) < size:
+                    return self._refuse(400, f"the body ended after {len(body)} of {size} bytes")
                 if not running.acquire(blocking=False):
                     return self._refuse(429, f"{limits.max_concurrent} queries already running "
                                              "(clickhouse.query_max_concurrent): retry later", Retry_After="1")
                 try:
-                    data = queries.run(self.rfile.read(size).decode("utf-8", "replace"))
+                    data = queries.run(body.decode("utf-8", "replace"))
                 except QueryRefused as exc:
                     return self._refuse(exc.status, f"refused: {exc}")
                 except StoreError as exc:

@@ -2,7 +2,7 @@
 
 Directories are created 0700 and files 0600 (written atomically: readers see the old or the new
 file). ``check_private`` refuses a file that another user owns or that group / others may write,
-with an error that says what to do: a checkpoint is unpickled, so a writable one is a way in.
+with an error that says what to do: a token or key others may write is one they chose.
 """
 from __future__ import annotations
 
