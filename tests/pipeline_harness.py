@@ -52,6 +52,16 @@ rules:
     severity: warning
     message: "{device_id}/{metric} is stuck at {value}"
     receivers: [test-webhook]
+
+  # A spike beyond the sensor's range never reaches a window (power 500 W at its daily low minus a
+  # 590 W spike is refused as out of range): the reject is the evidence.
+  - name: rejected
+    stream: rejects
+    condition: stage == "clean" and reason == "out_of_range"
+    value: value
+    severity: warning
+    message: "{device_id}/{metric}: reading {value} rejected ({reason})"
+    receivers: [test-webhook]
 """
 
 TEST_RECEIVERS = """
