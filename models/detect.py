@@ -89,8 +89,9 @@ class PartitionDetectors:
         ``rows`` index ``w``."""
         # Window-major: a batch may hold several windows of a device series by series (a backlog, a
         # replay), and the device model judges a window once the next one starts.
-        order = np.argsort(w["window_end_ms"].to_numpy(), kind="stable")
-        if np.any(order[1:] < order[:-1]):
+        ends = w["window_end_ms"].to_numpy()
+        if np.any(ends[1:] < ends[:-1]):  # (sorting only a batch that needs it: a live poll rarely does)
+            order = np.argsort(ends, kind="stable")
             res = self._step(w.take(order))
             res.rows = order[res.rows]
             return res
