@@ -344,7 +344,8 @@ def test_a_slow_sender_holds_no_query_slot(store):
 
 def test_an_insert_waits_at_most_1s_behind_the_heaviest_allowed_query(store):
     """Default limits; both query slots busy with queries that run to the time limit while the
-    writer inserts 20k-row batches: the worst insert takes <= 1 s (it never waits for the reads)."""
+    writer inserts 20k-row batches: the worst insert takes at most 1 s longer than the slowest quiet
+    one (it never waits for the reads; the quiet time is its own work, slower on a loaded machine)."""
     limits = QueryLimits(timeout_s=4.0)
     batch = readings(20_000, device="w")
     quiet = []
@@ -371,7 +372,7 @@ def test_an_insert_waits_at_most_1s_behind_the_heaviest_allowed_query(store):
     print(f"insert of 20k rows: quiet max {max(quiet):.3f} s; under {limits.max_concurrent} heavy queries: "
           f"{len(loaded)} inserts, max {max(loaded):.3f} s")
     assert [s for s, _ in done] == [422] * limits.max_concurrent  # they really ran to the limit
-    assert len(loaded) >= 3 and max(loaded) <= 1.0
+    assert len(loaded) >= 3 and max(loaded) - max(quiet) <= 1.0
 
 
 def test_a_token_is_always_required_and_the_host_must_be_the_bind_address(store):
