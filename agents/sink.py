@@ -22,7 +22,10 @@ Nothing is lost:
   re-read path, so the records read again go in under the same tokens.
 - Clean records the clean stage emitted twice (its restart replays raw records) are recognised
   by their source position (headers ``raw_offset``, ``raw_part``; not above the highest stored
-  from that partition) and stored empty, so a worker's restart stores no reading twice.
+  from that partition) and stored empty, so a worker's restart stores no reading twice. On each
+  assignment the highest position is read back from the last ``POSITION_LOOKBACK`` records below
+  the committed offset (all stored), so this holds when the sink restarted or the partition moved
+  to another sink too; unreadable, copies are stored (no loss) and FINAL hides them.
   Tables are also ReplacingMergeTree on the row identity: ``FINAL`` hides any duplicate.
 
 In chDB mode the sink owns the store and serves read-only SQL on 127.0.0.1
@@ -288,6 +291,46 @@ class Batch:
 
 # --- the sink -------------------------------------------------------------------------
 
+POSITION_LOOKBACK = 64  # clean records read back from the committed offset on assignment
+
+
+def record_position(msg) -> int | None:
+    """A clean record's source position (None: a clock tick, or a producer that sets none)."""
+    headers = {k: int(v) for k, v in (msg.headers() or []) if k in (RAW_OFFSET_HEADER, RAW_PART_HEADER)}
+    return source_position(headers)
+
+
+def stored_positions(cfg: Config, topic: str, committed: dict[int, int], lookback: int = POSITION_LOOKBACK,
+                     timeout_s: float = 10.0) -> dict[int, int]:
+    """Per partition of ``topic``, the highest source position among the ``lookback`` records below
+    its ``committed`` offset: every one of them is stored, so a later record at or below it is a copy."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    ends = {p: o for p, o in committed.items() if o > 0}
+    if not ends:
+        return {}
+    reader = Consumer(consumer_config(cfg, f"{cfg.clickhouse.group_id}-positions"))
+    found: dict[int, int] = {}
+    try:
+        reader.assign([TopicPartition(topic, p, max(0, o - lookback)) for p, o in ends.items()])
+        pending, deadline = set(ends), time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            msg = reader.poll(0.2)
+            if msg is None or msg.error() or msg.partition() not in pending:
+                continue
+            if msg.offset() < ends[msg.partition()] and (position := record_position(msg)) is not None:
+                found[msg.partition()] = max(found.get(msg.partition(), -1), position)
+            if msg.offset() >= ends[msg.partition()] - 1:
+                pending.discard(msg.partition())
+        if pending:
+            log.warning("could not read back the stored source positions of %s partitions %s within %.0fs; "
+                        "clean records a restarted worker emits again may be stored twice (FINAL hides them)",
+                        topic, sorted(pending), timeout_s)
+    finally:
+        reader.close()
+    return found
+
+
 class Sink:
     """Consume, buffer, insert, then commit; see the module docstring for the guarantees."""
 
@@ -394,8 +437,7 @@ class Sink:
 
     def _emitted_before(self, msg) -> bool:
         """Whether a clean record is a copy of one taken already (its source position is not new)."""
-        headers = {k: int(v) for k, v in (msg.headers() or []) if k in (RAW_OFFSET_HEADER, RAW_PART_HEADER)}
-        position = source_position(headers)
+        position = record_position(msg)
         if position is None:  # a clock tick, or a record of a producer that sets no position
             return False
         if position <= self.clean_position.get(msg.partition(), -1):
@@ -455,10 +497,12 @@ class Sink:
         self._check_replay_done()
 
     def _on_assign(self, consumer, partitions) -> None:
+        from confluent_kafka import TopicPartition
+
         self.assigned = {(self._suffix(p.topic), p.partition) for p in partitions}
+        self._read_clean_positions(consumer, [p for p in partitions if self._suffix(p.topic) == contract.CLEAN.suffix])
         if self.replay is None:
             return
-        from confluent_kafka import TopicPartition
 
         wanted = [TopicPartition(f"{self.prefix}.{t}", p) for (t, p) in self.replay.ranges if (t, p) in self.assigned]
         committed = consumer.committed(wanted, timeout=10) if wanted else []
@@ -470,6 +514,22 @@ class Sink:
         # A killed sink stays a group member until its session times out: wait for its partitions.
         self.replay_deadline = time.monotonic() + 3 * self.cfg.kafka.session_timeout_ms / 1000
         log.info("sink journal %s: re-reading %d partition range(s)", self.replay.batch_id, len(self.replay.ranges))
+
+    def _read_clean_positions(self, consumer, partitions: list) -> None:
+        """Take the highest source position stored from each assigned clean partition (read back)."""
+        if not partitions:
+            return
+        from confluent_kafka import KafkaException
+
+        try:
+            committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
+            found = stored_positions(self.cfg, partitions[0].topic, committed)
+        except KafkaException as exc:
+            log.warning("could not read the committed clean offsets (%s); clean records a restarted worker "
+                        "emits again may be stored twice (FINAL hides them)", exc)
+            return
+        for partition, position in found.items():
+            self.clean_position[partition] = max(self.clean_position.get(partition, -1), position)
 
     def _on_revoke(self, consumer, partitions) -> None:
         """Store what is buffered before giving the partitions away, else drop it: it is re-read.
