@@ -78,6 +78,14 @@ def test_every_reading_accounted_for_and_anomalies_alerted(pipeline, tmp_path):
     raised = [a for a in alerts if a["transition"] in ("raised", "reraised")]
     anomalous = {(lab["device_id"], lab["metric"]) for lab in labels}
     false_alarms = [a for a in raised if (a["device_id"], a["metric"]) not in anomalous]
+    for a in false_alarms:
+        print("false alarm", a, series_windows(pipeline, tenant, a["device_id"], a["metric"], sim_start))
+        lo = a["ts_ms"] - 4000
+        rows = pipeline.query("SELECT device_id, metric, toUnixTimestamp64Milli(ts) AS t, value, "
+                              "toUnixTimestamp64Milli(received_at) AS r FROM {db}.readings "
+                              f"WHERE tenant = '{tenant}' AND toUnixTimestamp64Milli(ts) BETWEEN {lo} AND {a['ts_ms']} "
+                              "ORDER BY t, device_id, metric").to_pylist()
+        print("DIAG", sim_start, a["ts_ms"], rows)
     assert not false_alarms, false_alarms
 
     # 4. Every notifying alarm event reached the webhook, signed, exactly once.
@@ -119,6 +127,14 @@ def test_chaos_every_reading_accounted_for(pipeline):
     bridge = pipeline.query(f"SELECT reason FROM {{db}}.rejects WHERE tenant = '{tenant}' AND stage = 'bridge'")
     assert len(bridge) == chaos.oversized + chaos.malformed
     assert bridge.column("reason").to_pylist().count("too_large") == chaos.oversized
+
+
+def series_windows(pipeline: TestPipeline, tenant: str, device: str, metric: str, since_ms: int) -> list[tuple]:
+    """(seconds after ``since_ms`` of the window end, count, mean, zscore) of a series' 2 s windows: why it alarmed."""
+    rows = pipeline.query("SELECT toUnixTimestamp64Milli(window_end_at) AS e, `count` AS c, mean, zscore "
+                          f"FROM {{db}}.windows FINAL WHERE tenant = '{tenant}' AND device_id = '{device}' "
+                          f"AND metric = '{metric}' AND window_s = 2 ORDER BY e").to_pylist()
+    return [((r["e"] - since_ms) / 1000, r["c"], round(r["mean"], 3), round(r["zscore"], 2)) for r in rows]
 
 
 def settled_alerts(pipeline: TestPipeline, tenant: str, settle_s: float = 6, timeout_s: float = 40) -> list[dict]:

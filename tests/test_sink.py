@@ -122,51 +122,42 @@ def test_journaled_batch_is_reinserted_with_the_same_tokens_after_a_crash(sink_c
     assert not second.journal.path.exists()
 
 
+def emit_clean(cfg, raw_offsets: tuple[int, ...]) -> None:
+    """One clean record of 20 readings of device d<raw offset> per raw offset, as the clean stage emits it."""
+    producer = Producer(producer_config(cfg))
+    for raw_offset in raw_offsets:
+        value = contract.encode(readings(20, device=f"d{raw_offset}"), contract.READINGS)
+        producer.produce(contract.CLEAN.name(cfg.kafka.topic_prefix), value=value, partition=0,
+                         headers=[("raw_offset", str(raw_offset).encode()), ("raw_part", b"0")])
+    assert producer.flush(10) == 0
+
+
+def stored_until_committed(cfg, sink: Sink, records: int) -> list[dict]:
+    """Run ``sink`` until ``records`` clean records are committed; its raw readings rows (no FINAL) per device."""
+    with Running(sink):
+        wait_for(lambda: committed(cfg, contract.CLEAN) == records or None, 60, f"{records} clean records committed")
+    return sink.store.query(f"SELECT device_id, count() AS n FROM `{cfg.clickhouse.database}`.readings "
+                            "GROUP BY device_id ORDER BY device_id").to_pylist()
+
+
 def test_clean_records_emitted_again_by_a_restarted_clean_stage_are_stored_empty(sink_cfg):
     """A clean worker's restart replays raw records and emits their clean records again (same
     raw_offset / raw_part): the sink keeps their offsets but stores their readings once."""
-    producer = Producer(producer_config(sink_cfg))
-    topic = contract.CLEAN.name(sink_cfg.kafka.topic_prefix)
-    for raw_offset in (5, 6, 5, 6, 7):  # 5 and 6 again after a "restart", then a new one
-        value = contract.encode(readings(20, device=f"d{raw_offset}"), contract.READINGS)
-        producer.produce(topic, value=value, partition=0,
-                         headers=[("raw_offset", str(raw_offset).encode()), ("raw_part", b"0")])
-    producer.flush(10)
-    sink = make_sink(sink_cfg)
-    with Running(sink):
-        wait_for(lambda: committed(sink_cfg, contract.CLEAN) == 5 or None, 60, "all five records committed")
-    db = sink_cfg.clickhouse.database
-    per_device = sink.store.query(f"SELECT device_id, count() AS n FROM `{db}`.readings GROUP BY device_id "
-                                  "ORDER BY device_id").to_pylist()                 # raw rows, no FINAL
-    assert per_device == [{"device_id": f"d{o}", "n": 20} for o in (5, 6, 7)]
+    emit_clean(sink_cfg, (5, 6, 5, 6, 7))  # 5 and 6 again after a "restart", then a new one
+    assert stored_until_committed(sink_cfg, make_sink(sink_cfg), 5) == [{"device_id": f"d{o}", "n": 20}
+                                                                        for o in (5, 6, 7)]
 
 
 def test_clean_records_emitted_again_after_the_sink_restarted_are_stored_empty(sink_cfg):
     """The sink and a clean worker killed together (or the partition moved to another sink): the
     worker's copies reach a sink that never saw the originals. It takes the highest source position
     from the records below its committed offset, so the copies are still stored empty."""
-    producer = Producer(producer_config(sink_cfg))
-    topic = contract.CLEAN.name(sink_cfg.kafka.topic_prefix)
-
-    def emit(raw_offsets: tuple[int, ...]) -> None:
-        for raw_offset in raw_offsets:
-            value = contract.encode(readings(20, device=f"d{raw_offset}"), contract.READINGS)
-            producer.produce(topic, value=value, partition=0,
-                             headers=[("raw_offset", str(raw_offset).encode()), ("raw_part", b"0")])
-        producer.flush(10)
-
-    emit((5, 6))
+    emit_clean(sink_cfg, (5, 6))
     first = make_sink(sink_cfg)
-    with Running(first):
-        wait_for(lambda: committed(sink_cfg, contract.CLEAN) == 2 or None, 60, "the originals committed")
-    emit((5, 6, 7))  # the worker's copies of 5 and 6, then a new record
-    second = sink_on(sink_cfg, first.store)
-    with Running(second):
-        wait_for(lambda: committed(sink_cfg, contract.CLEAN) == 5 or None, 60, "all five records committed")
-    db = sink_cfg.clickhouse.database
-    per_device = second.store.query(f"SELECT device_id, count() AS n FROM `{db}`.readings GROUP BY device_id "
-                                    "ORDER BY device_id").to_pylist()                 # raw rows, no FINAL
-    assert per_device == [{"device_id": f"d{o}", "n": 20} for o in (5, 6, 7)]
+    stored_until_committed(sink_cfg, first, 2)
+    emit_clean(sink_cfg, (5, 6, 7))  # the worker's copies of 5 and 6, then a new record
+    assert stored_until_committed(sink_cfg, sink_on(sink_cfg, first.store), 5) == [{"device_id": f"d{o}", "n": 20}
+                                                                                   for o in (5, 6, 7)]
 
 
 def test_a_refused_commit_keeps_the_journal_and_holds_new_flushes(sink_cfg):
