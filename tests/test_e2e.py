@@ -80,12 +80,6 @@ def test_every_reading_accounted_for_and_anomalies_alerted(pipeline, tmp_path):
     false_alarms = [a for a in raised if (a["device_id"], a["metric"]) not in anomalous]
     for a in false_alarms:
         print("false alarm", a, series_windows(pipeline, tenant, a["device_id"], a["metric"], sim_start))
-        lo = a["ts_ms"] - 4000
-        rows = pipeline.query("SELECT device_id, metric, toUnixTimestamp64Milli(ts) AS t, value, "
-                              "toUnixTimestamp64Milli(received_at) AS r FROM {db}.readings "
-                              f"WHERE tenant = '{tenant}' AND toUnixTimestamp64Milli(ts) BETWEEN {lo} AND {a['ts_ms']} "
-                              "ORDER BY t, device_id, metric").to_pylist()
-        print("DIAG", sim_start, a["ts_ms"], rows)
     assert not false_alarms, false_alarms
 
     # 4. Every notifying alarm event reached the webhook, signed, exactly once.
