@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from aimass.agents.clean import RAW_OFFSET_HEADER, RAW_PART_HEADER, source_position
+from aimass.agents.clean import source_position
 from aimass.core.clickhouse import (ChdbStore, QueryLimits, QueryServer, Store, StoreError, ensure_query_token,
                                    fill_nulls, open_store)
 from aimass.core.config import Config
@@ -59,6 +59,7 @@ from aimass.core.files import write_private
 from aimass.core.procs import StackError, port_in_use
 from aimass.core import contract, tables
 from aimass.streams.kafka import ConsumerLag, TableProducer, consumer_config, producer_config
+from aimass.streams.replay import int_headers
 from aimass.core.tables import LEGACY, TableSpec
 
 log = logging.getLogger("aimass.sink")
@@ -296,8 +297,7 @@ POSITION_LOOKBACK = 16  # clean records read back from the committed offset on a
 
 def record_position(msg) -> int | None:
     """A clean record's source position (None: a clock tick, or a producer that sets none)."""
-    headers = {k: int(v) for k, v in (msg.headers() or []) if k in (RAW_OFFSET_HEADER, RAW_PART_HEADER)}
-    return source_position(headers)
+    return source_position(int_headers(msg.headers()))
 
 
 def stored_positions(cfg: Config, topic: str, committed: dict[int, int], lookback: int = POSITION_LOOKBACK,

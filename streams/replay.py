@@ -197,7 +197,7 @@ class ReplayedPartitions(Generic[S]):
                         await self.send(dead_out, contract.encode(unreadable(event.value, str(exc), stage),
                                                                   contract.REJECTS), p)
                 else:
-                    await handle(self.state(p), p, offset, table, _int_headers(event.message.headers), emit)
+                    await handle(self.state(p), p, offset, table, int_headers(event.message.headers), emit)
                 self.processed(p, offset)
 
         app.on_partitions_assigned.connect(lambda sender, assigned, **_: self.on_assigned(assigned))
@@ -215,7 +215,7 @@ def unreadable(value: bytes, error: str, stage: str) -> pa.Table:
     return pa.table(row, schema=contract.REJECTS)
 
 
-def _int_headers(headers) -> dict[str, int]:
+def int_headers(headers) -> dict[str, int]:
     """Record headers whose values are integers (watermark bases, source offsets)."""
     items = headers.items() if isinstance(headers, dict) else (headers or [])
     out = {}
